@@ -1,0 +1,76 @@
+"""The one in-memory form every data source produces and every consumer reads.
+
+A sample is an interleaved document: an ordered list of segments, each a piece of text, an image, or a
+video (a list of frames). Shapes World, COCO, VQAv2, MMC4 and frame folders all become `Sample`s, are
+written to the same WebDataset shards, and are turned into token sequences by `data/sequence.py`.
+
+`Text.target` says whether the model is trained to predict that text (cross-entropy). Prompts that the
+user supplies at inference time (a VQA question) are not targets; what the model must produce is.
+The prompt wording of each task lives here so that training and inference can never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from PIL import Image as PILImage
+
+
+@dataclass
+class Text:
+    text: str
+    target: bool = True
+
+
+@dataclass
+class Image:
+    image: PILImage.Image
+
+
+@dataclass
+class Video:
+    frames: list[PILImage.Image]
+
+
+Segment = Union[Text, Image, Video]
+
+
+@dataclass
+class Sample:
+    key: str
+    kind: str
+    segments: list[Segment]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def images(self) -> list[PILImage.Image]:
+        """Every picture in reading order, video frames included."""
+        out: list[PILImage.Image] = []
+        for seg in self.segments:
+            if isinstance(seg, Image):
+                out.append(seg.image)
+            elif isinstance(seg, Video):
+                out.extend(seg.frames)
+        return out
+
+
+def vqa_prompt(question: str) -> str:
+    return f"question: {question.strip()} answer:"
+
+
+def caption_sample(key: str, image: PILImage.Image, caption: str, **meta: Any) -> Sample:
+    return Sample(key, "caption", [Image(image), Text(caption)], dict(meta))
+
+
+def vqa_sample(key: str, image: PILImage.Image, question: str, answer: str, **meta: Any) -> Sample:
+    segments = [Image(image), Text(vqa_prompt(question), target=False), Text(answer)]
+    return Sample(key, "vqa", segments, dict(meta, question=question, answer=answer))
+
+
+def video_caption_sample(key: str, frames: list[PILImage.Image], caption: str, **meta: Any) -> Sample:
+    return Sample(key, "video_caption", [Video(list(frames)), Text(caption)], dict(meta))
+
+
+def video_qa_sample(key: str, frames: list[PILImage.Image], question: str, answer: str, **meta: Any) -> Sample:
+    segments = [Video(list(frames)), Text(vqa_prompt(question), target=False), Text(answer)]
+    return Sample(key, "video_qa", segments, dict(meta, question=question, answer=answer))
