@@ -1,0 +1,264 @@
+"""Dataclass configs, named presets, YAML files and dotted overrides.
+
+Fields are grouped by the part they configure (`vision`, `resampler`, `llm`, `clip_text`, then one
+training config per stage) so that an override such as `pretrain.lr=3e-4` reads like a path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake: unknown preset, unknown key, value of the wrong type."""
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclass
+class ResamplerConfig:
+    """Emu's causal transformer: N learned queries read the patch features; `width` is the visual
+    embedding size that the LLM regresses."""
+
+    num_queries: int = 8
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class LLMConfig:
+    vocab_size: int = 0  # taken from the tokenizer when the model is built
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 0  # 0 means as many as `heads` (no grouped-query attention)
+    mlp_hidden: int = 0  # 0 means LLaMA's rule: 2/3 of 4 x width, rounded up to a multiple of 64
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return -(-int(8 * self.width / 3) // 64) * 64
+
+
+@dataclass
+class CLIPTextConfig:
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    max_len: int = 32
+    embed_dim: int = 128
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 512
+    location_bins: int = 64
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    precision: str = "bf16"  # bf16 autocast is ~4x faster than fp32 on this class of CPU
+    time_budget_s: float = 0.0  # 0 = no budget; otherwise stop (and save) when it runs out
+    log_every: int = 10
+    ckpt_every: int = 200
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    regression_weight: float = 1.0  # lambda in loss = CE + lambda * L2; Emu never published its value
+    target: str = "ema"  # how regression targets are made: ema | frozen | online (see docs/design.md)
+    ema_decay: float = 0.995
+    vision_lr_scale: float = 0.1  # the stage-0 encoder is fine-tuned gently so its features stay put
+    mix: dict[str, float] = field(
+        default_factory=lambda: {
+            "caption": 2.0, "vqa": 3.0, "video_caption": 0.5, "video_qa": 1.0,
+            "story": 0.3, "edit": 0.2, "binding": 0.3,
+        }
+    )
+
+
+@dataclass
+class DataConfig:
+    """How much Shapes World `nextmm demo` and `nextmm data shapes` generate (per kind)."""
+
+    seed: int = 0
+    counts: dict[str, int] = field(
+        default_factory=lambda: {
+            "caption": 6000, "vqa": 3000, "video_caption": 1000, "video_qa": 800,
+            "story": 500, "edit": 500, "binding": 800,
+        }
+    )
+    shard_size: int = 2000
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    clip_text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    clip: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, batch_size=128, lr=2e-3, time_budget_s=100))
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=3000, batch_size=32, lr=1.5e-3, time_budget_s=330))
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # < 1M parameters: unit tests and a one-minute smoke run of the whole pipeline.
+    "micro": {
+        "vision": {"width": 32, "layers": 1, "heads": 2, "patch_size": 16},
+        "resampler": {"num_queries": 4, "width": 32, "layers": 1, "heads": 2},
+        "llm": {"width": 64, "layers": 2, "heads": 2, "max_seq_len": 128},
+        "clip_text": {"width": 32, "layers": 1, "heads": 2, "embed_dim": 32},
+        "tokenizer": {"vocab_size": 320},
+        "data": {"counts": {"caption": 300, "vqa": 150, "video_caption": 40, "video_qa": 40,
+                            "story": 30, "edit": 30, "binding": 40}, "shard_size": 200},
+        "clip": {"steps": 30, "batch_size": 32, "time_budget_s": 10, "warmup_steps": 5},
+        "pretrain": {"steps": 60, "batch_size": 16, "time_budget_s": 20, "warmup_steps": 5},
+    },
+    # The demo: learns Shapes World on 2 CPU cores within the demo's ten minutes.
+    "tiny": {},
+    "small": {
+        "vision": {"width": 256, "layers": 6, "heads": 8},
+        "resampler": {"num_queries": 16, "width": 256, "layers": 3, "heads": 8},
+        "llm": {"width": 512, "layers": 8, "heads": 8, "max_seq_len": 512},
+        "clip_text": {"width": 256, "layers": 4, "heads": 8, "embed_dim": 256},
+        "tokenizer": {"vocab_size": 2048},
+        "clip": {"time_budget_s": 0},
+        "pretrain": {"time_budget_s": 0, "lr": 6e-4},
+    },
+    # The paper's shapes (EVA-CLIP ViT-g/14 at 224 px, 12-block causal transformer with 32 queries,
+    # LLaMA-13B): for shape and memory checks, not for training on this machine.
+    "emu-14b": {
+        "vision": {"image_size": 224, "patch_size": 14, "width": 1408, "layers": 40, "heads": 16,
+                   "mlp_ratio": 6144 / 1408},
+        "resampler": {"num_queries": 32, "width": 1024, "layers": 12, "heads": 16},
+        "llm": {"width": 5120, "layers": 40, "heads": 40, "mlp_hidden": 13824, "max_seq_len": 2048},
+        "clip_text": {"width": 768, "layers": 12, "heads": 12, "max_len": 77, "embed_dim": 1024},
+        "tokenizer": {"vocab_size": 32000, "location_bins": 1000},
+    },
+}
+
+
+def _merge(target: Any, updates: dict[str, Any], path: str = "") -> None:
+    for key, value in updates.items():
+        where = f"{path}{key}"
+        if not hasattr(target, key):
+            fields = ", ".join(f.name for f in dataclasses.fields(target))
+            raise ConfigError(f"unknown config key '{where}'; valid keys here are: {fields}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{where}' is a section; give it a mapping, not {value!r}")
+            _merge(current, value, where + ".")
+        elif isinstance(current, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{where}' needs a mapping, not {value!r}")
+            setattr(target, key, dict(value))
+        else:
+            setattr(target, key, _coerce(value, current, where))
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    if isinstance(current, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if isinstance(value, bool):
+            return value
+    elif isinstance(current, (int, float)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is not None and not isinstance(value, bool):
+            return int(number) if isinstance(current, int) and number.is_integer() else number
+    elif isinstance(current, str):
+        return str(value)
+    raise ConfigError(f"config key '{where}' expects a {type(current).__name__}, got {value!r}")
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`pretrain.lr=3e-4` -> {"pretrain": {"lr": 3e-4}} (the value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. pretrain.lr=3e-4")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    tree: dict[str, Any] = {}
+    node = tree
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def make_config(preset: str = "tiny", yaml_path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """A preset, then a YAML file on top, then dotted overrides on top of that."""
+    base = preset
+    file_values: dict[str, Any] = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; give the path of a YAML config")
+        try:
+            file_values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML ({err.__class__.__name__}); fix its syntax") from err
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(file_values).__name__}")
+        base = file_values.pop("preset", preset)
+    if base not in PRESETS:
+        raise ConfigError(f"unknown preset '{base}'; choose one of: {', '.join(PRESETS)}")
+    config = Config(preset=base)
+    _merge(config, PRESETS[base])
+    _merge(config, file_values)
+    for text in overrides:
+        _merge(config, parse_override(text))
+    return config
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a saved config (config.json) exactly, without re-applying its preset."""
+    config = Config(preset=values.get("preset", "tiny"))
+    _merge(config, values)
+    return config

@@ -1,0 +1,91 @@
+"""Samples -> token sequences -> padded batches.
+
+One picture becomes `[IMG]` + N x `<image>` + `[/IMG]`; a video becomes one such block per frame.
+`labels[t]` is the token the model must predict at position t (the next one), or IGNORE: only the
+words of target text segments and the closing `[EOS]` are learned, never `[PAD]`, `[IMG]`, `<image>`
+or `[/IMG]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image as PILImage
+
+from nextmm.data.sample import Image, Segment, Text, Video
+from nextmm.data.transforms import to_pixels
+from nextmm.models.emu import IGNORE
+from nextmm.tokenizer import NextTokenizer
+
+
+class SequenceTooLong(ValueError):
+    pass
+
+
+@dataclass
+class Encoded:
+    ids: list[int] = field(default_factory=list)
+    targets: list[bool] = field(default_factory=list)
+    images: list[PILImage.Image] = field(default_factory=list)
+
+    def add(self, ids: list[int], target: bool = False) -> None:
+        self.ids.extend(ids)
+        self.targets.extend([target] * len(ids))
+
+    @property
+    def labels(self) -> list[int]:
+        return [nxt if is_target else IGNORE for nxt, is_target in zip(self.ids[1:], self.targets[1:])] + [IGNORE]
+
+
+class SequenceBuilder:
+    def __init__(self, tokenizer: NextTokenizer, num_queries: int, image_size: int, max_len: int):
+        self.tok = tokenizer
+        self.num_queries = num_queries
+        self.image_size = image_size
+        self.max_len = max_len
+
+    def image_block(self) -> list[int]:
+        return [self.tok.img_id] + [self.tok.image_id] * self.num_queries + [self.tok.img_end_id]
+
+    def encode(self, segments: list[Segment], close: bool = True) -> Encoded:
+        """close=True ends the sequence with [EOS] (learned when the last segment is a target);
+        close=False leaves it open for the model to continue (an inference prompt)."""
+        out = Encoded()
+        out.add([self.tok.bos_id])
+        for seg in segments:
+            if isinstance(seg, Text):
+                out.add(self.tok.encode(seg.text), seg.target)
+            elif isinstance(seg, Image):
+                out.add(self.image_block())
+                out.images.append(seg.image)
+            elif isinstance(seg, Video):
+                for frame in seg.frames:
+                    out.add(self.image_block())
+                    out.images.append(frame)
+            else:
+                raise TypeError(f"a prompt may hold text, images and videos, not {type(seg).__name__}")
+        if close:
+            ends_in_target = bool(segments) and isinstance(segments[-1], Text) and segments[-1].target
+            out.add([self.tok.eos_id], ends_in_target)
+        if len(out.ids) > self.max_len:
+            raise SequenceTooLong(
+                f"the sequence is {len(out.ids)} tokens but the model's context is {self.max_len}; "
+                "use fewer images or shorter text"
+            )
+        return out
+
+    def collate(self, batch: list[Encoded], left_pad: bool = False) -> dict[str, torch.Tensor]:
+        """Right padding for training (causal attention never looks ahead at the pads); left padding for
+        generation, so every row's next token lands in the same column."""
+        width = max(len(e.ids) for e in batch)
+        ids = torch.full((len(batch), width), self.tok.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        valid = torch.zeros((len(batch), width), dtype=torch.bool)
+        for row, e in enumerate(batch):
+            cols = slice(width - len(e.ids), width) if left_pad else slice(0, len(e.ids))
+            ids[row, cols] = torch.tensor(e.ids)
+            labels[row, cols] = torch.tensor(e.labels)
+            valid[row, cols] = True
+        pixels = to_pixels([img for e in batch for img in e.images], self.image_size)
+        return {"input_ids": ids, "labels": labels, "valid": valid, "pixels": pixels}

@@ -1,0 +1,56 @@
+"""Stage 0: a CLIP-style contrastive image-text model. There is no pretrained EVA-CLIP on this machine,
+so nextmm trains its own image tower on the image-caption pairs; Emu then reads that tower's features."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextmm.config import CLIPTextConfig, VisionConfig
+from nextmm.models.vision import Block, VisionTransformer
+
+
+class TextTower(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig, vocab_size: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, cfg.width)
+        self.pos = nn.Parameter(torch.randn(1, cfg.max_len, cfg.width) * 0.01)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, 4.0) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.width)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) right-padded, causal; the feature is the last real token's (it has read them all)."""
+        x = self.embed(ids) + self.pos[:, : ids.shape[1]]
+        for block in self.blocks:
+            x = block(x, causal=True)
+        x = self.norm(x)
+        return x[torch.arange(ids.shape[0]), lengths - 1]
+
+
+class CLIP(nn.Module):
+    def __init__(self, vision: VisionConfig, text: CLIPTextConfig, vocab_size: int):
+        super().__init__()
+        self.visual = VisionTransformer(vision)
+        self.text = TextTower(text, vocab_size)
+        self.image_proj = nn.Linear(vision.width, text.embed_dim, bias=False)
+        self.text_proj = nn.Linear(text.width, text.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(self.visual(pixels)[:, 0]), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text(ids, lengths)), dim=-1)
+
+    def loss(self, pixels: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        image, text = self.encode_image(pixels), self.encode_text(ids, lengths)
+        logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ text.T
+        # Pairs with the same caption are true matches, not negatives: score against any of them.
+        same = (ids.unsqueeze(1) == ids.unsqueeze(0)).all(-1).float()
+        target = same / same.sum(-1, keepdim=True)
+        loss = (F.cross_entropy(logits.float(), target) + F.cross_entropy(logits.T.float(), target)) / 2
+        accuracy = (same.gather(1, logits.argmax(-1, keepdim=True)) > 0).float().mean()
+        return {"loss": loss, "accuracy": accuracy}

@@ -1,0 +1,92 @@
+"""The Emu model: ViT -> causal resampler -> visual embeddings, interleaved with token embeddings in a
+LLaMA-style decoder that predicts the next word (cross-entropy) and the next visual embedding (L2).
+
+Sequence layout: `[IMG]` + N x `<image>` + `[/IMG]` per picture; the `<image>` slots are filled, in
+reading order, with the projected visual embeddings. The hidden state at `[IMG]` and at each `<image>`
+but the last regresses the next visual embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextmm.config import Config
+from nextmm.models.llm import KVCache, LLaMA
+from nextmm.models.resampler import CausalResampler
+from nextmm.models.vision import VisionTransformer
+
+IGNORE = -100
+
+
+class Emu(nn.Module):
+    def __init__(self, cfg: Config, image_token_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.image_token_id = image_token_id
+        self.vision = VisionTransformer(cfg.vision)
+        self.resampler = CausalResampler(cfg.resampler, cfg.vision.width)
+        self.visual_proj = nn.Linear(cfg.resampler.width, cfg.llm.width)
+        self.llm = LLaMA(cfg.llm)
+        self.regression_head = nn.Linear(cfg.llm.width, cfg.resampler.width, bias=False)
+
+    @property
+    def num_queries(self) -> int:
+        return self.cfg.resampler.num_queries
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(M, 3, H, W) -> visual embeddings (M, N, resampler width)."""
+        return self.resampler(self.vision(pixels))
+
+    def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
+        embeds = self.llm.embed_tokens(input_ids)
+        slots = (input_ids == self.image_token_id).unsqueeze(-1)
+        if visual is None or visual.numel() == 0:
+            if slots.any():
+                raise ValueError("the sequence has <image> slots but no images were given")
+            return embeds
+        filled = self.visual_proj(visual).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        if int(slots.sum()) != filled.shape[0]:
+            raise ValueError(f"{int(slots.sum())} <image> slots but {filled.shape[0]} visual embeddings")
+        return embeds.masked_scatter(slots, filled)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        visual: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        return self.llm(self.embed(input_ids, visual), positions, mask, cache)
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        pixels: torch.Tensor,
+        target_visual: torch.Tensor | None = None,
+        regression_weight: float = 1.0,
+    ) -> dict[str, torch.Tensor]:
+        """Text CE on labelled positions + regression_weight x L2 to the next visual embedding.
+
+        Targets are detached (as in Emu); `target_visual` lets the trainer supply them from a slowly
+        moving copy of the visual stack so the regression cannot pull the embeddings together.
+        """
+        visual = self.encode_images(pixels) if pixels.numel() else None
+        hidden = self(input_ids, visual)
+        picked = labels != IGNORE
+        logits = self.llm.lm_head(hidden[picked])
+        ce = F.cross_entropy(logits.float(), labels[picked]) if picked.any() else hidden.sum() * 0
+        out = {"ce": ce}
+        loss = ce
+        if visual is not None:
+            predicts_image = input_ids[:, 1:] == self.image_token_id
+            predicted = self.regression_head(hidden[:, :-1][predicts_image])
+            target = (visual if target_visual is None else target_visual).detach()
+            l2 = F.mse_loss(predicted.float(), target.reshape(predicted.shape).float())
+            out["l2"] = l2
+            loss = loss + regression_weight * l2
+        out["loss"] = loss
+        return out

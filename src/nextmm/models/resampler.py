@@ -1,0 +1,75 @@
+"""Emu's causal transformer: N learned queries turn the encoder's patch grid into a causal sequence of N
+visual embeddings. Causal self-attention (query i sees queries <= i) makes the embeddings an ordered
+sequence the LLM can regress one at a time; cross-attention reads the patches. Blocks are T5-style:
+pre-norm RMSNorm, no biases."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextmm.config import ResamplerConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class CrossOrSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width, bias=False)
+        self.kv = nn.Linear(width, 2 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, causal: bool) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.heads
+        q = self.q(x).view(b, t, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class ResamplerBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm_self = RMSNorm(width)
+        self.self_attn = CrossOrSelfAttention(width, heads)
+        self.norm_cross = RMSNorm(width)
+        self.cross_attn = CrossOrSelfAttention(width, heads)
+        self.norm_mlp = RMSNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, width, bias=False))
+
+    def forward(self, x: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        h = self.norm_self(x)
+        x = x + self.self_attn(h, h, causal=True)
+        x = x + self.cross_attn(self.norm_cross(x), patches, causal=False)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class CausalResampler(nn.Module):
+    def __init__(self, cfg: ResamplerConfig, vision_width: int):
+        super().__init__()
+        self.cfg = cfg
+        self.queries = nn.Parameter(torch.randn(cfg.num_queries, cfg.width) * 0.02)
+        self.patch_proj = nn.Linear(vision_width, cfg.width, bias=False)
+        self.blocks = nn.ModuleList(ResamplerBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.width)
+
+    def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
+        """(B, tokens, vision_width) -> (B, N, width): the visual embeddings."""
+        patches = self.patch_proj(patch_features)
+        x = self.queries.expand(patches.shape[0], -1, -1)
+        for block in self.blocks:
+            x = block(x, patches)
+        return self.norm(x)

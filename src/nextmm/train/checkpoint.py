@@ -1,0 +1,111 @@
+"""Training checkpoints and exported model directories, written atomically, with no pickles.
+
+A checkpoint is a directory `checkpoints/step-NNNNNNN/` holding one `{name}.safetensors` per module,
+`optimizer.safetensors` + `optimizer.json` (AdamW's tensors and its plain-number settings), and
+`state.json` (step, data position, RNG). It is written under a temporary name and renamed when
+complete, then `checkpoints/latest` is replaced; a run killed mid-write resumes from the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def save_module(module: nn.Module, path: Path) -> None:
+    # Tied or shared weights would make safetensors refuse; clone() gives each name its own storage.
+    save_file({k: v.clone() for k, v in _contiguous(module.state_dict()).items()}, str(path))
+
+
+def load_module(module: nn.Module, path: Path, strict: bool = True) -> None:
+    module.load_state_dict(load_file(str(path)), strict=strict)
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors, plain = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for idx, entry in sd["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value
+            else:
+                plain["state"].setdefault(str(idx), {})[name] = value
+    return _contiguous(tensors), plain
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, entry in plain["state"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def write_atomically(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Build a directory under a temporary name beside `final`, then rename it into place."""
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    modules: dict[str, nn.Module],
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+
+    def fill(tmp: Path) -> None:
+        for name, module in modules.items():
+            save_module(module, tmp / f"{name}.safetensors")
+        tensors, plain = optimizer_to_files(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(plain))
+        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state))
+
+    path = write_atomically(root / f"step-{step:07d}", fill)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(path.name)
+    os.replace(pointer, root / "latest")
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    for name, module in modules.items():
+        load_module(module, path / f"{name}.safetensors")
+    plain = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(optimizer_from_files(load_file(str(path / "optimizer.safetensors")), plain))
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    return json.loads((path / "state.json").read_text())

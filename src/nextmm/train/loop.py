@@ -1,0 +1,183 @@
+"""One training loop for every stage: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast,
+JSON-lines metrics, a progress bar, atomic checkpoints and `--resume`.
+
+A stage supplies its modules, a loss function over a batch, and a batch stream that can report and
+restore its position, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from nextmm.config import TrainConfig
+from nextmm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+class BatchStream(Protocol):
+    def next_batch(self) -> dict[str, torch.Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def report(self) -> dict[str, Any]: ...
+
+
+def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine to `min_ratio`; `progress` and `warmup` are fractions of the run."""
+    if progress < warmup:
+        return max(progress / warmup, 1e-3)
+    span = max(1.0 - warmup, 1e-8)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / span)))
+    return min_ratio + (1 - min_ratio) * cosine
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, scales: dict[str, float] | None = None) -> list[dict]:
+    """Decay matrices only (not norms, biases, embeddings' positions); `scales` multiplies the learning
+    rate of parameters whose name starts with a given prefix (e.g. {"vision.": 0.1})."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = next((s for prefix, s in (scales or {}).items() if name.startswith(prefix)), 1.0)
+        decay = p.ndim >= 2 and "pos" not in name.split(".")[-1] and name != "queries"
+        groups.setdefault((scale, decay), []).append(p)
+    return [
+        {"params": ps, "lr": lr * scale, "base_lr": lr * scale, "weight_decay": weight_decay if decay else 0.0}
+        for (scale, decay), ps in groups.items()
+    ]
+
+
+@dataclass
+class StageResult:
+    step: int
+    samples: int
+    elapsed_s: float
+    last: dict[str, float]
+    checkpoint: Path | None
+    data: dict[str, Any]
+
+
+class Trainer:
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        loss_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+        cfg: TrainConfig,
+        out_dir: Path,
+        groups: list[dict] | None = None,
+        extra_modules: dict[str, nn.Module] | None = None,
+        after_step: Callable[[], None] | None = None,
+    ):
+        self.name = name
+        self.model = model
+        self.loss_fn = loss_fn
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.modules = {"model": model, **(extra_modules or {})}
+        self.optimizer = torch.optim.AdamW(
+            groups or param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
+        )
+        self.after_step = after_step
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+    def _progress(self, step: int, elapsed: float) -> float:
+        # With a time budget the schedule follows whichever runs out first, so the learning rate has
+        # decayed when the budget ends rather than being cut off at its peak.
+        by_steps = step / self.cfg.steps
+        by_time = elapsed / self.cfg.time_budget_s if self.cfg.time_budget_s > 0 else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+    def _set_lr(self, progress: float) -> float:
+        warmup = min(0.5, self.cfg.warmup_steps / max(self.cfg.steps, 1))
+        factor = lr_factor(progress, warmup, self.cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        return self.cfg.lr * factor
+
+    def _checkpoint(self, step: int, samples: int, elapsed: float, stream: BatchStream) -> Path:
+        state = {"stage": self.name, "step": step, "samples": samples, "elapsed_s": elapsed, "data": stream.state_dict()}
+        return save_checkpoint(self.out_dir / "checkpoints", step, self.modules, self.optimizer, state)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def run(self, stream: BatchStream, resume: bool = False) -> StageResult:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        step, samples, elapsed_before = 0, 0, 0.0
+        if resume and (path := latest_checkpoint(self.out_dir / "checkpoints")) is not None:
+            state = load_checkpoint(path, self.modules, self.optimizer)
+            step, samples, elapsed_before = state["step"], state["samples"], state["elapsed_s"]
+            stream.load_state_dict(state["data"])
+            tqdm.write(f"[{self.name}] resumed from {path} at step {step}")
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        start = time.perf_counter()
+        window = {"t": start, "tokens": 0, "images": 0, "samples": 0}
+        last: dict[str, float] = {}
+        checkpoint = None
+        bar = tqdm(total=self.cfg.steps, initial=step, desc=self.name, unit="step", dynamic_ncols=True)
+        self.model.train()
+        while step < self.cfg.steps:
+            elapsed = elapsed_before + time.perf_counter() - start
+            if self.cfg.time_budget_s > 0 and elapsed >= self.cfg.time_budget_s:
+                tqdm.write(f"[{self.name}] time budget of {self.cfg.time_budget_s:.0f}s reached at step {step}")
+                break
+            lr = self._set_lr(self._progress(step, elapsed))
+            sums: dict[str, float] = {}
+            for _ in range(self.cfg.grad_accum):
+                batch = stream.next_batch()
+                with autocast:
+                    out = self.loss_fn(batch)
+                (out["loss"] / self.cfg.grad_accum).backward()
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / self.cfg.grad_accum
+                window["tokens"] += int(batch["valid"].sum()) if "valid" in batch else 0
+                window["images"] += int(batch["pixels"].shape[0])
+                window["samples"] += int(batch["input_ids"].shape[0])
+                samples += int(batch["input_ids"].shape[0])
+            if not math.isfinite(sums["loss"]):
+                raise FloatingPointError(f"[{self.name}] loss became {sums['loss']} at step {step}; lower the learning rate")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.after_step is not None:
+                self.after_step()
+            step += 1
+            last = {k: round(v, 5) for k, v in sums.items()}
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in last.items() if k in ("loss", "ce", "l2", "accuracy")})
+            if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+                now = time.perf_counter()
+                span = max(now - window["t"], 1e-9)
+                self._log({
+                    "stage": self.name, "step": step, "lr": lr, **last, "grad_norm": round(float(grad_norm), 4),
+                    "samples_per_s": round(window["samples"] / span, 2), "tokens_per_s": round(window["tokens"] / span, 1),
+                    "images_per_s": round(window["images"] / span, 2),
+                    "elapsed_s": round(elapsed_before + now - start, 2), **stream.report(),
+                })
+                window = {"t": now, "tokens": 0, "images": 0, "samples": 0}
+            if self.cfg.ckpt_every and step % self.cfg.ckpt_every == 0:
+                checkpoint = self._checkpoint(step, samples, elapsed_before + time.perf_counter() - start, stream)
+        bar.close()
+        elapsed = elapsed_before + time.perf_counter() - start
+        if step > 0:
+            checkpoint = self._checkpoint(step, samples, elapsed, stream)
+        report = stream.report()
+        if report.get("skipped"):
+            tqdm.write(f"[{self.name}] skipped {report['skipped']} bad samples: {report.get('errors', [])[:3]}")
+        return StageResult(step, samples, elapsed, last, checkpoint, report)
+
+
+def iterate_forever(make: Callable[[int], Iterable]) -> Iterable:
+    epoch = 0
+    while True:
+        yield from make(epoch)
+        epoch += 1
