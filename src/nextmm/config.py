@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
+from nextmm.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A user-facing configuration mistake: unknown preset, unknown key, value of the wrong type."""
 
 

@@ -15,11 +15,12 @@ from PIL import Image as PILImage
 
 from nextmm.data.sample import Image, Segment, Text, Video
 from nextmm.data.transforms import to_pixels
+from nextmm.errors import UserError
 from nextmm.models.emu import IGNORE
 from nextmm.tokenizer import NextTokenizer
 
 
-class SequenceTooLong(ValueError):
+class SequenceTooLong(UserError):
     pass
 
 

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -138,7 +138,7 @@ class Trainer:
                     out = self.loss_fn(batch)
                 (out["loss"] / self.cfg.grad_accum).backward()
                 for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / self.cfg.grad_accum
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.cfg.grad_accum
                 window["tokens"] += int(batch["valid"].sum()) if "valid" in batch else 0
                 window["images"] += int(batch["pixels"].shape[0])
                 window["samples"] += int(batch["input_ids"].shape[0])
@@ -161,7 +161,7 @@ class Trainer:
                     "stage": self.name, "step": step, "lr": lr, **last, "grad_norm": round(float(grad_norm), 4),
                     "samples_per_s": round(window["samples"] / span, 2), "tokens_per_s": round(window["tokens"] / span, 1),
                     "images_per_s": round(window["images"] / span, 2),
-                    "elapsed_s": round(elapsed_before + now - start, 2), **stream.report(),
+                    "elapsed_s": round(elapsed_before + now - start, 2), "skipped": stream.report()["skipped"],
                 })
                 window = {"t": now, "tokens": 0, "images": 0, "samples": 0}
             if self.cfg.ckpt_every and step % self.cfg.ckpt_every == 0:
@@ -174,10 +174,3 @@ class Trainer:
         if report.get("skipped"):
             tqdm.write(f"[{self.name}] skipped {report['skipped']} bad samples: {report.get('errors', [])[:3]}")
         return StageResult(step, samples, elapsed, last, checkpoint, report)
-
-
-def iterate_forever(make: Callable[[int], Iterable]) -> Iterable:
-    epoch = 0
-    while True:
-        yield from make(epoch)
-        epoch += 1

@@ -1,0 +1,208 @@
+"""The `nextmm` command. Every user mistake ends in one sentence on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from nextmm.errors import UserError
+
+PLACEHOLDER = re.compile(r"<image>|<video>")
+
+
+def _print_json(payload: dict) -> None:
+    print(json.dumps(payload, indent=2, default=str))
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    if args.source == "shapes":
+        from nextmm.config import make_config, parse_override
+        from nextmm.data.make import write_shapes
+
+        cfg = make_config(args.preset)
+        counts = dict(cfg.data.counts)
+        for item in args.count or []:
+            counts.update(parse_override(item))
+        written = write_shapes(args.out, counts, args.seed, cfg.data.shard_size, overwrite=args.overwrite)
+        _print_json({"out_dir": args.out, "samples": written})
+        return
+    from nextmm.data.formats import convert
+
+    paths = {k: v for k, v in vars(args).items() if k in ("annotations", "images", "questions", "jsonl", "root") and v}
+    _print_json(convert(args.source, args.out, max_side=args.max_side, **paths))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from nextmm.config import make_config
+    from nextmm.train.stages import train
+
+    cfg = make_config(args.preset, args.config, args.set or [])
+    result = train(cfg, args.data, args.out, resume=args.resume)
+    print(f"model written to {result['model']} (metrics in {args.out}/clip and {args.out}/pretrain)")
+
+
+def _load(model_dir: str):
+    from nextmm import api
+
+    return api.load(model_dir)
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    m = _load(args.model)
+    for path, caption in zip(args.images, m.caption(args.images)):
+        print(f"{path}\t{caption}")
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    m = _load(args.model)
+    visual = args.image[0] if len(args.image) == 1 else args.image
+    print(m.ask([visual], [args.question])[0])
+
+
+def video_frames(spec: str) -> list[str]:
+    """A video is a folder of frames (sorted by name) or a comma-separated list of frame files."""
+    folder = Path(spec)
+    if folder.is_dir():
+        frames = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not frames:
+            raise UserError(f"video folder '{spec}' holds no .png/.jpg frames; put the frames in it")
+        return frames
+    return [part for part in spec.split(",") if part]
+
+
+def parse_prompt(text: str, images: list[str], videos: list[str]) -> list:
+    """'<image> this is a blicket <image> this is a' with --image a.png --image b.png -> interleaved parts."""
+    tags = PLACEHOLDER.findall(text)
+    want = (tags.count("<image>"), tags.count("<video>"))
+    if want != (len(images), len(videos)):
+        raise UserError(
+            f"the prompt has {want[0]} <image> and {want[1]} <video> placeholders but {len(images)} --image and "
+            f"{len(videos)} --video were given; give one file per placeholder, in order"
+        )
+    pending_images, pending_videos = iter(images), iter(videos)
+    parts: list = []
+    for i, chunk in enumerate(PLACEHOLDER.split(text)):
+        if chunk.strip():
+            parts.append(chunk.strip())
+        if i < len(tags):
+            parts.append(next(pending_images) if tags[i] == "<image>" else video_frames(next(pending_videos)))
+    if not parts:
+        raise UserError("the prompt is empty; write some text or <image> placeholders")
+    return parts
+
+
+def cmd_complete(args: argparse.Namespace) -> None:
+    prompt = parse_prompt(args.prompt, args.image or [], args.video or [])
+    m = _load(args.model)
+    print(m.complete([prompt], max_new_tokens=args.max_new_tokens)[0])
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from nextmm.eval.shapes import evaluate
+
+    results = evaluate(_load(args.model), scenes=args.scenes, videos=args.videos, binding=args.binding, seed=args.seed)
+    results.pop("examples")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"results written to {args.out}", file=sys.stderr)
+    _print_json(results)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from nextmm.demo import run_demo
+
+    result = run_demo(args.out, args.preset, args.set or [], resume=args.resume)
+    headline = {k: result[k] for k in result if k.endswith(("match", "accuracy", "_s")) and not isinstance(result[k], dict)}
+    _print_json(headline)
+    print(f"model:   {result['model']}\nmetrics: {result['metrics']}\nreport:  {result['report']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nextmm", description="Generative pretraining in multimodality (Emu-style).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="write training data as WebDataset shards")
+    dsub = data.add_subparsers(dest="source", required=True)
+    d = dsub.add_parser("shapes", help="generate Shapes World (one sub-folder of shards per kind)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--preset", default="tiny", help="whose data.counts to use")
+    d.add_argument("--count", action="append", metavar="KIND=N", help="override one kind's count, e.g. caption=5000")
+    d.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    for name, needs in {
+        "coco": ("annotations", "images"), "vqav2": ("questions", "annotations", "images"),
+        "mmc4": ("jsonl", "images"), "video": ("root",),
+    }.items():
+        d = dsub.add_parser(name, help=f"convert {name} data to shards")
+        for flag in needs:
+            d.add_argument(f"--{flag}", required=True)
+        d.add_argument("--out", required=True)
+        d.add_argument("--max-side", type=int, default=None, help="shrink images so the longer side is at most this")
+    data.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("train", help="train stage 0 (CLIP) and stage 1 (Emu pretraining)")
+    t.add_argument("--data", required=True, help="a shard folder, or a folder of shard folders (one source each)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--preset", default="tiny")
+    t.add_argument("--config", help="YAML config (may name a preset)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. pretrain.lr=3e-4")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoints in --out")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("caption", help="caption images")
+    c.add_argument("--model", required=True)
+    c.add_argument("images", nargs="+")
+    c.set_defaults(func=cmd_caption)
+
+    a = sub.add_parser("ask", help="answer a question about an image (several --image: a video)")
+    a.add_argument("--model", required=True)
+    a.add_argument("--image", action="append", required=True)
+    a.add_argument("question")
+    a.set_defaults(func=cmd_ask)
+
+    k = sub.add_parser("complete", help="continue an interleaved prompt: text with <image>/<video> placeholders")
+    k.add_argument("--model", required=True)
+    k.add_argument("--image", action="append", help="file for the next <image> placeholder")
+    k.add_argument("--video", action="append", help="frame folder or a,b,c frame list for the next <video>")
+    k.add_argument("--max-new-tokens", type=int, default=32)
+    k.add_argument("prompt")
+    k.set_defaults(func=cmd_complete)
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="suite", required=True)
+    s = esub.add_parser("shapes", help="held-out Shapes World: captions, VQA, video QA, few-shot binding")
+    s.add_argument("--model", required=True)
+    s.add_argument("--scenes", type=int, default=500)
+    s.add_argument("--videos", type=int, default=200)
+    s.add_argument("--binding", type=int, default=100)
+    s.add_argument("--seed", type=int, default=10_007)
+    s.add_argument("--out", help="also write the JSON here")
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("demo", help="the whole pipeline on Shapes World")
+    m.add_argument("--out", default="runs/demo")
+    m.add_argument("--preset", default="tiny")
+    m.add_argument("--set", action="append", metavar="KEY=VALUE")
+    m.add_argument("--resume", action="store_true")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"nextmm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nextmm: interrupted; run again with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

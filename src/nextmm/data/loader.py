@@ -1,0 +1,110 @@
+"""Training batches drawn from several shard sources, mixed by weight, resumable to the sample.
+
+A data directory is either one source (it holds `*.tar` shards) or several (each sub-directory with
+shards is a source named after it: `nextmm data shapes` writes one per sample kind). Each draw picks a
+source by weight with a seeded RNG, so the mix is a setting rather than an accident of file sizes.
+Bad samples never stop a run: unreadable ones are skipped by the shard reader, ones too long for the
+context (or otherwise unusable for the stage) are skipped here, and both are counted in `report()`.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from nextmm.data.sample import Sample
+from nextmm.data.shards import DataError, ReadStats, read_shards
+from nextmm.data.sequence import SequenceTooLong
+
+
+def discover_sources(data_dir: str | Path) -> dict[str, Path]:
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data directory '{root}' does not exist; make one with `nextmm data shapes --out {root}` or `nextmm data coco ...`")
+    if any(root.glob("*.tar")):
+        return {root.name: root}
+    sources = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and any(p.glob("*.tar"))}
+    if not sources:
+        raise DataError(f"data directory '{root}' holds no .tar shards (nor sub-directories with shards); write some with `nextmm data ...`")
+    return sources
+
+
+class MixedStream:
+    def __init__(
+        self,
+        sources: dict[str, Path],
+        weights: dict[str, float],
+        make_item: Callable[[Sample], Any],
+        collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+        batch_size: int,
+        seed: int = 0,
+        shuffle_buffer: int = 512,
+        unusable: tuple[type[Exception], ...] = (SequenceTooLong,),
+    ):
+        self.sources = sources
+        self.names = [n for n in sources if weights.get(n, 1.0) > 0]
+        if not self.names:
+            raise DataError(f"every data source ({', '.join(sources)}) has mix weight 0; give at least one a positive weight")
+        self.weights = [weights.get(n, 1.0) for n in self.names]
+        self.make_item, self.collate = make_item, collate
+        self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
+        self.rng = random.Random(seed)
+        self.consumed = {n: 0 for n in self.names}
+        self.epoch = {n: 0 for n in self.names}
+        self.stats = ReadStats()
+        self.unusable_errors = unusable
+        self.unusable = 0
+        self._iters: dict[str, Iterator[Sample]] = {}
+
+    def _open(self, name: str) -> Iterator[Sample]:
+        seed = self.seed + 7919 * self.epoch[name] + zlib.crc32(name.encode())
+        samples = read_shards(self.sources[name], shuffle_buffer=self.shuffle_buffer, seed=seed, stats=self.stats)
+        # Resuming discards what was already consumed after shuffling, so the order matches the first run.
+        for _ in range(self.consumed[name]):
+            next(samples, None)
+        return samples
+
+    def _next_sample(self, name: str) -> Sample:
+        for _ in range(2):
+            if name not in self._iters:
+                self._iters[name] = self._open(name)
+            sample = next(self._iters[name], None)
+            if sample is not None:
+                self.consumed[name] += 1
+                return sample
+            if self.consumed[name] == 0:
+                raise DataError(f"data source '{self.sources[name]}' has no readable samples ({self.stats.summary()})")
+            del self._iters[name]
+            self.epoch[name] += 1
+            self.consumed[name] = 0
+        raise AssertionError("unreachable: a non-empty source re-opened empty")
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        items = []
+        while len(items) < self.batch_size:
+            name = self.rng.choices(self.names, self.weights)[0]
+            try:
+                items.append(self.make_item(self._next_sample(name)))
+            except self.unusable_errors as err:
+                self.unusable += 1
+                if len(self.stats.errors) < 20:
+                    self.stats.errors.append(str(err))
+        return self.collate(items)
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "consumed": dict(self.consumed), "epoch": dict(self.epoch)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.consumed.update(state["consumed"])
+        self.epoch.update(state["epoch"])
+        self._iters.clear()
+
+    def report(self) -> dict[str, Any]:
+        return {"skipped": self.stats.skipped + self.unusable, "errors": self.stats.errors[:5]}

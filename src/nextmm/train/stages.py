@@ -1,0 +1,148 @@
+"""The training pipeline: tokenizer -> stage 0 (CLIP image tower) -> stage 1 (Emu pretraining) -> model/.
+
+Output layout of `nextmm train --out RUN`:
+  RUN/config.json  RUN/tokenizer.json
+  RUN/clip/      metrics.jsonl, checkpoints/, done.json
+  RUN/pretrain/  metrics.jsonl, checkpoints/, done.json
+  RUN/model/     the exported model (`nextmm.load(RUN/model)`)
+With `resume=True` a finished stage is loaded rather than re-run and an unfinished one continues from
+its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nextmm.api import NextMM, build_model
+from nextmm.config import Config
+from nextmm.data.loader import MixedStream, discover_sources
+from nextmm.data.sample import Image, Sample, Text
+from nextmm.data.sequence import SequenceBuilder
+from nextmm.data.shards import DataError, read_shards
+from nextmm.data.transforms import to_pixels
+from nextmm.models.clip import CLIP
+from nextmm.models.emu import Emu
+from nextmm.tokenizer import NextTokenizer
+from nextmm.train.checkpoint import latest_checkpoint, load_module
+from nextmm.train.loop import StageResult, Trainer, param_groups
+from nextmm.train.targets import make_target
+
+TOKENIZER_SAMPLES_PER_SOURCE = 20000
+
+
+def train_tokenizer(sources: dict[str, Path], cfg: Config) -> NextTokenizer:
+    def texts():
+        for path in sources.values():
+            for sample in itertools.islice(read_shards(path), TOKENIZER_SAMPLES_PER_SOURCE):
+                yield from (seg.text for seg in sample.segments if isinstance(seg, Text))
+
+    return NextTokenizer.train(texts(), cfg.tokenizer.vocab_size, cfg.tokenizer.location_bins)
+
+
+def image_text_pair(sample: Sample) -> tuple:
+    """The first picture directly followed by target text: a caption pair for contrastive training."""
+    for seg, nxt in zip(sample.segments, sample.segments[1:]):
+        if isinstance(seg, Image) and isinstance(nxt, Text) and nxt.target:
+            return seg.image, nxt.text
+    raise DataError(f"sample '{sample.key}' has no image followed by its caption")
+
+
+class ClipBatches:
+    def __init__(self, tok: NextTokenizer, cfg: Config):
+        self.tok, self.max_len, self.size = tok, cfg.clip_text.max_len, cfg.vision.image_size
+
+    def item(self, sample: Sample) -> tuple:
+        image, text = image_text_pair(sample)
+        return image, self.tok.encode(text)[: self.max_len - 1] + [self.tok.eos_id]
+
+    def collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for _, ids in items)
+        ids = torch.full((len(items), width), self.tok.pad_id, dtype=torch.long)
+        for row, (_, seq) in enumerate(items):
+            ids[row, : len(seq)] = torch.tensor(seq)
+        lengths = torch.tensor([len(seq) for _, seq in items])
+        valid = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+        return {"input_ids": ids, "lengths": lengths, "valid": valid, "pixels": to_pixels([i for i, _ in items], self.size)}
+
+
+def _finished(stage_dir: Path) -> bool:
+    return (stage_dir / "done.json").is_file()
+
+
+def _mark_done(stage_dir: Path, result: StageResult) -> None:
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
+    (stage_dir / "done.json").write_text(json.dumps(record, indent=2))
+
+
+def _load_finished(module: torch.nn.Module, stage_dir: Path) -> None:
+    load_module(module, latest_checkpoint(stage_dir / "checkpoints") / "model.safetensors")
+
+
+def clip_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, resume: bool) -> CLIP:
+    torch.manual_seed(cfg.seed)
+    clip = CLIP(cfg.vision, cfg.clip_text, tok.vocab_size)
+    stage_dir = out / "clip"
+    if resume and _finished(stage_dir):
+        _load_finished(clip, stage_dir)
+        tqdm.write(f"[clip] already finished in {stage_dir}; loaded it")
+        return clip
+    batches = ClipBatches(tok, cfg)
+    pair_sources = {k: v for k, v in sources.items() if k == "caption"} or sources
+    # A source of mixed kinds may hold samples with no caption pair: those are skipped and counted.
+    stream = MixedStream(pair_sources, {}, batches.item, batches.collate, cfg.clip.batch_size, cfg.seed, unusable=(DataError,))
+    trainer = Trainer("clip", clip, lambda b: clip.loss(b["pixels"], b["input_ids"], b["lengths"]), cfg.clip, stage_dir)
+    _mark_done(stage_dir, trainer.run(stream, resume))
+    return clip
+
+
+def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, clip: CLIP, resume: bool) -> Emu:
+    torch.manual_seed(cfg.seed + 1)
+    model = build_model(cfg, tok)
+    model.vision.load_state_dict(clip.visual.state_dict())
+    stage_dir = out / "pretrain"
+    if resume and _finished(stage_dir):
+        _load_finished(model, stage_dir)
+        tqdm.write(f"[pretrain] already finished in {stage_dir}; loaded it")
+        return model
+    p = cfg.pretrain
+    target = make_target(model, p.target, p.ema_decay)
+    builder = SequenceBuilder(tok, cfg.resampler.num_queries, cfg.vision.image_size, cfg.llm.max_seq_len)
+    stream = MixedStream(sources, p.mix, lambda s: builder.encode(s.segments), builder.collate, p.batch_size, cfg.seed)
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        target_visual = target(batch["pixels"]) if target is not None and batch["pixels"].numel() else None
+        return model.loss(batch["input_ids"], batch["labels"], batch["pixels"], target_visual, p.regression_weight)
+
+    trainer = Trainer(
+        "pretrain", model, loss_fn, p, stage_dir,
+        groups=param_groups(model, p.lr, p.weight_decay, {"vision.": p.vision_lr_scale}),
+        extra_modules={"target": target} if target is not None else None,
+        after_step=(lambda: target.update(model)) if target is not None else None,
+    )
+    _mark_done(stage_dir, trainer.run(stream, resume))
+    return model
+
+
+def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = discover_sources(data_dir)
+    tok_path = out / "tokenizer.json"
+    if resume and tok_path.is_file():
+        tok = NextTokenizer.load(tok_path)
+    else:
+        tok = train_tokenizer(sources, cfg)
+        tok.save(tok_path)
+    cfg.llm.vocab_size = tok.vocab_size
+    (out / "config.json").write_text(cfg.to_json())
+    clip = clip_stage(cfg, sources, out, tok, resume)
+    model = pretrain_stage(cfg, sources, out, tok, clip, resume)
+    model_dir = NextMM(model, tok, cfg).save(out / "model")
+    return {"model": str(model_dir), "run": str(out), "sources": {k: str(v) for k, v in sources.items()}}
