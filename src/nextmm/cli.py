@@ -11,6 +11,8 @@ from pathlib import Path
 from nextmm.errors import UserError
 
 PLACEHOLDER = re.compile(r"<image>|<video>")
+# CLI flag -> the argument name of the reader in nextmm.data.formats
+FORMAT_FLAGS = {"annotations": "annotations_json", "images": "image_dir", "questions": "questions_json", "jsonl": "jsonl_path", "root": "root"}
 
 
 def _print_json(payload: dict) -> None:
@@ -31,7 +33,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         return
     from nextmm.data.formats import convert
 
-    paths = {k: v for k, v in vars(args).items() if k in ("annotations", "images", "questions", "jsonl", "root") and v}
+    paths = {reader_arg: getattr(args, flag) for flag, reader_arg in FORMAT_FLAGS.items() if getattr(args, flag, None)}
     _print_json(convert(args.source, args.out, max_side=args.max_side, **paths))
 
 

@@ -29,6 +29,7 @@ class VisionConfig:
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    stem: str = "conv"  # conv: hybrid-ViT convolutional stem (learns fast from scratch); patch: linear, as EVA-CLIP
 
     @property
     def num_tokens(self) -> int:
@@ -98,10 +99,15 @@ class TrainConfig:
 
 
 @dataclass
+class ClipTrainConfig(TrainConfig):
+    # NegCLIP-style negatives: each caption with one word swapped makes CLIP read every word, not only
+    # the few (colour, size) that already tell most captions in a batch apart.
+    hard_negatives: bool = True
+
+
+@dataclass
 class PretrainConfig(TrainConfig):
     regression_weight: float = 1.0  # lambda in loss = CE + lambda * L2; Emu never published its value
-    target: str = "ema"  # how regression targets are made: ema | frozen | online (see docs/design.md)
-    ema_decay: float = 0.995
     vision_lr_scale: float = 0.1  # the stage-0 encoder is fine-tuned gently so its features stay put
     mix: dict[str, float] = field(
         default_factory=lambda: {
@@ -134,7 +140,7 @@ class Config:
     clip_text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    clip: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, batch_size=128, lr=2e-3, time_budget_s=100))
+    clip: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(steps=600, batch_size=128, lr=2e-3, time_budget_s=100))
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=3000, batch_size=32, lr=1.5e-3, time_budget_s=330))
     seed: int = 0
 
@@ -173,7 +179,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # LLaMA-13B): for shape and memory checks, not for training on this machine.
     "emu-14b": {
         "vision": {"image_size": 224, "patch_size": 14, "width": 1408, "layers": 40, "heads": 16,
-                   "mlp_ratio": 6144 / 1408},
+                   "mlp_ratio": 6144 / 1408, "stem": "patch"},
         "resampler": {"num_queries": 32, "width": 1024, "layers": 12, "heads": 16},
         "llm": {"width": 5120, "layers": 40, "heads": 40, "mlp_hidden": 13824, "max_seq_len": 2048},
         "clip_text": {"width": 768, "layers": 12, "heads": 12, "max_len": 77, "embed_dim": 1024},

@@ -1,15 +1,19 @@
 """Training batches drawn from several shard sources, mixed by weight, resumable to the sample.
 
 A data directory is either one source (it holds `*.tar` shards) or several (each sub-directory with
-shards is a source named after it: `nextmm data shapes` writes one per sample kind). Each draw picks a
-source by weight with a seeded RNG, so the mix is a setting rather than an accident of file sizes.
+shards is a source named after it: `nextmm data shapes` writes one per sample kind). Each batch comes
+from one source picked by weight with a seeded RNG, so the mix is a setting rather than an accident of
+file sizes; one source per batch because sources differ a lot in length (a caption is ~25 tokens, an
+8-frame video ~95) and a mixed batch would be mostly padding.
 Bad samples never stop a run: unreadable ones are skipped by the shard reader, ones too long for the
 context (or otherwise unusable for the stage) are skipped here, and both are counted in `report()`.
 """
 
 from __future__ import annotations
 
+import queue
 import random
+import threading
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -62,11 +66,8 @@ class MixedStream:
 
     def _open(self, name: str) -> Iterator[Sample]:
         seed = self.seed + 7919 * self.epoch[name] + zlib.crc32(name.encode())
-        samples = read_shards(self.sources[name], shuffle_buffer=self.shuffle_buffer, seed=seed, stats=self.stats)
-        # Resuming discards what was already consumed after shuffling, so the order matches the first run.
-        for _ in range(self.consumed[name]):
-            next(samples, None)
-        return samples
+        # skip= drops what a resumed run already consumed, after shuffling, so the order matches the first run.
+        return read_shards(self.sources[name], shuffle_buffer=self.shuffle_buffer, seed=seed, skip=self.consumed[name], stats=self.stats)
 
     def _next_sample(self, name: str) -> Sample:
         for _ in range(2):
@@ -85,8 +86,8 @@ class MixedStream:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         items = []
+        name = self.rng.choices(self.names, self.weights)[0]
         while len(items) < self.batch_size:
-            name = self.rng.choices(self.names, self.weights)[0]
             try:
                 items.append(self.make_item(self._next_sample(name)))
             except self.unusable_errors as err:
@@ -108,3 +109,47 @@ class MixedStream:
 
     def report(self) -> dict[str, Any]:
         return {"skipped": self.stats.skipped + self.unusable, "errors": self.stats.errors[:5]}
+
+
+class Prefetcher:
+    """Builds the next batches in a background thread while the model trains on this one (decoding and
+    tokenising are mostly Python, the model mostly native code that releases the GIL). Its state is the
+    wrapped stream's state as of the last batch handed out, so a resumed run loses nothing."""
+
+    def __init__(self, stream: MixedStream, depth: int = 2):
+        self.stream = stream
+        self.depth = depth
+        self._queue: queue.Queue | None = None
+        self._state = stream.state_dict()
+
+    def _produce(self, q: queue.Queue) -> None:
+        while True:
+            try:
+                item = (self.stream.next_batch(), self.stream.state_dict(), None)
+            except Exception as err:  # handed to the consumer, which raises it in the training thread
+                item = (None, None, err)
+            q.put(item)
+            if item[2] is not None:
+                return
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self._queue is None:
+            self._queue = queue.Queue(maxsize=self.depth)
+            threading.Thread(target=self._produce, args=(self._queue,), daemon=True).start()
+        batch, state, err = self._queue.get()
+        if err is not None:
+            raise err
+        self._state = state
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._queue is not None:
+            raise RuntimeError("load_state_dict must come before the first batch")
+        self.stream.load_state_dict(state)
+        self._state = self.stream.state_dict()
+
+    def report(self) -> dict[str, Any]:
+        return self.stream.report()

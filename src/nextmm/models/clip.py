@@ -40,17 +40,21 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(self.visual(pixels)[:, 0]), dim=-1)
+        # The mean over all tokens (not CLS alone) makes every patch answer to the loss; Emu reads them all.
+        return F.normalize(self.image_proj(self.visual(pixels).mean(1)), dim=-1)
 
     def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text(ids, lengths)), dim=-1)
 
     def loss(self, pixels: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Symmetric contrastive loss. `ids` holds the B images' captions, then any extra texts (hard
+        negatives), which only compete as wrong answers for the images."""
+        b = pixels.shape[0]
         image, text = self.encode_image(pixels), self.encode_text(ids, lengths)
         logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ text.T
-        # Pairs with the same caption are true matches, not negatives: score against any of them.
-        same = (ids.unsqueeze(1) == ids.unsqueeze(0)).all(-1).float()
-        target = same / same.sum(-1, keepdim=True)
-        loss = (F.cross_entropy(logits.float(), target) + F.cross_entropy(logits.T.float(), target)) / 2
+        # A text equal to an image's own caption is a match, not a negative: score against any of them.
+        same = (ids[:b].unsqueeze(1) == ids.unsqueeze(0)).all(-1).float()
+        image_loss = F.cross_entropy(logits.float(), same / same.sum(-1, keepdim=True))
+        text_loss = F.cross_entropy(logits[:, :b].T.float(), same[:, :b] / same[:, :b].sum(-1, keepdim=True))
         accuracy = (same.gather(1, logits.argmax(-1, keepdim=True)) > 0).float().mean()
-        return {"loss": loss, "accuracy": accuracy}
+        return {"loss": (image_loss + text_loss) / 2, "accuracy": accuracy}

@@ -66,14 +66,10 @@ class Emu(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor,
         pixels: torch.Tensor,
-        target_visual: torch.Tensor | None = None,
         regression_weight: float = 1.0,
     ) -> dict[str, torch.Tensor]:
-        """Text CE on labelled positions + regression_weight x L2 to the next visual embedding.
-
-        Targets are detached (as in Emu); `target_visual` lets the trainer supply them from a slowly
-        moving copy of the visual stack so the regression cannot pull the embeddings together.
-        """
+        """Text CE on labelled positions + regression_weight x L2 to the next visual embedding, with the
+        targets detached as in Emu (train/regression.py keeps the L2 gradient off the visual stack)."""
         visual = self.encode_images(pixels) if pixels.numel() else None
         hidden = self(input_ids, visual)
         picked = labels != IGNORE
@@ -84,8 +80,7 @@ class Emu(nn.Module):
         if visual is not None:
             predicts_image = input_ids[:, 1:] == self.image_token_id
             predicted = self.regression_head(hidden[:, :-1][predicts_image])
-            target = (visual if target_visual is None else target_visual).detach()
-            l2 = F.mse_loss(predicted.float(), target.reshape(predicted.shape).float())
+            l2 = F.mse_loss(predicted.float(), visual.detach().reshape(predicted.shape).float())
             out["l2"] = l2
             loss = loss + regression_weight * l2
         out["loss"] = loss

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextmm.config import LLMConfig
+from nextmm.models.attention import attend
 from nextmm.models.resampler import RMSNorm
 
 
@@ -70,10 +71,7 @@ class DecoderAttention(nn.Module):
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attend(q, k, v, causal=mask is None and t > 1, mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextmm.config import ResamplerConfig
+from nextmm.models.attention import attend
 
 
 class RMSNorm(nn.Module):
@@ -35,7 +36,7 @@ class CrossOrSelfAttention(nn.Module):
         h = self.heads
         q = self.q(x).view(b, t, h, d // h).transpose(1, 2)
         k, v = self.kv(context).view(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        y = attend(q, k, v, causal=causal)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 

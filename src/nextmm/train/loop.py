@@ -23,7 +23,7 @@ from nextmm.train.checkpoint import latest_checkpoint, load_checkpoint, save_che
 
 
 class BatchStream(Protocol):
-    def next_batch(self) -> dict[str, torch.Tensor]: ...
+    def next_batch(self) -> dict[str, torch.Tensor]: ...  # with "valid" (B, T) and "pixels" (M, 3, H, W)
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def report(self) -> dict[str, Any]: ...
@@ -73,19 +73,18 @@ class Trainer:
         cfg: TrainConfig,
         out_dir: Path,
         groups: list[dict] | None = None,
-        extra_modules: dict[str, nn.Module] | None = None,
-        after_step: Callable[[], None] | None = None,
+        backward: Callable[[dict[str, torch.Tensor], float], None] | None = None,
     ):
         self.name = name
         self.model = model
         self.loss_fn = loss_fn
         self.cfg = cfg
         self.out_dir = Path(out_dir)
-        self.modules = {"model": model, **(extra_modules or {})}
+        self.modules = {"model": model}
         self.optimizer = torch.optim.AdamW(
             groups or param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
         )
-        self.after_step = after_step
+        self.backward = backward or (lambda out, scale: (out["loss"] * scale).backward())
         self.metrics_path = self.out_dir / "metrics.jsonl"
 
     def _progress(self, step: int, elapsed: float) -> float:
@@ -136,20 +135,18 @@ class Trainer:
                 batch = stream.next_batch()
                 with autocast:
                     out = self.loss_fn(batch)
-                (out["loss"] / self.cfg.grad_accum).backward()
+                self.backward(out, 1.0 / self.cfg.grad_accum)
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.cfg.grad_accum
-                window["tokens"] += int(batch["valid"].sum()) if "valid" in batch else 0
+                window["tokens"] += int(batch["valid"].sum())
                 window["images"] += int(batch["pixels"].shape[0])
-                window["samples"] += int(batch["input_ids"].shape[0])
-                samples += int(batch["input_ids"].shape[0])
+                window["samples"] += int(batch["valid"].shape[0])
+                samples += int(batch["valid"].shape[0])
             if not math.isfinite(sums["loss"]):
                 raise FloatingPointError(f"[{self.name}] loss became {sums['loss']} at step {step}; lower the learning rate")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            if self.after_step is not None:
-                self.after_step()
             step += 1
             last = {k: round(v, 5) for k, v in sums.items()}
             bar.update(1)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from nextmm.api import NextMM, build_model
 from nextmm.config import Config
-from nextmm.data.loader import MixedStream, discover_sources
+from nextmm.data.loader import MixedStream, Prefetcher, discover_sources
 from nextmm.data.sample import Image, Sample, Text
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError, read_shards
@@ -31,8 +33,8 @@ from nextmm.models.clip import CLIP
 from nextmm.models.emu import Emu
 from nextmm.tokenizer import NextTokenizer
 from nextmm.train.checkpoint import latest_checkpoint, load_module
+from nextmm.train import regression
 from nextmm.train.loop import StageResult, Trainer, param_groups
-from nextmm.train.targets import make_target
 
 TOKENIZER_SAMPLES_PER_SOURCE = 20000
 
@@ -54,21 +56,42 @@ def image_text_pair(sample: Sample) -> tuple:
     raise DataError(f"sample '{sample.key}' has no image followed by its caption")
 
 
+def hard_negative(text: str, batch: list[str], rng: random.Random, tries: int = 8) -> str:
+    """The caption with one word replaced by the word at the same position in another caption of the
+    batch, so the replacement is usually of the same kind (a shape for a shape, a colour for a colour)."""
+    words = text.split()
+    for _ in range(tries):
+        other = rng.choice(batch).split()
+        i = rng.randrange(len(words))
+        if i < len(other) and other[i] != words[i]:
+            return " ".join(words[:i] + [other[i]] + words[i + 1 :])
+    return text  # nothing to swap: it counts as a match, not a negative
+
+
 class ClipBatches:
     def __init__(self, tok: NextTokenizer, cfg: Config):
         self.tok, self.max_len, self.size = tok, cfg.clip_text.max_len, cfg.vision.image_size
+        self.hard_negatives = cfg.clip.hard_negatives
 
     def item(self, sample: Sample) -> tuple:
-        image, text = image_text_pair(sample)
-        return image, self.tok.encode(text)[: self.max_len - 1] + [self.tok.eos_id]
+        return image_text_pair(sample)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok.encode(text)[: self.max_len - 1] + [self.tok.eos_id]
 
     def collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
-        width = max(len(ids) for _, ids in items)
-        ids = torch.full((len(items), width), self.tok.pad_id, dtype=torch.long)
-        for row, (_, seq) in enumerate(items):
+        texts = [text for _, text in items]
+        if self.hard_negatives:
+            # Seeded by the batch's own text, so a resumed run draws the same negatives.
+            rng = random.Random(zlib.crc32("\n".join(texts).encode()))
+            texts = texts + [hard_negative(t, texts, rng) for t in texts]
+        seqs = [self._ids(t) for t in texts]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tok.pad_id, dtype=torch.long)
+        for row, seq in enumerate(seqs):
             ids[row, : len(seq)] = torch.tensor(seq)
-        lengths = torch.tensor([len(seq) for _, seq in items])
-        valid = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+        lengths = torch.tensor([len(s) for s in seqs])
+        valid = torch.arange(width).unsqueeze(0) < lengths[: len(items)].unsqueeze(1)
         return {"input_ids": ids, "lengths": lengths, "valid": valid, "pixels": to_pixels([i for i, _ in items], self.size)}
 
 
@@ -98,7 +121,7 @@ def clip_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokeni
     # A source of mixed kinds may hold samples with no caption pair: those are skipped and counted.
     stream = MixedStream(pair_sources, {}, batches.item, batches.collate, cfg.clip.batch_size, cfg.seed, unusable=(DataError,))
     trainer = Trainer("clip", clip, lambda b: clip.loss(b["pixels"], b["input_ids"], b["lengths"]), cfg.clip, stage_dir)
-    _mark_done(stage_dir, trainer.run(stream, resume))
+    _mark_done(stage_dir, trainer.run(Prefetcher(stream), resume))
     return clip
 
 
@@ -112,21 +135,14 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
         tqdm.write(f"[pretrain] already finished in {stage_dir}; loaded it")
         return model
     p = cfg.pretrain
-    target = make_target(model, p.target, p.ema_decay)
     builder = SequenceBuilder(tok, cfg.resampler.num_queries, cfg.vision.image_size, cfg.llm.max_seq_len)
     stream = MixedStream(sources, p.mix, lambda s: builder.encode(s.segments), builder.collate, p.batch_size, cfg.seed)
-
-    def loss_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        target_visual = target(batch["pixels"]) if target is not None and batch["pixels"].numel() else None
-        return model.loss(batch["input_ids"], batch["labels"], batch["pixels"], target_visual, p.regression_weight)
-
     trainer = Trainer(
-        "pretrain", model, loss_fn, p, stage_dir,
+        "pretrain", model, lambda b: model.loss(b["input_ids"], b["labels"], b["pixels"], p.regression_weight), p, stage_dir,
         groups=param_groups(model, p.lr, p.weight_decay, {"vision.": p.vision_lr_scale}),
-        extra_modules={"target": target} if target is not None else None,
-        after_step=(lambda: target.update(model)) if target is not None else None,
+        backward=lambda out, scale: regression.backward(model, out, p.regression_weight, scale),
     )
-    _mark_done(stage_dir, trainer.run(stream, resume))
+    _mark_done(stage_dir, trainer.run(Prefetcher(stream), resume))
     return model
 
 

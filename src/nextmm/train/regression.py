@@ -1,0 +1,36 @@
+"""What the visual regression is allowed to train.
+
+Emu regresses visual embeddings made by the encoder it trains. If the L2 gradient reaches that encoder
+(through the LLM's visual inputs), the cheapest way to lower the loss is to make every image's
+embeddings alike: the targets collapse. A slowly moving (EMA) target only delays this — measured on
+Shapes World, pure regression drove the embedding spread from 0.094 to 0.007 with an EMA target as with
+none. nextmm therefore cuts that path: regression trains the LLM, the projection and the regression
+head, never the vision tower or the causal resampler; those learn only from text cross-entropy (and
+stage 0), so the targets stay what the images make them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nextmm.models.emu import Emu
+
+VISUAL_STACK = ("vision.", "resampler.")
+
+
+def language_side(model: Emu) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(VISUAL_STACK)]
+
+
+def backward(model: Emu, out: dict[str, torch.Tensor], regression_weight: float, scale: float = 1.0) -> None:
+    """Accumulate gradients of scale x (CE + regression_weight x L2), the L2 part stopping at the visual
+    embeddings. Two passes over one graph: the L2 gradient for the language side, then CE for everything."""
+    if "l2" not in out:
+        (out["ce"] * scale).backward()
+        return
+    params = language_side(model)
+    grads = torch.autograd.grad(out["l2"] * regression_weight * scale, params, retain_graph=True, allow_unused=True)
+    (out["ce"] * scale).backward()
+    for param, grad in zip(params, grads):
+        if grad is not None:
+            param.grad = grad if param.grad is None else param.grad + grad

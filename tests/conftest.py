@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+import torch
+
+from nextmm.api import NextMM, build_model
+from nextmm.config import make_config
+from nextmm.data import shapes
+from nextmm.data.sample import Text
+from nextmm.tokenizer import NextTokenizer
+
+
+def shapes_texts(n: int = 300) -> list[str]:
+    texts = []
+    for kind in ("caption", "vqa", "video_qa", "binding"):
+        for sample in shapes.make_samples(kind, 0, n // 4):
+            texts += [seg.text for seg in sample.segments if isinstance(seg, Text)]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> NextTokenizer:
+    return NextTokenizer.train(shapes_texts(), vocab_size=320, location_bins=64)
+
+
+@pytest.fixture()
+def micro_config(tokenizer):
+    cfg = make_config("micro")
+    cfg.llm.vocab_size = tokenizer.vocab_size
+    return cfg
+
+
+@pytest.fixture()
+def micro_model(micro_config, tokenizer):
+    torch.manual_seed(0)
+    return build_model(micro_config, tokenizer)
+
+
+@pytest.fixture()
+def micro_nextmm(micro_model, tokenizer, micro_config) -> NextMM:
+    return NextMM(micro_model, tokenizer, micro_config)
+
+
+@pytest.fixture()
+def scenes():
+    return [shapes.sample_scene(np.random.default_rng([3, i])) for i in range(8)]

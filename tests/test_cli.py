@@ -1,0 +1,97 @@
+"""Every user mistake ends in one clear sentence (exit 2), never a traceback."""
+
+import json
+
+import numpy as np
+import pytest
+
+from nextmm.cli import main, parse_prompt
+from nextmm.data import shapes
+from nextmm.errors import UserError
+
+
+@pytest.fixture()
+def model_dir(tmp_path, micro_nextmm):
+    return str(micro_nextmm.save(tmp_path / "model"))
+
+
+@pytest.fixture()
+def image_file(tmp_path):
+    path = tmp_path / "scene.png"
+    shapes.sample_scene(np.random.default_rng(0)).image().save(path)
+    return str(path)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_clear_line(code, err, *words):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nextmm: error:"), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_caption_and_ask_print_model_output(capsys, model_dir, image_file):
+    code, out, _ = run(capsys, "caption", "--model", model_dir, image_file, image_file)
+    assert code == 0 and out.count(image_file) == 2
+    code, out, _ = run(capsys, "ask", "--model", model_dir, "--image", image_file, "what color is the circle?")
+    assert code == 0 and out.endswith("\n")
+
+
+def test_missing_image(capsys, model_dir, tmp_path):
+    missing = str(tmp_path / "nope.png")
+    assert_one_clear_line(*run(capsys, "caption", "--model", model_dir, missing)[::2], "nope.png")
+
+
+def test_corrupt_image(capsys, model_dir, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG but not really")
+    assert_one_clear_line(*run(capsys, "caption", "--model", model_dir, str(bad))[::2], "bad.png")
+
+
+def test_not_a_model_directory(capsys, tmp_path, image_file):
+    assert_one_clear_line(*run(capsys, "caption", "--model", str(tmp_path), image_file)[::2], "not a nextmm model directory")
+
+
+def test_unknown_preset_and_unknown_key(capsys, tmp_path):
+    assert_one_clear_line(*run(capsys, "train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "giant")[::2], "giant")
+    assert_one_clear_line(*run(capsys, "train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "llm.depth=3")[::2], "llm.depth")
+
+
+def test_data_directory_without_shards(capsys, tmp_path):
+    assert_one_clear_line(*run(capsys, "train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "micro")[::2], "no .tar shards")
+
+
+def test_wrong_schema_json(capsys, tmp_path):
+    ann = tmp_path / "captions.json"
+    ann.write_text(json.dumps({"questions": []}))
+    code, _, err = run(capsys, "data", "coco", "--annotations", str(ann), "--images", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert_one_clear_line(code, err, "captions.json")
+
+
+def test_prompt_placeholders_must_match_files(capsys, model_dir, image_file):
+    code, _, err = run(capsys, "complete", "--model", model_dir, "--image", image_file, "<image> this is a dax <image> this is a")
+    assert_one_clear_line(code, err, "2 <image>", "1 --image")
+
+
+def test_sequence_longer_than_context(capsys, model_dir, image_file):
+    frames = [image_file] * 40
+    code, _, err = run(capsys, "ask", "--model", model_dir, *sum((["--image", f] for f in frames), []), "which way?")
+    assert_one_clear_line(code, err, "context")
+
+
+def test_parse_prompt_interleaves_text_images_and_videos(tmp_path, image_file):
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    for name in ("b.png", "a.png"):
+        (frames / name).write_bytes(b"")
+    parts = parse_prompt("<image> this is a dax <video> it moves", [image_file], [str(frames)])
+    assert parts == [image_file, "this is a dax", [str(frames / "a.png"), str(frames / "b.png")], "it moves"]
+    with pytest.raises(UserError, match="empty"):
+        parse_prompt("   ", [], [])

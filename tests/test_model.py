@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from nextmm.data.sample import Image, Text, Video, caption_sample, vqa_sample
+from nextmm.data.sequence import SequenceBuilder, SequenceTooLong
+from nextmm.generate import generate_ids
+from nextmm.models.emu import IGNORE
+from nextmm.models.llm import KVCache
+
+
+def builder_for(model, tokenizer):
+    cfg = model.cfg
+    return SequenceBuilder(tokenizer, cfg.resampler.num_queries, cfg.vision.image_size, cfg.llm.max_seq_len)
+
+
+def test_image_block_layout_and_labels(micro_model, tokenizer, scenes):
+    b = builder_for(micro_model, tokenizer)
+    enc = b.encode(vqa_sample("k", scenes[0].image(), "what shape is the red object?", "circle").segments)
+    n = micro_model.num_queries
+    assert enc.ids[:3 + n] == [tokenizer.bos_id, tokenizer.img_id] + [tokenizer.image_id] * n + [tokenizer.img_end_id]
+    labelled = [label for label in enc.labels if label != IGNORE]
+    # Only the answer and [EOS] are learned: not the question, never an image token.
+    assert labelled == tokenizer.encode("circle") + [tokenizer.eos_id]
+    assert len(enc.images) == 1
+
+
+def test_video_is_one_block_per_frame(micro_model, tokenizer, scenes):
+    b = builder_for(micro_model, tokenizer)
+    frames = [s.image() for s in scenes[:3]]
+    enc = b.encode([Video(frames), Text("moves left")])
+    assert enc.ids.count(tokenizer.img_id) == 3 and enc.ids.count(tokenizer.image_id) == 3 * micro_model.num_queries
+
+
+def test_too_long_sequence_is_refused_clearly(micro_model, tokenizer, scenes):
+    b = builder_for(micro_model, tokenizer)
+    with pytest.raises(SequenceTooLong, match="context is 128"):
+        b.encode([Video([scenes[0].image()] * 40)])
+
+
+def test_loss_has_ce_and_regression_of_every_visual_embedding(micro_model, tokenizer, scenes):
+    b = builder_for(micro_model, tokenizer)
+    batch = b.collate([b.encode(caption_sample("k", s.image(), s.caption()).segments) for s in scenes[:4]])
+    seen = {}
+    handle = micro_model.regression_head.register_forward_hook(lambda m, i, o: seen.update(rows=o.shape[0]))
+    out = micro_model.loss(batch["input_ids"], batch["labels"], batch["pixels"])
+    handle.remove()
+    assert seen["rows"] == 4 * micro_model.num_queries
+    assert out["loss"].item() == pytest.approx(out["ce"].item() + out["l2"].item(), rel=1e-5)
+
+
+def test_training_steps_lower_the_loss(micro_model, tokenizer, scenes):
+    b = builder_for(micro_model, tokenizer)
+    batch = b.collate([b.encode(caption_sample("k", s.image(), s.caption()).segments) for s in scenes])
+    opt = torch.optim.AdamW(micro_model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        out = micro_model.loss(batch["input_ids"], batch["labels"], batch["pixels"])
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def prompts_for(scenes):
+    return [
+        [Image(scenes[0].image())],
+        [Image(scenes[1].image()), Text("question: what color is the circle? answer:", target=False)],
+        [Video([s.image() for s in scenes[2:5]]), Text("a large", target=False)],
+        [Text("this is a", target=False)],
+    ]
+
+
+def test_cached_decoding_gives_the_same_tokens_as_full_recompute(micro_model, tokenizer, scenes):
+    b = builder_for(micro_model, tokenizer)
+    prompts = prompts_for(scenes)
+    cached = generate_ids(micro_model, b, prompts, max_new_tokens=12, use_cache=True)
+    recomputed = generate_ids(micro_model, b, prompts, max_new_tokens=12, use_cache=False)
+    assert cached == recomputed
+    assert all(len(ids) > 0 for ids in cached)
+
+
+def test_a_padded_batch_decodes_like_each_prompt_alone(micro_model, tokenizer, scenes):
+    b = builder_for(micro_model, tokenizer)
+    prompts = prompts_for(scenes)
+    batched = generate_ids(micro_model, b, prompts, max_new_tokens=10)
+    alone = [generate_ids(micro_model, b, [p], max_new_tokens=10)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_kv_cache_matches_full_forward_hidden_states(micro_model):
+    torch.manual_seed(1)
+    llm = micro_model.llm
+    x = torch.randn(2, 9, llm.cfg.width)
+    full = llm(x)
+    cache = KVCache(llm.cfg, 2, 16, torch.float32)
+    first = llm(x[:, :5], cache=cache)
+    rest = [llm(x[:, t : t + 1], positions=torch.full((2, 1), t), mask=torch.ones(2, 1, 1, t + 1, dtype=torch.bool), cache=cache) for t in range(5, 9)]
+    torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_context_overflow_in_llm_is_an_error(micro_model):
+    llm = micro_model.llm
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        llm(torch.randn(1, llm.cfg.max_seq_len + 1, llm.cfg.width))

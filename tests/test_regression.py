@@ -1,0 +1,71 @@
+"""Regression targets must not collapse: embeddings of different images stay apart."""
+
+import copy
+
+import numpy as np
+import torch
+
+from nextmm.data import shapes
+from nextmm.data.sample import caption_sample
+from nextmm.data.sequence import SequenceBuilder
+from nextmm.models.emu import IGNORE
+from nextmm.train import regression
+
+
+def spread(visual: torch.Tensor) -> float:
+    """How far images' embeddings sit from their mean, relative to their size (0 = all alike)."""
+    flat = visual.flatten(1).float()
+    return ((flat - flat.mean(0)).norm(dim=1).mean() / flat.norm(dim=1).mean()).item()
+
+
+def scene_batch(model, tokenizer, n=24):
+    builder = SequenceBuilder(tokenizer, model.num_queries, 64, model.cfg.llm.max_seq_len)
+    scenes = [shapes.sample_scene(np.random.default_rng([11, i])) for i in range(n)]
+    return builder.collate([builder.encode(caption_sample("k", s.image(), s.caption()).segments) for s in scenes])
+
+
+def grads(model):
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def test_l2_trains_the_language_side_and_ce_trains_everything(micro_model, tokenizer):
+    batch = scene_batch(micro_model, tokenizer, 6)
+    loss = lambda: micro_model.loss(batch["input_ids"], batch["labels"], batch["pixels"], 2.0)  # noqa: E731
+    out = loss()
+    (out["ce"] + 2.0 * out["l2"]).backward()
+    both = grads(micro_model)
+    micro_model.zero_grad()
+    loss()["ce"].backward()
+    ce_only = grads(micro_model)
+    micro_model.zero_grad()
+    regression.backward(micro_model, loss(), 2.0)
+    ours = grads(micro_model)
+    for name in both:
+        expected = ce_only[name] if name.startswith(regression.VISUAL_STACK) else both[name]
+        torch.testing.assert_close(ours[name], expected, atol=1e-6, rtol=1e-4, msg=name)
+    assert any(not torch.equal(both[n], ce_only[n]) for n in both if n.startswith(regression.VISUAL_STACK))
+
+
+def train_regression_only(model, tokenizer, guarded: bool, steps=80) -> float:
+    """The worst case for collapse: no text loss at all, only L2 to the next visual embedding."""
+    batch = scene_batch(model, tokenizer)
+    labels = torch.full_like(batch["labels"], IGNORE)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        out = model.loss(batch["input_ids"], labels, batch["pixels"])
+        if guarded:
+            regression.backward(model, out, 1.0)
+        else:
+            out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        return spread(model.encode_images(batch["pixels"]))
+
+
+def test_images_stay_apart_under_pure_regression_where_the_naive_loss_collapses(micro_model, tokenizer):
+    naive = copy.deepcopy(micro_model)
+    with torch.no_grad():
+        start = spread(micro_model.encode_images(scene_batch(micro_model, tokenizer)["pixels"]))
+    assert train_regression_only(naive, tokenizer, guarded=False) < 0.3 * start
+    assert train_regression_only(micro_model, tokenizer, guarded=True) > 0.9 * start

@@ -1,0 +1,27 @@
+from nextmm.tokenizer import NextTokenizer
+
+
+def test_words_round_trip_and_specials_are_single_ids(tokenizer):
+    text = "a large red circle to the left of a small blue square"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    for token in ("[IMG]", "[/IMG]", "<image>", "[USER]", "[ASSISTANT]", "[PAD]", "[BOS]", "[EOS]", "<bin_0>", "<bin_63>"):
+        assert len(tokenizer.tok.encode(token, add_special_tokens=False).ids) == 1
+    assert tokenizer.location_bins == 64
+
+
+def test_a_word_has_the_same_ids_wherever_it_stands(tokenizer):
+    # Sequences are built segment by segment; both spellings must agree.
+    assert tokenizer.encode("red") == tokenizer.encode(" red")
+
+
+def test_location_tokens_follow_ofa(tokenizer):
+    ids = tokenizer.location_ids([0, 16, 32, 64], 64)
+    names = [tokenizer.tok.id_to_token(i) for i in ids]
+    assert names == ["<bin_0>", "<bin_16>", "<bin_32>", "<bin_63>"]
+
+
+def test_save_and_load(tmp_path, tokenizer):
+    tokenizer.save(tmp_path / "tokenizer.json")
+    again = NextTokenizer.load(tmp_path / "tokenizer.json")
+    assert again.encode("what color is the circle?") == tokenizer.encode("what color is the circle?")
+    assert (again.image_id, again.eos_id, again.location_bins) == (tokenizer.image_id, tokenizer.eos_id, 64)

@@ -1,0 +1,95 @@
+import io
+import json
+import shutil
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from nextmm import api
+from nextmm.config import make_config
+from nextmm.data.make import write_shapes
+from nextmm.train import loop
+from nextmm.train.checkpoint import latest_checkpoint
+from nextmm.train.stages import train
+
+SMALL = {"caption": 48, "vqa": 6, "video_qa": 4, "binding": 6}
+
+
+def micro_cfg(**pretrain):
+    cfg = make_config("micro", overrides=["clip.steps=3", "clip.batch_size=16", "pretrain.batch_size=8", "pretrain.ckpt_every=3",
+                                          "clip.time_budget_s=0", "pretrain.time_budget_s=0", "pretrain.log_every=1"])
+    for key, value in pretrain.items():
+        setattr(cfg.pretrain, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes(root, SMALL, seed=0, shard_size=20)
+    return root
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    assert loop.lr_factor(0.0, 0.1, 0.1) < 0.01
+    assert loop.lr_factor(0.1, 0.1, 0.1) == pytest.approx(1.0)
+    assert loop.lr_factor(0.55, 0.1, 0.1) == pytest.approx(0.55, abs=0.01)
+    assert loop.lr_factor(1.0, 0.1, 0.1) == pytest.approx(0.1)
+
+
+def test_train_writes_a_loadable_model_and_metrics(tmp_path, data_dir):
+    result = train(micro_cfg(steps=4), data_dir, tmp_path)
+    m = api.load(result["model"])
+    assert len(m.caption([Image.new("RGB", (64, 64), "white")])) == 1
+    records = [json.loads(line) for line in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["tokens_per_s"] > 0 and "ce" in r and "l2" in r for r in records)
+    ckpt = latest_checkpoint(tmp_path / "pretrain" / "checkpoints")
+    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"}
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
+    straight = train(micro_cfg(steps=6), data_dir, tmp_path / "a")
+
+    real_save = loop.save_checkpoint
+
+    def save_then_die(root, step, *args, **kwargs):
+        path = real_save(root, step, *args, **kwargs)
+        if "pretrain" in str(root) and step == 3:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(micro_cfg(steps=6), data_dir, tmp_path / "b")
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    resumed = train(micro_cfg(steps=6), data_dir, tmp_path / "b", resume=True)
+
+    a = load_file(f"{straight['model']}/model.safetensors")
+    b = load_file(f"{resumed['model']}/model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_corrupt_samples_are_skipped_counted_and_training_goes_on(tmp_path, data_dir):
+    bad = tmp_path / "data"
+    shutil.copytree(data_dir, bad)
+    shard = sorted((bad / "caption").glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for member, payload in members:
+            if member.name.endswith(".png") and "0000001" in member.name:
+                payload = b"not a png at all"
+                member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    train(micro_cfg(steps=5), bad, tmp_path / "run")
+    done = json.loads((tmp_path / "run" / "pretrain" / "done.json").read_text())
+    assert done["step"] == 5
+    assert done["data"]["skipped"] >= 1 and done["data"]["errors"]
