@@ -25,7 +25,7 @@ def measure(preset: str, steps: int, data: str) -> dict:
     from nextmm.data.loader import MixedStream, discover_sources
     from nextmm.data.sequence import SequenceBuilder
     from nextmm.train.stages import train_tokenizer
-    from nextmm.train import regression
+    from nextmm.train.targets import make_target
 
     cfg = make_config(preset)
     sources = discover_sources(data)
@@ -36,13 +36,15 @@ def measure(preset: str, steps: int, data: str) -> dict:
     stream = MixedStream(sources, p.mix, lambda s: builder.encode(s.segments), builder.collate, p.batch_size, 0, shuffle_buffer=0)
     batches = [stream.next_batch() for _ in range(steps + 3)]
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr)
+    target = make_target(model, p.target_ema)
 
     def step(batch):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.precision == "bf16"):
-            out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight)
-        regression.backward(model, out, p.regression_weight)
+            out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target(batch["pixels"]))
+        out["loss"].backward()
         opt.step()
         opt.zero_grad()
+        target.update(model)
 
     for batch in batches[:3]:
         step(batch)

@@ -1,4 +1,5 @@
-"""Regression targets must not collapse: embeddings of different images stay apart."""
+"""`pretrain.regression_reaches_visual=false`: the L2 gradient stops at the visual embeddings, so
+embeddings of different images stay apart even under pure regression."""
 
 import copy
 

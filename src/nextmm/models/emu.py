@@ -67,9 +67,12 @@ class Emu(nn.Module):
         labels: torch.Tensor,
         pixels: torch.Tensor,
         regression_weight: float = 1.0,
+        target_visual: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Text CE on labelled positions + regression_weight x L2 to the next visual embedding, with the
-        targets detached as in Emu (train/regression.py keeps the L2 gradient off the visual stack)."""
+        """Text CE on labelled positions + regression_weight x L2 to the next visual embedding.
+
+        Targets are detached, as in Emu; `target_visual` lets training supply them from a slowly moving
+        copy of the visual stack (train/targets.py)."""
         visual = self.encode_images(pixels) if pixels.numel() else None
         hidden = self(input_ids, visual)
         picked = labels != IGNORE
@@ -80,7 +83,8 @@ class Emu(nn.Module):
         if visual is not None:
             predicts_image = input_ids[:, 1:] == self.image_token_id
             predicted = self.regression_head(hidden[:, :-1][predicts_image])
-            l2 = F.mse_loss(predicted.float(), visual.detach().reshape(predicted.shape).float())
+            target = (visual if target_visual is None else target_visual).detach()
+            l2 = F.mse_loss(predicted.float(), target.reshape(predicted.shape).float())
             out["l2"] = l2
             loss = loss + regression_weight * l2
         out["loss"] = loss

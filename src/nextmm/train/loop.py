@@ -73,6 +73,8 @@ class Trainer:
         cfg: TrainConfig,
         out_dir: Path,
         groups: list[dict] | None = None,
+        extra_modules: dict[str, nn.Module] | None = None,
+        after_step: Callable[[], None] | None = None,
         backward: Callable[[dict[str, torch.Tensor], float], None] | None = None,
     ):
         self.name = name
@@ -80,7 +82,8 @@ class Trainer:
         self.loss_fn = loss_fn
         self.cfg = cfg
         self.out_dir = Path(out_dir)
-        self.modules = {"model": model}
+        self.modules = {"model": model, **(extra_modules or {})}
+        self.after_step = after_step
         self.optimizer = torch.optim.AdamW(
             groups or param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
         )
@@ -147,6 +150,8 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.after_step is not None:
+                self.after_step()
             step += 1
             last = {k: round(v, 5) for k, v in sums.items()}
             bar.update(1)

@@ -35,6 +35,7 @@ from nextmm.tokenizer import NextTokenizer
 from nextmm.train.checkpoint import latest_checkpoint, load_module
 from nextmm.train import regression
 from nextmm.train.loop import StageResult, Trainer, param_groups
+from nextmm.train.targets import make_target
 
 TOKENIZER_SAMPLES_PER_SOURCE = 20000
 
@@ -137,10 +138,18 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
     p = cfg.pretrain
     builder = SequenceBuilder(tok, cfg.resampler.num_queries, cfg.vision.image_size, cfg.llm.max_seq_len)
     stream = MixedStream(sources, p.mix, lambda s: builder.encode(s.segments), builder.collate, p.batch_size, cfg.seed)
+    target = make_target(model, p.target_ema)
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        target_visual = target(batch["pixels"]) if target is not None and batch["pixels"].numel() else None
+        return model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual)
+
     trainer = Trainer(
-        "pretrain", model, lambda b: model.loss(b["input_ids"], b["labels"], b["pixels"], p.regression_weight), p, stage_dir,
+        "pretrain", model, loss_fn, p, stage_dir,
         groups=param_groups(model, p.lr, p.weight_decay, {"vision.": p.vision_lr_scale}),
-        backward=lambda out, scale: regression.backward(model, out, p.regression_weight, scale),
+        extra_modules={"target": target} if target is not None else None,
+        after_step=(lambda: target.update(model)) if target is not None else None,
+        backward=None if p.regression_reaches_visual else lambda out, scale: regression.backward(model, out, p.regression_weight, scale),
     )
     _mark_done(stage_dir, trainer.run(Prefetcher(stream), resume))
     return model

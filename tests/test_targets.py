@@ -1,0 +1,36 @@
+"""EMA regression targets: exact update arithmetic, no gradient into the target, saved in checkpoints."""
+
+import pytest
+import torch
+
+from nextmm.data.sample import caption_sample
+from nextmm.data.sequence import SequenceBuilder
+from nextmm.train.targets import make_target
+
+
+def test_ema_target_moves_by_exactly_one_minus_decay(micro_model):
+    target = make_target(micro_model, 0.9)
+    before = [p.clone() for p in target.parameters()]
+    with torch.no_grad():
+        for p in micro_model.parameters():
+            p.add_(1.0)
+    target.update(micro_model)
+    online = dict(micro_model.vision.named_parameters(prefix="vision")) | dict(micro_model.resampler.named_parameters(prefix="resampler"))
+    for (name, p), old in zip(target.named_parameters(), before):
+        torch.testing.assert_close(p, 0.9 * old + 0.1 * online[name])
+
+
+def test_zero_decay_means_online_targets_and_bad_decay_is_refused(micro_model):
+    assert make_target(micro_model, 0.0) is None
+    with pytest.raises(ValueError, match="target_ema"):
+        make_target(micro_model, 1.0)
+
+
+def test_regression_never_trains_the_target(micro_model, tokenizer, scenes):
+    builder = SequenceBuilder(tokenizer, micro_model.num_queries, 64, 128)
+    batch = builder.collate([builder.encode(caption_sample("k", s.image(), s.caption()).segments) for s in scenes[:4]])
+    target = make_target(micro_model, 0.99)
+    out = micro_model.loss(batch["input_ids"], batch["labels"], batch["pixels"], 1.0, target(batch["pixels"]))
+    out["loss"].backward()
+    assert all(p.grad is None for p in target.parameters())
+    assert micro_model.resampler.queries.grad is not None
