@@ -24,8 +24,7 @@ def measure(preset: str, steps: int, data: str) -> dict:
     from nextmm.config import make_config
     from nextmm.data.loader import MixedStream, discover_sources
     from nextmm.data.sequence import SequenceBuilder
-    from nextmm.train.stages import train_tokenizer
-    from nextmm.train.targets import make_target
+    from nextmm.train.stages import pretrain_objective, train_tokenizer
 
     cfg = make_config(preset)
     sources = discover_sources(data)
@@ -36,15 +35,16 @@ def measure(preset: str, steps: int, data: str) -> dict:
     stream = MixedStream(sources, p.mix, lambda s: builder.encode(s.segments), builder.collate, p.batch_size, 0, shuffle_buffer=0)
     batches = [stream.next_batch() for _ in range(steps + 3)]
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr)
-    target = make_target(model, p.target_ema)
+    target, loss_fn, backward = pretrain_objective(model, p)
 
     def step(batch):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.precision == "bf16"):
-            out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target(batch["pixels"]))
-        out["loss"].backward()
+            out = loss_fn(batch)
+        backward(out, 1.0)
         opt.step()
         opt.zero_grad()
-        target.update(model)
+        if target is not None:
+            target.update(model)
 
     for batch in batches[:3]:
         step(batch)

@@ -48,7 +48,7 @@ def test_train_writes_a_loadable_model_and_metrics(tmp_path, data_dir):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["tokens_per_s"] > 0 and "ce" in r and "l2" in r for r in records)
     ckpt = latest_checkpoint(tmp_path / "pretrain" / "checkpoints")
-    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "target.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"}
+    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"}
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):

@@ -108,8 +108,8 @@ class ClipTrainConfig(TrainConfig):
 @dataclass
 class PretrainConfig(TrainConfig):
     regression_weight: float = 1.0  # lambda in loss = CE + lambda * L2; Emu never published its value
-    target_ema: float = 0.995  # targets from an EMA of the visual stack; 0 = its own embeddings (Emu's)
-    regression_reaches_visual: bool = True  # false: L2 never trains vision/resampler (no collapse possible)
+    regression_reaches_visual: bool = False  # true lets L2 train vision/resampler, which can collapse them
+    target_ema: float = 0.0  # with the above true: targets from an EMA of the visual stack (e.g. 0.995)
     vision_lr_scale: float = 0.1  # the stage-0 encoder is fine-tuned gently so its features stay put
     mix: dict[str, float] = field(
         default_factory=lambda: {

@@ -17,13 +17,13 @@ import random
 import zlib
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
 from nextmm.api import NextMM, build_model
-from nextmm.config import Config
+from nextmm.config import Config, PretrainConfig
 from nextmm.data.loader import MixedStream, Prefetcher, discover_sources
 from nextmm.data.sample import Image, Sample, Text
 from nextmm.data.sequence import SequenceBuilder
@@ -35,7 +35,7 @@ from nextmm.tokenizer import NextTokenizer
 from nextmm.train.checkpoint import latest_checkpoint, load_module
 from nextmm.train import regression
 from nextmm.train.loop import StageResult, Trainer, param_groups
-from nextmm.train.targets import make_target
+from nextmm.train.targets import VisualTarget, make_target
 
 TOKENIZER_SAMPLES_PER_SOURCE = 20000
 
@@ -126,6 +126,23 @@ def clip_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokeni
     return clip
 
 
+def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | None, Callable, Callable]:
+    """Stage 1's (EMA target or None, loss over a batch, backward of that loss) for these settings."""
+    target = make_target(model, p.target_ema)
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        target_visual = target(batch["pixels"]) if target is not None and batch["pixels"].numel() else None
+        return model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual)
+
+    def backward(out: dict[str, torch.Tensor], scale: float) -> None:
+        if p.regression_reaches_visual:
+            (out["loss"] * scale).backward()
+        else:
+            regression.backward(model, out, p.regression_weight, scale)
+
+    return target, loss_fn, backward
+
+
 def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, clip: CLIP, resume: bool) -> Emu:
     torch.manual_seed(cfg.seed + 1)
     model = build_model(cfg, tok)
@@ -138,18 +155,13 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
     p = cfg.pretrain
     builder = SequenceBuilder(tok, cfg.resampler.num_queries, cfg.vision.image_size, cfg.llm.max_seq_len)
     stream = MixedStream(sources, p.mix, lambda s: builder.encode(s.segments), builder.collate, p.batch_size, cfg.seed)
-    target = make_target(model, p.target_ema)
-
-    def loss_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        target_visual = target(batch["pixels"]) if target is not None and batch["pixels"].numel() else None
-        return model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual)
-
+    target, loss_fn, backward = pretrain_objective(model, p)
     trainer = Trainer(
         "pretrain", model, loss_fn, p, stage_dir,
         groups=param_groups(model, p.lr, p.weight_decay, {"vision.": p.vision_lr_scale}),
         extra_modules={"target": target} if target is not None else None,
         after_step=(lambda: target.update(model)) if target is not None else None,
-        backward=None if p.regression_reaches_visual else lambda out, scale: regression.backward(model, out, p.regression_weight, scale),
+        backward=backward,
     )
     _mark_done(stage_dir, trainer.run(Prefetcher(stream), resume))
     return model
