@@ -1,7 +1,7 @@
 """Scaled dot-product attention, one function for every module.
 
 On accelerators this is PyTorch's SDPA (flash / memory-efficient kernels). On CPU the plain
-matmul-softmax path is used instead: for nextmm's short sequences and small heads it is 3-6x faster
+matmul-softmax path is used instead: for nextmm's short sequences and small heads it is 3-5x faster
 than SDPA's CPU flash kernel for forward + backward in bf16 (benchmarks/attention.py).
 """
 

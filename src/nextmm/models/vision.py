@@ -41,8 +41,8 @@ class Block(nn.Module):
 def patch_embedding(cfg: VisionConfig) -> nn.Module:
     """Image -> one vector per patch. `patch` is the plain linear patch projection that pretrained ViTs
     (EVA-CLIP) use. `conv` is the hybrid ViT's convolutional stem: stride-2 3x3 convolutions with
-    GroupNorm, one per halving, which learns shapes several times faster from scratch (on Shapes World
-    a from-scratch ViT reached 30% single-object shape accuracy in 40 s of training, the hybrid 76%)."""
+    GroupNorm, one per halving, meant for towers trained from scratch, where it learned shape a little
+    faster than the patch projection (benchmarks/vision_stem.py, BENCHMARKS.md)."""
     if cfg.stem == "patch":
         return nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size)
     halvings = cfg.patch_size.bit_length() - 1

@@ -1,11 +1,10 @@
-"""`pretrain.regression_reaches_visual=false`: the visual regression never trains the visual stack.
+"""The default rule of stage 1: the visual regression never trains the visual stack.
 
 Emu regresses visual embeddings made by the encoder it trains. If the L2 gradient reaches that encoder
 (through the LLM's visual inputs), the cheapest way to lower the loss is to make every image's
-embeddings alike. Stopping the L2 gradient at the visual embeddings rules collapse out entirely: the
-regression trains the LLM, the projection and the regression head; the vision tower and the causal
-resampler learn from text cross-entropy (and stage 0) alone. The default instead lets L2 reach them
-with EMA targets (train/targets.py), which scored higher in the demo.
+embeddings alike. Stopping the L2 gradient at the visual embeddings rules that out: the regression
+trains the LLM, the projection and the regression head; the vision tower and the causal resampler learn
+from text cross-entropy (and stage 0) alone. `pretrain.regression_reaches_visual=true` lifts the rule.
 """
 
 from __future__ import annotations
