@@ -12,6 +12,7 @@ from typing import Sequence, Union
 from PIL import Image as PILImage
 
 from nextmm.config import Config, config_from_dict
+from nextmm.data.formats import load_image
 from nextmm.data.sample import Image, Segment, Text, Video, vqa_prompt
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.errors import UserError
@@ -32,8 +33,6 @@ class ModelDirError(UserError):
 def _picture(item: Picture) -> PILImage.Image:
     if isinstance(item, PILImage.Image):
         return item.convert("RGB")
-    from nextmm.data.formats import load_image
-
     return load_image(item)
 
 
