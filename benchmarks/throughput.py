@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 COUNTS = {"caption": 400, "vqa": 40, "video_qa": 40, "story": 40, "binding": 40, "edit": 40, "video_caption": 40}
 

@@ -21,6 +21,10 @@ def location_token(k: int) -> str:
     return f"<bin_{k}>"
 
 
+def special_tokens(location_bins: int) -> list[str]:
+    return SPECIAL_TOKENS + [location_token(k) for k in range(location_bins)]
+
+
 class NextTokenizer:
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
@@ -34,17 +38,13 @@ class NextTokenizer:
         self.location_bins = 0
         while tokenizer.token_to_id(location_token(self.location_bins)) is not None:
             self.location_bins += 1
-        self.special_ids = {tokenizer.token_to_id(t) for t in self.special_tokens()}
-
-    def special_tokens(self) -> list[str]:
-        return SPECIAL_TOKENS + [location_token(k) for k in range(self.location_bins)]
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 512, location_bins: int = 64) -> "NextTokenizer":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         tok.decoder = decoders.ByteLevel()
-        specials = SPECIAL_TOKENS + [location_token(k) for k in range(location_bins)]
+        specials = special_tokens(location_bins)
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size + len(specials),
             special_tokens=specials,

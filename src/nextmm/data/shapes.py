@@ -118,10 +118,6 @@ def _apart(a: Box, b: Box, gap: int = GAP) -> bool:
     return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
 
 
-def _on_canvas(box: Box, canvas: int = CANVAS) -> bool:
-    return box[0] >= 0 and box[1] >= 0 and box[2] <= canvas and box[3] <= canvas
-
-
 _SIZE_NAMES = tuple(SIZES)
 _DIRECTION_NAMES = tuple(DIRECTIONS)
 _PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)  # fixed order keeps draws reproducible
