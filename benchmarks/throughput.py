@@ -23,6 +23,7 @@ def measure(preset: str, steps: int, data: str) -> dict:
     from nextmm.config import make_config
     from nextmm.data.loader import MixedStream, discover_sources
     from nextmm.data.sequence import SequenceBuilder
+    from nextmm.precision import autocast, resolve
     from nextmm.train.stages import pretrain_objective, train_tokenizer
 
     cfg = make_config(preset)
@@ -37,7 +38,7 @@ def measure(preset: str, steps: int, data: str) -> dict:
     target, loss_fn, backward = pretrain_objective(model, p)
 
     def step(batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.precision == "bf16"):
+        with autocast(p.precision):
             out = loss_fn(batch)
         backward(out, 1.0)
         opt.step()
@@ -56,6 +57,7 @@ def measure(preset: str, steps: int, data: str) -> dict:
         "preset": preset,
         "parameters_m": round(sum(x.numel() for x in model.parameters()) / 1e6, 2),
         "batch_size": p.batch_size,
+        "precision": resolve(p.precision),
         "steps": steps,
         "step_s": round(span / steps, 3),
         "tokens_per_s": round(sum(int(b["valid"].sum()) for b in measured) / span, 1),

@@ -8,14 +8,13 @@ embeddings into the token stream, which generic `generate()` helpers don't suppo
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from nextmm.data.sample import Segment
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.models.emu import Emu
 from nextmm.models.llm import KVCache
+from nextmm.precision import autocast, resolve
 
 
 def _attention_mask(keys_valid: torch.Tensor, queries: int) -> torch.Tensor:
@@ -46,11 +45,10 @@ def generate_ids(
     b, prompt_len = ids.shape
     longest = int(valid.sum(1).max())
     max_new_tokens = min(max_new_tokens, builder.max_len - longest)
-    bf16 = precision == "bf16"
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    bf16 = resolve(precision) == "bf16"
     eos = builder.tok.eos_id
 
-    with autocast:
+    with autocast(precision):
         visual = model.encode_images(batch["pixels"]) if batch["pixels"].numel() else None
         embeds = model.embed(ids, visual)
     keys_valid = torch.cat([valid, torch.zeros(b, max_new_tokens, dtype=torch.bool)], dim=1)
@@ -62,7 +60,7 @@ def generate_ids(
     step_embeds, step_positions = embeds, positions
     for i in range(max_new_tokens):
         total = prompt_len + i
-        with autocast:
+        with autocast(precision):
             if use_cache:
                 mask = _attention_mask(keys_valid[:, :total], step_embeds.shape[1])
                 hidden = model.llm(step_embeds, step_positions, mask, cache)
@@ -78,7 +76,7 @@ def generate_ids(
             break
         keys_valid[:, total] = True
         next_pos = positions[:, -1:] + 1
-        with autocast:
+        with autocast(precision):
             next_embed = model.llm.embed_tokens(token.unsqueeze(1))
         embeds = torch.cat([embeds, next_embed.to(embeds.dtype)], dim=1)
         positions = torch.cat([positions, next_pos], dim=1)

@@ -1,4 +1,4 @@
-"""One training loop for every stage: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast,
+"""One training loop for every stage: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast where faster,
 JSON-lines metrics, a progress bar, atomic checkpoints and `--resume`.
 
 A stage supplies its modules, a loss function over a batch, and a batch stream that can report and
@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nextmm.config import TrainConfig
+from nextmm.precision import autocast, resolve
 from nextmm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -120,7 +121,8 @@ class Trainer:
             step, samples, elapsed_before = state["step"], state["samples"], state["elapsed_s"]
             stream.load_state_dict(state["data"])
             tqdm.write(f"[{self.name}] resumed from {path} at step {step}")
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        precision = resolve(self.cfg.precision)
+        tqdm.write(f"[{self.name}] computing in {precision} (precision={self.cfg.precision})")
         start = time.perf_counter()
         window = {"t": start, "tokens": 0, "images": 0, "samples": 0}
         last: dict[str, float] = {}
@@ -136,7 +138,7 @@ class Trainer:
             sums: dict[str, float] = {}
             for _ in range(self.cfg.grad_accum):
                 batch = stream.next_batch()
-                with autocast:
+                with autocast(precision):
                     out = self.loss_fn(batch)
                 self.backward(out, 1.0 / self.cfg.grad_accum)
                 for k, v in out.items():
