@@ -26,7 +26,7 @@ class VisionConfig:
     image_size: int = 64
     patch_size: int = 8
     width: int = 128
-    layers: int = 4
+    layers: int = 2  # on top of the conv stem; 2 blocks learned shape as well as 4 at a third of the cost
     heads: int = 4
     mlp_ratio: float = 4.0
     stem: str = "conv"  # conv: hybrid-ViT convolutional stem (learns fast from scratch); patch: linear, as EVA-CLIP
@@ -43,7 +43,10 @@ class ResamplerConfig:
 
     num_queries: int = 8
     width: int = 128
-    layers: int = 2
+    layers: int = 1  # a second block slowed shape learning a lot, even identity-initialised (BENCHMARKS.md)
+    # Start each query from the channel-wise max over the patches (see models/resampler.py); false gives
+    # Emu's plain learned queries, as its released weights expect.
+    seed_with_max: bool = True
     heads: int = 4
     mlp_ratio: float = 4.0
 
@@ -92,7 +95,7 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    precision: str = "bf16"  # bf16 autocast is ~4x faster than fp32 on this class of CPU
+    precision: str = "auto"  # auto | bf16 | fp32; auto times both (bf16 is slower on CPUs without native bf16)
     time_budget_s: float = 0.0  # 0 = no budget; otherwise stop (and save) when it runs out
     log_every: int = 10
     ckpt_every: int = 200
@@ -107,16 +110,28 @@ class ClipTrainConfig(TrainConfig):
 
 @dataclass
 class PretrainConfig(TrainConfig):
-    regression_weight: float = 1.0  # lambda in loss = CE + lambda * L2; Emu never published its value
+    # lambda in loss = CE + lambda * L2; Emu never published its value. At 1.0 the L2 term kept the tiny
+    # LLM from learning to read its images (colour from captions 0.31 vs 1.0 at 0.0, 200 steps).
+    regression_weight: float = 0.1
     regression_reaches_visual: bool = False  # true lets L2 train vision/resampler, which can collapse them
     target_ema: float = 0.0  # with the above true: targets from an EMA of the visual stack (e.g. 0.995)
-    vision_lr_scale: float = 0.1  # the stage-0 encoder is fine-tuned gently so its features stay put
+    # The stage-0 tower is fine-tuned gently: at the full rate the first steps' gradients, sent back
+    # through an LLM that cannot read yet, wiped out shape it had learned (shape from captions 0.40 vs
+    # 0.61 at x0.1 and 0.62 frozen, 240 steps, BENCHMARKS.md).
+    vision_lr_scale: float = 0.1
     mix: dict[str, float] = field(
         default_factory=lambda: {
             "caption": 2.0, "vqa": 3.0, "video_caption": 0.5, "video_qa": 1.0,
             "story": 0.3, "edit": 0.2, "binding": 0.3,
         }
     )
+    # Sources held back until this many batches have been drawn: captions first, videos last. With VQA
+    # from the first step the LLM never learned to read colour from its images (0.17 after 240 steps of
+    # captions + VQA); with VQA joining at batch 100 it had (1.0). An 8-frame batch costs about 8 image
+    # batches, and motion cannot be learned before the images are read.
+    join_at: dict[str, int] = field(default_factory=lambda: {
+        "vqa": 100, "story": 100, "edit": 100, "binding": 100, "video_caption": 150, "video_qa": 150,
+    })
 
 
 @dataclass
@@ -142,8 +157,8 @@ class Config:
     clip_text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    clip: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(steps=600, batch_size=128, lr=2e-3, time_budget_s=100))
-    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=3000, batch_size=32, lr=1.5e-3, time_budget_s=330))
+    clip: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(steps=1500, batch_size=64, lr=2e-3, time_budget_s=200))
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=3000, batch_size=32, lr=1.5e-3, time_budget_s=270))
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,7 +179,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"counts": {"caption": 300, "vqa": 150, "video_caption": 40, "video_qa": 40,
                             "story": 30, "edit": 30, "binding": 40}, "shard_size": 200},
         "clip": {"steps": 30, "batch_size": 32, "time_budget_s": 10, "warmup_steps": 5},
-        "pretrain": {"steps": 60, "batch_size": 16, "time_budget_s": 20, "warmup_steps": 5},
+        "pretrain": {"steps": 60, "batch_size": 16, "time_budget_s": 20, "warmup_steps": 5,
+                     "join_at": {"vqa": 10, "story": 10, "edit": 10, "binding": 10, "video_caption": 20, "video_qa": 20}},
     },
     # The demo: learns Shapes World on 2 CPU cores within the demo's ten minutes.
     "tiny": {},

@@ -4,7 +4,8 @@ A data directory is either one source (it holds `*.tar` shards) or several (each
 shards is a source named after it: `nextmm data shapes` writes one per sample kind). Each batch comes
 from one source picked by weight with a seeded RNG, so the mix is a setting rather than an accident of
 file sizes; one source per batch because sources differ a lot in length (a caption is ~25 tokens, an
-8-frame video ~95) and a mixed batch would be mostly padding.
+8-frame video ~95) and a mixed batch would be mostly padding. `join_at` holds a source back for its
+first batches (a curriculum: see PretrainConfig.join_at).
 Bad samples never stop a run: unreadable ones are skipped by the shard reader, ones too long for the
 context (or otherwise unusable for the stage) are skipped here, and both are counted in `report()`.
 """
@@ -48,12 +49,15 @@ class MixedStream:
         seed: int = 0,
         shuffle_buffer: int = 512,
         unusable: tuple[type[Exception], ...] = (SequenceTooLong,),
+        join_at: dict[str, int] | None = None,
     ):
         self.sources = sources
         self.names = [n for n in sources if weights.get(n, 1.0) > 0]
         if not self.names:
             raise DataError(f"every data source ({', '.join(sources)}) has mix weight 0; give at least one a positive weight")
         self.weights = [weights.get(n, 1.0) for n in self.names]
+        self.join_at = {n: (join_at or {}).get(n, 0) for n in self.names}
+        self.batches = 0
         self.make_item, self.collate = make_item, collate
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.rng = random.Random(seed)
@@ -86,7 +90,9 @@ class MixedStream:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         items = []
-        name = self.rng.choices(self.names, self.weights)[0]
+        joined = [i for i, n in enumerate(self.names) if self.join_at[n] <= self.batches] or range(len(self.names))
+        name = self.names[self.rng.choices(joined, [self.weights[i] for i in joined])[0]]
+        self.batches += 1
         while len(items) < self.batch_size:
             try:
                 items.append(self.make_item(self._next_sample(name)))
@@ -98,13 +104,14 @@ class MixedStream:
 
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self.rng.getstate()
-        return {"rng": [version, list(internal), gauss], "consumed": dict(self.consumed), "epoch": dict(self.epoch)}
+        return {"rng": [version, list(internal), gauss], "consumed": dict(self.consumed), "epoch": dict(self.epoch), "batches": self.batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.consumed.update(state["consumed"])
         self.epoch.update(state["epoch"])
+        self.batches = state["batches"]
         self._iters.clear()
 
     def report(self) -> dict[str, Any]:

@@ -1,7 +1,14 @@
 """Emu's causal transformer: N learned queries turn the encoder's patch grid into a causal sequence of N
 visual embeddings. Causal self-attention (query i sees queries <= i) makes the embeddings an ordered
 sequence the LLM can regress one at a time; cross-attention reads the patches. Blocks are T5-style:
-pre-norm RMSNorm, no biases."""
+pre-norm RMSNorm, no biases.
+
+By default every query starts as its learned vector plus the channel-wise max of the projected patches
+(`resampler.seed_with_max`; Emu's own causal transformer starts from the learned vectors alone). Cross-
+attention begins as a uniform average, and on a mostly blank canvas an average drowns the few patches
+that hold objects: in 20 s of supervised shape classification from scratch, the tower max-pooled
+reached 0.99, through the plain resampler 0.28 (chance), through the max-seeded one 0.64, and 0.90 with
+its blocks initialised as the identity (benchmarks/shape_learning.py, BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -66,11 +73,19 @@ class CausalResampler(nn.Module):
         self.patch_proj = nn.Linear(vision_width, cfg.width, bias=False)
         self.blocks = nn.ModuleList(ResamplerBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.width)
+        # Each block starts as the identity (zero output projections, as in ReZero/Fixup), so the seeded
+        # queries reach the LLM intact from the first step: 0.90 vs 0.64 shape accuracy with PyTorch's
+        # default init (benchmarks/shape_learning.py).
+        for block in self.blocks:
+            for out in (block.self_attn.out, block.cross_attn.out, block.mlp[2]):
+                nn.init.zeros_(out.weight)
 
     def forward(self, patch_features: torch.Tensor) -> torch.Tensor:
         """(B, tokens, vision_width) -> (B, N, width): the visual embeddings."""
         patches = self.patch_proj(patch_features)
         x = self.queries.expand(patches.shape[0], -1, -1)
+        if self.cfg.seed_with_max:
+            x = x + patches.amax(1, keepdim=True)
         for block in self.blocks:
             x = block(x, patches)
         return self.norm(x)

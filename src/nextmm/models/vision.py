@@ -41,8 +41,8 @@ class Block(nn.Module):
 def patch_embedding(cfg: VisionConfig) -> nn.Module:
     """Image -> one vector per patch. `patch` is the plain linear patch projection that pretrained ViTs
     (EVA-CLIP) use. `conv` is the hybrid ViT's convolutional stem: stride-2 3x3 convolutions with
-    GroupNorm, one per halving, meant for towers trained from scratch, where it learned shape a little
-    faster than the patch projection (benchmarks/vision_stem.py, BENCHMARKS.md)."""
+    GroupNorm, one per halving, meant for towers trained from scratch: with two blocks on top, max-pooled, it
+    learns single-object shape within seconds (benchmarks/shape_learning.py, BENCHMARKS.md)."""
     if cfg.stem == "patch":
         return nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size)
     halvings = cfg.patch_size.bit_length() - 1

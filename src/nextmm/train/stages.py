@@ -154,7 +154,7 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
         return model
     p = cfg.pretrain
     builder = SequenceBuilder(tok, cfg.resampler.num_queries, cfg.vision.image_size, cfg.llm.max_seq_len)
-    stream = MixedStream(sources, p.mix, lambda s: builder.encode(s.segments), builder.collate, p.batch_size, cfg.seed)
+    stream = MixedStream(sources, p.mix, lambda s: builder.encode(s.segments), builder.collate, p.batch_size, cfg.seed, join_at=p.join_at)
     target, loss_fn, backward = pretrain_objective(model, p)
     trainer = Trainer(
         "pretrain", model, loss_fn, p, stage_dir,

@@ -1,0 +1,28 @@
+from nextmm.data.loader import MixedStream
+from nextmm.data.make import write_shapes
+
+
+def keys_stream(root, **kwargs):
+    sources = {kind: root / kind for kind in ("caption", "video_qa")}
+    return MixedStream(sources, {"caption": 1.0, "video_qa": 3.0}, lambda s: s.key, lambda keys: keys, 4, seed=3, **kwargs)
+
+
+def test_a_held_back_source_joins_the_mix_after_its_batch_count_and_resumes_in_place(tmp_path):
+    write_shapes(tmp_path, {"caption": 40, "video_qa": 40}, seed=0, shard_size=20)
+    stream = keys_stream(tmp_path, join_at={"video_qa": 6})
+    kinds = [stream.next_batch()[0].split("-")[0] for _ in range(20)]
+    assert kinds[:6] == ["caption"] * 6
+    assert kinds[6:].count("video_qa") >= 8  # weight 3 of 4 once it has joined
+
+    state = stream.state_dict()
+    expected = [stream.next_batch() for _ in range(5)]
+    resumed = keys_stream(tmp_path, join_at={"video_qa": 6})
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch() for _ in range(5)] == expected
+
+
+def test_without_join_at_every_source_is_drawn_from_the_start(tmp_path):
+    write_shapes(tmp_path, {"caption": 40, "video_qa": 40}, seed=0, shard_size=20)
+    stream = keys_stream(tmp_path)
+    kinds = [stream.next_batch()[0].split("-")[0] for _ in range(6)]
+    assert "video_qa" in kinds
