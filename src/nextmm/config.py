@@ -17,6 +17,9 @@ import yaml
 from nextmm.errors import UserError
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 class ConfigError(UserError):
     """A user-facing configuration mistake: unknown preset, unknown key, value of the wrong type."""
 
@@ -95,7 +98,7 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    precision: str = "auto"  # auto | bf16 | fp32; auto times both (bf16 is slower on CPUs without native bf16)
+    precision: str = "auto"  # one of PRECISIONS; auto times both (bf16 is slower on CPUs without native bf16)
     time_budget_s: float = 0.0  # 0 = no budget; otherwise stop (and save) when it runs out
     log_every: int = 10
     ckpt_every: int = 200
@@ -281,7 +284,16 @@ def make_config(preset: str = "tiny", yaml_path: str | Path | None = None, overr
     _merge(config, file_values)
     for text in overrides:
         _merge(config, parse_override(text))
+    _check(config)
     return config
+
+
+def _check(config: Config) -> None:
+    """Value checks that types alone cannot make, done before any long work starts."""
+    for stage in ("clip", "pretrain"):
+        precision = getattr(config, stage).precision
+        if precision not in PRECISIONS:
+            raise ConfigError(f"config key '{stage}.precision' is '{precision}'; set it to one of {', '.join(PRECISIONS)}")
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

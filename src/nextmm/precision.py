@@ -14,9 +14,8 @@ import time
 
 import torch
 
+from nextmm.config import PRECISIONS
 from nextmm.errors import UserError
-
-CHOICES = ("auto", "bf16", "fp32")
 
 
 @functools.cache
@@ -39,8 +38,8 @@ def bf16_is_faster(device_type: str = "cpu") -> bool:
 
 def resolve(precision: str, device_type: str = "cpu") -> str:
     """'auto' -> 'bf16' or 'fp32' for this machine; the other two pass through."""
-    if precision not in CHOICES:
-        raise UserError(f"precision '{precision}' is not one of {', '.join(CHOICES)}; set it to auto, bf16 or fp32")
+    if precision not in PRECISIONS:
+        raise UserError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}; set it to auto, bf16 or fp32")
     if precision == "auto":
         return "bf16" if bf16_is_faster(device_type) else "fp32"
     return precision
