@@ -29,7 +29,7 @@ class VisionConfig:
     image_size: int = 64
     patch_size: int = 8
     width: int = 128
-    layers: int = 2  # on top of the conv stem; 2 blocks learned shape as well as 4 at a third of the cost
+    layers: int = 2  # on the conv stem; 4 cost ~6x the stem per step and learned shape slower (BENCHMARKS.md)
     heads: int = 4
     mlp_ratio: float = 4.0
     stem: str = "conv"  # conv: hybrid-ViT convolutional stem (learns fast from scratch); patch: linear, as EVA-CLIP

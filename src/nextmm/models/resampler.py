@@ -7,7 +7,7 @@ By default every query starts as its learned vector plus the channel-wise max of
 (`resampler.seed_with_max`; Emu's own causal transformer starts from the learned vectors alone). Cross-
 attention begins as a uniform average, and on a mostly blank canvas an average drowns the few patches
 that hold objects: in 20 s of supervised shape classification from scratch, the tower max-pooled
-reached 0.99, through the plain resampler 0.28 (chance), through the max-seeded one 0.64, and 0.90 with
+reached 0.99, through the plain resampler 0.28 (chance), through the max-seeded one 0.64, and 0.87 with
 its blocks initialised as the identity (benchmarks/shape_learning.py, BENCHMARKS.md)."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class CausalResampler(nn.Module):
         self.blocks = nn.ModuleList(ResamplerBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.width)
         # Each block starts as the identity (zero output projections, as in ReZero/Fixup), so the seeded
-        # queries reach the LLM intact from the first step: 0.90 vs 0.64 shape accuracy with PyTorch's
+        # queries reach the LLM intact from the first step: 0.87 vs 0.64 shape accuracy with PyTorch's
         # default init (benchmarks/shape_learning.py).
         for block in self.blocks:
             for out in (block.self_attn.out, block.cross_attn.out, block.mlp[2]):
