@@ -45,7 +45,8 @@ def generate_ids(
     b, prompt_len = ids.shape
     longest = int(valid.sum(1).max())
     max_new_tokens = min(max_new_tokens, builder.max_len - longest)
-    bf16 = resolve(precision) == "bf16"
+    precision = resolve(precision)
+    bf16 = precision == "bf16"
     eos = builder.tok.eos_id
 
     with autocast(precision):
