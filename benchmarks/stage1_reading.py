@@ -19,7 +19,7 @@ from nextmm.data import shapes
 from nextmm.data.loader import MixedStream, discover_sources
 from nextmm.data.make import write_shapes
 from nextmm.data.sequence import SequenceBuilder
-from nextmm.train.loop import lr_factor, param_groups
+from nextmm.train.loop import Trainer, param_groups
 from nextmm.train.stages import clip_stage, pretrain_objective, train_tokenizer
 
 
@@ -52,30 +52,30 @@ def main():
         model = build_model(cfg, tok)
         model.vision.load_state_dict(clip.visual.state_dict())
         p = cfg.pretrain
+        p.steps, p.time_budget_s, p.ckpt_every = args.steps, 0, 0
         builder = SequenceBuilder(tok, cfg.resampler.num_queries, cfg.vision.image_size, cfg.llm.max_seq_len)
         stream = MixedStream(sources, {}, lambda s: builder.encode(s.segments), builder.collate, p.batch_size, 0)
         _, loss_fn, backward = pretrain_objective(model, p)
-        groups = param_groups(model, p.lr, p.weight_decay, {"vision.": p.vision_lr_scale})
-        opt = torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.95))
-        trained_s = 0.0
-        for step in range(1, args.steps + 1):
+        progress = {"step": 0, "eval_s": 0.0, "start": time.perf_counter()}
+
+        def score() -> None:
+            progress["step"] += 1
+            if progress["step"] % max(args.steps // 4, 1):
+                return
             start = time.perf_counter()
-            model.train()
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor((step - 1) / args.steps, min(0.5, p.warmup_steps / args.steps), p.min_lr_ratio)
-            out = loss_fn(stream.next_batch())
-            backward(out, 1.0)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            trained_s += time.perf_counter() - start
-            if step % max(args.steps // 4, 1) == 0:
-                m = NextMM(model, tok, cfg)
-                exact = np.mean([c == s.caption() for c, s in zip(m.caption([s.image() for s in scenes]), scenes)])
-                print(json.dumps({
-                    "benchmark": "stage1_reading", "overrides": args.set, "step": step, "train_s": round(trained_s, 1),
-                    "ce": round(float(out["ce"]), 3), **word_accuracy(m, ones), "caption_exact_match": round(float(exact), 3),
-                }), flush=True)
+            m = NextMM(model, tok, cfg)
+            exact = np.mean([c == s.caption() for c, s in zip(m.caption([s.image() for s in scenes]), scenes)])
+            record = {**word_accuracy(m, ones), "caption_exact_match": round(float(exact), 3)}
+            model.train()  # NextMM puts the model in eval mode
+            progress["eval_s"] += time.perf_counter() - start
+            train_s = time.perf_counter() - progress["start"] - progress["eval_s"]
+            print(json.dumps({"benchmark": "stage1_reading", "overrides": args.set, "step": progress["step"],
+                              "train_s": round(train_s, 1), **record}), flush=True)
+
+        # The stage-1 trainer itself (schedule, precision, clipping), with scoring after every quarter.
+        Trainer("pretrain", model, loss_fn, p, Path(tmp) / "pretrain",
+                groups=param_groups(model, p.lr, p.weight_decay, {"vision.": p.vision_lr_scale}),
+                backward=backward, after_step=score).run(stream)
 
 
 if __name__ == "__main__":
