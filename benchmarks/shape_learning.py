@@ -1,7 +1,7 @@
 """How fast the visual stack learns shape: supervised single-object shape classification on Shapes World
 for a fixed wall-clock budget, from scratch, read out (a) from the image tower max-pooled, and (b) through
 the causal resampler (all N embeddings into a linear head) with Emu's plain queries or with queries
-seeded by the max over patches, at 1 and 2 blocks. Held-out accuracy, chance 0.25.
+seeded by the max over their region of the patch grid, at 1 and 2 blocks. Held-out accuracy, chance 0.25.
 Usage: python benchmarks/shape_learning.py [--seconds 20]. Prints JSON."""
 
 import argparse
@@ -21,10 +21,10 @@ from nextmm.precision import autocast
 
 VARIANTS = {
     "tower, max-pooled": None,
-    "resampler, plain queries, 1 block": (False, 1),
-    "resampler, plain queries, 2 blocks": (False, 2),
-    "resampler, max-seeded queries, 1 block (default)": (True, 1),
-    "resampler, max-seeded queries, 2 blocks": (True, 2),
+    "resampler, plain queries, 1 block": ("none", 1),
+    "resampler, plain queries, 2 blocks": ("none", 2),
+    "resampler, region-seeded queries, 1 block (default)": ("regions", 1),
+    "resampler, region-seeded queries, 2 blocks": ("regions", 2),
 }
 
 
@@ -37,7 +37,7 @@ def run(name: str, seconds: float, pixels: torch.Tensor, labels: torch.Tensor, t
         head = torch.nn.Linear(cfg.vision.width, len(shapes.SHAPES))
         readout = lambda x: head(tower(x).amax(1))  # noqa: E731
     else:
-        cfg.resampler.seed_with_max, cfg.resampler.layers = VARIANTS[name]
+        cfg.resampler.seed, cfg.resampler.layers = VARIANTS[name]
         resampler = CausalResampler(cfg.resampler, cfg.vision.width)
         head = torch.nn.Linear(cfg.resampler.width * cfg.resampler.num_queries, len(shapes.SHAPES))
         readout = lambda x: head(resampler(tower(x)).flatten(1))  # noqa: E731

@@ -49,6 +49,7 @@ def test_yaml_then_overrides_apply_in_order(tmp_path):
         (lambda: make_config("tiny", overrides=["pretrain"]), "section.key=value"),
         (lambda: make_config("tiny", "/nonexistent.yaml"), "does not exist"),
         (lambda: make_config("tiny", overrides=["clip.precision=fp16"]), "'clip.precision' is 'fp16'; set it to one of auto, bf16, fp32"),
+        (lambda: make_config("tiny", overrides=["resampler.seed=max"]), "'resampler.seed' is 'max'; set it to one of regions, none"),
     ],
 )
 def test_config_mistakes_are_explained(call, words):

@@ -1,5 +1,8 @@
-from nextmm.data.loader import MixedStream
+import pytest
+
+from nextmm.data.loader import LeftOut, MixedStream
 from nextmm.data.make import write_shapes
+from nextmm.data.shards import DataError
 
 
 def keys_stream(root, **kwargs):
@@ -26,3 +29,29 @@ def test_without_join_at_every_source_is_drawn_from_the_start(tmp_path):
     stream = keys_stream(tmp_path)
     kinds = [stream.next_batch()[0].split("-")[0] for _ in range(6)]
     assert "video_qa" in kinds
+
+
+def test_left_out_samples_are_counted_apart_from_bad_ones(tmp_path):
+    write_shapes(tmp_path, {"caption": 40}, seed=0, shard_size=20)
+
+    def odd_keys_only(sample):
+        if int(sample.key.split("-")[-1]) % 2 == 0:
+            raise LeftOut("even key")
+        return sample.key
+
+    stream = MixedStream({"caption": tmp_path / "caption"}, {}, odd_keys_only, lambda keys: keys, 4)
+    keys = [key for _ in range(8) for key in stream.next_batch()]
+    assert all(int(key.split("-")[-1]) % 2 == 1 for key in keys)
+    report = stream.report()
+    assert report["skipped"] == 0 and report["left_out"] >= 32
+
+
+def test_a_source_with_nothing_usable_stops_with_the_reason_instead_of_looping(tmp_path):
+    write_shapes(tmp_path, {"caption": 10}, seed=0, shard_size=20)
+
+    def nothing(sample):
+        raise LeftOut("its caption is longer than clip.max_caption_words=1 words")
+
+    stream = MixedStream({"caption": tmp_path / "caption"}, {}, nothing, lambda keys: keys, 4)
+    with pytest.raises(DataError, match="no sample this stage can use .*clip.max_caption_words=1"):
+        stream.next_batch()

@@ -103,3 +103,17 @@ def test_context_overflow_in_llm_is_an_error(micro_model):
     llm = micro_model.llm
     with pytest.raises(ValueError, match="exceeds the model's context"):
         llm(torch.randn(1, llm.cfg.max_seq_len + 1, llm.cfg.width))
+
+
+def test_each_query_is_seeded_from_its_own_region_of_the_patch_grid():
+    from nextmm.models.resampler import region_grid, region_max
+
+    assert [region_grid(n) for n in (4, 8, 32, 5)] == [(2, 2), (2, 4), (4, 8), (1, 5)]
+    patches = torch.zeros(1, 64, 3)  # an 8 x 8 grid, CLS left out
+    patches[0, 1 * 8 + 6] = torch.tensor([1.0, 2.0, 3.0])  # row 1, column 6: top half, last quarter
+    patches[0, 7 * 8 + 0, 0] = 5.0  # row 7, column 0: bottom half, first quarter
+    seeds = region_max(patches, 8)
+    expected = torch.zeros(1, 8, 3)
+    expected[0, 3] = torch.tensor([1.0, 2.0, 3.0])
+    expected[0, 4, 0] = 5.0
+    torch.testing.assert_close(seeds, expected)

@@ -49,11 +49,11 @@ def train_captions(model, tokenizer, steps=60) -> tuple[float, float]:
         start = spread(model.encode_images(batch["pixels"]))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
-        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], 1.0, target(batch["pixels"]) if target else None)
+        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target(batch["pixels"]) if target else None)
         if p.regression_reaches_visual:
             out["loss"].backward()
         else:
-            regression.backward(model, out, 1.0)
+            regression.backward(model, out, p.regression_weight)
         opt.step()
         opt.zero_grad()
         if target is not None:

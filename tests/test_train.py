@@ -93,3 +93,18 @@ def test_corrupt_samples_are_skipped_counted_and_training_goes_on(tmp_path, data
     done = json.loads((tmp_path / "run" / "pretrain" / "done.json").read_text())
     assert done["step"] == 5
     assert done["data"]["skipped"] >= 1 and done["data"]["errors"]
+
+
+def test_stage0_keeps_only_captions_within_max_caption_words(data_dir, tokenizer):
+    from nextmm.data.loader import MixedStream
+    from nextmm.train.stages import ClipBatches
+
+    cfg = micro_cfg()
+    assert cfg.clip.max_caption_words == 4  # the Shapes World presets train stage 0 on one-object captions
+    batches = ClipBatches(tokenizer, cfg)
+    captions = []
+    stream = MixedStream({"caption": data_dir / "caption"}, {}, batches.item, lambda items: items, 8)
+    for _ in range(4):
+        captions += [text for _, text in stream.next_batch()]
+    assert all(len(text.split()) == 4 for text in captions)
+    assert stream.report()["left_out"] > 0 and stream.report()["skipped"] == 0

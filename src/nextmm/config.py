@@ -18,6 +18,7 @@ from nextmm.errors import UserError
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+RESAMPLER_SEEDS = ("regions", "none")
 
 
 class ConfigError(UserError):
@@ -47,9 +48,9 @@ class ResamplerConfig:
     num_queries: int = 8
     width: int = 128
     layers: int = 1  # a second block slowed shape learning a lot, even identity-initialised (BENCHMARKS.md)
-    # Start each query from the channel-wise max over the patches (see models/resampler.py); false gives
-    # Emu's plain learned queries, as its released weights expect.
-    seed_with_max: bool = True
+    # One of RESAMPLER_SEEDS. regions: each query starts from the max over its own region of the patch
+    # grid (see models/resampler.py); none: Emu's plain learned queries, as its released weights expect.
+    seed: str = "regions"
     heads: int = 4
     mlp_ratio: float = 4.0
 
@@ -109,6 +110,10 @@ class ClipTrainConfig(TrainConfig):
     # NegCLIP-style negatives: each caption with one word swapped makes CLIP read every word, not only
     # the few (colour, size) that already tell most captions in a batch apart.
     hard_negatives: bool = True
+    # Train only on pairs whose caption has at most this many words (0: all). A pooled image feature
+    # cannot say which colour belongs to which shape, and on Shapes World's 1-3 object captions the
+    # tower learned shape slowly (linear probe 0.655 after 100 s; 0.985 on one-object captions, BENCHMARKS.md).
+    max_caption_words: int = 0
 
 
 @dataclass
@@ -163,8 +168,8 @@ class Config:
     clip_text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    clip: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(steps=1500, batch_size=64, lr=2e-3, time_budget_s=200))
-    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=3000, batch_size=32, lr=1.5e-3, time_budget_s=270))
+    clip: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(steps=1500, batch_size=64, lr=2e-3, time_budget_s=100))
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=3000, batch_size=32, lr=1.5e-3, time_budget_s=370))
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,12 +190,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"counts": {"caption": 300, "vqa": 150, "video_caption": 40, "video_qa": 40,
                             "story": 30, "edit": 30, "binding": 40}, "shard_size": 200},
         # Step caps far above what the budgets allow, so the budgets decide how long it learns.
-        "clip": {"steps": 300, "batch_size": 32, "time_budget_s": 10, "warmup_steps": 10},
+        "clip": {"steps": 300, "batch_size": 32, "time_budget_s": 10, "warmup_steps": 10, "max_caption_words": 4},
         "pretrain": {"steps": 1000, "batch_size": 16, "time_budget_s": 20, "warmup_steps": 20,
                      "join_at": {"vqa": 60, "story": 60, "edit": 60, "binding": 60, "video_caption": 100, "video_qa": 100}},
     },
     # The demo: learns Shapes World on 2 CPU cores within the demo's ten minutes.
-    "tiny": {},
+    # Stage 0 on Shapes World's one-object captions (ClipTrainConfig.max_caption_words).
+    "tiny": {"clip": {"max_caption_words": 4}},
     "small": {
         "vision": {"width": 256, "layers": 6, "heads": 8},
         "resampler": {"num_queries": 16, "width": 256, "layers": 3, "heads": 8},
@@ -293,6 +299,8 @@ def make_config(preset: str = "tiny", yaml_path: str | Path | None = None, overr
 
 def _check(config: Config) -> None:
     """Value checks that types alone cannot make, done before any long work starts."""
+    if config.resampler.seed not in RESAMPLER_SEEDS:
+        raise ConfigError(f"config key 'resampler.seed' is '{config.resampler.seed}'; set it to one of {', '.join(RESAMPLER_SEEDS)}")
     for stage in ("clip", "pretrain"):
         precision = getattr(config, stage).precision
         if precision not in PRECISIONS:

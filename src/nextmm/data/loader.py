@@ -7,7 +7,9 @@ file sizes; one source per batch because sources differ a lot in length (a capti
 8-frame video ~95) and a mixed batch would be mostly padding. `join_at` holds a source back for its
 first batches (a curriculum: see PretrainConfig.join_at).
 Bad samples never stop a run: unreadable ones are skipped by the shard reader, ones too long for the
-context (or otherwise unusable for the stage) are skipped here, and both are counted in `report()`.
+context (or otherwise unusable for the stage) are skipped here, and both are counted in `report()`;
+samples a stage leaves out by choice (`LeftOut`) are counted apart. A source none of whose samples a
+stage can use stops the run with a message rather than looping forever.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ import torch
 from nextmm.data.sample import Sample
 from nextmm.data.shards import DataError, ReadStats, read_shards
 from nextmm.data.sequence import SequenceTooLong
+
+
+class LeftOut(Exception):
+    """Raised by a stage's item function for a good sample that the stage does not train on (its
+    message says which setting leaves it out)."""
 
 
 def discover_sources(data_dir: str | Path) -> dict[str, Path]:
@@ -62,10 +69,13 @@ class MixedStream:
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.rng = random.Random(seed)
         self.consumed = {n: 0 for n in self.names}
+        self.used = {n: 0 for n in self.names}  # samples batched in the current epoch of each source
         self.epoch = {n: 0 for n in self.names}
         self.stats = ReadStats()
         self.unusable_errors = unusable
         self.unusable = 0
+        self.left_out = 0
+        self.last_reason = ""
         self._iters: dict[str, Iterator[Sample]] = {}
 
     def _open(self, name: str) -> Iterator[Sample]:
@@ -83,9 +93,12 @@ class MixedStream:
                 return sample
             if self.consumed[name] == 0:
                 raise DataError(f"data source '{self.sources[name]}' has no readable samples ({self.stats.summary()})")
+            if self.used[name] == 0:
+                raise DataError(f"data source '{self.sources[name]}' has no sample this stage can use (the last one: {self.last_reason})")
             del self._iters[name]
             self.epoch[name] += 1
             self.consumed[name] = 0
+            self.used[name] = 0
         raise AssertionError("unreachable: a non-empty source re-opened empty")
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -96,26 +109,35 @@ class MixedStream:
         while len(items) < self.batch_size:
             try:
                 items.append(self.make_item(self._next_sample(name)))
+                self.used[name] += 1
+            except LeftOut as err:
+                self.left_out += 1
+                self.last_reason = str(err)
             except self.unusable_errors as err:
                 self.unusable += 1
+                self.last_reason = str(err)
                 if len(self.stats.errors) < 20:
                     self.stats.errors.append(str(err))
         return self.collate(items)
 
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self.rng.getstate()
-        return {"rng": [version, list(internal), gauss], "consumed": dict(self.consumed), "epoch": dict(self.epoch), "batches": self.batches}
+        return {
+            "rng": [version, list(internal), gauss], "consumed": dict(self.consumed), "used": dict(self.used),
+            "epoch": dict(self.epoch), "batches": self.batches,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.consumed.update(state["consumed"])
+        self.used.update(state.get("used", state["consumed"]))
         self.epoch.update(state["epoch"])
         self.batches = state["batches"]
         self._iters.clear()
 
     def report(self) -> dict[str, Any]:
-        return {"skipped": self.stats.skipped + self.unusable, "errors": self.stats.errors[:5]}
+        return {"skipped": self.stats.skipped + self.unusable, "errors": self.stats.errors[:5], "left_out": self.left_out}
 
 
 class Prefetcher:

@@ -4,11 +4,14 @@ sequence the LLM can regress one at a time; cross-attention reads the patches. B
 pre-norm RMSNorm, no biases.
 
 By default every query starts as its learned vector plus the channel-wise max of the projected patches
-(`resampler.seed_with_max`; Emu's own causal transformer starts from the learned vectors alone). Cross-
-attention begins as a uniform average, and on a mostly blank canvas an average drowns the few patches
-that hold objects: in 20 s of supervised shape classification from scratch, the tower max-pooled
-reached 0.99, through the plain resampler 0.28 (chance), through the max-seeded one 0.64, and 0.87 with
-its blocks initialised as the identity (benchmarks/shape_learning.py, BENCHMARKS.md)."""
+in its own region of the patch grid (`resampler.seed=regions`: the N queries tile the grid in rows x
+columns, read in rows like text; `none` is Emu's causal transformer, learned vectors alone, as its
+released weights expect). Cross-attention begins as a uniform average, and on a mostly blank canvas an
+average drowns the few patches that hold objects: in 20 s of supervised shape classification from
+scratch, the tower max-pooled reached 0.99, through the plain resampler 0.28 (chance)
+(benchmarks/shape_learning.py, BENCHMARKS.md). One max over the whole grid fixed that for one object
+but mixed the objects of a scene: the LLM named the right colours and shapes on the wrong objects
+(caption exact match 0.44); per-region maxima keep objects apart and in place (0.69, same training)."""
 
 from __future__ import annotations
 
@@ -84,8 +87,22 @@ class CausalResampler(nn.Module):
         """(B, tokens, vision_width) -> (B, N, width): the visual embeddings."""
         patches = self.patch_proj(patch_features)
         x = self.queries.expand(patches.shape[0], -1, -1)
-        if self.cfg.seed_with_max:
-            x = x + patches.amax(1, keepdim=True)
+        if self.cfg.seed == "regions":
+            x = x + region_max(patches[:, 1:], self.cfg.num_queries)
         for block in self.blocks:
             x = block(x, patches)
         return self.norm(x)
+
+
+def region_grid(n: int) -> tuple[int, int]:
+    """N regions as rows x columns, as square as N allows, wider than tall (8 -> 2 x 4)."""
+    rows = max(r for r in range(1, int(n**0.5) + 1) if n % r == 0)
+    return rows, n // rows
+
+
+def region_max(patches: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, side * side, width) patch features without CLS -> (B, n, width): the max over each region."""
+    b, count, width = patches.shape
+    side = int(count**0.5)
+    grid = patches.transpose(1, 2).reshape(b, width, side, side)
+    return F.adaptive_max_pool2d(grid, region_grid(n)).flatten(2).transpose(1, 2)

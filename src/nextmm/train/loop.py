@@ -177,4 +177,6 @@ class Trainer:
         report = stream.report()
         if report.get("skipped"):
             tqdm.write(f"[{self.name}] skipped {report['skipped']} bad samples: {report.get('errors', [])[:3]}")
+        if report.get("left_out"):
+            tqdm.write(f"[{self.name}] left out {report['left_out']} samples by its settings")
         return StageResult(step, samples, elapsed, last, checkpoint, report)

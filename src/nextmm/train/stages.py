@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from nextmm.api import NextMM, build_model
 from nextmm.config import Config, PretrainConfig
-from nextmm.data.loader import MixedStream, Prefetcher, discover_sources
+from nextmm.data.loader import LeftOut, MixedStream, Prefetcher, discover_sources
 from nextmm.data.sample import Image, Sample, Text
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError, read_shards
@@ -72,10 +72,13 @@ def hard_negative(text: str, batch: list[str], rng: random.Random, tries: int = 
 class ClipBatches:
     def __init__(self, tok: NextTokenizer, cfg: Config):
         self.tok, self.max_len, self.size = tok, cfg.clip_text.max_len, cfg.vision.image_size
-        self.hard_negatives = cfg.clip.hard_negatives
+        self.hard_negatives, self.max_words = cfg.clip.hard_negatives, cfg.clip.max_caption_words
 
     def item(self, sample: Sample) -> tuple:
-        return image_text_pair(sample)
+        image, text = image_text_pair(sample)
+        if self.max_words and len(text.split()) > self.max_words:
+            raise LeftOut(f"its caption is longer than clip.max_caption_words={self.max_words} words")
+        return image, text
 
     def _ids(self, text: str) -> list[int]:
         return self.tok.encode(text)[: self.max_len - 1] + [self.tok.eos_id]
