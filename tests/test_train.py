@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from nextmm import api
-from nextmm.config import make_config
+from nextmm.config import TrainConfig, make_config
 from nextmm.data.make import write_shapes
 from nextmm.train import loop
 from nextmm.train.checkpoint import latest_checkpoint
@@ -108,3 +108,17 @@ def test_stage0_keeps_only_captions_within_max_caption_words(data_dir, tokenizer
         captions += [text for _, text in stream.next_batch()]
     assert all(len(text.split()) == 4 for text in captions)
     assert stream.report()["left_out"] > 0 and stream.report()["skipped"] == 0
+
+
+def test_with_a_time_budget_the_progress_bar_counts_the_budgets_seconds():
+    budgeted = loop.ProgressBar("pretrain", TrainConfig(steps=3000, time_budget_s=270), 0, 0.0)
+    assert (budgeted.bar.total, budgeted.bar.unit) == (270, "s")
+    budgeted.update(12, 41.6, {"loss": 1.0})
+    assert budgeted.bar.n == 42 and budgeted.bar.postfix.startswith("step=12")
+    budgeted.update(900, 999.0, {})
+    assert budgeted.bar.n == 270  # a stage ending late still fills the bar, not past it
+    budgeted.close()
+    by_steps = loop.ProgressBar("pretrain", micro_cfg().pretrain, 0, 0.0)
+    by_steps.update(3, 1.0, {})
+    assert (by_steps.bar.total, by_steps.bar.unit, by_steps.bar.n) == (1000, "step", 3)
+    by_steps.close()

@@ -112,7 +112,7 @@ class ClipTrainConfig(TrainConfig):
     hard_negatives: bool = True
     # Train only on pairs whose caption has at most this many words (0: all). A pooled image feature
     # cannot say which colour belongs to which shape, and on Shapes World's 1-3 object captions the
-    # tower learned shape slowly (linear probe 0.655 after 100 s; 0.985 on one-object captions, BENCHMARKS.md).
+    # tower learned shape slowly (linear probe 0.805 after 100 s; 0.98 on one-object captions, BENCHMARKS.md).
     max_caption_words: int = 0
 
 
