@@ -138,10 +138,12 @@ class PretrainConfig(TrainConfig):
     )
     # Sources held back until this many batches have been drawn: captions first, videos last. With VQA
     # from the first step the LLM never learned to read colour from its images (0.17 after 240 steps of
-    # captions + VQA); with VQA joining at batch 100 it had (1.0). An 8-frame batch costs about 8 image
-    # batches, and motion cannot be learned before the images are read.
+    # captions + VQA); with VQA joining at batch 100 it had (1.0). Shape takes longer (0.83 at 100
+    # caption batches, 0.97 at 200): with the others joining at 100, one demo run in three never read
+    # shape (VQA shape 0.31); at 200, caption exact match 0.66 (BENCHMARKS.md). An 8-frame batch costs
+    # about 8 image batches, and motion cannot be learned before the images are read.
     join_at: dict[str, int] = field(default_factory=lambda: {
-        "vqa": 100, "story": 100, "edit": 100, "binding": 100, "video_caption": 150, "video_qa": 150,
+        "vqa": 200, "story": 200, "edit": 200, "binding": 200, "video_caption": 250, "video_qa": 250,
     })
 
 
