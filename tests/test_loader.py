@@ -52,6 +52,8 @@ def test_a_source_with_nothing_usable_stops_with_the_reason_instead_of_looping(t
     def nothing(sample):
         raise LeftOut("its caption is longer than clip.max_caption_words=1 words")
 
-    stream = MixedStream({"caption": tmp_path / "caption"}, {}, nothing, lambda keys: keys, 4)
-    with pytest.raises(DataError, match="no sample this stage can use .*clip.max_caption_words=1"):
-        stream.next_batch()
+    # Stage 0 also counts DataError from its item function as an unusable sample; the stop must still stop.
+    for unusable in ((), (DataError,)):
+        stream = MixedStream({"caption": tmp_path / "caption"}, {}, nothing, lambda keys: keys, 4, unusable=unusable)
+        with pytest.raises(DataError, match="no sample this stage can use .*clip.max_caption_words=1"):
+            stream.next_batch()

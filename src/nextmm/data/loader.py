@@ -94,7 +94,7 @@ class MixedStream:
             if self.consumed[name] == 0:
                 raise DataError(f"data source '{self.sources[name]}' has no readable samples ({self.stats.summary()})")
             if self.used[name] == 0:
-                raise DataError(f"data source '{self.sources[name]}' has no sample this stage can use (the last one: {self.last_reason})")
+                raise DataError(f"data source '{self.sources[name]}' has no sample this stage can use (the last one: {self.last_reason}); change that setting or the data")
             del self._iters[name]
             self.epoch[name] += 1
             self.consumed[name] = 0
@@ -107,8 +107,9 @@ class MixedStream:
         name = self.names[self.rng.choices(joined, [self.weights[i] for i in joined])[0]]
         self.batches += 1
         while len(items) < self.batch_size:
+            sample = self._next_sample(name)  # outside the try: its "nothing usable" error must stop the run
             try:
-                items.append(self.make_item(self._next_sample(name)))
+                items.append(self.make_item(sample))
                 self.used[name] += 1
             except LeftOut as err:
                 self.left_out += 1
