@@ -84,7 +84,7 @@ def main():
         model.vision.load_state_dict(clip.visual.state_dict())
         p = cfg.pretrain
         p.steps, p.time_budget_s, p.ckpt_every = args.steps, 0, 0
-        builder = SequenceBuilder(tok, cfg.resampler.num_queries, cfg.vision.image_size, cfg.llm.max_seq_len)
+        builder = SequenceBuilder.for_config(tok, cfg)
         stream = MixedStream(sources, {}, lambda s: builder.encode(s.segments), builder.collate, p.batch_size, 0)
         _, loss_fn, backward = pretrain_objective(model, p)
         progress = {"step": 0, "eval_s": 0.0, "start": time.perf_counter()}

@@ -31,7 +31,7 @@ def measure(preset: str, steps: int, data: str) -> dict:
     tok = train_tokenizer(sources, cfg)
     model = build_model(cfg, tok)
     p = cfg.pretrain
-    builder = SequenceBuilder(tok, cfg.resampler.num_queries, cfg.vision.image_size, cfg.llm.max_seq_len)
+    builder = SequenceBuilder.for_config(tok, cfg)
     stream = MixedStream(sources, p.mix, lambda s: builder.encode(s.segments), builder.collate, p.batch_size, 0, shuffle_buffer=0)
     batches = [stream.next_batch() for _ in range(steps + 3)]
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr)

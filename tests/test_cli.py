@@ -1,6 +1,7 @@
 """Every user mistake ends in one clear sentence (exit 2), never a traceback."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,6 +58,26 @@ def test_corrupt_image(capsys, model_dir, tmp_path):
 
 def test_not_a_model_directory(capsys, tmp_path, image_file):
     assert_one_clear_line(*run(capsys, "caption", "--model", str(tmp_path), image_file)[::2], "not a nextmm model directory")
+
+
+def test_weights_that_do_not_fit_the_config(capsys, model_dir, image_file):
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config["llm"]["layers"] += 1
+    (Path(model_dir) / "config.json").write_text(json.dumps(config))
+    assert_one_clear_line(*run(capsys, "caption", "--model", model_dir, image_file)[::2], "model.safetensors", "do not fit", "retrain")
+
+
+def test_a_model_saved_before_region_coordinates_still_loads(capsys, model_dir, image_file):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(Path(model_dir) / "model.safetensors")
+    assert weights.pop("resampler.coord_proj.weight") is not None
+    save_file(weights, Path(model_dir) / "model.safetensors")
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    del config["resampler"]["region_coords"]
+    (Path(model_dir) / "config.json").write_text(json.dumps(config))
+    code, out, _ = run(capsys, "caption", "--model", model_dir, image_file)
+    assert code == 0 and image_file in out
 
 
 def test_unknown_preset_and_unknown_key(capsys, tmp_path):

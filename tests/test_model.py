@@ -1,16 +1,17 @@
 import pytest
 import torch
 
+from nextmm.config import ConfigError, make_config
 from nextmm.data.sample import Image, Text, Video, caption_sample, vqa_sample
 from nextmm.data.sequence import SequenceBuilder, SequenceTooLong
 from nextmm.generate import generate_ids
 from nextmm.models.emu import IGNORE
 from nextmm.models.llm import KVCache
+from nextmm.models.resampler import CausalResampler
 
 
 def builder_for(model, tokenizer):
-    cfg = model.cfg
-    return SequenceBuilder(tokenizer, cfg.resampler.num_queries, cfg.vision.image_size, cfg.llm.max_seq_len)
+    return SequenceBuilder.for_config(tokenizer, model.cfg)
 
 
 def test_image_block_layout_and_labels(micro_model, tokenizer, scenes):
@@ -29,6 +30,19 @@ def test_video_is_one_block_per_frame(micro_model, tokenizer, scenes):
     frames = [s.image() for s in scenes[:3]]
     enc = b.encode([Video(frames), Text("moves left")])
     assert enc.ids.count(tokenizer.img_id) == 3 and enc.ids.count(tokenizer.image_id) == 3 * micro_model.num_queries
+
+
+def test_video_frames_setting_keeps_evenly_spaced_frames_first_and_last_included(tokenizer, scenes):
+    frames = [s.image() for s in scenes[:8]]
+    picked = {}
+    for k in (0, 1, 2, 4, 8, 12):
+        b = SequenceBuilder(tokenizer, 4, 64, 256, video_frames=k)
+        enc = b.encode([Video(frames), Text("moves left")])
+        picked[k] = [frames.index(f) for f in enc.images]
+        assert enc.ids.count(tokenizer.img_id) == len(picked[k])
+    assert picked == {0: list(range(8)), 1: [4], 2: [0, 7], 4: [0, 2, 5, 7], 8: list(range(8)), 12: list(range(8))}
+    with pytest.raises(ConfigError, match="vision.video_frames"):
+        make_config("micro", overrides=["vision.video_frames=-1"])
 
 
 def test_too_long_sequence_is_refused_clearly(micro_model, tokenizer, scenes):
@@ -117,3 +131,39 @@ def test_each_query_is_seeded_from_its_own_region_of_the_patch_grid():
     expected[0, 3] = torch.tensor([1.0, 2.0, 3.0])
     expected[0, 4, 0] = 5.0
     torch.testing.assert_close(seeds, expected)
+
+
+def test_region_coordinates_say_where_in_the_image_each_region_holds_something():
+    from nextmm.models.resampler import region_coordinates
+
+    patches = torch.zeros(2, 64, 3)  # an 8 x 8 grid, CLS left out; patch centres from -0.5 to 0.5
+    patches[0, 1 * 8 + 6, 0] = 3.0  # row 1, column 6: region 3 (top half, last quarter)
+    patches[1, 6 * 8 + 1, 1] = 3.0  # row 6, column 1: region 4 (bottom half, first quarter)
+    where = region_coordinates(patches, 8)  # (B, 8 regions, x of 3 channels then y of 3 channels)
+    step = 1 / 7
+    assert where[0, 3, 0] == pytest.approx(-0.5 + 6 * step, abs=0.01)  # x: column 6
+    assert where[0, 3, 3] == pytest.approx(-0.5 + 1 * step, abs=0.01)  # y: row 1
+    assert where[1, 4, 1] == pytest.approx(-0.5 + 1 * step, abs=0.01)  # x: column 1
+    assert where[1, 4, 4] == pytest.approx(-0.5 + 6 * step, abs=0.01)  # y: row 6
+    # A channel with nothing in a region points at the region's centre: region 3 spans columns 6-7, rows 0-3.
+    assert where[0, 3, 1] == pytest.approx(-0.5 + 6.5 * step, abs=1e-5)
+    assert where[0, 3, 4] == pytest.approx(-0.5 + 1.5 * step, abs=1e-5)
+    # Moving the object moves its coordinate and nothing in the other regions.
+    moved = patches.clone()
+    moved[0, 1 * 8 + 6, 0], moved[0, 1 * 8 + 7, 0] = 0.0, 3.0
+    shifted = region_coordinates(moved, 8)
+    assert shifted[0, 3, 0] > where[0, 3, 0] + 0.1
+    torch.testing.assert_close(shifted[0, :3], where[0, :3])
+
+
+def test_region_coordinates_start_silent_and_can_be_turned_off():
+    cfg = make_config("micro")
+    with torch.no_grad():
+        resampler = CausalResampler(cfg.resampler, cfg.vision.width)
+        features = torch.randn(2, cfg.vision.num_tokens, cfg.vision.width)
+        with_coords = resampler(features)
+        cfg.resampler.region_coords = False
+        plain = CausalResampler(cfg.resampler, cfg.vision.width)
+        plain.load_state_dict(resampler.state_dict(), strict=False)
+        torch.testing.assert_close(plain(features), with_coords)  # zero-initialised: no change at the start
+    assert not hasattr(plain, "coord_proj")

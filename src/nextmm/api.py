@@ -58,7 +58,7 @@ class NextMM:
         self.config = config
         self.batch_size = batch_size
         self.precision = precision
-        self.builder = SequenceBuilder(tokenizer, config.resampler.num_queries, config.vision.image_size, config.llm.max_seq_len)
+        self.builder = SequenceBuilder.for_config(tokenizer, config)
 
     def generate(self, prompts: list[list[Segment]], max_new_tokens: int = 32) -> list[str]:
         out: list[str] = []
@@ -110,5 +110,11 @@ def load(model_dir: str | Path, **kwargs) -> NextMM:
     config = config_from_dict(json.loads((root / "config.json").read_text()))
     tokenizer = NextTokenizer.load(root / "tokenizer.json")
     model = build_model(config, tokenizer)
-    load_module(model, root / "model.safetensors")
+    try:
+        load_module(model, root / "model.safetensors")
+    except RuntimeError as err:  # torch reports missing, unexpected and mis-shaped weights this way
+        raise ModelDirError(
+            f"the weights in '{root / 'model.safetensors'}' do not fit the model its config.json describes "
+            f"({str(err).splitlines()[-1].strip()}); the folder was changed by hand or saved by another nextmm, so retrain it"
+        ) from None
     return NextMM(model, tokenizer, config, **kwargs)

@@ -34,6 +34,7 @@ class VisionConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     stem: str = "conv"  # conv: hybrid-ViT convolutional stem (learns fast from scratch); patch: linear, as EVA-CLIP
+    video_frames: int = 0  # frames of a video the model sees: 0 = all, else this many evenly spaced from first to last
 
     @property
     def num_tokens(self) -> int:
@@ -51,6 +52,8 @@ class ResamplerConfig:
     # One of RESAMPLER_SEEDS. regions: each query starts from the max over its own region of the patch
     # grid (see models/resampler.py); none: Emu's plain learned queries, as its released weights expect.
     seed: str = "regions"
+    # With seed=regions: each seed also carries where its region's content lies (models/resampler.py).
+    region_coords: bool = True
     heads: int = 4
     mlp_ratio: float = 4.0
 
@@ -303,6 +306,8 @@ def _check(config: Config) -> None:
     """Value checks that types alone cannot make, done before any long work starts."""
     if config.resampler.seed not in RESAMPLER_SEEDS:
         raise ConfigError(f"config key 'resampler.seed' is '{config.resampler.seed}'; set it to one of {', '.join(RESAMPLER_SEEDS)}")
+    if config.vision.video_frames < 0:
+        raise ConfigError(f"config key 'vision.video_frames' is {config.vision.video_frames}; set it to 0 (every frame) or a positive count")
     for stage in ("clip", "pretrain"):
         precision = getattr(config, stage).precision
         if precision not in PRECISIONS:
@@ -312,5 +317,7 @@ def _check(config: Config) -> None:
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a saved config (config.json) exactly, without re-applying its preset."""
     config = Config(preset=values.get("preset", "tiny"))
+    if "region_coords" not in values.get("resampler", {"region_coords": True}):
+        config.resampler.region_coords = False  # saved before region coordinates existed: it has none
     _merge(config, values)
     return config

@@ -1,6 +1,7 @@
 """Samples -> token sequences -> padded batches.
 
-One picture becomes `[IMG]` + N x `<image>` + `[/IMG]`; a video becomes one such block per frame.
+One picture becomes `[IMG]` + N x `<image>` + `[/IMG]`; a video becomes one such block per frame (every
+frame, or `vision.video_frames` of them evenly spaced, in training and inference alike).
 `labels[t]` is the token the model must predict at position t (the next one), or IGNORE: only the
 words of target text segments and the closing `[EOS]` are learned, never `[PAD]`, `[IMG]`, `<image>`
 or `[/IMG]`.
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image as PILImage
 
+from nextmm.config import Config
 from nextmm.data.sample import Image, Segment, Text, Video
 from nextmm.data.transforms import to_pixels
 from nextmm.errors import UserError
@@ -40,11 +42,25 @@ class Encoded:
 
 
 class SequenceBuilder:
-    def __init__(self, tokenizer: NextTokenizer, num_queries: int, image_size: int, max_len: int):
+    def __init__(self, tokenizer: NextTokenizer, num_queries: int, image_size: int, max_len: int, video_frames: int = 0):
         self.tok = tokenizer
         self.num_queries = num_queries
         self.image_size = image_size
         self.max_len = max_len
+        self.video_frames = video_frames
+
+    @classmethod
+    def for_config(cls, tokenizer: NextTokenizer, cfg: Config) -> "SequenceBuilder":
+        return cls(tokenizer, cfg.resampler.num_queries, cfg.vision.image_size, cfg.llm.max_seq_len, cfg.vision.video_frames)
+
+    def frames_of(self, video: Video) -> list[PILImage.Image]:
+        """Every frame, or `video_frames` of them evenly spaced from the first to the last."""
+        frames, k = video.frames, self.video_frames
+        if not k or len(frames) <= k:
+            return frames
+        if k == 1:
+            return [frames[len(frames) // 2]]
+        return [frames[round(i * (len(frames) - 1) / (k - 1))] for i in range(k)]
 
     def image_block(self) -> list[int]:
         return [self.tok.img_id] + [self.tok.image_id] * self.num_queries + [self.tok.img_end_id]
@@ -61,7 +77,7 @@ class SequenceBuilder:
                 out.add(self.image_block())
                 out.images.append(seg.image)
             elif isinstance(seg, Video):
-                for frame in seg.frames:
+                for frame in self.frames_of(seg):
                     out.add(self.image_block())
                     out.images.append(frame)
             else:

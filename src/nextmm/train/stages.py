@@ -156,7 +156,7 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
         tqdm.write(f"[pretrain] already finished in {stage_dir}; loaded it")
         return model
     p = cfg.pretrain
-    builder = SequenceBuilder(tok, cfg.resampler.num_queries, cfg.vision.image_size, cfg.llm.max_seq_len)
+    builder = SequenceBuilder.for_config(tok, cfg)
     stream = MixedStream(sources, p.mix, lambda s: builder.encode(s.segments), builder.collate, p.batch_size, cfg.seed, join_at=p.join_at)
     target, loss_fn, backward = pretrain_objective(model, p)
     trainer = Trainer(
