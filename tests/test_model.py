@@ -167,3 +167,21 @@ def test_region_coordinates_start_silent_and_can_be_turned_off():
         plain.load_state_dict(resampler.state_dict(), strict=False)
         torch.testing.assert_close(plain(features), with_coords)  # zero-initialised: no change at the start
     assert not hasattr(plain, "coord_proj")
+
+
+def test_tied_embeddings_share_one_matrix_through_training_and_a_save(tmp_path, micro_config, tokenizer, scenes):
+    import nextmm
+    from nextmm.api import NextMM, build_model
+
+    micro_config.llm.tie_embeddings = True
+    torch.manual_seed(0)
+    model = build_model(micro_config, tokenizer)
+    assert model.llm.lm_head.weight is model.llm.embed_tokens.weight
+    b = builder_for(model, tokenizer)
+    batch = b.collate([b.encode(caption_sample("k", s.image(), s.caption()).segments) for s in scenes[:4]])
+    model.loss(batch["input_ids"], batch["labels"], batch["pixels"])["loss"].backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert model.llm.lm_head.weight is model.llm.embed_tokens.weight
+    loaded = nextmm.load(NextMM(model, tokenizer, micro_config).save(tmp_path / "model")).model
+    assert loaded.llm.lm_head.weight is loaded.llm.embed_tokens.weight
+    torch.testing.assert_close(loaded.llm.embed_tokens.weight, model.llm.embed_tokens.weight)
