@@ -96,6 +96,17 @@ def test_wrong_schema_json(capsys, tmp_path):
     assert_one_clear_line(code, err, "captions.json")
 
 
+def test_complete_reads_the_placeholders_files_as_pictures(capsys, model_dir, image_file, monkeypatch):
+    from nextmm.api import NextMM
+    from nextmm.data.sample import Image, Text
+
+    seen = []
+    monkeypatch.setattr(NextMM, "generate_ids", lambda self, prompts, n=32: seen.extend(prompts) or [[] for _ in prompts])
+    code, _, _ = run(capsys, "complete", "--model", model_dir, "--image", image_file, "<image> this is a")
+    assert code == 0
+    assert [type(seg) for seg in seen[0]] == [Image, Text] and seen[0][1].text == "this is a"
+
+
 def test_prompt_placeholders_must_match_files(capsys, model_dir, image_file):
     code, _, err = run(capsys, "complete", "--model", model_dir, "--image", image_file, "<image> this is a dax <image> this is a")
     assert_one_clear_line(code, err, "2 <image>", "1 --image")
@@ -113,6 +124,6 @@ def test_parse_prompt_interleaves_text_images_and_videos(tmp_path, image_file):
     for name in ("b.png", "a.png"):
         (frames / name).write_bytes(b"")
     parts = parse_prompt("<image> this is a dax <video> it moves", [image_file], [str(frames)])
-    assert parts == [image_file, "this is a dax", [str(frames / "a.png"), str(frames / "b.png")], "it moves"]
+    assert parts == [Path(image_file), "this is a dax", [frames / "a.png", frames / "b.png"], "it moves"]
     with pytest.raises(UserError, match="empty"):
         parse_prompt("   ", [], [])

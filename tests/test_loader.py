@@ -57,3 +57,24 @@ def test_a_source_with_nothing_usable_stops_with_the_reason_instead_of_looping(t
         stream = MixedStream({"caption": tmp_path / "caption"}, {}, nothing, lambda keys: keys, 4, unusable=unusable)
         with pytest.raises(DataError, match="no sample this stage can use .*clip.max_caption_words=1"):
             stream.next_batch()
+
+
+def test_the_text_to_image_view_reads_caption_pairs_caption_first(tmp_path):
+    from nextmm.data.sample import Image, Text
+    from nextmm.train.stages import text_to_image_view
+
+    write_shapes(tmp_path, {"caption": 20, "vqa": 20}, seed=0, shard_size=20)
+    sources = {kind: tmp_path / kind for kind in ("caption", "vqa")}
+    stream = MixedStream(sources, {"caption": 0, "vqa": 0, "text_to_image": 1}, lambda s: s, lambda b: b, 4,
+                         views=text_to_image_view(sources))
+    for sample in stream.next_batch():
+        text, image = sample.segments
+        assert isinstance(text, Text) and not text.target and isinstance(image, Image)
+        assert sample.key.startswith("caption")
+    assert text_to_image_view({"coco": tmp_path / "caption"})["text_to_image"][0] == "coco"
+    assert text_to_image_view({"vqa": tmp_path / "vqa", "story": tmp_path}) == {}
+
+    only_vqa = MixedStream({"vqa": tmp_path / "vqa"}, {"vqa": 0, "text_to_image": 1}, lambda s: s, lambda b: b, 4,
+                           views={"text_to_image": ("vqa", text_to_image_view(sources)["text_to_image"][1])})
+    with pytest.raises(DataError, match="only image-caption pairs are read text-first"):
+        only_vqa.next_batch()

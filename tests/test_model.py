@@ -25,6 +25,16 @@ def test_image_block_layout_and_labels(micro_model, tokenizer, scenes):
     assert len(enc.images) == 1
 
 
+def test_img_is_learned_only_where_an_image_follows_target_text(micro_model, tokenizer, scenes):
+    b = builder_for(micro_model, tokenizer)
+    edit = b.encode([Image(scenes[0].image()), Text("make the red circle blue"), Image(scenes[1].image())])
+    prompt_then_image = b.encode([Text("a large red circle", target=False), Image(scenes[1].image())])
+    img_labels = lambda enc: [label for label in enc.labels if label == tokenizer.img_id]  # noqa: E731
+    assert img_labels(edit) == [tokenizer.img_id]  # the second image only: the first follows nothing the model wrote
+    assert img_labels(prompt_then_image) == []
+    assert all(label not in (tokenizer.image_id, tokenizer.img_end_id) for label in edit.labels)
+
+
 def test_video_is_one_block_per_frame(micro_model, tokenizer, scenes):
     b = builder_for(micro_model, tokenizer)
     frames = [s.image() for s in scenes[:3]]

@@ -1,6 +1,7 @@
-"""The Python API: `m = nextmm.load(model_dir)`, then `m.caption`, `m.ask`, `m.complete`.
+"""The Python API: `m = nextmm.load(model_dir)`, then `m.caption`, `m.ask`, `m.complete`, `m.draw`.
 
-A model directory holds `config.json`, `model.safetensors` and `tokenizer.json`.
+A model directory holds `config.json`, `model.safetensors` and `tokenizer.json`, and `decoder/` (the
+visual decoder in diffusers' format, models/decoder.py) when it can draw.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Sequence, Union
 
+import torch
 from PIL import Image as PILImage
 
 from nextmm.config import Config, config_from_dict
@@ -16,7 +18,9 @@ from nextmm.data.formats import load_image
 from nextmm.data.sample import Image, Segment, Text, Video, vqa_prompt
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.errors import UserError
-from nextmm.generate import generate_text
+from nextmm.data.transforms import to_pixels
+from nextmm.generate import generate_ids, generate_visual
+from nextmm.models.decoder import VisualDecoder
 from nextmm.models.emu import Emu
 from nextmm.tokenizer import NextTokenizer
 from nextmm.train.checkpoint import load_module, save_module, write_atomically
@@ -28,6 +32,13 @@ PromptPart = Union[str, Picture, Sequence[Picture]]
 
 class ModelDirError(UserError):
     pass
+
+
+class DrawError(UserError):
+    pass
+
+
+MAX_GUIDANCE, MAX_STEPS = 50.0, 1000
 
 
 def _picture(item: Picture) -> PILImage.Image:
@@ -52,20 +63,27 @@ def to_segments(prompt: Sequence[PromptPart]) -> list[Segment]:
 
 
 class NextMM:
-    def __init__(self, model: Emu, tokenizer: NextTokenizer, config: Config, batch_size: int = 64, precision: str = "fp32"):
+    def __init__(
+        self, model: Emu, tokenizer: NextTokenizer, config: Config, batch_size: int = 64, precision: str = "fp32",
+        decoder: VisualDecoder | None = None,
+    ):
         self.model = model.eval()
+        self.decoder = decoder.eval() if decoder is not None else None
         self.tokenizer = tokenizer
         self.config = config
         self.batch_size = batch_size
         self.precision = precision
         self.builder = SequenceBuilder.for_config(tokenizer, config)
 
-    def generate(self, prompts: list[list[Segment]], max_new_tokens: int = 32) -> list[str]:
-        out: list[str] = []
+    def _chunks(self, prompts: list[list[Segment]]):
         for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start : start + self.batch_size]
-            out += generate_text(self.model, self.builder, chunk, max_new_tokens=max_new_tokens, precision=self.precision)
-        return out
+            yield prompts[start : start + self.batch_size]
+
+    def generate_ids(self, prompts: list[list[Segment]], max_new_tokens: int = 32) -> list[list[int]]:
+        return [ids for chunk in self._chunks(prompts) for ids in generate_ids(self.model, self.builder, chunk, max_new_tokens, precision=self.precision)]
+
+    def generate(self, prompts: list[list[Segment]], max_new_tokens: int = 32) -> list[str]:
+        return [self.tokenizer.decode(ids) for ids in self.generate_ids(prompts, max_new_tokens)]
 
     def caption(self, images: Sequence[Visual], max_new_tokens: int = 32) -> list[str]:
         """One caption per image (or per video, given as a list of frames)."""
@@ -78,15 +96,96 @@ class NextMM:
             [[_visual_segment(img), Text(vqa_prompt(q), target=False)] for img, q in zip(images, questions)], max_new_tokens
         )
 
-    def complete(self, prompts: Sequence[Sequence[PromptPart]], max_new_tokens: int = 32) -> list[str]:
-        """Continue interleaved prompts, e.g. [img1, "this is a blicket", img2, "this is a"]."""
-        return self.generate([to_segments(p) for p in prompts], max_new_tokens)
+    def complete(self, prompts: Sequence[Sequence[PromptPart]], max_new_tokens: int = 32, **draw_options) -> list:
+        """Continue interleaved prompts, e.g. [img1, "this is a blicket", img2, "this is a"]. Each result is
+        the continuation's text, or, when the model opens an image with `[IMG]` and has a decoder, the list
+        [text, image] (the image drawn as `draw` would, with `draw_options`)."""
+        segments = [to_segments(p) for p in prompts]
+        rows = self.generate_ids(segments, max_new_tokens)
+        out: list = [self.tokenizer.decode(ids) for ids in rows]
+        drawing = [i for i, ids in enumerate(rows) if ids and ids[-1] == self.tokenizer.img_id]
+        if drawing and self.decoder is not None:
+            images = self._draw([segments[i] + [Text(out[i], target=False)] * bool(out[i]) for i in drawing], **draw_options)
+            for i, image in zip(drawing, images):
+                out[i] = [out[i], image]
+        return out
+
+    def draw(self, prompts: Sequence[str | Sequence[PromptPart]], guidance: float | None = None, steps: int | None = None,
+             seed: int = 0, negative: str = "empty") -> list[PILImage.Image]:
+        """One image per prompt. A prompt is text (`"a large red circle above a small blue square"`) or an
+        interleaved list of text and pictures: in-context generation, blending (two images, no text), an
+        edit (`[image, "make the red circle blue"]`). The LLM regresses the image's N embeddings and the
+        visual decoder renders them with `steps` denoising steps and classifier-free `guidance` (the
+        config's by default) against `negative`: "empty", Emu's choice, the embeddings regressed from an
+        empty prompt in the same batch, or "null", the decoder's learned no-condition. Image k of a call
+        depends only on its prompt, `seed` and k, not on the other prompts."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        segments = []
+        for k, prompt in enumerate(prompts):
+            parts = to_segments(prompt)
+            if not any(not isinstance(p, Text) or p.text.strip() for p in parts):
+                raise DrawError(f"prompt {k + 1} is empty; give it text or pictures to draw from")
+            segments.append(parts)
+        return self._draw(segments, guidance, steps, seed, negative)
+
+    def reconstruct(self, images: Sequence[Picture], guidance: float | None = None, steps: int | None = None, seed: int = 0) -> list[PILImage.Image]:
+        """Image -> its N visual embeddings -> image: what the decoder makes of what the model sees."""
+        decoder = self._decoder()
+        guidance, steps = self._sampling(guidance, steps)
+        pixels = to_pixels([_picture(img) for img in images], self.config.vision.image_size)
+        with torch.no_grad():
+            condition = torch.cat([self.model.encode_images(pixels[i : i + self.batch_size]) for i in range(0, len(pixels), self.batch_size)])
+        return self._render(decoder, condition.float(), None, guidance, steps, seed)
+
+    def _decoder(self) -> VisualDecoder:
+        if self.decoder is None:
+            raise DrawError(
+                "this model has no visual decoder (no decoder/ folder in its directory); train one with "
+                "`nextmm train` (stage 2) or set decoder.pretrained to a diffusers directory with vae/ and unet/"
+            )
+        return self.decoder
+
+    def _draw(self, segments: list[list[Segment]], guidance=None, steps=None, seed: int = 0, negative: str = "empty") -> list[PILImage.Image]:
+        decoder = self._decoder()
+        guidance, steps = self._sampling(guidance, steps)
+        if negative not in ("empty", "null"):
+            raise DrawError(f"negative is '{negative}'; use 'empty' (an empty prompt's embeddings) or 'null' (the decoder's no-condition)")
+        empty = [[]] if negative == "empty" else []
+        conditions, negative_embeddings = [], None
+        for chunk in self._chunks(segments):
+            regressed = generate_visual(self.model, self.builder, chunk + empty, precision=self.precision)
+            if empty:  # Emu's negative: the empty prompt, regressed in the same batch (the same in every chunk)
+                regressed, negative_embeddings = regressed[:-1], regressed[-1:]
+            conditions.append(regressed)
+        return self._render(decoder, torch.cat(conditions), negative_embeddings, guidance, steps, seed)
+
+    def _sampling(self, guidance: float | None, steps: int | None) -> tuple[float, int]:
+        """The sampling options, checked before any work: the config's when not given."""
+        guidance = self.config.decoder.guidance if guidance is None else guidance
+        steps = self.config.decoder.sample_steps if steps is None else steps
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 1.0 <= guidance <= MAX_GUIDANCE:
+            raise DrawError(f"guidance {guidance} is out of range; use a value from 1 (none) to {MAX_GUIDANCE:g}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise DrawError(f"steps {steps} is out of range; use a whole number of denoising steps from 1 to {MAX_STEPS}")
+        return float(guidance), steps
+
+    def _render(self, decoder: VisualDecoder, condition, negative, guidance, steps, seed: int) -> list[PILImage.Image]:
+        images = []
+        for start in range(0, len(condition), self.batch_size):
+            part = condition[start : start + self.batch_size]
+            generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(part))]
+            pixels = decoder.sample(part, negative=negative, guidance=guidance, steps=steps, generator=generators)
+            images += to_pil(pixels)
+        return images
 
     def save(self, path: str | Path) -> Path:
         def fill(tmp: Path) -> None:
             (tmp / "config.json").write_text(self.config.to_json())
             save_module(self.model, tmp / "model.safetensors")
             self.tokenizer.save(tmp / "tokenizer.json")
+            if self.decoder is not None:
+                self.decoder.save(tmp / "decoder")
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,4 +216,19 @@ def load(model_dir: str | Path, **kwargs) -> NextMM:
             f"the weights in '{root / 'model.safetensors'}' do not fit the model its config.json describes "
             f"({str(err).splitlines()[-1].strip()}); the folder was changed by hand or saved by another nextmm, so retrain it"
         ) from None
-    return NextMM(model, tokenizer, config, **kwargs)
+    return NextMM(model, tokenizer, config, decoder=_load_decoder(root, config), **kwargs)
+
+
+def _load_decoder(root: Path, config: Config) -> VisualDecoder | None:
+    width, n = config.resampler.width, config.resampler.num_queries
+    if (root / "decoder").is_dir():
+        return VisualDecoder.load(root / "decoder", config.decoder, width, n)
+    if config.decoder.pretrained:
+        return VisualDecoder.from_pretrained_dir(config.decoder.pretrained, config.decoder, width, n)
+    return None
+
+
+def to_pil(pixels: torch.Tensor) -> list[PILImage.Image]:
+    """(B, 3, H, W) in [-1, 1] -> RGB images."""
+    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [PILImage.fromarray(a) for a in array]

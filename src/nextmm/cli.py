@@ -43,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = make_config(args.preset, args.config, args.set or [])
     result = train(cfg, args.data, args.out, resume=args.resume)
-    print(f"model written to {result['model']} (metrics in {args.out}/clip and {args.out}/pretrain)")
+    print(f"model written to {result['model']} (each stage's metrics.jsonl in {args.out}/<stage>/)")
 
 
 def _load(model_dir: str):
@@ -90,7 +90,8 @@ def parse_prompt(text: str, images: list[str], videos: list[str]) -> list:
         if chunk.strip():
             parts.append(chunk.strip())
         if i < len(tags):
-            parts.append(next(pending_images) if tags[i] == "<image>" else video_frames(next(pending_videos)))
+            # Paths, not str: in a prompt a str is text (nextmm.api.to_segments)
+            parts.append(Path(next(pending_images)) if tags[i] == "<image>" else [Path(f) for f in video_frames(next(pending_videos))])
     if not parts:
         raise UserError("the prompt is empty; write some text or <image> placeholders")
     return parts
@@ -100,6 +101,33 @@ def cmd_complete(args: argparse.Namespace) -> None:
     prompt = parse_prompt(args.prompt, args.image or [], args.video or [])
     m = _load(args.model)
     print(m.complete([prompt], max_new_tokens=args.max_new_tokens)[0])
+
+
+def draw_prompt(text: str | None, images: list[str]) -> list:
+    """Placeholders put the --image files where they stand; without any, the images come first and the
+    text after them (an edit: --image a.png "make the red circle blue"; a blend: two --image, no text)."""
+    if text and PLACEHOLDER.search(text):
+        return parse_prompt(text, images, [])
+    parts = [Path(image) for image in images] + ([text.strip()] if text and text.strip() else [])
+    if not parts:
+        raise UserError("nothing to draw from; give a prompt, or --image files to blend or edit")
+    return parts
+
+
+def cmd_draw(args: argparse.Namespace) -> None:
+    from nextmm.train.checkpoint import write_file_atomically
+
+    prompt = draw_prompt(args.prompt, args.image or [])
+    if args.num < 1:
+        raise UserError(f"--num {args.num} must be at least 1")
+    m = _load(args.model)
+    images = m.draw([prompt] * args.num, guidance=args.guidance, steps=args.steps, seed=args.seed, negative=args.negative)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):  # written only once every image is made: a failed run leaves no partial files
+        path = out / f"{args.name}-{k:03d}.png"
+        write_file_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+        print(path)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -117,7 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from nextmm.demo import run_demo
 
     result = run_demo(args.out, args.preset, args.set or [], resume=args.resume)
-    headline = {k: result[k] for k in result if k.endswith(("match", "accuracy", "_s")) and not isinstance(result[k], dict)}
+    headline = {k: result[k] for k in result if k.endswith(("match", "accuracy", "all_objects_right", "_s")) and not isinstance(result[k], dict)}
     _print_json(headline)
     print(f"model:   {result['model']}\nmetrics: {result['metrics']}\nreport:  {result['report']}")
 
@@ -145,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--max-side", type=int, default=None, help="shrink images so the longer side is at most this")
     data.set_defaults(func=cmd_data)
 
-    t = sub.add_parser("train", help="train stage 0 (CLIP) and stage 1 (Emu pretraining)")
+    t = sub.add_parser("train", help="train stage 0 (CLIP), stage 1 (Emu pretraining) and stage 2 (the visual decoder)")
     t.add_argument("--data", required=True, help="a shard folder, or a folder of shard folders (one source each)")
     t.add_argument("--out", required=True)
     t.add_argument("--preset", default="tiny")
@@ -172,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--max-new-tokens", type=int, default=32)
     k.add_argument("prompt")
     k.set_defaults(func=cmd_complete)
+
+    w = sub.add_parser("draw", help="draw images: from text, an interleaved prompt, two images to blend, or an image to edit")
+    w.add_argument("--model", required=True)
+    w.add_argument("--out", required=True, help="folder for the PNG files")
+    w.add_argument("--image", action="append", help="a picture for the prompt (repeat to blend)")
+    w.add_argument("--num", type=int, default=1, help="images per prompt, each from its own noise")
+    w.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (1 = none; default: the config's)")
+    w.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--negative", choices=("empty", "null"), default="empty", help="guide away from an empty prompt's image (Emu) or the decoder's no-condition")
+    w.add_argument("--name", default="draw", help="file name prefix: NAME-000.png, ...")
+    w.add_argument("prompt", nargs="?", help='text, with <image> placeholders for the --image files if wanted')
+    w.set_defaults(func=cmd_draw)
 
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="suite", required=True)

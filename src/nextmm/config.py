@@ -19,6 +19,7 @@ from nextmm.errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp32")
 RESAMPLER_SEEDS = ("regions", "none")
+SAMPLERS = ("ddim", "dpm")
 
 
 class ConfigError(UserError):
@@ -91,6 +92,27 @@ class CLIPTextConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """The visual decoder: a diffusers AutoencoderKL (the latent space) and a UNet2DConditionModel whose
+    cross-attention reads the N visual embeddings (models/decoder.py)."""
+
+    # A local diffusers-format directory holding vae/ and unet/ (Stable Diffusion's layout) to start
+    # from; empty: build the small ones below and train them from scratch.
+    pretrained: str = ""
+    image_size: int = 64
+    latent_channels: int = 4
+    vae_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # one halving per block after the first
+    unet_channels: list[int] = field(default_factory=lambda: [64, 128])
+    unet_layers_per_block: int = 1
+    unet_head_dim: int = 32
+    condition_dropout: float = 0.1  # training drops the condition this often, so guidance has an unconditional
+    train_timesteps: int = 1000
+    sampler: str = "dpm"  # one of SAMPLERS: ddim, or dpm (DPM-Solver++ multistep)
+    sample_steps: int = 25
+    guidance: float = 3.0
+
+
+@dataclass
 class TokenizerConfig:
     vocab_size: int = 512
     location_bins: int = 64
@@ -137,10 +159,11 @@ class PretrainConfig(TrainConfig):
     # At 8 frames each a video batch costs several caption batches. Halving videos
     # (from 0.5 / 1.0) and raising captions (from 2.0) gave 490 stage-1 steps instead of ~380 and
     # caption exact match 0.28 instead of 0.14-0.17, video scores unchanged (BENCHMARKS.md, d4).
+    # text_to_image: the caption pairs read caption-first, the image regressed (stages.text_first).
     mix: dict[str, float] = field(
         default_factory=lambda: {
             "caption": 3.0, "vqa": 3.0, "video_caption": 0.25, "video_qa": 0.5,
-            "story": 0.3, "edit": 0.2, "binding": 0.3,
+            "story": 0.3, "edit": 0.2, "binding": 0.3, "text_to_image": 1.0,
         }
     )
     # Sources held back until this many batches have been drawn: captions first, videos last. With VQA
@@ -150,7 +173,7 @@ class PretrainConfig(TrainConfig):
     # shape (VQA shape 0.31); at 200, caption exact match 0.66 (BENCHMARKS.md). An 8-frame batch costs
     # about 8 image batches, and motion cannot be learned before the images are read.
     join_at: dict[str, int] = field(default_factory=lambda: {
-        "vqa": 200, "story": 200, "edit": 200, "binding": 200, "video_caption": 250, "video_qa": 250,
+        "vqa": 200, "story": 200, "edit": 200, "binding": 200, "video_caption": 250, "video_qa": 250, "text_to_image": 200,
     })
 
 
@@ -179,6 +202,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     clip: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(steps=1500, batch_size=64, lr=2e-3, time_budget_s=100))
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=3000, batch_size=32, lr=1.5e-3, time_budget_s=370))
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # Stage 2: the decoder's autoencoder on pixels, then its UNet on the frozen visual embeddings.
+    autoencoder: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=32, lr=1e-3, time_budget_s=60))
+    diffusion: TrainConfig = field(default_factory=lambda: TrainConfig(steps=6000, batch_size=32, lr=5e-4, time_budget_s=180))
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,7 +228,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         # Step caps far above what the budgets allow, so the budgets decide how long it learns.
         "clip": {"steps": 300, "batch_size": 32, "time_budget_s": 10, "warmup_steps": 10, "max_caption_words": 4},
         "pretrain": {"steps": 1000, "batch_size": 16, "time_budget_s": 20, "warmup_steps": 20,
-                     "join_at": {"vqa": 60, "story": 60, "edit": 60, "binding": 60, "video_caption": 100, "video_qa": 100}},
+                     "join_at": {"vqa": 60, "story": 60, "edit": 60, "binding": 60, "video_caption": 100, "video_qa": 100,
+                                "text_to_image": 60}},
+        "decoder": {"vae_channels": [16, 16, 16], "unet_channels": [16, 32], "unet_head_dim": 8, "sample_steps": 10},
+        "autoencoder": {"steps": 200, "batch_size": 16, "time_budget_s": 4, "warmup_steps": 5},
+        "diffusion": {"steps": 400, "batch_size": 16, "time_budget_s": 8, "warmup_steps": 5},
     },
     # The demo: learns Shapes World on 2 CPU cores within the demo's ten minutes.
     # Stage 0 on Shapes World's one-object captions (ClipTrainConfig.max_caption_words).
@@ -215,6 +246,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tokenizer": {"vocab_size": 2048},
         "clip": {"time_budget_s": 0},
         "pretrain": {"time_budget_s": 0, "lr": 6e-4},
+        "decoder": {"vae_channels": [64, 128, 128], "unet_channels": [128, 256]},
+        "autoencoder": {"time_budget_s": 0},
+        "diffusion": {"time_budget_s": 0, "steps": 20000},
     },
     # The paper's shapes (EVA-CLIP ViT-g/14 at 224 px, 12-block causal transformer with 32 queries,
     # LLaMA-13B): for shape and memory checks, not for training on this machine.
@@ -263,6 +297,9 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
             return int(number) if isinstance(current, int) and number.is_integer() else number
     elif isinstance(current, str):
         return str(value)
+    elif isinstance(current, list) and isinstance(value, (list, tuple)) and value:
+        sample = current[0] if current else value[0]
+        return [_coerce(item, sample, f"{where}[{i}]") for i, item in enumerate(value)]
     raise ConfigError(f"config key '{where}' expects a {type(current).__name__}, got {value!r}")
 
 
@@ -313,7 +350,9 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config key 'resampler.seed' is '{config.resampler.seed}'; set it to one of {', '.join(RESAMPLER_SEEDS)}")
     if config.vision.video_frames < 0:
         raise ConfigError(f"config key 'vision.video_frames' is {config.vision.video_frames}; set it to 0 (every frame) or a positive count")
-    for stage in ("clip", "pretrain"):
+    if config.decoder.sampler not in SAMPLERS:
+        raise ConfigError(f"config key 'decoder.sampler' is '{config.decoder.sampler}'; set it to one of {', '.join(SAMPLERS)}")
+    for stage in ("clip", "pretrain", "autoencoder", "diffusion"):
         precision = getattr(config, stage).precision
         if precision not in PRECISIONS:
             raise ConfigError(f"config key '{stage}.precision' is '{precision}'; set it to one of {', '.join(PRECISIONS)}")

@@ -1,9 +1,10 @@
-"""Batched text generation with a KV cache.
+"""Batched generation with a KV cache: words by greedy decoding, images by regressing N visual embeddings.
 
 Prompts are left-padded to one length so each step appends one column for the whole batch; pad keys
 are masked out and rotary positions count real tokens only, which makes a padded row compute exactly
 what it would alone. Written by hand rather than with a library because the prompt mixes visual
-embeddings into the token stream, which generic `generate()` helpers don't support.
+embeddings into the token stream and image generation feeds each regressed embedding back as the next
+input, which generic `generate()` helpers don't support.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from nextmm.data.sample import Segment
-from nextmm.data.sequence import SequenceBuilder
+from nextmm.data.sequence import SequenceBuilder, SequenceTooLong
 from nextmm.models.emu import Emu
 from nextmm.models.llm import KVCache
 from nextmm.precision import autocast, resolve
@@ -28,6 +29,49 @@ def _attention_mask(keys_valid: torch.Tensor, queries: int) -> torch.Tensor:
     return mask.unsqueeze(1)
 
 
+class Stepper:
+    """The LLM over a left-padded batch, one appended position at a time: with a KV cache each step runs
+    the new column only; without one it re-runs the whole sequence (the reference the cache must match)."""
+
+    def __init__(self, model: Emu, batch: dict[str, torch.Tensor], new_positions: int, use_cache: bool, precision: str):
+        self.model, self.use_cache, self.precision = model, use_cache, precision
+        ids, valid = batch["input_ids"], batch["valid"]
+        b, self.prompt_len = ids.shape
+        with autocast(precision):
+            visual = model.encode_images(batch["pixels"]) if batch["pixels"].numel() else None
+            self.embeds = model.embed(ids, visual)
+        self.keys_valid = torch.cat([valid, torch.zeros(b, new_positions, dtype=torch.bool)], dim=1)
+        self.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.cache = KVCache(model.cfg.llm, b, self.prompt_len + new_positions, dtype) if use_cache else None
+        self.appended = 0
+
+    def _run(self, step_embeds: torch.Tensor, step_positions: torch.Tensor) -> torch.Tensor:
+        total = self.prompt_len + self.appended
+        with autocast(self.precision):
+            if self.use_cache:
+                mask = _attention_mask(self.keys_valid[:, :total], step_embeds.shape[1])
+                hidden = self.model.llm(step_embeds, step_positions, mask, self.cache)
+            else:
+                mask = _attention_mask(self.keys_valid[:, :total], total)
+                hidden = self.model.llm(self.embeds, self.positions, mask)
+        return hidden[:, -1]
+
+    def prefill(self) -> torch.Tensor:
+        """The last prompt position's hidden state (B, width)."""
+        return self._run(self.embeds, self.positions)
+
+    def append(self, next_embeds: torch.Tensor) -> torch.Tensor:
+        """Append one input embedding per row (B, width); returns the hidden state it produces."""
+        self.keys_valid[:, self.prompt_len + self.appended] = True
+        self.appended += 1
+        next_pos = self.positions[:, -1:] + 1
+        next_embeds = next_embeds.unsqueeze(1).to(self.embeds.dtype)
+        self.embeds = torch.cat([self.embeds, next_embeds], dim=1)
+        self.positions = torch.cat([self.positions, next_pos], dim=1)
+        return self._run(next_embeds, next_pos)
+
+
 @torch.no_grad()
 def generate_ids(
     model: Emu,
@@ -37,56 +81,62 @@ def generate_ids(
     use_cache: bool = True,
     precision: str = "fp32",
 ) -> list[list[int]]:
-    """Greedy decoding; returns the new token ids of each prompt, up to (not including) [EOS]."""
+    """Greedy decoding; returns the new token ids of each prompt, up to (not including) [EOS], or up to
+    and including `[IMG]` when the model decides to draw (the caller regresses the image)."""
     model.eval()
-    encoded = [builder.encode(p, close=False) for p in prompts]
-    batch = builder.collate(encoded, left_pad=True)
-    ids, valid = batch["input_ids"], batch["valid"]
-    b, prompt_len = ids.shape
-    longest = int(valid.sum(1).max())
+    batch = builder.collate([builder.encode(p, close=False) for p in prompts], left_pad=True)
+    longest = int(batch["valid"].sum(1).max())
     max_new_tokens = min(max_new_tokens, builder.max_len - longest)
-    precision = resolve(precision)
-    bf16 = precision == "bf16"
     eos = builder.tok.eos_id
-
-    with autocast(precision):
-        visual = model.encode_images(batch["pixels"]) if batch["pixels"].numel() else None
-        embeds = model.embed(ids, visual)
-    keys_valid = torch.cat([valid, torch.zeros(b, max_new_tokens, dtype=torch.bool)], dim=1)
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    cache = KVCache(model.cfg.llm, b, prompt_len + max_new_tokens, torch.bfloat16 if bf16 else torch.float32) if use_cache else None
-
-    generated = torch.zeros(b, 0, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool)
-    step_embeds, step_positions = embeds, positions
+    stepper = Stepper(model, batch, max_new_tokens, use_cache, resolve(precision))
+    hidden = stepper.prefill()
+    generated = torch.zeros(len(prompts), 0, dtype=torch.long)
+    done = torch.zeros(len(prompts), dtype=torch.bool)
     for i in range(max_new_tokens):
-        total = prompt_len + i
-        with autocast(precision):
-            if use_cache:
-                mask = _attention_mask(keys_valid[:, :total], step_embeds.shape[1])
-                hidden = model.llm(step_embeds, step_positions, mask, cache)
-            else:
-                mask = _attention_mask(keys_valid[:, :total], total)
-                hidden = model.llm(embeds, positions, mask)
-            logits = model.llm.lm_head(hidden[:, -1]).float()
-        token = logits.argmax(-1)
+        token = model.llm.lm_head(hidden.to(model.llm.lm_head.weight.dtype)).float().argmax(-1)
         token = torch.where(done, torch.full_like(token, eos), token)
         generated = torch.cat([generated, token.unsqueeze(1)], dim=1)
-        done |= token == eos
+        done |= (token == eos) | (token == builder.tok.img_id)
         if bool(done.all()) or i == max_new_tokens - 1:
             break
-        keys_valid[:, total] = True
-        next_pos = positions[:, -1:] + 1
-        with autocast(precision):
-            next_embed = model.llm.embed_tokens(token.unsqueeze(1))
-        embeds = torch.cat([embeds, next_embed.to(embeds.dtype)], dim=1)
-        positions = torch.cat([positions, next_pos], dim=1)
-        step_embeds, step_positions = next_embed, next_pos
-    out = []
-    for row in generated.tolist():
-        out.append(row[: row.index(eos)] if eos in row else row)
-    return out
+        hidden = stepper.append(model.llm.embed_tokens(token))
+    return [row[: row.index(eos)] if eos in row else row for row in generated.tolist()]
 
 
 def generate_text(model: Emu, builder: SequenceBuilder, prompts: list[list[Segment]], **kwargs) -> list[str]:
+    """Text only: a continuation that opens an image ends there ([IMG] is special, so it decodes to nothing)."""
     return [builder.tok.decode(ids) for ids in generate_ids(model, builder, prompts, **kwargs)]
+
+
+@torch.no_grad()
+def generate_visual(
+    model: Emu,
+    builder: SequenceBuilder,
+    prompts: list[list[Segment]],
+    use_cache: bool = True,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """Emu's image generation: append `[IMG]` to each prompt, then regress the N visual embeddings one
+    at a time, each fed back (through the same projection as an encoded image's) as the next input.
+    Returns (B, N, resampler width) in fp32."""
+    model.eval()
+    encoded = []
+    for prompt in prompts:
+        e = builder.encode(prompt, close=False)
+        e.add([builder.tok.img_id])
+        if len(e.ids) + model.num_queries > builder.max_len:
+            raise SequenceTooLong(
+                f"the prompt is {len(e.ids)} tokens and its image needs {model.num_queries} more, but the model's "
+                f"context is {builder.max_len}; use fewer images or shorter text"
+            )
+        encoded.append(e)
+    stepper = Stepper(model, builder.collate(encoded, left_pad=True), model.num_queries - 1, use_cache, resolve(precision))
+    hidden = stepper.prefill()
+    regressed = []
+    for k in range(model.num_queries):
+        embedding = model.regression_head(hidden.to(model.regression_head.weight.dtype)).float()
+        regressed.append(embedding)
+        if k < model.num_queries - 1:
+            with autocast(stepper.precision):
+                hidden = stepper.append(model.visual_proj(embedding))
+    return torch.stack(regressed, dim=1)

@@ -67,8 +67,14 @@ def write_report(path: Path, metrics: dict[str, Any], examples: dict[str, list[d
         _row([html.escape(group), html.escape(k), str(v)])
         for group in ("vqa_per_template", "video_qa_per_template") for k, v in metrics.get(group, {}).items()
     )
-    curves = loss_svg(read_metrics(run_dir / "clip" / "metrics.jsonl"), ("loss",), "stage 0: CLIP loss") + loss_svg(
-        read_metrics(run_dir / "pretrain" / "metrics.jsonl"), ("ce", "l2"), "stage 1: text CE and visual L2"
+    curves = "".join(loss_svg(read_metrics(run_dir / stage / "metrics.jsonl"), keys, title) for stage, keys, title in (
+        ("clip", ("loss",), "stage 0: CLIP loss"),
+        ("pretrain", ("ce", "l2"), "stage 1: text CE and visual L2"),
+        ("autoencoder", ("recon",), "stage 2: autoencoder L1"),
+        ("diffusion", ("loss",), "stage 2: denoising loss"),
+    ) if (run_dir / stage).is_dir())
+    drawings = "".join(
+        f'<div class="cell">{_png(image)}<br>{html.escape(prompt)}</div>' for prompt, image in examples.get("drawings", [])
     )
     captions = "".join(
         _row([_png(e["image"]), html.escape(e["truth"]), _mark(e["truth"], e["prediction"])]) for e in examples.get("captions", [])
@@ -83,7 +89,8 @@ def write_report(path: Path, metrics: dict[str, Any], examples: dict[str, list[d
     )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>nextmm demo report</title>
 <style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px 10px;vertical-align:middle}}
-table{{border-collapse:collapse}} tr:nth-child(even){{background:#f4f4f4}} .ok{{color:#1e8449}} .bad{{color:#c0392b;font-weight:bold}}</style>
+table{{border-collapse:collapse}} tr:nth-child(even){{background:#f4f4f4}} .ok{{color:#1e8449}} .bad{{color:#c0392b;font-weight:bold}}
+.grid{{display:flex;flex-wrap:wrap;gap:12px}} .cell{{width:150px;font-size:12px}}</style>
 </head><body><h1>nextmm on Shapes World</h1>
 <h2>Figures (held-out seed {metrics.get("seed")})</h2><table>{figures}</table>
 <h2>Per question template</h2><table>{per_template}</table>
@@ -91,6 +98,7 @@ table{{border-collapse:collapse}} tr:nth-child(even){{background:#f4f4f4}} .ok{{
 <h2>Captions</h2><table><tr><th>image</th><th>truth</th><th>model</th></tr>{captions}</table>
 <h2>Questions</h2><table><tr><th>image</th><th>question</th><th>truth</th><th>model</th></tr>{vqa}</table>
 <h2>Videos</h2><table><tr><th>frames</th><th>question</th><th>truth</th><th>model</th></tr>{video}</table>
+<h2>Drawings</h2><div class="grid">{drawings or "<p>This model has no visual decoder.</p>"}</div>
 </body></html>"""
     path.write_text(page)
     return path

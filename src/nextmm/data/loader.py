@@ -5,7 +5,8 @@ shards is a source named after it: `nextmm data shapes` writes one per sample ki
 from one source picked by weight with a seeded RNG, so the mix is a setting rather than an accident of
 file sizes; one source per batch because sources differ a lot in length (a caption is ~25 tokens, an
 8-frame video ~95) and a mixed batch would be mostly padding. `join_at` holds a source back for its
-first batches (a curriculum: see PretrainConfig.join_at).
+first batches (a curriculum: see PretrainConfig.join_at). `views` reads a source's samples again under
+another name, changed by a function (stage 1 reads caption pairs text-first to learn text-to-image).
 Bad samples never stop a run: unreadable ones are skipped by the shard reader, ones too long for the
 context (or otherwise unusable for the stage) are skipped here, and both are counted in `report()`;
 samples a stage leaves out by choice (`LeftOut`) are counted apart. A source none of whose samples a
@@ -57,11 +58,14 @@ class MixedStream:
         shuffle_buffer: int = 512,
         unusable: tuple[type[Exception], ...] = (SequenceTooLong,),
         join_at: dict[str, int] | None = None,
+        views: dict[str, tuple[str, Callable[[Sample], Sample]]] | None = None,
     ):
-        self.sources = sources
-        self.names = [n for n in sources if weights.get(n, 1.0) > 0]
+        views = {name: view for name, view in (views or {}).items() if view[0] in sources}
+        self.sources = {**sources, **{name: sources[base] for name, (base, _) in views.items()}}
+        self.change = {name: change for name, (_, change) in views.items()}
+        self.names = [n for n in self.sources if weights.get(n, 1.0) > 0]
         if not self.names:
-            raise DataError(f"every data source ({', '.join(sources)}) has mix weight 0; give at least one a positive weight")
+            raise DataError(f"every data source ({', '.join(self.sources)}) has mix weight 0; give at least one a positive weight")
         self.weights = [weights.get(n, 1.0) for n in self.names]
         self.join_at = {n: (join_at or {}).get(n, 0) for n in self.names}
         self.batches = 0
@@ -109,6 +113,8 @@ class MixedStream:
         while len(items) < self.batch_size:
             sample = self._next_sample(name)  # outside the try: its "nothing usable" error must stop the run
             try:
+                if name in self.change:
+                    sample = self.change[name](sample)
                 items.append(self.make_item(sample))
                 self.used[name] += 1
             except LeftOut as err:

@@ -2,9 +2,9 @@
 
 One picture becomes `[IMG]` + N x `<image>` + `[/IMG]`; a video becomes one such block per frame (every
 frame, or `vision.video_frames` of them evenly spaced, in training and inference alike).
-`labels[t]` is the token the model must predict at position t (the next one), or IGNORE: only the
-words of target text segments and the closing `[EOS]` are learned, never `[PAD]`, `[IMG]`, `<image>`
-or `[/IMG]`.
+`labels[t]` is the token the model must predict at position t (the next one), or IGNORE: the words of
+target text segments, the closing `[EOS]`, and an `[IMG]` that directly follows target text (so that a
+continuation can decide to draw: `complete()` then regresses the image); never `[PAD]`, `<image>`, `[/IMG]`.
 """
 
 from __future__ import annotations
@@ -70,11 +70,14 @@ class SequenceBuilder:
         close=False leaves it open for the model to continue (an inference prompt)."""
         out = Encoded()
         out.add([self.tok.bos_id])
-        for seg in segments:
+        for i, seg in enumerate(segments):
             if isinstance(seg, Text):
                 out.add(self.tok.encode(seg.text), seg.target)
             elif isinstance(seg, Image):
-                out.add(self.image_block())
+                after_target_text = i > 0 and isinstance(segments[i - 1], Text) and segments[i - 1].target
+                block = self.image_block()
+                out.add(block[:1], after_target_text)
+                out.add(block[1:])
                 out.images.append(seg.image)
             elif isinstance(seg, Video):
                 for frame in self.frames_of(seg):

@@ -8,6 +8,7 @@ complete, then `checkpoints/latest` is replaced; a run killed mid-write resumes 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -66,6 +68,18 @@ def write_atomically(final: Path, fill: Callable[[Path], None]) -> Path:
     return final
 
 
+def write_file_atomically(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Write one file under a temporary name beside `final`, then rename it into place; a failed write
+    leaves nothing behind."""
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    try:
+        fill(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -109,3 +123,21 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.
     optimizer.load_state_dict(optimizer_from_files(load_file(str(path / "optimizer.safetensors")), plain))
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
     return json.loads((path / "state.json").read_text())
+
+
+def mark_stage_done(stage_dir: Path, result: Any, **extra: Any) -> None:
+    """Record a finished stage (a StageResult, plus anything its resume needs back) in done.json."""
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
+    (stage_dir / "done.json").write_text(json.dumps({**record, **extra}, indent=2))
+
+
+def finished_stage(module: nn.Module, stage_dir: Path, resume: bool) -> dict[str, Any] | None:
+    """When resuming and the stage in `stage_dir` finished: load its final weights into `module` and
+    return its done.json record. None means the stage must (still) run."""
+    done = stage_dir / "done.json"
+    if not (resume and done.is_file()):
+        return None
+    load_module(module, latest_checkpoint(stage_dir / "checkpoints") / "model.safetensors")
+    tqdm.write(f"[{stage_dir.name}] already finished in {stage_dir}; loaded it")
+    return json.loads(done.read_text())
+

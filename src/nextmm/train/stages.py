@@ -1,9 +1,11 @@
-"""The training pipeline: tokenizer -> stage 0 (CLIP image tower) -> stage 1 (Emu pretraining) -> model/.
+"""The training pipeline: tokenizer -> stage 0 (CLIP image tower) -> stage 1 (Emu pretraining) -> stage 2
+(visual decoder) -> model/.
 
 Output layout of `nextmm train --out RUN`:
   RUN/config.json  RUN/tokenizer.json
   RUN/clip/      metrics.jsonl, checkpoints/, done.json
   RUN/pretrain/  metrics.jsonl, checkpoints/, done.json
+  RUN/autoencoder/, RUN/diffusion/   stage 2, the visual decoder (train/decoder_stage.py)
   RUN/model/     the exported model (`nextmm.load(RUN/model)`)
 With `resume=True` a finished stage is loaded rather than re-run and an unfinished one continues from
 its last checkpoint.
@@ -12,15 +14,12 @@ its last checkpoint.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import zlib
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm import tqdm
 
 from nextmm.api import NextMM, build_model
 from nextmm.config import Config, PretrainConfig
@@ -32,7 +31,8 @@ from nextmm.data.transforms import to_pixels
 from nextmm.models.clip import CLIP
 from nextmm.models.emu import Emu
 from nextmm.tokenizer import NextTokenizer
-from nextmm.train.checkpoint import latest_checkpoint, load_module
+from nextmm.train.checkpoint import finished_stage, mark_stage_done
+from nextmm.train.decoder_stage import autoencoder_stage, build_decoder, diffusion_stage
 from nextmm.train import regression
 from nextmm.train.loop import StageResult, Trainer, param_groups
 from nextmm.train.targets import VisualTarget, make_target
@@ -99,34 +99,34 @@ class ClipBatches:
         return {"input_ids": ids, "lengths": lengths, "valid": valid, "pixels": to_pixels([i for i, _ in items], self.size)}
 
 
-def _finished(stage_dir: Path) -> bool:
-    return (stage_dir / "done.json").is_file()
-
-
-def _mark_done(stage_dir: Path, result: StageResult) -> None:
-    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
-    (stage_dir / "done.json").write_text(json.dumps(record, indent=2))
-
-
-def _load_finished(module: torch.nn.Module, stage_dir: Path) -> None:
-    load_module(module, latest_checkpoint(stage_dir / "checkpoints") / "model.safetensors")
-
-
 def clip_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, resume: bool) -> CLIP:
     torch.manual_seed(cfg.seed)
     clip = CLIP(cfg.vision, cfg.clip_text, tok.vocab_size)
     stage_dir = out / "clip"
-    if resume and _finished(stage_dir):
-        _load_finished(clip, stage_dir)
-        tqdm.write(f"[clip] already finished in {stage_dir}; loaded it")
+    if finished_stage(clip, stage_dir, resume) is not None:
         return clip
     batches = ClipBatches(tok, cfg)
     pair_sources = {k: v for k, v in sources.items() if k == "caption"} or sources
     # A source of mixed kinds may hold samples with no caption pair: those are skipped and counted.
     stream = MixedStream(pair_sources, {}, batches.item, batches.collate, cfg.clip.batch_size, cfg.seed, unusable=(DataError,))
     trainer = Trainer("clip", clip, lambda b: clip.loss(b["pixels"], b["input_ids"], b["lengths"]), cfg.clip, stage_dir)
-    _mark_done(stage_dir, trainer.run(Prefetcher(stream), resume))
+    mark_stage_done(stage_dir, trainer.run(Prefetcher(stream), resume))
     return clip
+
+
+def text_first(sample: Sample) -> Sample:
+    """An image-caption pair read the other way round, for text-to-image: the caption is context (no
+    cross-entropy) and the image after it is what the model regresses."""
+    segments = sample.segments
+    if len(segments) != 2 or not isinstance(segments[0], Image) or not isinstance(segments[1], Text):
+        raise LeftOut("only image-caption pairs are read text-first (mix key text_to_image)")
+    return Sample(sample.key, "text_to_image", [Text(segments[1].text, target=False), segments[0]], sample.meta)
+
+
+def text_to_image_view(sources: dict[str, Path]) -> dict[str, tuple[str, Callable[[Sample], Sample]]]:
+    """The `text_to_image` source: the caption source (or a data directory's only source) read text-first."""
+    base = "caption" if "caption" in sources else next(iter(sources)) if len(sources) == 1 else None
+    return {"text_to_image": (base, text_first)} if base else {}
 
 
 def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | None, Callable, Callable]:
@@ -151,13 +151,14 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
     model = build_model(cfg, tok)
     model.vision.load_state_dict(clip.visual.state_dict())
     stage_dir = out / "pretrain"
-    if resume and _finished(stage_dir):
-        _load_finished(model, stage_dir)
-        tqdm.write(f"[pretrain] already finished in {stage_dir}; loaded it")
+    if finished_stage(model, stage_dir, resume) is not None:
         return model
     p = cfg.pretrain
     builder = SequenceBuilder.for_config(tok, cfg)
-    stream = MixedStream(sources, p.mix, lambda s: builder.encode(s.segments), builder.collate, p.batch_size, cfg.seed, join_at=p.join_at)
+    stream = MixedStream(
+        sources, p.mix, lambda s: builder.encode(s.segments), builder.collate, p.batch_size, cfg.seed,
+        join_at=p.join_at, views=text_to_image_view(sources),
+    )
     target, loss_fn, backward = pretrain_objective(model, p)
     trainer = Trainer(
         "pretrain", model, loss_fn, p, stage_dir,
@@ -166,7 +167,7 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
         after_step=(lambda: target.update(model)) if target is not None else None,
         backward=backward,
     )
-    _mark_done(stage_dir, trainer.run(Prefetcher(stream), resume))
+    mark_stage_done(stage_dir, trainer.run(Prefetcher(stream), resume))
     return model
 
 
@@ -184,5 +185,10 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
     (out / "config.json").write_text(cfg.to_json())
     clip = clip_stage(cfg, sources, out, tok, resume)
     model = pretrain_stage(cfg, sources, out, tok, clip, resume)
-    model_dir = NextMM(model, tok, cfg).save(out / "model")
+    decoder = None
+    if cfg.diffusion.steps > 0:  # diffusion.steps=0 trains no visual decoder (a pretrained one still loads)
+        decoder = build_decoder(cfg)
+        autoencoder_stage(cfg, sources, out, decoder, resume)
+        diffusion_stage(cfg, sources, out, decoder, model, resume)
+    model_dir = NextMM(model, tok, cfg, decoder=decoder).save(out / "model")
     return {"model": str(model_dir), "run": str(out), "sources": {k: str(v) for k, v in sources.items()}}

@@ -1,0 +1,354 @@
+"""Emu's visual decoder: a latent diffusion model that turns the N visual embeddings the LLM regresses
+into an image. Built on diffusers, so a directory it saves is an ordinary diffusers one:
+
+  DIR/vae/        AutoencoderKL (the latent space)            config.json + diffusion_pytorch_model.safetensors
+  DIR/unet/       UNet2DConditionModel (denoises the latents)  the same
+  DIR/scheduler/  the training noise schedule (DDPMScheduler)  scheduler_config.json
+  DIR/condition.safetensors  what maps our embeddings to the UNet's cross-attention: the projection,
+                  a learned position per embedding, and the learned "no condition"
+
+Emu starts from Stable Diffusion and swaps its text encoder's 77 tokens for the N embeddings;
+`from_pretrained_dir` does the same with any local SD-style directory. Without one, a small VAE and UNet
+are built from `DecoderConfig` and trained from scratch (train/decoder_stage.py): the VAE on pixels first,
+then the UNet on the frozen VAE's latents.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nextmm.config import DecoderConfig
+from nextmm.errors import UserError
+from nextmm.train.checkpoint import write_atomically
+
+# A light KL keeps the latents near a unit Gaussian without blurring the reconstruction; the latents'
+# scale is then set by `calibrate_latent_scale`, not by the KL (weights 1e-3..1e-2 blurred the edges of
+# Shapes World's flat shapes within the 60 s budget, BENCHMARKS.md).
+KL_WEIGHT = 1e-4
+
+
+class DecoderDirError(UserError):
+    """A decoder directory that is missing or not in the layout the decoder reads."""
+
+
+class DecoderSamplingError(UserError):
+    """Sampling produced NaN or inf: diverged or corrupt weights, or a guidance too strong for them."""
+
+
+def norm_groups(channels: list[int], most: int = 32) -> int:
+    """GroupNorm groups that divide every channel count (sums of them too, as in the UNet's skip
+    concatenations), as many as `most` but keeping at least two channels per group: SD's 32 needs 64+
+    channels, and tiny test widths such as 16 still work."""
+    common = math.gcd(*channels)
+    return max(g for g in range(1, most + 1) if common % g == 0 and (common // g >= 2 or g == 1))
+
+
+def build_vae(cfg: DecoderConfig) -> AutoencoderKL:
+    blocks = len(cfg.vae_channels)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=tuple(cfg.vae_channels),
+        layers_per_block=1,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=norm_groups(cfg.vae_channels),
+        sample_size=cfg.image_size,
+        # Self-attention at the latent resolution is most of the VAE's time on CPU and flat-coloured
+        # shapes need no global context to be rebuilt.
+        mid_block_add_attention=False,
+        scaling_factor=1.0,  # set from the data by calibrate_latent_scale after training
+    )
+
+
+def build_unet(cfg: DecoderConfig, cross_attention_dim: int) -> UNet2DConditionModel:
+    """Plain ResNet blocks at the latent resolution, cross-attention (the condition) from the first
+    downsampled one on: at 16 x 16 latents that is 8 x 8 and below, where attention is cheap and every
+    position still sees the whole image."""
+    levels = len(cfg.unet_channels)
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1) if levels > 1 else ("CrossAttnDownBlock2D",)
+    up = tuple({"DownBlock2D": "UpBlock2D", "CrossAttnDownBlock2D": "CrossAttnUpBlock2D"}[b] for b in reversed(down))
+    latent_size = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        down_block_types=down,
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=up,
+        block_out_channels=tuple(cfg.unet_channels),
+        layers_per_block=cfg.unet_layers_per_block,
+        norm_num_groups=norm_groups(cfg.unet_channels),
+        cross_attention_dim=cross_attention_dim,
+        # diffusers' `attention_head_dim` is really the number of heads (diffusers issue 2011), and
+        # its `num_attention_heads` is refused; heads of cfg.unet_head_dim channels each, at least one.
+        attention_head_dim=tuple(max(1, c // cfg.unet_head_dim) for c in cfg.unet_channels),
+    )
+
+
+def build_scheduler(cfg: DecoderConfig) -> DDPMScheduler:
+    # Stable Diffusion's schedule (LDM's scaled-linear betas), which latent diffusion was tuned for.
+    # Trailing spacing makes the samplers built from this config start at the last training timestep,
+    # pure noise; SD's "leading" starts short of it and leaves a grey cast (Lin et al. 2023).
+    return DDPMScheduler(
+        num_train_timesteps=cfg.train_timesteps, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, timestep_spacing="trailing",
+    )
+
+
+class VisualDecoder(nn.Module):
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        condition_width: int,
+        num_queries: int,
+        vae: AutoencoderKL | None = None,
+        unet: UNet2DConditionModel | None = None,
+        scheduler: DDPMScheduler | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.condition_width = condition_width
+        self.num_queries = num_queries
+        self.vae = vae if vae is not None else build_vae(cfg)
+        self.unet = unet if unet is not None else build_unet(cfg, condition_width)
+        self.scheduler = scheduler if scheduler is not None else build_scheduler(cfg)
+        if self.vae.config.latent_channels != self.unet.config.in_channels:
+            raise ValueError(
+                f"the VAE makes {self.vae.config.latent_channels}-channel latents but the UNet reads "
+                f"{self.unet.config.in_channels}; give a VAE and UNet made for each other"
+            )
+        context = self.unet.config.cross_attention_dim
+        self.condition_proj = nn.Identity() if context == condition_width else nn.Linear(condition_width, context)
+        # Cross-attention treats its keys as a set; which of the N slots an embedding fills (with region
+        # seeds, where in the picture it was read) is told here. Zero: starts as the plain projection.
+        self.condition_pos = nn.Parameter(torch.zeros(num_queries, context))
+        # The learned "no condition": what condition dropout trains in, and the default negative.
+        self.null_condition = nn.Parameter(torch.randn(num_queries, condition_width) * 0.02)
+        self.downsampling = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        sample_size = self.unet.config.sample_size
+        if isinstance(sample_size, (list, tuple)):
+            sample_size = sample_size[0]
+        self.image_size = sample_size * self.downsampling if sample_size else cfg.image_size
+
+    # ------------------------------------------------------------------------- latents
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def _latent_shift(self) -> float:
+        return float(self.vae.config.get("shift_factor") or 0.0)  # SD3/Flux-style VAEs centre their latents too
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> diffusion latents (B, C, H/f, W/f), about unit variance once calibrated.
+
+        The posterior's mean, not a sample: with a light KL its spread is tiny anyway, the mean is
+        what the VAE decodes best and what the scale was calibrated on, and the same image always
+        gives the UNet the same target."""
+        mean = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean
+        return (mean - self._latent_shift()) * self.latent_scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        pixels = self.vae.decode(latents.to(self.vae.dtype) / self.latent_scale + self._latent_shift()).sample
+        return pixels.float().clamp(-1, 1)
+
+    def autoencoder_loss(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """L1 reconstruction through a posterior sample + KL_WEIGHT x KL to a unit Gaussian (per element).
+        L1 rather than MSE: it keeps the shapes' edges sharp, where MSE settles for a blur."""
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        rebuilt = self.vae.decode(posterior.sample()).sample.float()
+        recon = F.l1_loss(rebuilt, pixels.float())
+        mean, logvar = posterior.mean.float(), posterior.logvar.float()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+        return {"loss": recon + KL_WEIGHT * kl, "recon": recon, "kl": kl}
+
+    @torch.no_grad()
+    def calibrate_latent_scale(self, pixels: torch.Tensor) -> float:
+        """After the VAE's training: scale latents to unit standard deviation (SD's 0.18215 is the same
+        number for its VAE) and record it in the VAE's config, so save/load keep it."""
+        self.vae.register_to_config(scaling_factor=1.0)
+        std = float(self.encode(pixels).float().std())
+        if not math.isfinite(std) or std <= 0:
+            raise ValueError(f"the VAE's latents have standard deviation {std}; it cannot be calibrated (did its training diverge?)")
+        self.vae.register_to_config(scaling_factor=1.0 / std)
+        return 1.0 / std
+
+    # ------------------------------------------------------------------------- the condition
+
+    def _context(self, condition: torch.Tensor) -> torch.Tensor:
+        """(B, N, condition width) -> the UNet's cross-attention input (B, N, cross_attention_dim)."""
+        return (self.condition_proj(condition.float()) + self.condition_pos).to(self.unet.dtype)
+
+    def _check_condition(self, condition: torch.Tensor, what: str) -> None:
+        expected = (self.num_queries, self.condition_width)
+        if condition.ndim != 3 or tuple(condition.shape[1:]) != expected:
+            raise ValueError(f"{what} has shape {tuple(condition.shape)}; the decoder reads (batch, {expected[0]}, {expected[1]})")
+
+    def diffusion_loss(self, pixels: torch.Tensor, condition: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The UNet's denoising loss on the frozen VAE's latents. `condition` (B, N, width) comes detached
+        from the caller; each row is swapped for the null condition with probability cfg.condition_dropout,
+        which is what lets `sample` guide against it."""
+        self._check_condition(condition, "condition")
+        with torch.no_grad():
+            latents = self.encode(pixels).float()
+        b = latents.shape[0]
+        dropped = torch.rand(b, device=latents.device) < self.cfg.condition_dropout
+        condition = torch.where(dropped[:, None, None], self.null_condition.to(condition.dtype), condition)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        predicted = self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=self._context(condition)).sample
+        # epsilon for the decoders built here; a pretrained UNet may predict v (SD 2.x at 768 px)
+        kind = self.scheduler.config.prediction_type
+        target = self.scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else noise
+        return {"loss": F.mse_loss(predicted.float(), target)}
+
+    # ------------------------------------------------------------------------- sampling
+
+    def make_sampler(self):
+        """The sampler cfg.sampler names, on the training schedule (betas, spacing, prediction type)."""
+        if self.cfg.sampler == "ddim":
+            return DDIMScheduler.from_config(self.scheduler.config, set_alpha_to_one=False)
+        if self.cfg.sampler == "dpm":
+            with warnings.catch_warnings():
+                # diffusers 0.42 calls np.array() on a torch tensor, which NumPy 2 flags as deprecated on
+                # every construction; the values are right, and the warning is diffusers' to fix.
+                warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy keyword", DeprecationWarning)
+                return DPMSolverMultistepScheduler.from_config(self.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+        raise ValueError(f"decoder.sampler is '{self.cfg.sampler}'; set it to ddim or dpm")
+
+    @torch.no_grad()
+    def sample(
+        self,
+        condition: torch.Tensor,
+        negative: torch.Tensor | None = None,
+        guidance: float | None = None,
+        steps: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """(B, N, width) embeddings -> (B, 3, H, W) images in [-1, 1].
+
+        Classifier-free guidance: eps = eps(negative) + guidance x (eps(condition) - eps(negative)), the
+        negative being (B, N, width), or (1, N, width) for every row, or by default the learned null
+        condition. Both go through one UNet call of batch 2B; guidance 1 is the conditional alone. A list
+        of B generators makes row k depend only on generator k."""
+        self._check_condition(condition, "condition")
+        guidance = self.cfg.guidance if guidance is None else float(guidance)
+        steps = self.cfg.sample_steps if steps is None else int(steps)
+        b = condition.shape[0]
+        device = self.null_condition.device
+        context = self._context(condition.to(device))
+        guided = guidance != 1.0
+        if guided:
+            if negative is None:
+                negative = self.null_condition[None]
+            self._check_condition(negative, "negative")
+            if negative.shape[0] not in (1, b):
+                raise ValueError(f"negative has {negative.shape[0]} rows for {b} conditions; give 1 or {b}")
+            context = torch.cat([self._context(negative.to(device)).expand(b, -1, -1), context])
+
+        sampler = self.make_sampler()
+        sampler.set_timesteps(steps, device=device)
+        side = self.image_size // self.downsampling
+        shape = (b, self.unet.config.in_channels, side, side)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * sampler.init_noise_sigma
+        for i, t in enumerate(sampler.timesteps):
+            x = sampler.scale_model_input(latents, t)
+            x = torch.cat([x, x]) if guided else x
+            out = self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=context).sample.float()
+            if guided:
+                uncond, cond = out.chunk(2)
+                out = uncond + guidance * (cond - uncond)
+            latents = sampler.step(out, t, latents).prev_sample
+            if not torch.isfinite(latents).all():
+                raise DecoderSamplingError(
+                    f"denoising step {i + 1} of {steps} (timestep {int(t)}) produced NaN or inf; the decoder's weights "
+                    f"may have diverged or be corrupt: try a lower guidance than {guidance:g}, sampling in fp32, or "
+                    "a decoder from an earlier checkpoint"
+                )
+        return self.decode(latents)
+
+    # ------------------------------------------------------------------------- files
+
+    def _condition_state(self) -> dict[str, torch.Tensor]:
+        names = ("condition_proj.", "condition_pos", "null_condition")
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k.startswith(names)}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the decoder as a diffusers directory (module docstring), atomically: a crash leaves
+        the previous directory or none, never half of one."""
+
+        def fill(tmp: Path) -> None:
+            self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            save_file(self._condition_state(), str(tmp / "condition.safetensors"),
+                      metadata={"condition_width": str(self.condition_width), "num_queries": str(self.num_queries)})
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_atomically(path, fill)
+
+    @classmethod
+    def load(cls, path: str | Path, cfg: DecoderConfig, condition_width: int, num_queries: int) -> VisualDecoder:
+        """What `save` wrote."""
+        path = Path(path)
+        weights = path / "condition.safetensors"
+        if not weights.is_file():
+            raise DecoderDirError(f"decoder directory '{path}' has no condition.safetensors; give a directory written by VisualDecoder.save")
+        decoder = cls.from_pretrained_dir(path, cfg, condition_width, num_queries)
+        state = load_file(str(weights))
+        expected = decoder._condition_state()
+        if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+            shapes = {k: tuple(v.shape) for k, v in state.items()}
+            raise DecoderDirError(
+                f"'{weights}' holds {shapes}, not the condition weights of a decoder for {num_queries} embeddings of width "
+                f"{condition_width}; load it with the config it was trained with"
+            )
+        decoder.load_state_dict(state, strict=False)
+        return decoder
+
+    @classmethod
+    def from_pretrained_dir(cls, sd_dir: str | Path, cfg: DecoderConfig, condition_width: int, num_queries: int) -> VisualDecoder:
+        """A local diffusers directory in Stable Diffusion's layout (vae/ and unet/, model_index.json
+        optional): its VAE and UNet, a new projection from our width to the UNet's cross-attention width,
+        and its scheduler/ as the training schedule when it has one. Nothing is downloaded."""
+        root = Path(sd_dir)
+        need = "a diffusers Stable-Diffusion-style directory with vae/ (AutoencoderKL) and unet/ (UNet2DConditionModel), each holding config.json and its weights"
+        missing = [part for part in ("vae", "unet") if not (root / part / "config.json").is_file()]
+        if not root.is_dir() or missing:
+            problem = "does not exist" if not root.is_dir() else f"has no {' or '.join(m + '/config.json' for m in missing)}"
+            raise DecoderDirError(f"decoder directory '{root}' {problem}; give {need}")
+        try:
+            vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True, low_cpu_mem_usage=False)
+            unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True, low_cpu_mem_usage=False)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, json.JSONDecodeError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DecoderDirError(f"decoder directory '{root}' could not be read by diffusers ({reason}); give {need}") from err
+        if vae.config.latent_channels != unet.config.in_channels:
+            raise DecoderDirError(
+                f"decoder directory '{root}' pairs a VAE with {vae.config.latent_channels}-channel latents and a UNet that reads "
+                f"{unet.config.in_channels} channels; give {need}, made for each other"
+            )
+        if unet.config.addition_embed_type or unet.config.class_embed_type or not isinstance(unet.config.cross_attention_dim, int):
+            raise DecoderDirError(
+                f"decoder directory '{root}' has a UNet that needs more than cross-attention to condition it (SDXL-style extra "
+                "embeddings); give a Stable Diffusion 1.x/2.x-style directory"
+            )
+        scheduler = None
+        if (root / "scheduler" / "scheduler_config.json").is_file():
+            try:
+                scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
+            except (OSError, ValueError, TypeError, json.JSONDecodeError) as err:
+                raise DecoderDirError(f"decoder directory '{root}' has a scheduler/ diffusers cannot read ({err}); fix or remove it") from err
+        return cls(cfg, condition_width, num_queries, vae=vae, unet=unet, scheduler=scheduler)

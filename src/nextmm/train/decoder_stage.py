@@ -1,0 +1,92 @@
+"""Stage 2, the visual decoder: its autoencoder on pixels, then its UNet on the frozen visual embeddings.
+
+  RUN/autoencoder/  metrics.jsonl, checkpoints/, done.json   (skipped when decoder.pretrained gives a VAE)
+  RUN/diffusion/    metrics.jsonl, checkpoints/, done.json
+The UNet learns to rebuild each image from the embeddings that stage 1's frozen vision tower and causal
+resampler make of that same image: what the LLM regresses at generation time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nextmm.config import Config
+from nextmm.data.loader import MixedStream, Prefetcher
+from nextmm.data.sample import Image, Sample, Video
+from nextmm.data.shards import DataError
+from nextmm.data.transforms import to_pixels
+from nextmm.models.decoder import VisualDecoder
+from nextmm.models.emu import Emu
+from nextmm.train.checkpoint import finished_stage, mark_stage_done
+from nextmm.train.loop import Trainer, param_groups
+
+CALIBRATION_BATCHES = 4  # batches whose latents set the VAE's scaling factor after its training
+
+
+def build_decoder(cfg: Config) -> VisualDecoder:
+    width, n = cfg.resampler.width, cfg.resampler.num_queries
+    if cfg.decoder.pretrained:
+        return VisualDecoder.from_pretrained_dir(cfg.decoder.pretrained, cfg.decoder, width, n)
+    return VisualDecoder(cfg.decoder, width, n)
+
+
+def first_picture(sample: Sample):
+    """Any picture trains the decoder: the first image, or a video's first frame."""
+    for seg in sample.segments:
+        if isinstance(seg, Image):
+            return seg.image
+        if isinstance(seg, Video) and seg.frames:
+            return seg.frames[0]
+    raise DataError(f"sample '{sample.key}' has no picture")
+
+
+def picture_stream(cfg: Config, sources: dict[str, Path], batch_size: int, seed: int) -> Prefetcher:
+    vision_size, decoder_size = cfg.vision.image_size, cfg.decoder.image_size
+
+    def collate(images: list) -> dict[str, torch.Tensor]:
+        return {
+            "pixels": to_pixels(images, vision_size), "target": to_pixels(images, decoder_size),
+            "valid": torch.ones(len(images), 1, dtype=torch.bool),
+        }
+
+    # Captions are Shapes World's plain scenes; a user's data directory may hold any kinds.
+    picked = {k: v for k, v in sources.items() if k == "caption"} or sources
+    return Prefetcher(MixedStream(picked, {}, first_picture, collate, batch_size, seed, unusable=(DataError,)))
+
+
+def autoencoder_stage(cfg: Config, sources: dict[str, Path], out: Path, decoder: VisualDecoder, resume: bool) -> None:
+    stage_dir = out / "autoencoder"
+    if cfg.decoder.pretrained:
+        return
+    if (done := finished_stage(decoder.vae, stage_dir, resume)) is not None:
+        decoder.vae.register_to_config(scaling_factor=done["latent_scale"])
+        return
+    stream = picture_stream(cfg, sources, cfg.autoencoder.batch_size, cfg.seed + 2)
+    trainer = Trainer("autoencoder", decoder.vae, lambda b: decoder.autoencoder_loss(b["target"]), cfg.autoencoder, stage_dir)
+    result = trainer.run(stream, resume)
+    # A VAE trained from scratch has latents of no particular scale; diffusion assumes about unit variance.
+    calibration = torch.cat([stream.next_batch()["target"] for _ in range(CALIBRATION_BATCHES)])
+    scale = decoder.calibrate_latent_scale(calibration)
+    tqdm.write(f"[autoencoder] latent scaling factor {scale:.4f}")
+    mark_stage_done(stage_dir, result, latent_scale=scale)
+
+
+def diffusion_stage(cfg: Config, sources: dict[str, Path], out: Path, decoder: VisualDecoder, model: Emu, resume: bool) -> None:
+    stage_dir = out / "diffusion"
+    if finished_stage(decoder, stage_dir, resume) is not None:
+        return
+    decoder.vae.requires_grad_(False)
+    model.eval().requires_grad_(False)
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            condition = model.encode_images(batch["pixels"]).float()
+        return decoder.diffusion_loss(batch["target"], condition)
+
+    d = cfg.diffusion
+    stream = picture_stream(cfg, sources, d.batch_size, cfg.seed + 3)
+    trainer = Trainer("diffusion", decoder, loss_fn, d, stage_dir, groups=param_groups(decoder, d.lr, d.weight_decay))
+    mark_stage_done(stage_dir, trainer.run(stream, resume))

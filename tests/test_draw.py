@@ -1,0 +1,121 @@
+"""Drawing through the API and the CLI: regression loop -> visual decoder -> images, saved and loaded with
+the model, and every bad input one clear sentence with no files left behind."""
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+import nextmm
+from nextmm.api import DrawError, NextMM
+from nextmm.data import shapes
+from nextmm.models.decoder import VisualDecoder
+from test_cli import assert_one_clear_line, run
+
+
+@pytest.fixture()
+def drawer(micro_model, tokenizer, micro_config) -> NextMM:
+    cfg = micro_config.decoder
+    cfg.sample_steps = 3
+    decoder = VisualDecoder(cfg, micro_config.resampler.width, micro_config.resampler.num_queries)
+    return NextMM(micro_model, tokenizer, micro_config, decoder=decoder, batch_size=3)
+
+
+def pixel_gap(a, b) -> int:
+    return int(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max())
+
+
+@pytest.fixture()
+def scene_images():
+    return [shapes.sample_scene(np.random.default_rng([5, i])).image() for i in range(2)]
+
+
+def test_draw_makes_one_image_per_prompt_each_depending_only_on_its_prompt_seed_and_index(drawer, scene_images):
+    prompts = ["a large red circle", [scene_images[0], "make the red circle blue"], scene_images, "a small blue square"]
+    images = drawer.draw(prompts, seed=7)
+    assert len(images) == 4 and all(isinstance(i, PILImage.Image) and i.size == (64, 64) for i in images)
+    again = drawer.draw(prompts, seed=7)  # batch_size 3: the prompts run as two chunks both times
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again))
+    alone = drawer.draw(prompts[:1], seed=7)[0]
+    assert pixel_gap(alone, images[0]) <= 2  # another batch shape rounds differently, by a level or two
+    other_seed = drawer.draw(prompts[:1], seed=8)[0]
+    assert pixel_gap(other_seed, images[0]) > 20
+    assert len(drawer.draw(prompts[:1], negative="null", guidance=2.0)) == 1
+    assert drawer.reconstruct(scene_images)[0].size == (64, 64)
+
+
+def test_bad_drawing_options_are_refused_before_any_work(drawer):
+    for kwargs, words in [
+        ({"prompts": [""]}, "prompt 1 is empty"),
+        ({"prompts": ["a red circle"], "guidance": 0.5}, "guidance 0.5 is out of range"),
+        ({"prompts": ["a red circle"], "steps": 0}, "steps 0 is out of range"),
+        ({"prompts": ["a red circle"], "negative": "nothing"}, "negative is 'nothing'"),
+    ]:
+        with pytest.raises(DrawError, match=words):
+            drawer.draw(**kwargs)
+
+
+def test_a_model_without_a_decoder_says_how_to_get_one(micro_nextmm):
+    with pytest.raises(DrawError, match="no visual decoder"):
+        micro_nextmm.draw(["a large red circle"])
+
+
+def test_the_decoder_is_saved_and_loaded_with_the_model(tmp_path, drawer):
+    loaded = nextmm.load(drawer.save(tmp_path / "model"))
+    assert (tmp_path / "model" / "decoder" / "unet" / "config.json").is_file()
+    before, after = drawer.draw(["a large red circle"], seed=3)[0], loaded.draw(["a large red circle"], seed=3)[0]
+    assert pixel_gap(before, after) == 0
+
+
+def test_complete_draws_when_the_model_opens_an_image(drawer, monkeypatch):
+    img, word = drawer.tokenizer.img_id, drawer.tokenizer.encode("circle")
+    # The untrained model would rarely choose [IMG]; what matters here is what complete() does when it does.
+    monkeypatch.setattr(NextMM, "generate_ids", lambda self, prompts, n=32: [word + [img], word])
+    drawn, plain = drawer.complete([["a large red"], ["a small"]])
+    assert plain == "circle"
+    assert drawn[0] == "circle" and isinstance(drawn[1], PILImage.Image)
+
+
+def test_cli_draw_writes_numbered_pngs(capsys, tmp_path, drawer, scene_images):
+    model = str(drawer.save(tmp_path / "model"))
+    picture = tmp_path / "a.png"
+    scene_images[0].save(picture)
+    code, out, _ = run(capsys, "draw", "--model", model, "--out", str(tmp_path / "out"), "--num", "2", "--steps", "2", "a large red circle")
+    assert code == 0
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["draw-000.png", "draw-001.png"] and out.split() == [str(tmp_path / "out" / n) for n in written]
+    code, _, _ = run(capsys, "draw", "--model", model, "--out", str(tmp_path / "edit"), "--image", str(picture), "--steps", "2",
+                     "make the red circle blue")
+    assert code == 0 and PILImage.open(tmp_path / "edit" / "draw-000.png").size == (64, 64)
+
+
+def test_cli_draw_bad_inputs_are_one_sentence_and_leave_no_files(capsys, tmp_path, drawer):
+    model = str(drawer.save(tmp_path / "model"))
+    out = tmp_path / "out"
+    cases = [
+        (["draw", "--model", model, "--out", str(out), ""], "nothing to draw from"),
+        (["draw", "--model", model, "--out", str(out), "--image", str(tmp_path / "missing.png")], "missing.png"),
+        (["draw", "--model", model, "--out", str(out), "--guidance", "100", "a red circle"], "guidance 100.0 is out of range"),
+        (["draw", "--model", model, "--out", str(out), "--steps", "0", "a red circle"], "steps 0 is out of range"),
+    ]
+    for argv, words in cases:
+        code, _, err = run(capsys, *argv)
+        assert_one_clear_line(code, err, words)
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_broken_decoder_folder_is_one_clear_error(capsys, tmp_path, drawer):
+    model = drawer.save(tmp_path / "model")
+    (model / "decoder" / "unet" / "config.json").write_text("{ not json")
+    code, _, err = run(capsys, "draw", "--model", str(model), "--out", str(tmp_path / "out"), "a red circle")
+    assert_one_clear_line(code, err, "decoder")
+
+
+def test_the_drawing_score_is_perfect_on_true_renders_and_zero_on_blank_canvases():
+    from nextmm.eval.images import _scores, held_out_scenes
+
+    pairs = held_out_scenes(2, 20)
+    captions = [c for c, _ in pairs]
+    truth = _scores([img for _, img in pairs], captions)
+    blank = _scores([PILImage.new("RGB", (64, 64), "white")] * len(pairs), captions)
+    assert truth == {"all_objects_right": 1.0, "size_right": 1.0, "colour_right": 1.0, "shape_right": 1.0, "exact": 1.0}
+    assert set(blank.values()) == {0.0}
