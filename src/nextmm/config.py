@@ -69,9 +69,10 @@ class LLMConfig:
     mlp_hidden: int = 0  # 0 means LLaMA's rule: 2/3 of 4 x width, rounded up to a multiple of 64
     max_seq_len: int = 256
     rope_theta: float = 10000.0
-    # The output layer shares the input embeddings (GPT-2); LLaMA's are separate. Trained from scratch,
-    # tied: caption training aligns an image token's state with the word it names, and a question's word
-    # can then find its object (VQA "what shape is the {colour} object" 0.92 vs 0.64-0.79, BENCHMARKS.md).
+    # The output layer shares the input embeddings (GPT-2); LLaMA's are separate. Tied, caption training
+    # aligns an image token's state with the word it names, where a question's word can find it: one demo
+    # run read "what shape is the {colour} object" at 0.92 (untied 0.62-0.79), the next at 0.62, so the
+    # lift is not established (BENCHMARKS.md); it costs nothing and saves the output matrix.
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
 
@@ -101,7 +102,9 @@ class DecoderConfig:
     pretrained: str = ""
     image_size: int = 64
     latent_channels: int = 4
-    vae_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # one halving per block after the first
+    # One halving per block after the first. Narrow: the VAE trains from scratch in the demo's minute,
+    # where [32, 64, 64] managed ~60 steps and [8, 16, 32] ~800 (models/decoder.py, BENCHMARKS.md).
+    vae_channels: list[int] = field(default_factory=lambda: [8, 16, 32])
     unet_channels: list[int] = field(default_factory=lambda: [64, 128])
     unet_layers_per_block: int = 1
     unet_head_dim: int = 32
@@ -204,8 +207,9 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=3000, batch_size=32, lr=1.5e-3, time_budget_s=370))
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     # Stage 2: the decoder's autoencoder on pixels, then its UNet on the frozen visual embeddings.
-    autoencoder: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=32, lr=1e-3, time_budget_s=60))
-    diffusion: TrainConfig = field(default_factory=lambda: TrainConfig(steps=6000, batch_size=32, lr=5e-4, time_budget_s=180))
+    # Small batches for the autoencoder: more steps in its minute, and its images are alike anyway.
+    autoencoder: TrainConfig = field(default_factory=lambda: TrainConfig(steps=5000, batch_size=8, lr=1e-3, time_budget_s=60))
+    diffusion: TrainConfig = field(default_factory=lambda: TrainConfig(steps=6000, batch_size=32, lr=5e-4, time_budget_s=150))
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:

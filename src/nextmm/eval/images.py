@@ -23,13 +23,15 @@ from nextmm.eval.shapes import EVAL_SEED
 
 def held_out_scenes(objects: int, n: int, seed: int = EVAL_SEED) -> list[tuple[str, Any]]:
     """(caption, image) of the first n held-out scenes with exactly `objects` objects."""
-    found = []
+    found: list[tuple[str, Any]] = []
     for sample in shapes.make_samples("caption", seed, 50 * n):
+        if len(found) == n:
+            break
         caption = next(seg.text for seg in sample.segments if isinstance(seg, Text))
         if len(objects_in_caption(caption)) == objects:
             found.append((caption, next(seg.image for seg in sample.segments if isinstance(seg, Image))))
-            if len(found) == n:
-                return found
+    if len(found) == n:
+        return found
     raise ValueError(f"fewer than {n} held-out scenes with {objects} objects in {50 * n} tries")
 
 
@@ -61,8 +63,9 @@ def evaluate_drawing(
             results[f"t2i_{count}obj_{key}"] = round(value, 4)
         examples += list(itertools.islice(zip(captions, images), 8))
     results["t2i_images_per_s"] = round((one + two) / (time.perf_counter() - start), 2)
-    pairs = held_out_scenes(1, reconstruct // 2, seed) + held_out_scenes(2, reconstruct - reconstruct // 2, seed)
-    rebuilt = m.reconstruct([img for _, img in pairs], **{k: v for k, v in draw_options.items() if k != "negative"})
-    results["reconstruction_all_objects_right"] = round(_scores(rebuilt, [c for c, _ in pairs])["all_objects_right"], 4)
-    examples += [(f"reconstruction of: {c}", img) for (c, _), img in itertools.islice(zip(pairs, rebuilt), 4)]
+    if reconstruct:
+        pairs = held_out_scenes(1, reconstruct // 2, seed) + held_out_scenes(2, reconstruct - reconstruct // 2, seed)
+        rebuilt = m.reconstruct([img for _, img in pairs], **{k: v for k, v in draw_options.items() if k != "negative"})
+        results["reconstruction_all_objects_right"] = round(_scores(rebuilt, [c for c, _ in pairs])["all_objects_right"], 4)
+        examples += [(f"reconstruction of: {c}", img) for (c, _), img in itertools.islice(zip(pairs, rebuilt), 4)]
     return {**results, "t2i_prompts": {"one_object": one, "two_objects": two}, "examples": examples}

@@ -31,10 +31,14 @@ from nextmm.config import DecoderConfig
 from nextmm.errors import UserError
 from nextmm.train.checkpoint import write_atomically
 
-# A light KL keeps the latents near a unit Gaussian without blurring the reconstruction; the latents'
-# scale is then set by `calibrate_latent_scale`, not by the KL (weights 1e-3..1e-2 blurred the edges of
-# Shapes World's flat shapes within the 60 s budget, BENCHMARKS.md).
+# A light KL keeps the latents near a unit Gaussian without blurring the reconstruction; their scale is
+# then set by `calibrate_latent_scale`, not by the KL.
 KL_WEIGHT = 1e-4
+# Extra weight on the colour part of a pixel's error (what is left once its grey part is taken out). A
+# VAE trained from scratch learns lightness first and hue last: on Shapes World, with plain MSE, every
+# colour was still drawn on one blue-orange axis after 500 steps; with this weight the eight colours
+# were told apart by then (the 60 s budget on 2 CPU cores).
+CHROMA_WEIGHT = 8.0
 
 
 class DecoderDirError(UserError):
@@ -63,8 +67,8 @@ def build_vae(cfg: DecoderConfig) -> AutoencoderKL:
         latent_channels=cfg.latent_channels,
         norm_num_groups=norm_groups(cfg.vae_channels),
         sample_size=cfg.image_size,
-        # Self-attention at the latent resolution is most of the VAE's time on CPU and flat-coloured
-        # shapes need no global context to be rebuilt.
+        # Self-attention in the middle adds a fifth to a small VAE's step on CPU (0.49 vs 0.41 s at batch
+        # 32, vae_channels [8, 16, 32], 1 thread), and rebuilding flat shapes needs no global context.
         mid_block_add_attention=False,
         scaling_factor=1.0,  # set from the data by calibrate_latent_scale after training
     )
@@ -98,7 +102,8 @@ def build_unet(cfg: DecoderConfig, cross_attention_dim: int) -> UNet2DConditionM
 def build_scheduler(cfg: DecoderConfig) -> DDPMScheduler:
     # Stable Diffusion's schedule (LDM's scaled-linear betas), which latent diffusion was tuned for.
     # Trailing spacing makes the samplers built from this config start at the last training timestep,
-    # pure noise; SD's "leading" starts short of it and leaves a grey cast (Lin et al. 2023).
+    # where the UNet learned to start from pure noise; SD's "leading" starts short of it (at 961 of 999
+    # for 25 steps), from noise the UNet never saw at that timestep (Lin et al. 2023).
     return DDPMScheduler(
         num_train_timesteps=cfg.train_timesteps, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type="epsilon", clip_sample=False, timestep_spacing="trailing",
@@ -106,6 +111,9 @@ def build_scheduler(cfg: DecoderConfig) -> DDPMScheduler:
 
 
 class VisualDecoder(nn.Module):
+    """The VAE, the UNet, the training noise schedule, and the small part that turns N embeddings of
+    `condition_width` into the UNet's cross-attention input."""
+
     def __init__(
         self,
         cfg: DecoderConfig,
@@ -152,9 +160,9 @@ class VisualDecoder(nn.Module):
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> diffusion latents (B, C, H/f, W/f), about unit variance once calibrated.
 
-        The posterior's mean, not a sample: with a light KL its spread is tiny anyway, the mean is
-        what the VAE decodes best and what the scale was calibrated on, and the same image always
-        gives the UNet the same target."""
+        The posterior's mean, not a sample: the same image then always gives the UNet the same target,
+        the one the scale was calibrated on; a sample would add the posterior's noise to what the UNet
+        must learn to denoise, with nothing to gain since sampling ends in `decode` of a clean latent."""
         mean = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean
         return (mean - self._latent_shift()) * self.latent_scale
 
@@ -163,11 +171,13 @@ class VisualDecoder(nn.Module):
         return pixels.float().clamp(-1, 1)
 
     def autoencoder_loss(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """L1 reconstruction through a posterior sample + KL_WEIGHT x KL to a unit Gaussian (per element).
-        L1 rather than MSE: it keeps the shapes' edges sharp, where MSE settles for a blur."""
+        """Squared error through a posterior sample, its colour part weighted up (CHROMA_WEIGHT), plus
+        KL_WEIGHT x KL to a unit Gaussian; each a mean per element. With L1 instead, the shapes stayed dark
+        blurs of the wrong colour for far longer."""
         posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        rebuilt = self.vae.decode(posterior.sample()).sample.float()
-        recon = F.l1_loss(rebuilt, pixels.float())
+        error = self.vae.decode(posterior.sample()).sample.float() - pixels.float()
+        chroma = error - error.mean(1, keepdim=True)
+        recon = error.pow(2).mean() + CHROMA_WEIGHT * chroma.pow(2).mean()
         mean, logvar = posterior.mean.float(), posterior.logvar.float()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         return {"loss": recon + KL_WEIGHT * kl, "recon": recon, "kl": kl}
@@ -176,10 +186,9 @@ class VisualDecoder(nn.Module):
     def calibrate_latent_scale(self, pixels: torch.Tensor) -> float:
         """After the VAE's training: scale latents to unit standard deviation (SD's 0.18215 is the same
         number for its VAE) and record it in the VAE's config, so save/load keep it."""
-        self.vae.register_to_config(scaling_factor=1.0)
-        std = float(self.encode(pixels).float().std())
+        std = float(self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mean.float().std())
         if not math.isfinite(std) or std <= 0:
-            raise ValueError(f"the VAE's latents have standard deviation {std}; it cannot be calibrated (did its training diverge?)")
+            raise ValueError(f"the VAE's latents have standard deviation {std}, so cannot be scaled; did its training diverge?")
         self.vae.register_to_config(scaling_factor=1.0 / std)
         return 1.0 / std
 
@@ -190,9 +199,9 @@ class VisualDecoder(nn.Module):
         return (self.condition_proj(condition.float()) + self.condition_pos).to(self.unet.dtype)
 
     def _check_condition(self, condition: torch.Tensor, what: str) -> None:
-        expected = (self.num_queries, self.condition_width)
-        if condition.ndim != 3 or tuple(condition.shape[1:]) != expected:
-            raise ValueError(f"{what} has shape {tuple(condition.shape)}; the decoder reads (batch, {expected[0]}, {expected[1]})")
+        n, width = self.num_queries, self.condition_width
+        if condition.ndim != 3 or tuple(condition.shape[1:]) != (n, width):
+            raise ValueError(f"{what} has shape {tuple(condition.shape)}; the decoder reads (batch, {n}, {width})")
 
     def diffusion_loss(self, pixels: torch.Tensor, condition: torch.Tensor) -> dict[str, torch.Tensor]:
         """The UNet's denoising loss on the frozen VAE's latents. `condition` (B, N, width) comes detached
@@ -220,11 +229,7 @@ class VisualDecoder(nn.Module):
         if self.cfg.sampler == "ddim":
             return DDIMScheduler.from_config(self.scheduler.config, set_alpha_to_one=False)
         if self.cfg.sampler == "dpm":
-            with warnings.catch_warnings():
-                # diffusers 0.42 calls np.array() on a torch tensor, which NumPy 2 flags as deprecated on
-                # every construction; the values are right, and the warning is diffusers' to fix.
-                warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy keyword", DeprecationWarning)
-                return DPMSolverMultistepScheduler.from_config(self.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+            return DPMSolverMultistepScheduler.from_config(self.scheduler.config, algorithm_type="dpmsolver++")
         raise ValueError(f"decoder.sampler is '{self.cfg.sampler}'; set it to ddim or dpm")
 
     @torch.no_grad()
@@ -258,7 +263,11 @@ class VisualDecoder(nn.Module):
             context = torch.cat([self._context(negative.to(device)).expand(b, -1, -1), context])
 
         sampler = self.make_sampler()
-        sampler.set_timesteps(steps, device=device)
+        with warnings.catch_warnings():
+            # diffusers 0.42's DPM-Solver calls np.array() on a torch tensor here, which NumPy 2 flags as
+            # deprecated on every call; the values are right, and the fix is diffusers' to make.
+            warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy keyword", DeprecationWarning)
+            sampler.set_timesteps(steps, device=device)
         side = self.image_size // self.downsampling
         shape = (b, self.unet.config.in_channels, side, side)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * sampler.init_noise_sigma
@@ -305,7 +314,9 @@ class VisualDecoder(nn.Module):
         path = Path(path)
         weights = path / "condition.safetensors"
         if not weights.is_file():
-            raise DecoderDirError(f"decoder directory '{path}' has no condition.safetensors; give a directory written by VisualDecoder.save")
+            raise DecoderDirError(
+                f"decoder directory '{path}' has no condition.safetensors; give a directory written by VisualDecoder.save"
+            )
         decoder = cls.from_pretrained_dir(path, cfg, condition_width, num_queries)
         state = load_file(str(weights))
         expected = decoder._condition_state()
@@ -319,12 +330,17 @@ class VisualDecoder(nn.Module):
         return decoder
 
     @classmethod
-    def from_pretrained_dir(cls, sd_dir: str | Path, cfg: DecoderConfig, condition_width: int, num_queries: int) -> VisualDecoder:
+    def from_pretrained_dir(
+        cls, sd_dir: str | Path, cfg: DecoderConfig, condition_width: int, num_queries: int
+    ) -> VisualDecoder:
         """A local diffusers directory in Stable Diffusion's layout (vae/ and unet/, model_index.json
         optional): its VAE and UNet, a new projection from our width to the UNet's cross-attention width,
         and its scheduler/ as the training schedule when it has one. Nothing is downloaded."""
         root = Path(sd_dir)
-        need = "a diffusers Stable-Diffusion-style directory with vae/ (AutoencoderKL) and unet/ (UNet2DConditionModel), each holding config.json and its weights"
+        need = (
+            "a diffusers Stable-Diffusion-style directory with vae/ (AutoencoderKL) and unet/ (UNet2DConditionModel), "
+            "each holding config.json and its weights"
+        )
         missing = [part for part in ("vae", "unet") if not (root / part / "config.json").is_file()]
         if not root.is_dir() or missing:
             problem = "does not exist" if not root.is_dir() else f"has no {' or '.join(m + '/config.json' for m in missing)}"
@@ -337,18 +353,21 @@ class VisualDecoder(nn.Module):
             raise DecoderDirError(f"decoder directory '{root}' could not be read by diffusers ({reason}); give {need}") from err
         if vae.config.latent_channels != unet.config.in_channels:
             raise DecoderDirError(
-                f"decoder directory '{root}' pairs a VAE with {vae.config.latent_channels}-channel latents and a UNet that reads "
-                f"{unet.config.in_channels} channels; give {need}, made for each other"
+                f"decoder directory '{root}' pairs a VAE with {vae.config.latent_channels}-channel latents and a UNet that "
+                f"reads {unet.config.in_channels} channels; give {need}, made for each other"
             )
-        if unet.config.addition_embed_type or unet.config.class_embed_type or not isinstance(unet.config.cross_attention_dim, int):
+        extra = unet.config.addition_embed_type or unet.config.class_embed_type
+        if extra or not isinstance(unet.config.cross_attention_dim, int):
             raise DecoderDirError(
-                f"decoder directory '{root}' has a UNet that needs more than cross-attention to condition it (SDXL-style extra "
-                "embeddings); give a Stable Diffusion 1.x/2.x-style directory"
+                f"decoder directory '{root}' has a UNet that needs more than cross-attention to condition it (SDXL-style "
+                "extra embeddings); give a Stable Diffusion 1.x/2.x-style directory"
             )
         scheduler = None
         if (root / "scheduler" / "scheduler_config.json").is_file():
             try:
                 scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
             except (OSError, ValueError, TypeError, json.JSONDecodeError) as err:
-                raise DecoderDirError(f"decoder directory '{root}' has a scheduler/ diffusers cannot read ({err}); fix or remove it") from err
+                raise DecoderDirError(
+                    f"decoder directory '{root}' has a scheduler/ that diffusers cannot read ({err}); fix or remove it"
+                ) from err
         return cls(cfg, condition_width, num_queries, vae=vae, unet=unet, scheduler=scheduler)

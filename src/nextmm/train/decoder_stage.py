@@ -29,7 +29,9 @@ CALIBRATION_BATCHES = 4  # batches whose latents set the VAE's scaling factor af
 def build_decoder(cfg: Config) -> VisualDecoder:
     width, n = cfg.resampler.width, cfg.resampler.num_queries
     if cfg.decoder.pretrained:
-        return VisualDecoder.from_pretrained_dir(cfg.decoder.pretrained, cfg.decoder, width, n)
+        decoder = VisualDecoder.from_pretrained_dir(cfg.decoder.pretrained, cfg.decoder, width, n)
+        cfg.decoder.image_size = decoder.image_size  # the UNet's own size: the stage trains on images of it
+        return decoder
     return VisualDecoder(cfg.decoder, width, n)
 
 
