@@ -20,7 +20,10 @@ SMALL = {"caption": 48, "vqa": 6, "video_qa": 4, "binding": 6}
 
 def micro_cfg(**pretrain):
     cfg = make_config("micro", overrides=["clip.steps=3", "clip.batch_size=16", "pretrain.batch_size=8", "pretrain.ckpt_every=3",
-                                          "clip.time_budget_s=0", "pretrain.time_budget_s=0", "pretrain.log_every=1"])
+                                          "clip.time_budget_s=0", "pretrain.time_budget_s=0", "pretrain.log_every=1",
+                                          "autoencoder.steps=3", "autoencoder.time_budget_s=0", "autoencoder.batch_size=4",
+                                          "diffusion.steps=4", "diffusion.time_budget_s=0", "diffusion.batch_size=4",
+                                          "diffusion.ckpt_every=2"])
     for key, value in pretrain.items():
         setattr(cfg.pretrain, key, value)
     return cfg
@@ -75,6 +78,27 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatc
         torch.testing.assert_close(a[name], b[name], msg=name)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_killed_in_stage_2_resumes_to_the_same_decoder(tmp_path, data_dir, monkeypatch):
+    straight = api.load(train(micro_cfg(steps=2), data_dir, tmp_path / "a")["model"])
+    real_save = loop.save_checkpoint
+
+    def save_then_die(root, step, *args, **kwargs):
+        path = real_save(root, step, *args, **kwargs)
+        if "diffusion" in str(root) and step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(micro_cfg(steps=2), data_dir, tmp_path / "b")
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    resumed = api.load(train(micro_cfg(steps=2), data_dir, tmp_path / "b", resume=True)["model"])
+    assert resumed.decoder.latent_scale == straight.decoder.latent_scale != 1.0  # calibrated, and kept across the resume
+    a, b = straight.decoder.state_dict(), resumed.decoder.state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name)
 
 
 def test_corrupt_samples_are_skipped_counted_and_training_goes_on(tmp_path, data_dir):
