@@ -34,7 +34,7 @@ from nextmm.tokenizer import NextTokenizer
 from nextmm.train.checkpoint import finished_stage, mark_stage_done
 from nextmm.train.decoder_stage import autoencoder_stage, build_decoder, diffusion_stage
 from nextmm.train import regression
-from nextmm.train.loop import StageResult, Trainer, param_groups
+from nextmm.train.loop import Trainer, param_groups
 from nextmm.train.targets import VisualTarget, make_target
 
 TOKENIZER_SAMPLES_PER_SOURCE = 20000
