@@ -85,6 +85,17 @@ def test_unknown_preset_and_unknown_key(capsys, tmp_path):
     assert_one_clear_line(*run(capsys, "train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "llm.depth=3")[::2], "llm.depth")
 
 
+def test_a_bad_pretrained_decoder_stops_training_before_it_starts(capsys, tmp_path):
+    from nextmm.data.make import write_shapes
+
+    write_shapes(tmp_path / "data", {"caption": 8}, seed=0, shard_size=8)
+    capsys.readouterr()  # the writer's progress bar
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"), "--preset", "micro",
+                       "--set", f"decoder.pretrained={tmp_path}")
+    assert_one_clear_line(code, err, "decoder directory", "vae/")
+    assert not (tmp_path / "o" / "clip").exists()
+
+
 def test_data_directory_without_shards(capsys, tmp_path):
     assert_one_clear_line(*run(capsys, "train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "micro")[::2], "no .tar shards")
 

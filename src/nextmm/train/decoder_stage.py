@@ -27,6 +27,7 @@ CALIBRATION_BATCHES = 4  # batches whose latents set the VAE's scaling factor af
 
 
 def build_decoder(cfg: Config) -> VisualDecoder:
+    torch.manual_seed(cfg.seed + 2)
     width, n = cfg.resampler.width, cfg.resampler.num_queries
     if cfg.decoder.pretrained:
         decoder = VisualDecoder.from_pretrained_dir(cfg.decoder.pretrained, cfg.decoder, width, n)

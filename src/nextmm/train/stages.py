@@ -183,11 +183,11 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
         tok.save(tok_path)
     cfg.llm.vocab_size = tok.vocab_size
     (out / "config.json").write_text(cfg.to_json())
+    # Built first, so that a bad decoder.pretrained fails now rather than after stages 0 and 1.
+    decoder = build_decoder(cfg) if cfg.diffusion.steps > 0 else None  # diffusion.steps=0: no decoder trained
     clip = clip_stage(cfg, sources, out, tok, resume)
     model = pretrain_stage(cfg, sources, out, tok, clip, resume)
-    decoder = None
-    if cfg.diffusion.steps > 0:  # diffusion.steps=0 trains no visual decoder (a pretrained one still loads)
-        decoder = build_decoder(cfg)
+    if decoder is not None:
         autoencoder_stage(cfg, sources, out, decoder, resume)
         diffusion_stage(cfg, sources, out, decoder, model, resume)
     model_dir = NextMM(model, tok, cfg, decoder=decoder).save(out / "model")
