@@ -54,23 +54,26 @@ def test_train_writes_a_loadable_model_and_metrics(tmp_path, data_dir):
     assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json"}
 
 
-def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
-    straight = train(micro_cfg(steps=6), data_dir, tmp_path / "a")
-
+def straight_and_killed_then_resumed(tmp_path, data_dir, monkeypatch, stage: str, kill_at: int, steps: int) -> tuple[dict, dict]:
+    """One uninterrupted run, and one killed right after `stage` saved step `kill_at`, then resumed."""
+    straight = train(micro_cfg(steps=steps), data_dir, tmp_path / "a")
     real_save = loop.save_checkpoint
 
     def save_then_die(root, step, *args, **kwargs):
         path = real_save(root, step, *args, **kwargs)
-        if "pretrain" in str(root) and step == 3:
+        if stage in str(root) and step == kill_at:
             raise KeyboardInterrupt
         return path
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(micro_cfg(steps=6), data_dir, tmp_path / "b")
+        train(micro_cfg(steps=steps), data_dir, tmp_path / "b")
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
-    resumed = train(micro_cfg(steps=6), data_dir, tmp_path / "b", resume=True)
+    return straight, train(micro_cfg(steps=steps), data_dir, tmp_path / "b", resume=True)
 
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
+    straight, resumed = straight_and_killed_then_resumed(tmp_path, data_dir, monkeypatch, "pretrain", 3, 6)
     a = load_file(f"{straight['model']}/model.safetensors")
     b = load_file(f"{resumed['model']}/model.safetensors")
     assert a.keys() == b.keys()
@@ -81,22 +84,10 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatc
 
 
 def test_a_run_killed_in_stage_2_resumes_to_the_same_decoder(tmp_path, data_dir, monkeypatch):
-    straight = api.load(train(micro_cfg(steps=2), data_dir, tmp_path / "a")["model"])
-    real_save = loop.save_checkpoint
-
-    def save_then_die(root, step, *args, **kwargs):
-        path = real_save(root, step, *args, **kwargs)
-        if "diffusion" in str(root) and step == 2:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(micro_cfg(steps=2), data_dir, tmp_path / "b")
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
-    resumed = api.load(train(micro_cfg(steps=2), data_dir, tmp_path / "b", resume=True)["model"])
-    assert resumed.decoder.latent_scale == straight.decoder.latent_scale != 1.0  # calibrated, and kept across the resume
-    a, b = straight.decoder.state_dict(), resumed.decoder.state_dict()
+    runs = straight_and_killed_then_resumed(tmp_path, data_dir, monkeypatch, "diffusion", 2, 2)
+    straight, resumed = (api.load(run["model"]).decoder for run in runs)
+    assert resumed.latent_scale == straight.latent_scale != 1.0  # calibrated, and kept across the resume
+    a, b = straight.state_dict(), resumed.state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], msg=name)
 
