@@ -29,9 +29,10 @@ def drawing_speed(m, batch: int, repeats: int = 2) -> float:
 
 def step_times(m, batch: int, repeats: int = 3) -> dict:
     """Forward + backward of each stage-2 loss, as its training step computes it (optimizer excluded)."""
-    pixels = to_pixels([img for _, img in held_out_scenes(1, batch)], m.config.decoder.image_size)
+    images = [img for _, img in held_out_scenes(1, batch)]
+    pixels = to_pixels(images, m.config.decoder.image_size)
     with torch.no_grad():
-        condition = m.model.encode_images(to_pixels([img for _, img in held_out_scenes(1, batch)], m.config.vision.image_size))
+        condition = m.model.encode_images(to_pixels(images, m.config.vision.image_size))
     out = {}
     for name, loss in (("autoencoder", lambda: m.decoder.autoencoder_loss(pixels)),
                        ("diffusion", lambda: m.decoder.diffusion_loss(pixels, condition))):

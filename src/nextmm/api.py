@@ -75,9 +75,10 @@ class NextMM:
         self.precision = precision
         self.builder = SequenceBuilder.for_config(tokenizer, config)
 
-    def _chunks(self, prompts: list[list[Segment]]):
-        for start in range(0, len(prompts), self.batch_size):
-            yield prompts[start : start + self.batch_size]
+    def _chunks(self, items):
+        """Prompts (or a tensor of pixels) in slices of batch_size."""
+        for start in range(0, len(items), self.batch_size):
+            yield items[start : start + self.batch_size]
 
     def generate_ids(self, prompts: list[list[Segment]], max_new_tokens: int = 32) -> list[list[int]]:
         return [ids for chunk in self._chunks(prompts) for ids in generate_ids(self.model, self.builder, chunk, max_new_tokens, precision=self.precision)]
@@ -105,7 +106,8 @@ class NextMM:
         out: list = [self.tokenizer.decode(ids) for ids in rows]
         drawing = [i for i, ids in enumerate(rows) if ids and ids[-1] == self.tokenizer.img_id]
         if drawing and self.decoder is not None:
-            images = self._draw([segments[i] + [Text(out[i], target=False)] * bool(out[i]) for i in drawing], **draw_options)
+            written = [segments[i] + ([Text(out[i], target=False)] if out[i] else []) for i in drawing]
+            images = self._draw(written, **draw_options)
             for i, image in zip(drawing, images):
                 out[i] = [out[i], image]
         return out
@@ -135,7 +137,7 @@ class NextMM:
         guidance, steps = self._sampling(guidance, steps)
         pixels = to_pixels([_picture(img) for img in images], self.config.vision.image_size)
         with torch.no_grad():
-            condition = torch.cat([self.model.encode_images(pixels[i : i + self.batch_size]) for i in range(0, len(pixels), self.batch_size)])
+            condition = torch.cat([self.model.encode_images(chunk) for chunk in self._chunks(pixels)])
         return self._render(decoder, condition.float(), None, guidance, steps, seed)
 
     def _decoder(self) -> VisualDecoder:

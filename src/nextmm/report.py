@@ -70,7 +70,7 @@ def write_report(path: Path, metrics: dict[str, Any], examples: dict[str, list[d
     curves = "".join(loss_svg(read_metrics(run_dir / stage / "metrics.jsonl"), keys, title) for stage, keys, title in (
         ("clip", ("loss",), "stage 0: CLIP loss"),
         ("pretrain", ("ce", "l2"), "stage 1: text CE and visual L2"),
-        ("autoencoder", ("recon",), "stage 2: autoencoder L1"),
+        ("autoencoder", ("recon",), "stage 2: autoencoder reconstruction"),
         ("diffusion", ("loss",), "stage 2: denoising loss"),
     ) if (run_dir / stage).is_dir())
     drawings = "".join(

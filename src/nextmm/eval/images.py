@@ -36,8 +36,9 @@ def held_out_scenes(objects: int, n: int, seed: int = EVAL_SEED) -> list[tuple[s
 
 
 def _scores(images: list, captions: list[str]) -> dict[str, float]:
-    scored = [score_prompt(img, objects_in_caption(c)) for img, c in zip(images, captions)]
-    first_named = [objects_in_caption(c)[0] for c in captions]
+    wanted = [objects_in_caption(c) for c in captions]
+    scored = [score_prompt(img, objects) for img, objects in zip(images, wanted)]
+    first_named = [objects[0] for objects in wanted]
     return {
         "all_objects_right": float(np.mean([s["all_objects_right"] for s in scored])),
         "size_right": float(np.mean([s["size_rate"] for s in scored])),

@@ -81,8 +81,8 @@ def diffusion_stage(cfg: Config, sources: dict[str, Path], out: Path, decoder: V
     stage_dir = out / "diffusion"
     if finished_stage(decoder, stage_dir, resume) is not None:
         return
-    decoder.vae.requires_grad_(False)
-    model.eval().requires_grad_(False)
+    decoder.vae.requires_grad_(False)  # frozen: kept out of the optimizer
+    model.eval()
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
