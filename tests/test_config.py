@@ -50,6 +50,9 @@ def test_yaml_then_overrides_apply_in_order(tmp_path):
         (lambda: make_config("tiny", "/nonexistent.yaml"), "does not exist"),
         (lambda: make_config("tiny", overrides=["clip.precision=fp16"]), "'clip.precision' is 'fp16'; set it to one of auto, bf16, fp32"),
         (lambda: make_config("tiny", overrides=["resampler.seed=max"]), "'resampler.seed' is 'max'; set it to one of regions, none"),
+        (lambda: make_config("tiny", overrides=["decoder.prediction_type=x0"]),
+         "'decoder.prediction_type' is 'x0'; set it to one of epsilon, v_prediction"),
+        (lambda: make_config("tiny", overrides=["decoder.snr_gamma=-1"]), "'decoder.snr_gamma' is -1.0; set it to 0"),
     ],
 )
 def test_config_mistakes_are_explained(call, words):

@@ -60,7 +60,7 @@ def test_losses_train_the_right_parts_and_samples_are_images(sampler, pixels):
 
     d.zero_grad(set_to_none=True)
     out = d.diffusion_loss(pixels, condition(len(pixels)))
-    assert set(out) == {"loss"} and out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    assert set(out) == {"loss", "mse"} and out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     out["loss"].backward()
     assert all(g is None for g in grads(d.vae))  # the VAE stays frozen
     assert sum(g is not None and g.abs().sum() > 0 for g in grads(d.unet)) > 0.9 * len(grads(d.unet))
@@ -113,6 +113,8 @@ def test_a_stable_diffusion_style_directory_loads_and_samples(tmp_path):
     assert isinstance(d.condition_proj, torch.nn.Linear)
     assert (d.condition_proj.in_features, d.condition_proj.out_features) == (WIDTH, 40)
     assert d.image_size == 32  # the UNet's 16 latents x the VAE's one halving, not the config's 64
+    assert tiny_config().prediction_type == "v_prediction"
+    assert d.scheduler.config.prediction_type == "epsilon"  # no scheduler/ of its own: SD 1.x's
     images = d.sample(condition(1), steps=2, generator=seeded(0))
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
     d.diffusion_loss(torch.zeros(2, 3, 32, 32), condition(2))["loss"].backward()
@@ -243,3 +245,21 @@ def test_autoencoder_training_lowers_its_loss(decoder, pixels):
         decoder.autoencoder_loss(pixels)["loss"].backward()
         opt.step()
     assert loss() < 0.8 * before
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_min_snr_gamma_weighs_each_step_by_its_clamped_snr(kind, pixels):
+    torch.manual_seed(0)
+    d = VisualDecoder(tiny_config(snr_gamma=5.0, prediction_type=kind), WIDTH, N)
+    assert d.scheduler.config.prediction_type == kind
+    t = torch.tensor([0, 200, 500, 999])
+    alpha_bar = d.scheduler.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    # in terms of the clean latents, the plain loss weighs a step by snr (epsilon) or snr + 1 (v)
+    plain = snr if kind == "epsilon" else snr + 1
+    torch.testing.assert_close(d._loss_weights(t, kind) * plain, snr.clamp(max=5.0))
+    assert snr[0] > 5 > snr[-1]  # the clamp bites at the low-noise end only
+    out = d.diffusion_loss(pixels, condition(len(pixels)))
+    assert out["loss"] <= out["mse"]  # no weight is above 1
+    unweighted = VisualDecoder(tiny_config(prediction_type=kind, snr_gamma=0.0), WIDTH, N)
+    torch.testing.assert_close(unweighted._loss_weights(t, kind), torch.ones(4))

@@ -3,11 +3,14 @@ the model, and every bad input one clear sentence with no files left behind."""
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image as PILImage
 
 import nextmm
 from nextmm.api import DrawError, NextMM
 from nextmm.data import shapes
+from nextmm.eval.images import held_out_scenes, regression_retrieval
+from nextmm.eval.pixels import objects_in_caption
 from nextmm.models.decoder import VisualDecoder
 from test_cli import assert_one_clear_line, run
 
@@ -119,3 +122,34 @@ def test_the_drawing_score_is_perfect_on_true_renders_and_zero_on_blank_canvases
     blank = _scores([PILImage.new("RGB", (64, 64), "white")] * len(pairs), captions)
     assert truth == {"all_objects_right": 1.0, "size_right": 1.0, "colour_right": 1.0, "shape_right": 1.0, "exact": 1.0}
     assert set(blank.values()) == {0.0}
+
+
+def test_regress_is_what_draw_renders_and_embed_images_what_reconstruct_renders(drawer, scene_images, monkeypatch):
+    prompts = ["a large red circle", [scene_images[0], "make the red circle blue"]]
+    regressed = drawer.regress(prompts)
+    n, width = drawer.config.resampler.num_queries, drawer.config.resampler.width
+    assert regressed.shape == (2, n, width)
+    embedded = drawer.embed_images(scene_images)
+    assert embedded.shape == (2, n, width) and not torch.allclose(embedded[0], embedded[1])
+    rendered = []
+    monkeypatch.setattr(drawer, "_render", lambda decoder, condition, *rest: rendered.append(condition) or [])
+    drawer.draw(prompts, negative="null")
+    drawer.reconstruct(scene_images)
+    torch.testing.assert_close(rendered[0], regressed)
+    torch.testing.assert_close(rendered[1], embedded)
+
+
+def test_regression_retrieval_scores_the_nearest_gallery_picture(drawer, monkeypatch):
+    scenes = held_out_scenes(1, 4 + 200)
+    asked, gallery = scenes[:4], scenes[4:]
+    colour_shape = lambda caption: objects_in_caption(caption)[0][1:]  # noqa: E731
+
+    def regressing_pictures(pick):  # a stand-in LLM that regresses exactly the embeddings of a gallery picture
+        chosen = [next(img for c, img in gallery if pick(colour_shape(c), colour_shape(p))) for p in prompts_of(asked)]
+        return lambda prompts: drawer.embed_images(chosen)
+
+    prompts_of = lambda pairs: [c for c, _ in pairs]  # noqa: E731
+    monkeypatch.setattr(drawer, "regress", regressing_pictures(lambda got, want: got == want))
+    assert regression_retrieval(drawer, prompts=4, gallery=200) == 1.0
+    monkeypatch.setattr(drawer, "regress", regressing_pictures(lambda got, want: got[0] != want[0]))
+    assert regression_retrieval(drawer, prompts=4, gallery=200) == 0.0

@@ -135,10 +135,19 @@ class NextMM:
         """Image -> its N visual embeddings -> image: what the decoder makes of what the model sees."""
         decoder = self._decoder()
         guidance, steps = self._sampling(guidance, steps)
+        return self._render(decoder, self.embed_images(images), None, guidance, steps, seed)
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Picture]) -> torch.Tensor:
+        """The (B, N, width) visual embeddings the vision tower and causal resampler make of each image."""
         pixels = to_pixels([_picture(img) for img in images], self.config.vision.image_size)
-        with torch.no_grad():
-            condition = torch.cat([self.model.encode_images(chunk) for chunk in self._chunks(pixels)])
-        return self._render(decoder, condition.float(), None, guidance, steps, seed)
+        return torch.cat([self.model.encode_images(chunk) for chunk in self._chunks(pixels)]).float()
+
+    def regress(self, prompts: Sequence[str | Sequence[PromptPart]]) -> torch.Tensor:
+        """The (B, N, width) visual embeddings the LLM regresses after each prompt and `[IMG]`: what `draw`
+        renders, comparable with `embed_images` of a picture."""
+        segments = [to_segments(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+        return torch.cat([generate_visual(self.model, self.builder, chunk, precision=self.precision) for chunk in self._chunks(segments)])
 
     def _decoder(self) -> VisualDecoder:
         if self.decoder is None:

@@ -20,6 +20,7 @@ from nextmm.errors import UserError
 PRECISIONS = ("auto", "bf16", "fp32")
 RESAMPLER_SEEDS = ("regions", "none")
 SAMPLERS = ("ddim", "dpm")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class ConfigError(UserError):
@@ -105,10 +106,16 @@ class DecoderConfig:
     # One halving per block after the first. Narrow: the VAE trains from scratch in the demo's minute,
     # where [32, 64, 64] managed ~60 steps and [8, 16, 32] ~800 (models/decoder.py, BENCHMARKS.md).
     vae_channels: list[int] = field(default_factory=lambda: [8, 16, 32])
-    unet_channels: list[int] = field(default_factory=lambda: [64, 128])
+    # [32, 64] took 230 steps in the demo's 150 s where [64, 128] took 110, and learned more in them.
+    unet_channels: list[int] = field(default_factory=lambda: [32, 64])
     unet_layers_per_block: int = 1
     unet_head_dim: int = 32
     condition_dropout: float = 0.1  # training drops the condition this often, so guidance has an unconditional
+    # What a from-scratch UNet predicts, epsilon (SD 1.x) or v_prediction, and Min-SNR-gamma loss weighting
+    # (0: off). After 110-230 steps an epsilon UNet sampled confetti at any guidance; v with gamma 5 drew
+    # blobs on a clean background, and the condition explained 3x more of its loss (BENCHMARKS.md).
+    prediction_type: str = "v_prediction"  # one of PREDICTION_TYPES
+    snr_gamma: float = 5.0
     train_timesteps: int = 1000
     sampler: str = "dpm"  # one of SAMPLERS: ddim, or dpm (DPM-Solver++ multistep)
     sample_steps: int = 25
@@ -162,11 +169,13 @@ class PretrainConfig(TrainConfig):
     # At 8 frames each a video batch costs several caption batches. Halving videos
     # (from 0.5 / 1.0) and raising captions (from 2.0) gave 490 stage-1 steps instead of ~380 and
     # caption exact match 0.28 instead of 0.14-0.17, video scores unchanged (BENCHMARKS.md, d4).
-    # text_to_image: the caption pairs read caption-first, the image regressed (stages.text_first).
+    # text_to_image: the caption pairs read caption-first, the image regressed (stages.text_first). At 1.0
+    # a 390-step stage 1 regressed embeddings nearest a picture of the prompt's object for 4% of prompts,
+    # chance level (eval/images.regression_retrieval): it had seen ~20 such batches.
     mix: dict[str, float] = field(
         default_factory=lambda: {
             "caption": 3.0, "vqa": 3.0, "video_caption": 0.25, "video_qa": 0.5,
-            "story": 0.3, "edit": 0.2, "binding": 0.3, "text_to_image": 1.0,
+            "story": 0.3, "edit": 0.2, "binding": 0.3, "text_to_image": 3.0,
         }
     )
     # Sources held back until this many batches have been drawn: captions first, videos last. With VQA
@@ -209,7 +218,7 @@ class Config:
     # Stage 2: the decoder's autoencoder on pixels, then its UNet on the frozen visual embeddings.
     # Small batches for the autoencoder: more steps in its minute, and its images are alike anyway.
     autoencoder: TrainConfig = field(default_factory=lambda: TrainConfig(steps=5000, batch_size=8, lr=1e-3, time_budget_s=60))
-    diffusion: TrainConfig = field(default_factory=lambda: TrainConfig(steps=6000, batch_size=32, lr=5e-4, time_budget_s=150))
+    diffusion: TrainConfig = field(default_factory=lambda: TrainConfig(steps=6000, batch_size=32, lr=2e-3, time_budget_s=150))
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -342,6 +351,11 @@ def make_config(preset: str = "tiny", yaml_path: str | Path | None = None, overr
     config = Config(preset=base)
     _merge(config, PRESETS[base])
     _merge(config, file_values)
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Dotted overrides (`diffusion.lr=1e-3`) on top of a config, checked as a new one is."""
     for text in overrides:
         _merge(config, parse_override(text))
     _check(config)
@@ -356,6 +370,12 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config key 'vision.video_frames' is {config.vision.video_frames}; set it to 0 (every frame) or a positive count")
     if config.decoder.sampler not in SAMPLERS:
         raise ConfigError(f"config key 'decoder.sampler' is '{config.decoder.sampler}'; set it to one of {', '.join(SAMPLERS)}")
+    if config.decoder.prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(
+            f"config key 'decoder.prediction_type' is '{config.decoder.prediction_type}'; set it to one of {', '.join(PREDICTION_TYPES)}"
+        )
+    if config.decoder.snr_gamma < 0:
+        raise ConfigError(f"config key 'decoder.snr_gamma' is {config.decoder.snr_gamma}; set it to 0 (off) or a positive number such as 5")
     for stage in ("clip", "pretrain", "autoencoder", "diffusion"):
         precision = getattr(config, stage).precision
         if precision not in PRECISIONS:

@@ -3,7 +3,8 @@
 Text-to-image: the captions of held-out one- and two-object scenes as prompts; an image is right when
 every object the prompt names was drawn with its colour and shape (sizes are reported apart).
 Reconstruction (image -> the model's N embeddings -> decoder) scores the decoder alone: its ceiling for
-what the LLM's regressed embeddings can give.
+what the LLM's regressed embeddings can give. Regression retrieval scores the LLM alone: whether the
+embeddings it regresses for a one-object prompt lie nearest to those of a picture of that object.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from nextmm.api import NextMM
 from nextmm.data import shapes
@@ -49,6 +51,19 @@ def _scores(images: list, captions: list[str]) -> dict[str, float]:
     }
 
 
+def regression_retrieval(m: NextMM, prompts: int = 100, gallery: int = 400, seed: int = EVAL_SEED) -> float:
+    """The share of held-out one-object prompts whose regressed embeddings (flattened, L2) lie nearest to
+    the embeddings of a gallery picture of the prompt's colour and shape, among `gallery` held-out
+    one-object pictures (other scenes than the prompts'): the LLM's side of text-to-image, whatever the
+    decoder makes of it."""
+    scenes = held_out_scenes(1, prompts + gallery, seed)
+    asked, pictures = scenes[:prompts], scenes[prompts:]
+    true = m.embed_images([img for _, img in pictures]).flatten(1)
+    nearest = torch.cdist(m.regress([c for c, _ in asked]).flatten(1), true).argmin(1).tolist()
+    colour_shape = lambda caption: objects_in_caption(caption)[0][1:]  # noqa: E731
+    return float(np.mean([colour_shape(c) == colour_shape(pictures[i][0]) for (c, _), i in zip(asked, nearest)]))
+
+
 def evaluate_drawing(
     m: NextMM, one: int = 200, two: int = 200, reconstruct: int = 100, seed: int = EVAL_SEED, **draw_options
 ) -> dict[str, Any]:
@@ -64,6 +79,7 @@ def evaluate_drawing(
             results[f"t2i_{count}obj_{key}"] = round(value, 4)
         examples += list(itertools.islice(zip(captions, images), 8))
     results["t2i_images_per_s"] = round((one + two) / (time.perf_counter() - start), 2)
+    results["t2i_regression_retrieval"] = round(regression_retrieval(m, prompts=one, seed=seed), 4)
     if reconstruct:
         pairs = held_out_scenes(1, reconstruct // 2, seed) + held_out_scenes(2, reconstruct - reconstruct // 2, seed)
         rebuilt = m.reconstruct([img for _, img in pairs], **{k: v for k, v in draw_options.items() if k != "negative"})

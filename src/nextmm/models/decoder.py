@@ -15,6 +15,7 @@ then the UNet on the frozen VAE's latents.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -106,7 +107,7 @@ def build_scheduler(cfg: DecoderConfig) -> DDPMScheduler:
     # for 25 steps), from noise the UNet never saw at that timestep (Lin et al. 2023).
     return DDPMScheduler(
         num_train_timesteps=cfg.train_timesteps, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", clip_sample=False, timestep_spacing="trailing",
+        prediction_type=cfg.prediction_type, clip_sample=False, timestep_spacing="trailing",
     )
 
 
@@ -198,6 +199,10 @@ class VisualDecoder(nn.Module):
         """(B, N, condition width) -> the UNet's cross-attention input (B, N, cross_attention_dim)."""
         return (self.condition_proj(condition.float()) + self.condition_pos).to(self.unet.dtype)
 
+    def _denoise(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction for noisy latents at timesteps t, given the cross-attention context."""
+        return self.unet(latents.to(self.unet.dtype), t, encoder_hidden_states=context).sample.float()
+
     def _check_condition(self, condition: torch.Tensor, what: str) -> None:
         n, width = self.num_queries, self.condition_width
         if condition.ndim != 3 or tuple(condition.shape[1:]) != (n, width):
@@ -216,11 +221,22 @@ class VisualDecoder(nn.Module):
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
-        predicted = self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=self._context(condition)).sample
-        # epsilon for the decoders built here; a pretrained UNet may predict v (SD 2.x at 768 px)
+        predicted = self._denoise(noisy, t, self._context(condition))
+        # a pretrained UNet may predict v (SD 2.x at 768 px) whatever cfg.prediction_type says
         kind = self.scheduler.config.prediction_type
         target = self.scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else noise
-        return {"loss": F.mse_loss(predicted.float(), target)}
+        error = (predicted - target).pow(2).mean((1, 2, 3))
+        return {"loss": (error * self._loss_weights(t, kind)).mean(), "mse": error.mean()}
+
+    def _loss_weights(self, t: torch.Tensor, kind: str) -> torch.Tensor:
+        """Min-SNR-gamma (Hang et al. 2023): each timestep's loss, in terms of the clean latents, weighted
+        by min(SNR, gamma). Plain epsilon loss weights it by SNR itself, so the noisy steps, where what the
+        image shows is decided and only the condition can tell it, count for almost nothing."""
+        if not self.cfg.snr_gamma:
+            return torch.ones_like(t, dtype=torch.float32)
+        alpha_bar = self.scheduler.alphas_cumprod.to(t.device)[t].float()
+        snr = alpha_bar / (1 - alpha_bar)
+        return snr.clamp(max=self.cfg.snr_gamma) / (snr + 1 if kind == "v_prediction" else snr)
 
     # ------------------------------------------------------------------------- sampling
 
@@ -274,7 +290,7 @@ class VisualDecoder(nn.Module):
         for i, t in enumerate(sampler.timesteps):
             x = sampler.scale_model_input(latents, t)
             x = torch.cat([x, x]) if guided else x
-            out = self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=context).sample.float()
+            out = self._denoise(x, t.expand(x.shape[0]), context)
             if guided:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance * (cond - uncond)
@@ -362,7 +378,8 @@ class VisualDecoder(nn.Module):
                 f"decoder directory '{root}' has a UNet that needs more than cross-attention to condition it (SDXL-style "
                 "extra embeddings); give a Stable Diffusion 1.x/2.x-style directory"
             )
-        scheduler = None
+        # Without its own schedule, Stable Diffusion 1.x's: the same betas, predicting epsilon.
+        scheduler = build_scheduler(dataclasses.replace(cfg, prediction_type="epsilon"))
         if (root / "scheduler" / "scheduler_config.json").is_file():
             try:
                 scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)

@@ -1,0 +1,104 @@
+"""How well stage 2's visual decoder reads its condition, for a trained model and given decoder settings.
+
+Trains the decoder afresh with stage 2's own functions (autoencoder, then diffusion; the model's config
+and budgets unless overridden with --set) on a Shapes World data directory, then measures on held-out
+scenes (seed 10007):
+- vae_round_trip: the pixel judge on decode(encode(image)), the autoencoder's ceiling;
+- denoise_mse_{own,other,null}: the UNet's loss with each image's own embeddings, another image's and the
+  null condition, at the same noise and timesteps (all, and the noisier half: t >= 500). The gap between
+  own and other is how much the condition tells the UNet;
+- reconstruction and text-to-image, as `nextmm demo` scores them (eval/images.py).
+
+Usage: python benchmarks/decoder_reading.py --model runs/demo/model --data runs/demo/data --out /tmp/dr
+       [--set decoder.snr_gamma=5 ...] [--vae-from /tmp/dr-earlier] [--prompts 50] [--scenes 100]
+`--vae-from` reuses the autoencoder an earlier run of this script trained, to compare UNet settings alone.
+Prints one JSON line; the trained decoder is saved to OUT/decoder.
+"""
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import nextmm
+from nextmm.config import apply_overrides
+from nextmm.data.loader import discover_sources
+from nextmm.data.transforms import to_pixels
+from nextmm.eval.images import evaluate_drawing, held_out_scenes
+from nextmm.eval.pixels import objects_in_caption, score_prompt
+from nextmm.api import to_pil
+from nextmm.train.decoder_stage import autoencoder_stage, build_decoder, diffusion_stage
+
+
+@torch.no_grad()
+def vae_round_trip(decoder, pairs) -> float:
+    pixels = to_pixels([img for _, img in pairs], decoder.image_size)
+    rebuilt = to_pil(decoder.decode(decoder.encode(pixels)))
+    return float(np.mean([score_prompt(img, objects_in_caption(c))["all_objects_right"] for img, (c, _) in zip(rebuilt, pairs)]))
+
+
+@torch.no_grad()
+def denoising_losses(m, decoder, pairs, seed: int = 0) -> dict[str, float]:
+    images = [img for _, img in pairs]
+    latents = decoder.encode(to_pixels(images, decoder.image_size)).float()
+    own = m.model.encode_images(to_pixels(images, m.config.vision.image_size)).float()
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g)
+    b, steps = len(images), decoder.scheduler.config.num_train_timesteps
+    t = (torch.arange(b) * steps // b).long()  # spread evenly over the schedule
+    noisy = decoder.scheduler.add_noise(latents, noise, t)
+    kind = decoder.scheduler.config.prediction_type
+    target = decoder.scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else noise
+    conditions = {"own": own, "other": own.roll(1, 0), "null": decoder.null_condition[None].expand_as(own)}
+    out = {}
+    for name, condition in conditions.items():
+        error = (decoder._denoise(noisy, t, decoder._context(condition)) - target).pow(2).mean((1, 2, 3))
+        out[f"denoise_mse_{name}"] = round(float(error.mean()), 5)
+        out[f"denoise_mse_{name}_noisy"] = round(float(error[t >= steps // 2].mean()), 5)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True, help="a trained model directory: its stage-1 model gives the condition")
+    parser.add_argument("--data", required=True, help="the Shapes World shards stage 2 trains on")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--vae-from", default="")
+    parser.add_argument("--prompts", type=int, default=50, help="text-to-image prompts of each kind (one-, two-object)")
+    parser.add_argument("--scenes", type=int, default=100, help="held-out scenes to reconstruct")
+    args = parser.parse_args()
+
+    m = nextmm.load(args.model)
+    cfg = apply_overrides(m.config, args.overrides)
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if args.vae_from:
+        shutil.copytree(Path(args.vae_from) / "autoencoder", out / "autoencoder")
+    sources = discover_sources(args.data)
+    decoder = build_decoder(cfg)
+    start = time.perf_counter()
+    autoencoder_stage(cfg, sources, out, decoder, resume=bool(args.vae_from))
+    diffusion_stage(cfg, sources, out, decoder, m.model, resume=False)
+    train_s = time.perf_counter() - start
+    decoder.save(out / "decoder")
+    m.decoder = decoder.eval()
+
+    pairs = held_out_scenes(1, 50) + held_out_scenes(2, 50)
+    steps = [json.loads(line)["step"] for line in (out / "diffusion" / "metrics.jsonl").read_text().splitlines()]
+    scores = evaluate_drawing(m, one=args.prompts, two=args.prompts, reconstruct=args.scenes)
+    scores.pop("examples")
+    print(json.dumps({
+        "overrides": args.overrides, "vae_from": args.vae_from, "train_s": round(train_s, 1),
+        "diffusion_steps": steps[-1] if steps else 0, "vae_round_trip": vae_round_trip(decoder, pairs),
+        **denoising_losses(m, decoder, pairs[:64]), **scores,
+    }))
+
+
+if __name__ == "__main__":
+    main()
