@@ -39,7 +39,7 @@ def test_l2_trains_the_language_side_and_ce_trains_everything(micro_model, token
     loss()["ce"].backward()
     ce_only = grads(micro_model)
     micro_model.zero_grad()
-    regression.backward(micro_model, loss(), 2.0)
+    regression.backward(micro_model, loss())
     ours = grads(micro_model)
     for name in both:
         expected = ce_only[name] if name.startswith(regression.VISUAL_STACK) else both[name]
@@ -55,7 +55,7 @@ def train_regression_only(model, tokenizer, guarded: bool, steps=80) -> float:
     for _ in range(steps):
         out = model.loss(batch["input_ids"], labels, batch["pixels"])
         if guarded:
-            regression.backward(model, out, 1.0)
+            regression.backward(model, out)
         else:
             out["loss"].backward()
         opt.step()
@@ -70,3 +70,13 @@ def test_images_stay_apart_under_pure_regression_where_the_naive_loss_collapses(
         start = spread(micro_model.encode_images(scene_batch(micro_model, tokenizer)["pixels"]))
     assert train_regression_only(naive, tokenizer, guarded=False) < 0.3 * start
     assert train_regression_only(micro_model, tokenizer, guarded=True) > 0.9 * start
+
+
+def test_a_batch_without_text_targets_weighs_its_l2_fully(micro_model, tokenizer):
+    batch = scene_batch(micro_model, tokenizer, 4)
+    with_text = micro_model.loss(batch["input_ids"], batch["labels"], batch["pixels"], 0.1)
+    torch.testing.assert_close(with_text["loss"], with_text["ce"] + 0.1 * with_text["l2"])
+    # text-to-image pairs: the caption is context, only the image is predicted, so there is no CE to weigh L2 against
+    no_text = micro_model.loss(batch["input_ids"], torch.full_like(batch["labels"], IGNORE), batch["pixels"], 0.1)
+    assert float(no_text["l2_weight"]) == 1.0 and float(no_text["ce"]) == 0.0
+    torch.testing.assert_close(no_text["loss"], no_text["l2"])

@@ -55,7 +55,7 @@ def train_captions(model, tokenizer, steps=60) -> tuple[float, float]:
         if p.regression_reaches_visual:
             out["loss"].backward()
         else:
-            regression.backward(model, out, p.regression_weight)
+            regression.backward(model, out)
         opt.step()
         opt.zero_grad()
         if target is not None:

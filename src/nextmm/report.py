@@ -71,7 +71,7 @@ def write_report(path: Path, metrics: dict[str, Any], examples: dict[str, list[d
         ("clip", ("loss",), "stage 0: CLIP loss"),
         ("pretrain", ("ce", "l2"), "stage 1: text CE and visual L2"),
         ("autoencoder", ("recon",), "stage 2: autoencoder reconstruction"),
-        ("diffusion", ("loss",), "stage 2: denoising loss"),
+        ("diffusion", ("loss", "mse"), "stage 2: denoising loss (Min-SNR weighted, and plain)"),
     ) if (run_dir / stage).is_dir())
     drawings = "".join(
         f'<div class="cell">{_png(image)}<br>{html.escape(prompt)}</div>' for prompt, image in examples.get("drawings", [])

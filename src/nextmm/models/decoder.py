@@ -290,7 +290,7 @@ class VisualDecoder(nn.Module):
         for i, t in enumerate(sampler.timesteps):
             x = sampler.scale_model_input(latents, t)
             x = torch.cat([x, x]) if guided else x
-            out = self._denoise(x, t.expand(x.shape[0]), context)
+            out = self._denoise(x, t, context)
             if guided:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance * (cond - uncond)

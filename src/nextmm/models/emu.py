@@ -69,7 +69,8 @@ class Emu(nn.Module):
         regression_weight: float = 1.0,
         target_visual: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Text CE on labelled positions + regression_weight x L2 to the next visual embedding.
+        """Text CE on labelled positions + regression_weight x L2 to the next visual embedding (weight 1 in a
+        batch with no labelled text).
 
         Targets are detached, as in Emu; `target_visual` lets training supply them from a slowly moving
         copy of the visual stack (train/targets.py)."""
@@ -85,7 +86,10 @@ class Emu(nn.Module):
             predicted = self.regression_head(hidden[:, :-1][predicts_image])
             target = (visual if target_visual is None else target_visual).detach()
             l2 = F.mse_loss(predicted.float(), target.reshape(predicted.shape).float())
-            out["l2"] = l2
-            loss = loss + regression_weight * l2
+            # regression_weight trades L2 against CE. A batch with no text target (text-to-image pairs) has no
+            # CE to trade against, and at 0.1 its lone L2 taught the LLM next to nothing (BENCHMARKS.md).
+            weight = regression_weight if picked.any() else 1.0
+            out["l2"], out["l2_weight"] = l2, torch.tensor(weight)
+            loss = loss + weight * l2
         out["loss"] = loss
         return out

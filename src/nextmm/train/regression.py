@@ -20,14 +20,14 @@ def language_side(model: Emu) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(VISUAL_STACK)]
 
 
-def backward(model: Emu, out: dict[str, torch.Tensor], regression_weight: float, scale: float = 1.0) -> None:
-    """Accumulate gradients of scale x (CE + regression_weight x L2), the L2 part stopping at the visual
-    embeddings. Two passes over one graph: the L2 gradient for the language side, then CE for everything."""
+def backward(model: Emu, out: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+    """Accumulate gradients of scale x (CE + weight x L2), the weight Emu.loss chose, the L2 part stopping at
+    the visual embeddings. Two passes over one graph: the L2 gradient for the language side, then CE for everything."""
     if "l2" not in out:
         (out["ce"] * scale).backward()
         return
     params = language_side(model)
-    grads = torch.autograd.grad(out["l2"] * regression_weight * scale, params, retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(out["l2"] * out["l2_weight"] * scale, params, retain_graph=True, allow_unused=True)
     (out["ce"] * scale).backward()
     for param, grad in zip(params, grads):
         if grad is not None:

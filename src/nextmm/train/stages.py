@@ -141,7 +141,7 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
         if p.regression_reaches_visual:
             (out["loss"] * scale).backward()
         else:
-            regression.backward(model, out, p.regression_weight, scale)
+            regression.backward(model, out, scale)
 
     return target, loss_fn, backward
 
