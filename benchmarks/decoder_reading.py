@@ -90,12 +90,12 @@ def main() -> None:
     m.decoder = decoder.eval()
 
     pairs = held_out_scenes(1, 50) + held_out_scenes(2, 50)
-    steps = [json.loads(line)["step"] for line in (out / "diffusion" / "metrics.jsonl").read_text().splitlines()]
+    steps = json.loads((out / "diffusion" / "done.json").read_text())["step"]
     scores = evaluate_drawing(m, one=args.prompts, two=args.prompts, reconstruct=args.scenes)
     scores.pop("examples")
     print(json.dumps({
         "overrides": args.overrides, "vae_from": args.vae_from, "train_s": round(train_s, 1),
-        "diffusion_steps": steps[-1] if steps else 0, "vae_round_trip": vae_round_trip(decoder, pairs),
+        "diffusion_steps": steps, "vae_round_trip": vae_round_trip(decoder, pairs),
         **denoising_losses(m, decoder, pairs[:64]), **scores,
     }))
 

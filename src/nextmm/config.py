@@ -106,14 +106,14 @@ class DecoderConfig:
     # One halving per block after the first. Narrow: the VAE trains from scratch in the demo's minute,
     # where [32, 64, 64] managed ~60 steps and [8, 16, 32] ~800 (models/decoder.py, BENCHMARKS.md).
     vae_channels: list[int] = field(default_factory=lambda: [8, 16, 32])
-    # [32, 64] took 230 steps in the demo's 150 s where [64, 128] took 110, and learned more in them.
+    # [32, 64] took 236 steps in the demo's 150 s where [64, 128] took 110, and learned more in them.
     unet_channels: list[int] = field(default_factory=lambda: [32, 64])
     unet_layers_per_block: int = 1
     unet_head_dim: int = 32
     condition_dropout: float = 0.1  # training drops the condition this often, so guidance has an unconditional
     # What a from-scratch UNet predicts, epsilon (SD 1.x) or v_prediction, and Min-SNR-gamma loss weighting
-    # (0: off). After 110-230 steps an epsilon UNet sampled confetti at any guidance; v with gamma 5 drew
-    # blobs on a clean background, and the condition explained 3x more of its loss (BENCHMARKS.md).
+    # (0: off). After 110 steps an epsilon UNet sampled confetti at any guidance; after 86, a v one with
+    # gamma 5 drew blobs on a clean background, its loss far more dependent on the condition (BENCHMARKS.md).
     prediction_type: str = "v_prediction"  # one of PREDICTION_TYPES
     snr_gamma: float = 5.0
     train_timesteps: int = 1000
