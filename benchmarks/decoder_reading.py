@@ -51,8 +51,7 @@ def denoising_losses(m, decoder, pairs, seed: int = 0) -> dict[str, float]:
     b, steps = len(images), decoder.scheduler.config.num_train_timesteps
     t = (torch.arange(b) * steps // b).long()  # spread evenly over the schedule
     noisy = decoder.scheduler.add_noise(latents, noise, t)
-    kind = decoder.scheduler.config.prediction_type
-    target = decoder.scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else noise
+    target = decoder.denoising_target(latents, noise, t)
     conditions = {"own": own, "other": own.roll(1, 0), "null": decoder.null_condition[None].expand_as(own)}
     out = {}
     for name, condition in conditions.items():

@@ -257,9 +257,9 @@ def test_min_snr_gamma_weighs_each_step_by_its_clamped_snr(kind, pixels):
     snr = alpha_bar / (1 - alpha_bar)
     # in terms of the clean latents, the plain loss weighs a step by snr (epsilon) or snr + 1 (v)
     plain = snr if kind == "epsilon" else snr + 1
-    torch.testing.assert_close(d._loss_weights(t, kind) * plain, snr.clamp(max=5.0))
+    torch.testing.assert_close(d._loss_weights(t) * plain, snr.clamp(max=5.0))
     assert snr[0] > 5 > snr[-1]  # the clamp bites at the low-noise end only
     out = d.diffusion_loss(pixels, condition(len(pixels)))
     assert out["loss"] <= out["mse"]  # no weight is above 1
     unweighted = VisualDecoder(tiny_config(prediction_type=kind, snr_gamma=0.0), WIDTH, N)
-    torch.testing.assert_close(unweighted._loss_weights(t, kind), torch.ones(4))
+    torch.testing.assert_close(unweighted._loss_weights(t), torch.ones(4))

@@ -221,14 +221,18 @@ class VisualDecoder(nn.Module):
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
-        predicted = self._denoise(noisy, t, self._context(condition))
-        # a pretrained UNet may predict v (SD 2.x at 768 px) whatever cfg.prediction_type says
-        kind = self.scheduler.config.prediction_type
-        target = self.scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else noise
-        error = (predicted - target).pow(2).mean((1, 2, 3))
-        return {"loss": (error * self._loss_weights(t, kind)).mean(), "mse": error.mean()}
+        error = (self._denoise(noisy, t, self._context(condition)) - self.denoising_target(latents, noise, t)).pow(2).mean((1, 2, 3))
+        return {"loss": (error * self._loss_weights(t)).mean(), "mse": error.mean()}
 
-    def _loss_weights(self, t: torch.Tensor, kind: str) -> torch.Tensor:
+    def denoising_target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet should predict for these clean latents noised with `noise` at timesteps t: the
+        noise, or the velocity for a v-predicting UNet (ours by default; SD 2.x at 768 px, whatever
+        cfg.prediction_type says, since the scheduler a pretrained directory brings decides)."""
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, t)
+        return noise
+
+    def _loss_weights(self, t: torch.Tensor) -> torch.Tensor:
         """Min-SNR-gamma (Hang et al. 2023): each timestep's loss, in terms of the clean latents, weighted
         by min(SNR, gamma). Plain epsilon loss weights it by SNR itself, so the noisy steps, where what the
         image shows is decided and only the condition can tell it, count for almost nothing."""
@@ -236,7 +240,8 @@ class VisualDecoder(nn.Module):
             return torch.ones_like(t, dtype=torch.float32)
         alpha_bar = self.scheduler.alphas_cumprod.to(t.device)[t].float()
         snr = alpha_bar / (1 - alpha_bar)
-        return snr.clamp(max=self.cfg.snr_gamma) / (snr + 1 if kind == "v_prediction" else snr)
+        v = self.scheduler.config.prediction_type == "v_prediction"
+        return snr.clamp(max=self.cfg.snr_gamma) / (snr + 1 if v else snr)
 
     # ------------------------------------------------------------------------- sampling
 
