@@ -112,7 +112,7 @@ def test_complete_reads_the_placeholders_files_as_pictures(capsys, model_dir, im
     from nextmm.data.sample import Image, Text
 
     seen = []
-    monkeypatch.setattr(NextMM, "generate_ids", lambda self, prompts, n=32: seen.extend(prompts) or [[] for _ in prompts])
+    monkeypatch.setattr(NextMM, "generate_ids", lambda self, prompts, n=32, answers=None: seen.extend(prompts) or [[] for _ in prompts])
     code, _, _ = run(capsys, "complete", "--model", model_dir, "--image", image_file, "<image> this is a")
     assert code == 0
     assert [type(seg) for seg in seen[0]] == [Image, Text] and seen[0][1].text == "this is a"

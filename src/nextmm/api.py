@@ -14,6 +14,7 @@ import torch
 from PIL import Image as PILImage
 
 from nextmm.config import Config, config_from_dict
+from nextmm.constrained import AnswerTrie
 from nextmm.data.formats import load_image
 from nextmm.data.sample import Image, Segment, Text, Video, vqa_prompt
 from nextmm.data.sequence import SequenceBuilder
@@ -80,29 +81,37 @@ class NextMM:
         for start in range(0, len(items), self.batch_size):
             yield items[start : start + self.batch_size]
 
-    def generate_ids(self, prompts: list[list[Segment]], max_new_tokens: int = 32) -> list[list[int]]:
-        return [ids for chunk in self._chunks(prompts) for ids in generate_ids(self.model, self.builder, chunk, max_new_tokens, precision=self.precision)]
+    def generate_ids(self, prompts: list[list[Segment]], max_new_tokens: int = 32, answers: Sequence[str] | None = None) -> list[list[int]]:
+        """Greedy continuations; with `answers`, each is one of those strings (trie-constrained decoding)."""
+        trie = AnswerTrie.from_answers(self.tokenizer, answers) if answers is not None else None
+        return [
+            ids for chunk in self._chunks(prompts)
+            for ids in generate_ids(self.model, self.builder, chunk, max_new_tokens, precision=self.precision, answers=trie)
+        ]
 
-    def generate(self, prompts: list[list[Segment]], max_new_tokens: int = 32) -> list[str]:
-        return [self.tokenizer.decode(ids) for ids in self.generate_ids(prompts, max_new_tokens)]
+    def generate(self, prompts: list[list[Segment]], max_new_tokens: int = 32, answers: Sequence[str] | None = None) -> list[str]:
+        return [self.tokenizer.decode(ids) for ids in self.generate_ids(prompts, max_new_tokens, answers)]
 
-    def caption(self, images: Sequence[Visual], max_new_tokens: int = 32) -> list[str]:
-        """One caption per image (or per video, given as a list of frames)."""
-        return self.generate([[_visual_segment(img)] for img in images], max_new_tokens)
+    def caption(self, images: Sequence[Visual], max_new_tokens: int = 32, answers: Sequence[str] | None = None) -> list[str]:
+        """One caption per image (or per video, given as a list of frames); with `answers`, the one of those
+        the model writes (zero-shot classification by caption)."""
+        return self.generate([[_visual_segment(img)] for img in images], max_new_tokens, answers)
 
-    def ask(self, images: Sequence[Visual], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
+    def ask(self, images: Sequence[Visual], questions: Sequence[str], max_new_tokens: int = 8, answers: Sequence[str] | None = None) -> list[str]:
+        """One answer per (image, question); with `answers`, always one of those (multiple choice, yes/no)."""
         if len(images) != len(questions):
             raise ValueError(f"ask() got {len(images)} images but {len(questions)} questions; give one question per image")
         return self.generate(
-            [[_visual_segment(img), Text(vqa_prompt(q), target=False)] for img, q in zip(images, questions)], max_new_tokens
+            [[_visual_segment(img), Text(vqa_prompt(q), target=False)] for img, q in zip(images, questions)], max_new_tokens, answers
         )
 
-    def complete(self, prompts: Sequence[Sequence[PromptPart]], max_new_tokens: int = 32, **draw_options) -> list:
+    def complete(self, prompts: Sequence[Sequence[PromptPart]], max_new_tokens: int = 32, answers: Sequence[str] | None = None, **draw_options) -> list:
         """Continue interleaved prompts, e.g. [img1, "this is a blicket", img2, "this is a"]. Each result is
         the continuation's text, or, when the model opens an image with `[IMG]` and has a decoder, the list
-        [text, image] (the image drawn as `draw` would, with `draw_options`)."""
+        [text, image] (the image drawn as `draw` would, with `draw_options`). With `answers` the
+        continuation is one of those strings."""
         segments = [to_segments(p) for p in prompts]
-        rows = self.generate_ids(segments, max_new_tokens)
+        rows = self.generate_ids(segments, max_new_tokens, answers)
         out: list = [self.tokenizer.decode(ids) for ids in rows]
         drawing = [i for i, ids in enumerate(rows) if ids and ids[-1] == self.tokenizer.img_id]
         if drawing and self.decoder is not None:

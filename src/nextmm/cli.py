@@ -52,16 +52,24 @@ def _load(model_dir: str):
     return api.load(model_dir)
 
 
+def _answers(args: argparse.Namespace) -> list[str] | None:
+    from nextmm.constrained import read_answers
+
+    return read_answers(args.answers) if args.answers else None
+
+
 def cmd_caption(args: argparse.Namespace) -> None:
+    answers = _answers(args)
     m = _load(args.model)
-    for path, caption in zip(args.images, m.caption(args.images)):
+    for path, caption in zip(args.images, m.caption(args.images, answers=answers)):
         print(f"{path}\t{caption}")
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
+    answers = _answers(args)
     m = _load(args.model)
     visual = args.image[0] if len(args.image) == 1 else args.image
-    print(m.ask([visual], [args.question])[0])
+    print(m.ask([visual], [args.question], answers=answers)[0])
 
 
 def video_frames(spec: str) -> list[str]:
@@ -99,8 +107,9 @@ def parse_prompt(text: str, images: list[str], videos: list[str]) -> list:
 
 def cmd_complete(args: argparse.Namespace) -> None:
     prompt = parse_prompt(args.prompt, args.image or [], args.video or [])
+    answers = _answers(args)
     m = _load(args.model)
-    print(m.complete([prompt], max_new_tokens=args.max_new_tokens)[0])
+    print(m.complete([prompt], max_new_tokens=args.max_new_tokens, answers=answers)[0])
 
 
 def draw_prompt(text: str | None, images: list[str]) -> list:
@@ -185,12 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("caption", help="caption images")
     c.add_argument("--model", required=True)
     c.add_argument("images", nargs="+")
+    c.add_argument("--answers", help="closed set: the output is one of these (comma-separated, or a file with one per line)")
     c.set_defaults(func=cmd_caption)
 
     a = sub.add_parser("ask", help="answer a question about an image (several --image: a video)")
     a.add_argument("--model", required=True)
     a.add_argument("--image", action="append", required=True)
     a.add_argument("question")
+    a.add_argument("--answers", help="closed set: the output is one of these (comma-separated, or a file with one per line)")
     a.set_defaults(func=cmd_ask)
 
     k = sub.add_parser("complete", help="continue an interleaved prompt: text with <image>/<video> placeholders")
@@ -198,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--image", action="append", help="file for the next <image> placeholder")
     k.add_argument("--video", action="append", help="frame folder or a,b,c frame list for the next <video>")
     k.add_argument("--max-new-tokens", type=int, default=32)
+    k.add_argument("--answers", help="closed set: the output is one of these (comma-separated, or a file with one per line)")
     k.add_argument("prompt")
     k.set_defaults(func=cmd_complete)
 

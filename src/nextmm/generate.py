@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from nextmm.constrained import AnswerTrie
 from nextmm.data.sample import Segment
 from nextmm.data.sequence import SequenceBuilder, SequenceTooLong
 from nextmm.models.emu import Emu
@@ -80,12 +81,21 @@ def generate_ids(
     max_new_tokens: int = 32,
     use_cache: bool = True,
     precision: str = "fp32",
+    answers: AnswerTrie | None = None,
 ) -> list[list[int]]:
     """Greedy decoding; returns the new token ids of each prompt, up to (not including) [EOS], or up to
-    and including `[IMG]` when the model decides to draw (the caller regresses the image)."""
+    and including `[IMG]` when the model decides to draw (the caller regresses the image). With `answers`
+    every row writes one of the allowed answers (constrained.py), however long it is."""
     model.eval()
     batch = builder.collate([builder.encode(p, close=False) for p in prompts], left_pad=True)
     longest = int(batch["valid"].sum(1).max())
+    if answers is not None:
+        max_new_tokens = answers.depth
+        if longest + max_new_tokens > builder.max_len:
+            raise SequenceTooLong(
+                f"a prompt of {longest} tokens leaves no room in the model's context of {builder.max_len} "
+                f"for the longest allowed answer ({answers.depth} tokens); shorten the prompt or the answers"
+            )
     max_new_tokens = min(max_new_tokens, builder.max_len - longest)
     eos = builder.tok.eos_id
     stepper = Stepper(model, batch, max_new_tokens, use_cache, resolve(precision))
@@ -93,7 +103,10 @@ def generate_ids(
     generated = torch.zeros(len(prompts), 0, dtype=torch.long)
     done = torch.zeros(len(prompts), dtype=torch.bool)
     for i in range(max_new_tokens):
-        token = model.llm.lm_head(hidden.to(model.llm.lm_head.weight.dtype)).float().argmax(-1)
+        logits = model.llm.lm_head(hidden.to(model.llm.lm_head.weight.dtype)).float()
+        if answers is not None:
+            logits = logits + answers.mask(generated, logits.shape[-1])
+        token = logits.argmax(-1)
         token = torch.where(done, torch.full_like(token, eos), token)
         generated = torch.cat([generated, token.unsqueeze(1)], dim=1)
         done |= (token == eos) | (token == builder.tok.img_id)

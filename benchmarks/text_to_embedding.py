@@ -1,0 +1,79 @@
+"""How fast a trained stage-1 model learns to regress an image's embeddings from its caption, and what
+that costs its reading: continues training the language side (or the regression head alone) on a
+chosen mix of Shapes World sources, the text-to-image view among them, and scores the LLM's side of
+text-to-image (eval/images.regression_retrieval) along the way, then captions and VQA at the end.
+
+Usage: python benchmarks/text_to_embedding.py --model runs/demo/model --data runs/demo/data
+       [--mix '{"text_to_image": 1}'] [--lr 1e-3] [--steps 160] [--every 20] [--train all|head]
+Prints JSON lines: one per scoring, then a summary with reading before and after.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+
+import nextmm
+from nextmm.data.loader import MixedStream, discover_sources
+from nextmm.data.sequence import SequenceBuilder
+from nextmm.eval.images import regression_retrieval
+from nextmm.eval.shapes import EVAL_SEED, evaluate_captions, evaluate_vqa
+from nextmm.train import regression
+from nextmm.train.stages import text_to_image_view
+
+
+def reading(m) -> dict:
+    captions, _ = evaluate_captions(m, 200, EVAL_SEED)
+    vqa, _ = evaluate_vqa(m, 100, EVAL_SEED)
+    return {"caption_exact_match": captions["caption_exact_match"], "vqa_accuracy": vqa["vqa_accuracy"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--mix", default='{"text_to_image": 1}', help="JSON mix weights; sources not named get 0")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=160)
+    parser.add_argument("--every", type=int, default=20)
+    parser.add_argument("--train", choices=("all", "head"), default="all", help="the language side, or the regression head alone")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    m = nextmm.load(args.model)
+    model, cfg = m.model, m.config
+    sources = discover_sources(args.data)
+    views = text_to_image_view(sources)
+    mix = json.loads(args.mix)
+    builder = SequenceBuilder.for_config(m.tokenizer, cfg)
+    stream = MixedStream(
+        sources, {name: mix.get(name, 0.0) for name in [*sources, *views]},
+        lambda s: builder.encode(s.segments), builder.collate, cfg.pretrain.batch_size, seed=0, views=views,
+    )
+    trained = regression.language_side(model) if args.train == "all" else list(model.regression_head.parameters())
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
+    before = reading(m)
+    print(json.dumps({"step": 0, "retrieval": regression_retrieval(m)}), flush=True)
+    start, train_s = time.perf_counter(), 0.0
+    for step in range(1, args.steps + 1):
+        tick = time.perf_counter()
+        model.train()
+        batch = stream.next_batch()
+        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], cfg.pretrain.regression_weight)
+        model.zero_grad(set_to_none=True)
+        regression.backward(model, out)
+        optimizer.step()
+        train_s += time.perf_counter() - tick
+        if step % args.every == 0:
+            model.eval()
+            print(json.dumps({"step": step, "train_s": round(train_s, 1), "l2": round(float(out["l2"].detach()), 4),
+                              "retrieval": regression_retrieval(m)}), flush=True)
+    model.eval()
+    print(json.dumps({"mix": mix, "lr": args.lr, "steps": args.steps, "train": args.train, "train_s": round(train_s, 1),
+                      "retrieval": regression_retrieval(m), "before": before, "after": reading(m),
+                      "wall_s": round(time.perf_counter() - start, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Trie-constrained decoding: the prefix tree, generation that only writes allowed answers (and picks
+the one the model ranks first), and `--answers` in the CLI."""
+
+import pytest
+import torch
+
+from nextmm.constrained import AnswerError, AnswerTrie, read_answers
+from nextmm.data.sample import Image, Text
+from test_cli import assert_one_clear_line, image_file, model_dir, run  # noqa: F401  (fixtures)
+
+ANSWERS = ["red circle", "red square", "blue", "a large green triangle"]
+
+
+def test_the_trie_allows_exactly_the_continuations_of_some_answer(tokenizer):
+    trie = AnswerTrie.from_answers(tokenizer, ANSWERS)
+    seqs = [tokenizer.encode(a) + [tokenizer.eos_id] for a in ANSWERS]
+    assert sorted(trie.allowed([])) == sorted({s[0] for s in seqs})
+    red = tokenizer.encode("red")
+    assert sorted(trie.allowed(red)) == sorted({tokenizer.encode("red circle")[len(red)], tokenizer.encode("red square")[len(red)]})
+    assert trie.allowed(seqs[2]) == []  # "blue" + EOS is complete
+    assert trie.allowed([tokenizer.eos_id]) == []  # off the tree
+    assert trie.depth == max(len(s) for s in seqs)
+    mask = trie.mask(torch.tensor([seqs[2][:-1], red[:1] + [seqs[2][0]] * (len(seqs[2]) - 2)]), tokenizer.vocab_size)
+    assert torch.isfinite(mask[0]).nonzero().flatten().tolist() == [tokenizer.eos_id]
+
+
+def test_constrained_generation_writes_only_allowed_answers_and_rows_do_not_interfere(micro_nextmm, scenes):
+    images = [s.image() for s in scenes[:4]]
+    questions = ["what color is the circle?", "how many objects are there?", "is there a square?", "what shape is it?"]
+    together = micro_nextmm.ask(images, questions, answers=ANSWERS)
+    assert all(a in ANSWERS for a in together)
+    alone = [micro_nextmm.ask([img], [q], answers=ANSWERS)[0] for img, q in zip(images, questions)]
+    assert together == alone
+
+
+def test_the_chosen_answer_starts_with_the_allowed_token_the_model_ranks_highest(micro_nextmm, tokenizer, scenes):
+    # answers that differ in their first token: greedy decoding's choice among them is made at that token
+    words = ["red", "blue", "green", "circle", "square", "triangle", "large", "small", "two", "what", "there"]
+    by_first = {tokenizer.encode(w)[0]: w for w in reversed(words)}
+    assert len(by_first) >= 4
+    first, answers = list(by_first), list(by_first.values())
+    m = micro_nextmm
+    for scene in scenes[:4]:
+        prompt = [Image(scene.image()), Text("this is", target=False)]
+        batch = m.builder.collate([m.builder.encode(prompt, close=False)])
+        with torch.no_grad():
+            hidden = m.model(batch["input_ids"], m.model.encode_images(batch["pixels"]))
+            logits = m.model.llm.lm_head(hidden[0, -1])
+        expected = answers[int(logits[first].argmax())]
+        assert m.generate([prompt], answers=answers) == [expected]
+
+
+def test_bad_answer_lists_are_refused(tokenizer, tmp_path):
+    with pytest.raises(AnswerError, match="empty"):
+        AnswerTrie.from_answers(tokenizer, [])
+    with pytest.raises(AnswerError, match="empty"):
+        AnswerTrie.from_answers(tokenizer, ["yes", "  "])
+    listed = tmp_path / "answers.txt"
+    listed.write_text("yes\n\nno\n")
+    assert read_answers(str(listed)) == ["yes", "no"]
+    assert read_answers("yes, no") == ["yes", "no"]
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(AnswerError, match="empty.txt"):
+        read_answers(str(tmp_path / "empty.txt"))
+
+
+def test_cli_answers(capsys, model_dir, image_file, tmp_path):  # noqa: F811
+    code, out, _ = run(capsys, "ask", "--model", model_dir, "--image", image_file, "is there a circle?", "--answers", "yes,no")
+    assert code == 0 and out.strip() in ("yes", "no")
+    listed = tmp_path / "shapes.txt"
+    listed.write_text("circle\nsquare\ntriangle\n")
+    code, out, _ = run(capsys, "caption", "--model", model_dir, image_file, "--answers", str(listed))
+    assert code == 0 and out.strip().split("\t")[1] in ("circle", "square", "triangle")
+    assert_one_clear_line(*run(capsys, "ask", "--model", model_dir, "--image", image_file, "q?", "--answers", ",")[::2], "--answers")
