@@ -72,7 +72,7 @@ def test_the_decoder_is_saved_and_loaded_with_the_model(tmp_path, drawer):
 def test_complete_draws_when_the_model_opens_an_image(drawer, monkeypatch):
     img, word = drawer.tokenizer.img_id, drawer.tokenizer.encode("circle")
     # The untrained model would rarely choose [IMG]; what matters here is what complete() does when it does.
-    monkeypatch.setattr(NextMM, "generate_ids", lambda self, prompts, n=32: [word + [img], word])
+    monkeypatch.setattr(NextMM, "generate_ids", lambda self, prompts, n=32, answers=None: [word + [img], word])
     drawn, plain = drawer.complete([["a large red"], ["a small"]])
     assert plain == "circle"
     assert drawn[0] == "circle" and isinstance(drawn[1], PILImage.Image)
