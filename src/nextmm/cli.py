@@ -139,15 +139,60 @@ def cmd_draw(args: argparse.Namespace) -> None:
         print(path)
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
+def _write_results(results: dict, out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2))
+        print(f"results written to {out}", file=sys.stderr)
+    _print_json(results)
+
+
+def cmd_eval_shapes(args: argparse.Namespace) -> None:
     from nextmm.eval.shapes import evaluate
 
     results = evaluate(_load(args.model), scenes=args.scenes, videos=args.videos, binding=args.binding, seed=args.seed)
     results.pop("examples")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
-        print(f"results written to {args.out}", file=sys.stderr)
-    _print_json(results)
+    _write_results(results, args.out)
+
+
+def _model_unless_scoring(args: argparse.Namespace):
+    if args.predictions:
+        return None
+    if not args.model:
+        raise UserError("give --model to make predictions, or --predictions to score a results file")
+    return _load(args.model)
+
+
+def _interrupted_note(args: argparse.Namespace) -> None:
+    from nextmm.eval.benchmarks import predictions_path
+
+    if args.out and not args.predictions:
+        print(f"predictions so far are in {predictions_path(args.out)}", file=sys.stderr)
+
+
+def cmd_eval_captions(args: argparse.Namespace) -> None:
+    from nextmm.eval.benchmarks import eval_captions
+
+    m = _model_unless_scoring(args)
+    try:
+        results = eval_captions(m, args.annotations, args.images, args.out, args.limit, args.predictions, args.tokenizer, not args.no_meteor)
+    except BaseException:
+        _interrupted_note(args)
+        raise
+    _write_results(results, args.out)
+
+
+def cmd_eval_vqa(args: argparse.Namespace) -> None:
+    from nextmm.eval.benchmarks import eval_vqa
+
+    answers = _answers(args)
+    m = _model_unless_scoring(args)
+    try:
+        results = eval_vqa(m, args.questions, args.annotations, args.images, args.out, args.limit, args.predictions, answers)
+    except BaseException:
+        _interrupted_note(args)
+        raise
+    _write_results(results, args.out)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -235,7 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--binding", type=int, default=100)
     s.add_argument("--seed", type=int, default=10_007)
     s.add_argument("--out", help="also write the JSON here")
-    e.set_defaults(func=cmd_eval)
+    s.set_defaults(func=cmd_eval_shapes)
+    for name, help_text in (("captions", "COCO captions -> BLEU-4, METEOR, ROUGE-L, CIDEr (pycocoevalcap)"),
+                            ("vqa", "VQAv2 questions + annotations -> the official VQA accuracy")):
+        b = esub.add_parser(name, help=help_text)
+        b.add_argument("--model", help="the model to evaluate (not needed with --predictions)")
+        if name == "vqa":
+            b.add_argument("--questions", required=True, help="VQAv2 questions JSON")
+            b.add_argument("--answers", help="closed set: every answer is one of these (comma-separated, or a file with one per line)")
+        b.add_argument("--annotations", required=True, help="COCO captions JSON" if name == "captions" else "VQAv2 annotations JSON")
+        b.add_argument("--images", required=True, help="the image folder")
+        b.add_argument("--limit", type=int, help="only the first N images (questions)")
+        b.add_argument("--predictions", help="score this results file (JSON list or JSON lines) instead of running a model")
+        b.add_argument("--out", help="write the scores here, and each prediction as made to OUT.predictions.jsonl")
+        if name == "captions":
+            b.add_argument("--tokenizer", choices=("auto", "ptb", "simple"), default="auto", help="ptb needs Java; auto uses it when installed")
+            b.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes ~20 s to start)")
+        b.set_defaults(func=cmd_eval_captions if name == "captions" else cmd_eval_vqa)
 
     m = sub.add_parser("demo", help="the whole pipeline on Shapes World")
     m.add_argument("--out", default="runs/demo")

@@ -20,6 +20,12 @@ from typing import Hashable, Sequence
 import numpy as np
 import torch
 
+from nextmm.errors import UserError
+
+
+class MetricInputError(UserError, ValueError):
+    """Inputs a metric cannot score: no predictions, predictions without references, too few features."""
+
 # ---- VQA -----------------------------------------------------------------------------------------------
 
 _PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
@@ -83,7 +89,7 @@ def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     number that match the prediction / 3); their mean. The human answers are stripped of punctuation only
     when they disagree, as the official evaluation does."""
     if not human_answers:
-        raise ValueError("a VQA question needs at least one human answer")
+        raise MetricInputError("a VQA question needs at least one human answer")
     predicted = normalize_answer(prediction)
     answers = list(human_answers)
     if len(set(answers)) > 1:
@@ -166,14 +172,14 @@ def caption_scores(
 
     missing = [k for k in predictions if not references.get(k)]
     if missing:
-        raise ValueError(f"{len(missing)} predictions have no reference captions (first: {missing[0]!r})")
+        raise MetricInputError(f"{len(missing)} predictions have no reference captions (first: {missing[0]!r}); score them against their own annotations")
     if not predictions:
-        raise ValueError("no predictions to score")
+        raise MetricInputError("no predictions to score; give at least one")
     java = java_available()
     if tokenizer == "auto":
         tokenizer = "ptb" if java else "simple"
     if tokenizer == "ptb" and not java:
-        raise RuntimeError("the PTB tokenizer needs Java, which is not installed; install a JRE or use tokenizer='simple'")
+        raise MetricInputError("the PTB tokenizer needs Java, which is not installed; install a Java runtime or use the simple tokenizer")
     ids = list(predictions)
     if tokenizer == "ptb":
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
@@ -241,7 +247,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     S_a S_b (real and non-negative for covariances, up to rounding), which needs no scipy."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(a) < 2 or len(b) < 2:
-        raise ValueError("the Frechet distance needs at least two feature vectors on each side")
+        raise MetricInputError("the Frechet distance needs at least two feature vectors on each side; give more images")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root_trace = np.sqrt(np.clip(np.linalg.eigvals(cov_a @ cov_b).real, 0, None)).sum()

@@ -1,0 +1,143 @@
+"""`nextmm eval captions` and `nextmm eval vqa` on small files in the benchmarks' own formats, written
+here: scores, the predictions log, scoring a results file, and every bad input one clear sentence."""
+
+import json
+
+import numpy as np
+import pytest
+
+from nextmm.data import shapes
+from nextmm.eval.benchmarks import eval_captions, predictions_path
+from test_cli import assert_one_clear_line, model_dir, run  # noqa: F401  (fixture)
+
+SCENES = [shapes.sample_scene(np.random.default_rng([5, i])) for i in range(5)]
+
+
+@pytest.fixture()
+def coco(tmp_path):
+    images = tmp_path / "val2014"
+    images.mkdir()
+    entries, anns = [], []
+    for i, scene in enumerate(SCENES):
+        name = f"COCO_val2014_{100 + i:012d}.jpg"
+        scene.image().save(images / name)
+        entries.append({"id": 100 + i, "file_name": name})
+        anns += [{"id": 10 * i + k, "image_id": 100 + i, "caption": c} for k, c in enumerate([scene.caption(), f"a picture. {scene.caption()}"])]
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(json.dumps({"images": entries, "annotations": anns}))
+    return path, images
+
+
+@pytest.fixture()
+def vqa(coco, tmp_path):
+    _, images = coco
+    questions, annotations = [], []
+    for i in range(len(SCENES)):
+        for k, (q, a) in enumerate((("is there a circle?", "yes"), ("how many objects are there?", "2"))):
+            qid = 1000 * i + k
+            questions.append({"question_id": qid, "image_id": 100 + i, "question": q})
+            annotations.append({"question_id": qid, "image_id": 100 + i, "question_type": q.split()[0], "answer_type": "other",
+                                "multiple_choice_answer": a, "answers": [{"answer": a, "answer_id": j} for j in range(10)]})
+    qpath, apath = tmp_path / "questions.json", tmp_path / "annotations.json"
+    qpath.write_text(json.dumps({"questions": questions}))
+    apath.write_text(json.dumps({"annotations": annotations}))
+    return qpath, apath, images
+
+
+def test_captions_scores_logs_predictions_and_rescores_them(capsys, model_dir, coco, tmp_path):  # noqa: F811
+    ann, images = coco
+    out = tmp_path / "res" / "captions.json"
+    code, printed, _ = run(capsys, "eval", "captions", "--model", model_dir, "--annotations", str(ann), "--images", str(images),
+                           "--out", str(out), "--tokenizer", "simple", "--no-meteor")
+    assert code == 0
+    scores = json.loads(printed)
+    assert json.loads(out.read_text()) == scores
+    assert scores["images"] == 5 and scores["tokenizer"] == "simple" and scores["METEOR"] is None
+    assert 0 <= scores["BLEU-4"] <= 1 and scores["CIDEr"] >= 0
+    logged = [json.loads(line) for line in predictions_path(out).read_text().splitlines()]
+    assert sorted(r["image_id"] for r in logged) == [100, 101, 102, 103, 104]
+    code, printed, _ = run(capsys, "eval", "captions", "--annotations", str(ann), "--images", str(images),
+                           "--predictions", str(predictions_path(out)), "--tokenizer", "simple", "--no-meteor")
+    assert code == 0 and json.loads(printed) == scores
+
+
+def test_perfect_captions_score_bleu_1(capsys, coco, tmp_path):
+    ann, images = coco
+    perfect = tmp_path / "perfect.json"  # the COCO results format: a JSON list
+    perfect.write_text(json.dumps([{"image_id": 100 + i, "caption": s.caption()} for i, s in enumerate(SCENES)]))
+    code, printed, _ = run(capsys, "eval", "captions", "--annotations", str(ann), "--images", str(images),
+                           "--predictions", str(perfect), "--tokenizer", "simple", "--no-meteor")
+    assert code == 0 and json.loads(printed)["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_an_eval_stopped_half_way_keeps_its_predictions(micro_nextmm, coco, tmp_path, monkeypatch):
+    ann, images = coco
+    micro_nextmm.batch_size = 2
+    calls = []
+
+    def failing_caption(pictures, **kwargs):
+        calls.append(len(pictures))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return ["a caption"] * len(pictures)
+
+    monkeypatch.setattr(micro_nextmm, "caption", failing_caption)
+    out = tmp_path / "captions.json"
+    with pytest.raises(KeyboardInterrupt):
+        eval_captions(micro_nextmm, ann, images, out=out, meteor=False)
+    assert [json.loads(line)["image_id"] for line in predictions_path(out).read_text().splitlines()] == [100, 101]
+
+
+def test_vqa_official_accuracy_closed_set_and_results_file(capsys, model_dir, vqa, tmp_path):  # noqa: F811
+    questions, annotations, images = vqa
+    out = tmp_path / "vqa.json"
+    code, printed, _ = run(capsys, "eval", "vqa", "--model", model_dir, "--questions", str(questions), "--annotations", str(annotations),
+                           "--images", str(images), "--answers", "yes,no,2", "--out", str(out))
+    assert code == 0
+    scores = json.loads(printed)
+    assert scores["questions"] == 10 and set(scores["per_question_type"]) == {"is", "how"}
+    logged = [json.loads(line) for line in predictions_path(out).read_text().splitlines()]
+    assert {r["answer"] for r in logged} <= {"yes", "no", "2"}
+    # a results file: "Yes." right for the circle questions, "two" (normalized to the humans' "2") for the counts
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps([{"question_id": r["question_id"], "answer": "Yes." if r["question_id"] % 1000 == 0 else "two"} for r in logged]))
+    code, printed, _ = run(capsys, "eval", "vqa", "--questions", str(questions), "--annotations", str(annotations),
+                           "--images", str(images), "--predictions", str(answers))
+    assert code == 0 and json.loads(printed)["overall"] == 100.0
+
+
+def _rewrite(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_bad_caption_inputs_are_one_clear_sentence(capsys, model_dir, coco, tmp_path):  # noqa: F811
+    ann, images = coco
+    base = ["eval", "captions", "--annotations", str(ann), "--images", str(images), "--tokenizer", "simple", "--no-meteor"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert_one_clear_line(*run(capsys, *base, "--predictions", str(empty))[::2], "empty.jsonl", "no predictions")
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps([{"image_id": 999, "caption": "x"}]))
+    assert_one_clear_line(*run(capsys, *base, "--predictions", str(unknown))[::2], "999")
+    twice = tmp_path / "twice.json"
+    twice.write_text(json.dumps([{"image_id": 100, "caption": "x"}, {"image_id": 100, "caption": "y"}]))
+    assert_one_clear_line(*run(capsys, *base, "--predictions", str(twice))[::2], "two predictions", "100")
+    assert_one_clear_line(*run(capsys, *base)[::2], "--model", "--predictions")
+    (images / "COCO_val2014_000000000102.jpg").unlink()
+    assert_one_clear_line(*run(capsys, *base, "--model", model_dir)[::2], "1 of the 5 images", "COCO_val2014_000000000102.jpg")
+    _rewrite(ann, lambda d: d["images"].append(dict(d["images"][0])))
+    assert_one_clear_line(*run(capsys, *base, "--model", model_dir)[::2], "image id 100 twice")
+    _rewrite(ann, lambda d: (d["images"].pop(), d["annotations"].append({"id": 7, "image_id": 555, "caption": "x"})))
+    assert_one_clear_line(*run(capsys, *base, "--model", model_dir)[::2], "image_id that 'images' does not list")
+
+
+def test_bad_vqa_inputs_are_one_clear_sentence(capsys, model_dir, vqa):  # noqa: F811
+    questions, annotations, images = vqa
+    base = ["eval", "vqa", "--model", model_dir, "--questions", str(questions), "--annotations", str(annotations), "--images", str(images)]
+    _rewrite(annotations, lambda d: d["annotations"].pop())
+    assert_one_clear_line(*run(capsys, *base)[::2], "1 questions", "no annotation")
+    _rewrite(questions, lambda d: d["questions"].pop())
+    _rewrite(questions, lambda d: d["questions"].append(dict(d["questions"][0])))
+    assert_one_clear_line(*run(capsys, *base)[::2], "two questions with question_id 0")
