@@ -141,3 +141,64 @@ def test_bad_vqa_inputs_are_one_clear_sentence(capsys, model_dir, vqa):  # noqa:
     _rewrite(questions, lambda d: d["questions"].pop())
     _rewrite(questions, lambda d: d["questions"].append(dict(d["questions"][0])))
     assert_one_clear_line(*run(capsys, *base)[::2], "two questions with question_id 0")
+
+
+@pytest.fixture()
+def clip_model_dir(tmp_path, micro_model, tokenizer, micro_config):
+    import torch
+
+    from nextmm.api import NextMM
+    from nextmm.models.clip import CLIP
+
+    torch.manual_seed(1)
+    clip = CLIP(micro_config.vision, micro_config.clip_text, tokenizer.vocab_size)
+    return str(NextMM(micro_model, tokenizer, micro_config, clip=clip).save(tmp_path / "clip_model"))
+
+
+def test_retrieval_with_the_clip_stage(capsys, clip_model_dir, coco):
+    import nextmm
+    from nextmm.eval.benchmarks import eval_retrieval
+    from nextmm.eval.metrics import retrieval_recall
+
+    ann, images = coco
+    code, printed, _ = run(capsys, "eval", "retrieval", "--model", clip_model_dir, "--annotations", str(ann), "--images", str(images))
+    assert code == 0
+    scores = json.loads(printed)
+    assert scores["images"] == 5 and scores["texts"] == 10
+    # the same ranking from the API's features
+    m = nextmm.load(clip_model_dir)
+    pics = [str(images / f"COCO_val2014_{100 + i:012d}.jpg") for i in range(5)]
+    texts = [c for s in SCENES for c in (s.caption(), f"a picture. {s.caption()}")]
+    expected = retrieval_recall(m.clip_image_features(pics) @ m.clip_text_features(texts).T, [i // 2 for i in range(10)])
+    assert {k: scores[k] for k in expected} == pytest.approx(expected, abs=1e-6)
+    assert scores == eval_retrieval(m, ann, images)
+
+
+def test_zero_shot_classification_both_ways(capsys, clip_model_dir, tmp_path):
+    import nextmm
+
+    root = tmp_path / "classes"
+    for shape in ("circle", "square", "triangle"):
+        (root / f"a_{shape}").mkdir(parents=True)
+        for i, scene in enumerate(s for s in SCENES[:3]):
+            scene.image().save(root / f"a_{shape}" / f"{i}.png")
+    m = nextmm.load(clip_model_dir)
+    labels = ["a circle", "a square", "a triangle"]
+    expected = m.classify([s.image() for s in SCENES[:3]], labels)
+    code, printed, _ = run(capsys, "eval", "classify", "--model", clip_model_dir, "--images", str(root))
+    scores = json.loads(printed)
+    assert code == 0 and scores["images"] == 9 and scores["classes"] == 3
+    # every class folder holds the same three pictures, so each is right exactly in its predicted class's folder
+    assert scores["accuracy"] == pytest.approx(1 / 3)
+    assert scores["per_class"] == {name: expected.count(name) / 3 for name in labels}
+    code, printed, _ = run(capsys, "eval", "classify", "--model", clip_model_dir, "--images", str(root), "--method", "caption")
+    assert code == 0 and json.loads(printed)["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_bad_retrieval_and_classification_inputs(capsys, model_dir, clip_model_dir, coco, tmp_path):  # noqa: F811
+    ann, images = coco
+    assert_one_clear_line(*run(capsys, "eval", "retrieval", "--model", model_dir, "--annotations", str(ann), "--images", str(images))[::2], "no CLIP stage")
+    (tmp_path / "one" / "cat").mkdir(parents=True)
+    SCENES[0].image().save(tmp_path / "one" / "cat" / "0.png")
+    assert_one_clear_line(*run(capsys, "eval", "classify", "--model", clip_model_dir, "--images", str(tmp_path / "one"))[::2], "at least two sub-folders")
+    assert_one_clear_line(*run(capsys, "eval", "classify", "--model", clip_model_dir, "--images", str(tmp_path / "one"), "--template", "x")[::2])

@@ -21,6 +21,7 @@ from nextmm.data.sequence import SequenceBuilder
 from nextmm.errors import UserError
 from nextmm.data.transforms import to_pixels
 from nextmm.generate import generate_ids, generate_visual
+from nextmm.models.clip import CLIP, text_batch
 from nextmm.models.decoder import VisualDecoder
 from nextmm.models.emu import Emu
 from nextmm.tokenizer import NextTokenizer
@@ -56,6 +57,15 @@ def _visual_segment(item: Visual) -> Segment:
     return Image(_picture(item))
 
 
+def class_prompts(labels: Sequence[str], template: str) -> list[str]:
+    """Each label put in the template's {}: the texts zero-shot classification compares an image with."""
+    if not labels:
+        raise UserError("zero-shot classification needs at least one label")
+    if "{}" not in template:
+        raise UserError(f"template '{template}' has no {{}} for the label; write e.g. 'a photo of a {{}}'")
+    return [template.format(label) for label in labels]
+
+
 def to_segments(prompt: Sequence[PromptPart]) -> list[Segment]:
     """An interleaved prompt: strings are text, pictures are images, a list of pictures is a video."""
     if isinstance(prompt, str):
@@ -66,10 +76,11 @@ def to_segments(prompt: Sequence[PromptPart]) -> list[Segment]:
 class NextMM:
     def __init__(
         self, model: Emu, tokenizer: NextTokenizer, config: Config, batch_size: int = 64, precision: str = "fp32",
-        decoder: VisualDecoder | None = None,
+        decoder: VisualDecoder | None = None, clip: CLIP | None = None,
     ):
         self.model = model.eval()
         self.decoder = decoder.eval() if decoder is not None else None
+        self.clip = clip.eval() if clip is not None else None  # stage 0's two towers: retrieval, zero-shot classification
         self.tokenizer = tokenizer
         self.config = config
         self.batch_size = batch_size
@@ -158,6 +169,32 @@ class NextMM:
         segments = [to_segments(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
         return torch.cat([generate_visual(self.model, self.builder, chunk, precision=self.precision) for chunk in self._chunks(segments)])
 
+    def require_clip(self) -> CLIP:
+        """The CLIP stage, or a clear error when the model directory has none."""
+        if self.clip is None:
+            raise ModelDirError("this model has no CLIP stage (clip.safetensors); models trained by this nextmm save it, so retrain or use a closed-set caption instead")
+        return self.clip
+
+    @torch.no_grad()
+    def clip_image_features(self, images: Sequence[Picture]) -> torch.Tensor:
+        """(B, d) unit-length CLIP image features."""
+        clip = self.require_clip()
+        pixels = to_pixels([_picture(img) for img in images], self.config.vision.image_size)
+        return torch.cat([clip.encode_image(chunk) for chunk in self._chunks(pixels)]).float()
+
+    @torch.no_grad()
+    def clip_text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """(B, d) unit-length CLIP text features."""
+        clip = self.require_clip()
+        feats = [clip.encode_text(*text_batch(self.tokenizer, list(chunk), self.config.clip_text.max_len)) for chunk in self._chunks(list(texts))]
+        return torch.cat(feats).float()
+
+    def classify(self, images: Sequence[Picture], labels: Sequence[str], template: str = "{}") -> list[str]:
+        """Zero-shot classification with the CLIP stage: each image's label is the one whose prompt
+        (`template` with the label in place of {}) has the most similar text feature."""
+        scores = self.clip_image_features(images) @ self.clip_text_features(class_prompts(labels, template)).T
+        return [labels[i] for i in scores.argmax(1).tolist()]
+
     def _decoder(self) -> VisualDecoder:
         if self.decoder is None:
             raise DrawError(
@@ -206,6 +243,8 @@ class NextMM:
             self.tokenizer.save(tmp / "tokenizer.json")
             if self.decoder is not None:
                 self.decoder.save(tmp / "decoder")
+            if self.clip is not None:
+                save_module(self.clip, tmp / "clip.safetensors")
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,15 +267,22 @@ def load(model_dir: str | Path, **kwargs) -> NextMM:
         )
     config = config_from_dict(json.loads((root / "config.json").read_text()))
     tokenizer = NextTokenizer.load(root / "tokenizer.json")
-    model = build_model(config, tokenizer)
+    model = _weights(build_model(config, tokenizer), root / "model.safetensors")
+    clip = None
+    if (root / "clip.safetensors").is_file():
+        clip = _weights(CLIP(config.vision, config.clip_text, tokenizer.vocab_size), root / "clip.safetensors")
+    return NextMM(model, tokenizer, config, decoder=_load_decoder(root, config), clip=clip, **kwargs)
+
+
+def _weights(module: torch.nn.Module, path: Path) -> torch.nn.Module:
     try:
-        load_module(model, root / "model.safetensors")
+        load_module(module, path)
     except RuntimeError as err:  # torch reports missing, unexpected and mis-shaped weights this way
         raise ModelDirError(
-            f"the weights in '{root / 'model.safetensors'}' do not fit the model its config.json describes "
+            f"the weights in '{path}' do not fit the model its config.json describes "
             f"({str(err).splitlines()[-1].strip()}); the folder was changed by hand or saved by another nextmm, so retrain it"
         ) from None
-    return NextMM(model, tokenizer, config, decoder=_load_decoder(root, config), **kwargs)
+    return module
 
 
 def _load_decoder(root: Path, config: Config) -> VisualDecoder | None:

@@ -195,6 +195,18 @@ def cmd_eval_vqa(args: argparse.Namespace) -> None:
     _write_results(results, args.out)
 
 
+def cmd_eval_retrieval(args: argparse.Namespace) -> None:
+    from nextmm.eval.benchmarks import eval_retrieval
+
+    _write_results(eval_retrieval(_load(args.model), args.annotations, args.images, args.limit), args.out)
+
+
+def cmd_eval_classify(args: argparse.Namespace) -> None:
+    from nextmm.eval.benchmarks import eval_classification
+
+    _write_results(eval_classification(_load(args.model), args.images, args.template, args.method, args.limit), args.out)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from nextmm.demo import run_demo
 
@@ -297,6 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--tokenizer", choices=("auto", "ptb", "simple"), default="auto", help="ptb needs Java; auto uses it when installed")
             b.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes ~20 s to start)")
         b.set_defaults(func=cmd_eval_captions if name == "captions" else cmd_eval_vqa)
+    r = esub.add_parser("retrieval", help="COCO captions -> image-text Recall@1/5/10 both ways (the CLIP stage)")
+    r.add_argument("--model", required=True)
+    r.add_argument("--annotations", required=True, help="COCO captions JSON")
+    r.add_argument("--images", required=True, help="the image folder")
+    r.add_argument("--limit", type=int, help="only the first N images (and their captions)")
+    r.add_argument("--out", help="also write the JSON here")
+    r.set_defaults(func=cmd_eval_retrieval)
+    z = esub.add_parser("classify", help="zero-shot classification of a folder with one sub-folder of images per class")
+    z.add_argument("--model", required=True)
+    z.add_argument("--images", required=True, help="the folder of class sub-folders (their names are the labels; _ reads as a space)")
+    z.add_argument("--template", default="{}", help="the class prompt, {} standing for the label, e.g. 'a photo of a {}'")
+    z.add_argument("--method", choices=("clip", "caption"), default="clip", help="CLIP similarity, or the LLM's caption constrained to the prompts")
+    z.add_argument("--limit", type=int, help="at most N images per class")
+    z.add_argument("--out", help="also write the JSON here")
+    z.set_defaults(func=cmd_eval_classify)
 
     m = sub.add_parser("demo", help="the whole pipeline on Shapes World")
     m.add_argument("--out", default="runs/demo")

@@ -1,9 +1,11 @@
-"""`nextmm eval captions` and `nextmm eval vqa`: a model scored on a benchmark's own files.
+"""`nextmm eval captions | vqa | retrieval | classify`: a model scored on a benchmark's own files.
 
 - captions: COCO captions annotations + image folder -> one caption per image -> BLEU-4, METEOR, ROUGE-L,
   CIDEr (eval/metrics.caption_scores) against all of that image's reference captions;
 - vqa: VQAv2 questions + annotations + image folder -> one answer per question -> the official VQA
-  accuracy, overall, per question type and per answer type (eval/metrics.vqa_scores).
+  accuracy, overall, per question type and per answer type (eval/metrics.vqa_scores);
+- retrieval: COCO captions -> Recall@1/5/10 image-to-text and text-to-image with the CLIP stage;
+- classify: an ImageNet-style folder -> zero-shot accuracy, by CLIP or by the LLM's constrained caption.
 
 The input files are checked before any model work: duplicate ids, annotations that name unknown images
 or questions, and missing image files stop the eval with one sentence. An image that exists but cannot
@@ -20,12 +22,16 @@ from itertools import groupby, islice
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
-from nextmm.data.formats import _image_index, _load_json, _require_dir, _require_list, read_coco_captions, read_vqav2
-from nextmm.data.shards import ReadStats
+from nextmm.api import class_prompts
+from nextmm.data.formats import (
+    IMAGE_SUFFIXES, _image_index, _load_json, _require_dir, _require_list, load_image, read_coco_captions, read_vqav2,
+)
+from nextmm.data.shards import DataError, ReadStats
 from nextmm.errors import UserError
-from nextmm.eval.metrics import caption_scores, vqa_scores
+from nextmm.eval.metrics import caption_scores, retrieval_recall, vqa_scores
 
 
 class EvalInputError(UserError):
@@ -218,3 +224,73 @@ def eval_vqa(
     if not made:
         raise EvalInputError(f"no question of '{questions_json}' could be read ({stats.summary()}); check the image folder")
     return {**vqa_scores(made, table), "empty_predictions": sum(not a.strip() for a in made.values()), **_skips(stats)}
+
+
+# ---- retrieval and zero-shot classification (the CLIP stage) ------------------------------------------
+
+
+def _load_all(m, files: Sequence[Path], stats: ReadStats, what: str) -> list:
+    """The images that decode, as (index, picture); the others are skipped and counted."""
+    loaded = []
+    for i, path in enumerate(tqdm(files, desc=what, unit="image")):
+        try:
+            loaded.append((i, load_image(path, 4 * m.config.vision.image_size)))
+        except DataError as err:
+            stats.skip(str(err))
+    return loaded
+
+
+def eval_retrieval(m, annotations_json: str | Path, image_dir: str | Path, limit: int | None = None) -> dict[str, Any]:
+    """Image-text retrieval on a COCO captions file: Recall@1/5/10 both ways over all its images and all
+    their captions, ranked by the CLIP stage's similarity."""
+    m.require_clip()
+    refs, files = coco_references(annotations_json, image_dir)
+    ids = list(refs)[:limit] if limit else list(refs)
+    stats = ReadStats()
+    loaded = _load_all(m, [files[i] for i in ids], stats, "reading images")
+    if not loaded:
+        raise EvalInputError(f"no image of '{annotations_json}' could be read ({stats.summary()}); check the image folder")
+    texts, owner = [], []
+    for row, (i, _) in enumerate(loaded):
+        texts += refs[ids[i]]
+        owner += [row] * len(refs[ids[i]])
+    similarity = m.clip_image_features([img for _, img in loaded]) @ m.clip_text_features(texts).T
+    return {**retrieval_recall(similarity, owner), "images": len(loaded), "texts": len(texts), **_skips(stats)}
+
+
+def class_folders(root: str | Path) -> dict[str, list[Path]]:
+    """An ImageNet-style folder: one sub-folder of images per class, named after it."""
+    folder = _require_dir(root, "classification image folder")
+    classes = {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) for d in sorted(folder.iterdir()) if d.is_dir()}
+    classes = {name: files for name, files in classes.items() if files}
+    if len(classes) < 2:
+        raise EvalInputError(f"'{root}' needs at least two sub-folders of images, one per class; it has {len(classes)}")
+    return classes
+
+
+def eval_classification(m, root: str | Path, template: str = "{}", method: str = "clip", limit: int | None = None) -> dict[str, Any]:
+    """Zero-shot classification of an ImageNet-style folder (class names: the sub-folders', "_" read as a
+    space). method "clip": the most similar class prompt (`template`) by the CLIP stage; "caption": the
+    LLM captions each image, constrained to the class prompts (trie decoding)."""
+    if method not in ("clip", "caption"):
+        raise EvalInputError(f"method '{method}' is unknown; use clip or caption")
+    if method == "clip":
+        m.require_clip()
+    classes = class_folders(root)
+    labels = {name: name.replace("_", " ") for name in classes}
+    items = [(name, path) for name, files in classes.items() for path in files[:limit]]
+    stats = ReadStats()
+    loaded = _load_all(m, [p for _, p in items], stats, "reading images")
+    if not loaded:
+        raise EvalInputError(f"no image under '{root}' could be read ({stats.summary()}); check the folder")
+    pictures, truth = [img for _, img in loaded], [labels[items[i][0]] for i, _ in loaded]
+    names = list(labels.values())
+    prompts = class_prompts(names, template)
+    if method == "clip":
+        predicted = m.classify(pictures, names, template)
+    else:
+        said = m.caption(pictures, answers=prompts)
+        predicted = [names[prompts.index(s)] if s in prompts else s for s in said]
+    per_class = {n: float(np.mean([p == t for p, t in zip(predicted, truth) if t == n])) for n in names if n in truth}
+    return {"accuracy": float(np.mean([p == t for p, t in zip(predicted, truth)])), "per_class": per_class,
+            "images": len(loaded), "classes": len(names), "method": method, **_skips(stats)}

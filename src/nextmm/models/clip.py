@@ -30,6 +30,15 @@ class TextTower(nn.Module):
         return x[torch.arange(ids.shape[0]), lengths - 1]
 
 
+def text_batch(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts -> (ids right-padded, lengths) as the text tower reads them: at most max_len - 1 tokens, then [EOS]."""
+    seqs = [tokenizer.encode(t)[: max_len - 1] + [tokenizer.eos_id] for t in texts]
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), tokenizer.pad_id, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+    return ids, torch.tensor([len(s) for s in seqs])
+
+
 class CLIP(nn.Module):
     def __init__(self, vision: VisionConfig, text: CLIPTextConfig, vocab_size: int):
         super().__init__()

@@ -28,7 +28,7 @@ from nextmm.data.sample import Image, Sample, Text
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError, read_shards
 from nextmm.data.transforms import to_pixels
-from nextmm.models.clip import CLIP
+from nextmm.models.clip import CLIP, text_batch
 from nextmm.models.emu import Emu
 from nextmm.tokenizer import NextTokenizer
 from nextmm.train.checkpoint import finished_stage, mark_stage_done
@@ -80,21 +80,14 @@ class ClipBatches:
             raise LeftOut(f"its caption is longer than clip.max_caption_words={self.max_words} words")
         return image, text
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tok.encode(text)[: self.max_len - 1] + [self.tok.eos_id]
-
     def collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
         texts = [text for _, text in items]
         if self.hard_negatives:
             # Seeded by the batch's own text, so a resumed run draws the same negatives.
             rng = random.Random(zlib.crc32("\n".join(texts).encode()))
             texts = texts + [hard_negative(t, texts, rng) for t in texts]
-        seqs = [self._ids(t) for t in texts]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.tok.pad_id, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, : len(seq)] = torch.tensor(seq)
-        lengths = torch.tensor([len(s) for s in seqs])
+        ids, lengths = text_batch(self.tok, texts, self.max_len)
+        width = ids.shape[1]
         valid = torch.arange(width).unsqueeze(0) < lengths[: len(items)].unsqueeze(1)
         return {"input_ids": ids, "lengths": lengths, "valid": valid, "pixels": to_pixels([i for i, _ in items], self.size)}
 
@@ -190,5 +183,5 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
     if decoder is not None:
         autoencoder_stage(cfg, sources, out, decoder, resume)
         diffusion_stage(cfg, sources, out, decoder, model, resume)
-    model_dir = NextMM(model, tok, cfg, decoder=decoder).save(out / "model")
+    model_dir = NextMM(model, tok, cfg, decoder=decoder, clip=clip).save(out / "model")
     return {"model": str(model_dir), "run": str(out), "sources": {k: str(v) for k, v in sources.items()}}
