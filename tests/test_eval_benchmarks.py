@@ -158,7 +158,7 @@ def clip_model_dir(tmp_path, micro_model, tokenizer, micro_config):
 def test_retrieval_with_the_clip_stage(capsys, clip_model_dir, coco):
     import nextmm
     from nextmm.eval.benchmarks import eval_retrieval
-    from nextmm.eval.metrics import retrieval_recall
+    from nextmm.eval.metrics import owners_to_relevant, retrieval_recall
 
     ann, images = coco
     code, printed, _ = run(capsys, "eval", "retrieval", "--model", clip_model_dir, "--annotations", str(ann), "--images", str(images))
@@ -169,7 +169,7 @@ def test_retrieval_with_the_clip_stage(capsys, clip_model_dir, coco):
     m = nextmm.load(clip_model_dir)
     pics = [str(images / f"COCO_val2014_{100 + i:012d}.jpg") for i in range(5)]
     texts = [c for s in SCENES for c in (s.caption(), f"a picture. {s.caption()}")]
-    expected = retrieval_recall(m.clip_image_features(pics) @ m.clip_text_features(texts).T, [i // 2 for i in range(10)])
+    expected = retrieval_recall(m.clip_image_features(pics) @ m.clip_text_features(texts).T, owners_to_relevant([i // 2 for i in range(10)], 5))
     assert {k: scores[k] for k in expected} == pytest.approx(expected, abs=1e-6)
     assert scores == eval_retrieval(m, ann, images)
 
@@ -202,3 +202,15 @@ def test_bad_retrieval_and_classification_inputs(capsys, model_dir, clip_model_d
     SCENES[0].image().save(tmp_path / "one" / "cat" / "0.png")
     assert_one_clear_line(*run(capsys, "eval", "classify", "--model", clip_model_dir, "--images", str(tmp_path / "one"))[::2], "at least two sub-folders")
     assert_one_clear_line(*run(capsys, "eval", "classify", "--model", clip_model_dir, "--images", str(tmp_path / "one"), "--template", "x")[::2])
+
+
+def test_eval_shapes_writes_json_and_a_markdown_table(capsys, clip_model_dir, tmp_path):
+    out = tmp_path / "shapes" / "results.json"
+    code, printed, _ = run(capsys, "eval", "shapes", "--model", clip_model_dir, "--scenes", "6", "--videos", "2", "--binding", "2", "--out", str(out))
+    assert code == 0
+    results = json.loads(printed)
+    assert 0 <= results["caption_cider"] and 0 <= results["caption_bleu4"] <= 1
+    assert 0 <= results["retrieval_text_to_image_R_at_1"] <= 1 and results["retrieval_texts"] <= 6
+    table = out.with_suffix(".md").read_text()
+    assert f"| captions: CIDEr | {results['caption_cider']:.4g} |" in table
+    assert "retrieval (CLIP stage): text -> image R@1" in table

@@ -9,7 +9,7 @@ import torch
 
 from nextmm.eval.metrics import (
     box_iou, caption_scores, clip_score, frechet_distance, grounding_accuracy, java_available, normalize_answer,
-    retrieval_recall, simple_tokenize, vqa_accuracy, vqa_scores,
+    owners_to_relevant, retrieval_recall, simple_tokenize, vqa_accuracy, vqa_scores,
 )
 
 needs_java = pytest.mark.skipif(not java_available(), reason="pycocoevalcap's PTB tokenizer and METEOR run on Java")
@@ -116,7 +116,7 @@ def test_retrieval_recall_both_ways():
         [0.2, 0.3, 0.1, 0.5],   # image 1: its text 2 ranks last (3rd of 4 -> rank 3)
         [0.1, 0.95, 0.2, 0.4],  # image 2: its text 3 ranks 1st behind text 1 -> rank 1
     ])
-    r = retrieval_recall(sim, owner, ks=(1, 2, 5))
+    r = retrieval_recall(sim, owners_to_relevant(owner, 3), ks=(1, 2, 5))
     assert r["image_to_text_R@1"] == pytest.approx(1 / 3)
     assert r["image_to_text_R@2"] == pytest.approx(2 / 3)
     assert r["image_to_text_R@5"] == 1.0
@@ -125,6 +125,10 @@ def test_retrieval_recall_both_ways():
     assert r["text_to_image_R@1"] == pytest.approx(1 / 4)
     assert r["text_to_image_R@2"] == pytest.approx(2 / 4)
     assert r["text_to_image_R@5"] == 1.0
+    # several relevant images per text (captions shared by scenes): any of them in the top K counts
+    relevant = owners_to_relevant(owner, 3)
+    relevant[2, 1] = True
+    assert retrieval_recall(sim, relevant, ks=(1,))["text_to_image_R@1"] == pytest.approx(2 / 4)
 
 
 def test_iou_and_grounding_accuracy():

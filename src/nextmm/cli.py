@@ -148,11 +148,15 @@ def _write_results(results: dict, out: str | None) -> None:
 
 
 def cmd_eval_shapes(args: argparse.Namespace) -> None:
-    from nextmm.eval.shapes import evaluate
+    from nextmm.eval.shapes import evaluate, results_table
 
     results = evaluate(_load(args.model), scenes=args.scenes, videos=args.videos, binding=args.binding, seed=args.seed)
     results.pop("examples")
     _write_results(results, args.out)
+    if args.out:
+        table = Path(args.out).with_suffix(".md")
+        table.write_text(results_table(results))
+        print(f"table written to {table}", file=sys.stderr)
 
 
 def _model_unless_scoring(args: argparse.Namespace):
@@ -291,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--videos", type=int, default=200)
     s.add_argument("--binding", type=int, default=100)
     s.add_argument("--seed", type=int, default=10_007)
-    s.add_argument("--out", help="also write the JSON here")
+    s.add_argument("--out", help="also write the JSON here, and the Markdown table next to it (.md)")
     s.set_defaults(func=cmd_eval_shapes)
     for name, help_text in (("captions", "COCO captions -> BLEU-4, METEOR, ROUGE-L, CIDEr (pycocoevalcap)"),
                             ("vqa", "VQAv2 questions + annotations -> the official VQA accuracy")):

@@ -31,7 +31,7 @@ from nextmm.data.formats import (
 )
 from nextmm.data.shards import DataError, ReadStats
 from nextmm.errors import UserError
-from nextmm.eval.metrics import caption_scores, retrieval_recall, vqa_scores
+from nextmm.eval.metrics import caption_scores, owners_to_relevant, retrieval_recall, vqa_scores
 
 
 class EvalInputError(UserError):
@@ -255,7 +255,7 @@ def eval_retrieval(m, annotations_json: str | Path, image_dir: str | Path, limit
         texts += refs[ids[i]]
         owner += [row] * len(refs[ids[i]])
     similarity = m.clip_image_features([img for _, img in loaded]) @ m.clip_text_features(texts).T
-    return {**retrieval_recall(similarity, owner), "images": len(loaded), "texts": len(texts), **_skips(stats)}
+    return {**retrieval_recall(similarity, owners_to_relevant(owner, len(loaded))), "images": len(loaded), "texts": len(texts), **_skips(stats)}
 
 
 def class_folders(root: str | Path) -> dict[str, list[Path]]:

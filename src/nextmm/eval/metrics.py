@@ -205,24 +205,30 @@ def caption_scores(
 # ---- retrieval, grounding, images ----------------------------------------------------------------------
 
 
-def retrieval_recall(similarity: torch.Tensor, text_image: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K both ways from an (images, texts) similarity matrix; `text_image[j]` is the image caption
-    j describes. Image -> text: an image counts when any of its captions is among its K best texts."""
-    owner = torch.as_tensor(text_image)
-    n_images = similarity.shape[0]
-    # the rank of each text's own image among all images, for that text
-    text_rank = (similarity > similarity[owner, torch.arange(len(owner))].unsqueeze(0)).sum(0)
-    # the best rank any of an image's own texts reaches, for that image
-    image_rank = torch.full((n_images,), len(owner), dtype=torch.long)
-    order = similarity.argsort(dim=1, descending=True)
-    mine = owner[order] == torch.arange(n_images).unsqueeze(1)
-    has = mine.any(1)
-    image_rank[has] = mine.float().argmax(1)[has]
+def _first_relevant_rank(similarity: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """For each row, the rank (0 = best) of its most similar relevant column; the column count when none is."""
+    order = similarity.argsort(dim=1, descending=True, stable=True)
+    hits = relevant.gather(1, order)
+    return torch.where(hits.any(1), hits.float().argmax(1), torch.tensor(similarity.shape[1]))
+
+
+def retrieval_recall(similarity: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@K both ways from an (images, texts) similarity matrix and a same-shaped boolean matrix of
+    which texts describe which images: a query counts when any relevant item is among its K best."""
+    image_rank = _first_relevant_rank(similarity, relevant)
+    text_rank = _first_relevant_rank(similarity.T, relevant.T)
     out = {}
     for k in ks:
         out[f"image_to_text_R@{k}"] = float((image_rank < k).float().mean())
         out[f"text_to_image_R@{k}"] = float((text_rank < k).float().mean())
     return out
+
+
+def owners_to_relevant(text_image: Sequence[int], images: int) -> torch.Tensor:
+    """The relevance matrix of a caption set where text j describes image text_image[j] alone."""
+    relevant = torch.zeros(images, len(text_image), dtype=torch.bool)
+    relevant[torch.as_tensor(text_image), torch.arange(len(text_image))] = True
+    return relevant
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:

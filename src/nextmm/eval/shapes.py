@@ -1,5 +1,6 @@
-"""Score a model on held-out Shapes World: caption exact match, VQA accuracy (overall and per template),
-video QA (direction, colour, shape of the mover) and few-shot binding.
+"""Score a model on held-out Shapes World: captions (exact match, BLEU-4, CIDEr), VQA accuracy (overall and
+per template), video QA (direction, colour, shape of the mover), few-shot binding, and image-text
+retrieval with the CLIP stage; `results_table` writes them as Markdown.
 
 Held-out means another seed than the training data: every sample is drawn from
 `default_rng([seed, index, kind])`, so seed 0 (training) and the evaluation seed share no stream.
@@ -12,10 +13,12 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
+import torch
 
 from nextmm.api import NextMM
 from nextmm.data import shapes
 from nextmm.data.sample import Image, Sample, Text, Video
+from nextmm.eval.metrics import caption_scores, retrieval_recall
 
 EVAL_SEED = 10_007
 
@@ -40,7 +43,24 @@ def evaluate_captions(m: NextMM, n: int, seed: int) -> tuple[dict[str, Any], lis
     refs = [_first(s, Text).text for s in samples]
     preds = m.caption([_first(s, Image).image for s in samples])
     examples = [{"image": _first(s, Image).image, "truth": r, "prediction": p} for s, r, p in zip(samples, refs, preds)]
-    return {"caption_exact_match": round(_accuracy(preds, refs), 4), "caption_scenes": n}, examples
+    # one reference per scene, punctuation-free: the simple tokenizer is exact here and needs no Java
+    scores = caption_scores(dict(enumerate(preds)), {i: [r] for i, r in enumerate(refs)}, tokenizer="simple", meteor=False)
+    return {
+        "caption_exact_match": round(_accuracy(preds, refs), 4), "caption_bleu4": round(scores["BLEU-4"], 4),
+        "caption_cider": round(scores["CIDEr"], 4), "caption_scenes": n,
+    }, examples
+
+
+def evaluate_retrieval(m: NextMM, n: int, seed: int) -> dict[str, float]:
+    """CLIP-stage retrieval among n held-out scenes and their distinct captions; scenes that share a
+    caption are all right answers for it."""
+    samples = list(shapes.make_samples("caption", seed, n))
+    captions = [_first(s, Text).text for s in samples]
+    texts = sorted(set(captions))
+    relevant = torch.tensor([[c == t for t in texts] for c in captions])
+    similarity = m.clip_image_features([_first(s, Image).image for s in samples]) @ m.clip_text_features(texts).T
+    recall = retrieval_recall(similarity, relevant, ks=(1, 5))
+    return {f"retrieval_{k.replace('@', '_at_')}": round(v, 4) for k, v in recall.items()} | {"retrieval_texts": len(texts)}
 
 
 def evaluate_vqa(m: NextMM, n_scenes: int, seed: int) -> tuple[dict[str, Any], list[dict]]:
@@ -91,11 +111,35 @@ def evaluate(m: NextMM, scenes: int = 500, videos: int = 200, binding: int = 100
     vqa, vqa_examples = evaluate_vqa(m, scenes, seed)
     video, video_examples = evaluate_video(m, videos, seed)
     fewshot = {f"binding_{k}shot_accuracy": evaluate_binding(m, binding, seed, k) for k in (2, 4)}
+    retrieval = evaluate_retrieval(m, scenes, seed) if m.clip is not None else {}
     return {
-        **captions, **vqa, **video, **fewshot, "seed": seed,
+        **captions, **vqa, **video, **fewshot, **retrieval, "seed": seed,
         "examples": {
             "captions": cap_examples[:12],
             "vqa": list(itertools.islice(vqa_examples, 0, 48, 4)),
             "video": video_examples[:6],
         },
     }
+
+
+# (result key, what it measures, the target issue 4 sets, if any)
+TABLE_ROWS = [
+    ("caption_exact_match", "captions: exact match", ""),
+    ("caption_bleu4", "captions: BLEU-4", ""),
+    ("caption_cider", "captions: CIDEr", ""),
+    ("vqa_accuracy", "VQA accuracy", ""),
+    ("video_direction_accuracy", "video QA: direction", ""),
+    ("video_caption_exact_match", "video captions: exact match", ""),
+    ("binding_2shot_accuracy", "binding, 2 shots", ""),
+    ("binding_4shot_accuracy", "binding, 4 shots", ">= 0.60"),
+    ("retrieval_image_to_text_R_at_1", "retrieval (CLIP stage): image -> text R@1", ""),
+    ("retrieval_text_to_image_R_at_1", "retrieval (CLIP stage): text -> image R@1", ""),
+]
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The Shapes World results as a Markdown table (rows whose figure the results lack are left out)."""
+    lines = ["| figure | value | target |", "|---|---|---|"]
+    lines += [f"| {name} | {results[key]:.4g} | {target} |" for key, name, target in TABLE_ROWS if key in results]
+    lines += ["", f"Held-out seed {results.get('seed')}; {results.get('caption_scenes')} scenes, {results.get('videos')} videos."]
+    return "\n".join(lines) + "\n"
