@@ -72,3 +72,22 @@ def test_cli_answers(capsys, model_dir, image_file, tmp_path):  # noqa: F811
     code, out, _ = run(capsys, "caption", "--model", model_dir, image_file, "--answers", str(listed))
     assert code == 0 and out.strip().split("\t")[1] in ("circle", "square", "triangle")
     assert_one_clear_line(*run(capsys, "ask", "--model", model_dir, "--image", image_file, "q?", "--answers", ",")[::2], "--answers")
+
+
+def test_ground_reads_the_box_from_location_tokens_in_the_pictures_own_size(micro_nextmm, tokenizer, monkeypatch):
+    from PIL import Image as PILImage
+
+    from nextmm.api import NextMM
+
+    wide = PILImage.new("RGB", (126, 63), "white")
+    bins = tokenizer.location_ids((0.0, 0.5, 0.5, 1.0), 1)  # bins 0, 32, 32, 63 of 0..63
+    monkeypatch.setattr(NextMM, "generate_ids", lambda self, prompts, max_new_tokens=32, answers=None: [tokenizer.encode("a") + bins, []])
+    boxes = micro_nextmm.ground([wide, wide], ["a red circle", "a blue square"])
+    assert boxes[0] == pytest.approx((0.0, 32 / 63 * 63, 32 / 63 * 126, 63.0)) and boxes[1] is None
+
+
+def test_match_is_a_yes_no_answer(micro_nextmm, scenes):
+    said = micro_nextmm.match([s.image() for s in scenes[:3]], [s.caption() for s in scenes[:3]])
+    assert len(said) == 3 and all(isinstance(x, bool) for x in said)
+    with pytest.raises(ValueError, match="one text per image"):
+        micro_nextmm.match([scenes[0].image()], [])

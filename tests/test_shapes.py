@@ -359,11 +359,34 @@ def test_vqa_and_ground_samples():
     assert len(per_scene) == 30
     for s in ground:
         assert per_scene[s.key.rsplit("-", 1)[0]] == len(s.meta["objects"])  # one per object
-        assert [type(x) for x in s.segments] == [Image, Text]
+        assert [type(x) for x in s.segments] == [Image, Text, Text]
         assert s.segments[1].text == f'which region does the text "{s.meta["phrase"]}" describe?'
-        assert not s.segments[1].target
+        assert not s.segments[1].target and s.segments[2].target
         (o,) = [o for o in objs(s.meta["objects"]) if o.phrase == s.meta["phrase"]]
         assert s.meta["box"] == list(o.box)
+        assert s.segments[2].text == "<loc>" + " ".join(f"{v / 64:.4f}" for v in o.box) + "</loc>"
+
+
+def test_instruction_kinds():
+    itm = list(S.make_samples("itm", 3, 200))
+    assert 0.4 < np.mean([s.meta["answer"] == "yes" for s in itm]) < 0.6
+    for s in itm:
+        scene = S.Scene(objs(s.meta["objects"]))
+        caption, answer = s.meta["caption"], s.segments[2].text
+        assert s.segments[1].text == f'does the text "{caption}" match the image?' and answer == s.meta["answer"]
+        if answer == "yes":
+            assert caption == scene.caption()
+        else:  # one word differs: a colour or a shape
+            differ = [(a, b) for a, b in zip(caption.split(), scene.caption().split()) if a != b]
+            assert len(caption.split()) == len(scene.caption().split()) and len(differ) == 1
+            assert differ[0][0].rstrip(",") in list(S.COLOURS) + list(S.SHAPES)
+    for s in S.make_samples("region_caption", 3, 30):
+        (o,) = [o for o in objs(s.meta["objects"]) if list(o.box) == s.meta["box"]]
+        assert s.segments[2].text == o.phrase and f"<loc>{o.box[0] / 64:.4f} " in s.segments[1].text
+    for s in S.make_samples("detect", 3, 30):
+        scene = S.Scene(objs(s.meta["objects"]))
+        listed = s.segments[2].text.split(", ")
+        assert [item.split(" <loc>")[0] for item in listed] == [o.phrase for o in scene.ordered()]
 
 
 # ----------------------------------------------------------------------------- videos

@@ -25,3 +25,24 @@ def test_save_and_load(tmp_path, tokenizer):
     again = NextTokenizer.load(tmp_path / "tokenizer.json")
     assert again.encode("what color is the circle?") == tokenizer.encode("what color is the circle?")
     assert (again.image_id, again.eos_id, again.location_bins) == (tokenizer.image_id, tokenizer.eos_id, 64)
+
+
+def test_loc_spans_become_four_location_tokens_and_back(tokenizer):
+    import pytest
+
+    from nextmm.tokenizer import loc_text
+
+    box = (10, 5, 40, 35)
+    text = f"what does the region {loc_text(box, 64)} show?"
+    ids = tokenizer.encode(text)
+    bins = [round(v / 64 * 63) for v in box]
+    loc_ids = tokenizer.location_ids(box, 64)
+    assert [tokenizer.tok.id_to_token(i) for i in loc_ids] == [f"<bin_{b}>" for b in bins]
+    start = len(tokenizer.encode("what does the region"))
+    assert ids[:start] == tokenizer.encode("what does the region")
+    assert ids[start:start + 4] == loc_ids and ids[start + 4:] == tokenizer.encode("show?")
+    decoded = tokenizer.box_from_ids(ids, 64)
+    assert all(abs(a - b) <= 64 / 63 for a, b in zip(decoded, box))
+    assert tokenizer.box_from_ids(tokenizer.encode("no box here"), 64) is None
+    with pytest.raises(ValueError, match="four fractions"):
+        tokenizer.encode("<loc>0.1 0.2 1.5 0.3</loc>")

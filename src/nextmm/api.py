@@ -16,7 +16,7 @@ from PIL import Image as PILImage
 from nextmm.config import Config, config_from_dict
 from nextmm.constrained import AnswerTrie
 from nextmm.data.formats import load_image
-from nextmm.data.sample import Image, Segment, Text, Video, vqa_prompt
+from nextmm.data.sample import Image, Segment, Text, Video, grounding_question, matching_question, vqa_prompt
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.errors import UserError
 from nextmm.data.transforms import to_pixels
@@ -115,6 +115,23 @@ class NextMM:
         return self.generate(
             [[_visual_segment(img), Text(vqa_prompt(q), target=False)] for img, q in zip(images, questions)], max_new_tokens, answers
         )
+
+    def ground(self, images: Sequence[Picture], phrases: Sequence[str]) -> list[tuple[float, ...] | None]:
+        """Visual grounding: the pixel box (x0, y0, x1, y1) of the region each phrase describes, read from the
+        four location tokens the model writes; None when it writes fewer."""
+        if len(images) != len(phrases):
+            raise ValueError(f"ground() got {len(images)} images but {len(phrases)} phrases; give one phrase per image")
+        pictures = [_picture(img) for img in images]
+        prompts = [[Image(p), Text(grounding_question(phrase), target=False)] for p, phrase in zip(pictures, phrases)]
+        rows = self.generate_ids(prompts, max_new_tokens=5)
+        return [self.tokenizer.box_from_ids(ids, p.size) for ids, p in zip(rows, pictures)]
+
+    def match(self, images: Sequence[Visual], texts: Sequence[str]) -> list[bool]:
+        """Image-text matching: whether the model says each text describes its image (constrained to yes/no)."""
+        if len(images) != len(texts):
+            raise ValueError(f"match() got {len(images)} images but {len(texts)} texts; give one text per image")
+        prompts = [[_visual_segment(img), Text(matching_question(t), target=False)] for img, t in zip(images, texts)]
+        return [answer == "yes" for answer in self.generate(prompts, answers=["yes", "no"])]
 
     def complete(self, prompts: Sequence[Sequence[PromptPart]], max_new_tokens: int = 32, answers: Sequence[str] | None = None, **draw_options) -> list:
         """Continue interleaved prompts, e.g. [img1, "this is a blicket", img2, "this is a"]. Each result is

@@ -172,10 +172,12 @@ class PretrainConfig(TrainConfig):
     # text_to_image: the caption pairs read caption-first, the image regressed (stages.text_first). At 1.0
     # a 390-step stage 1 regressed embeddings nearest a picture of the prompt's object for 4% of prompts,
     # chance level (eval/images.regression_retrieval): it had seen ~20 such batches.
+    # ground, region_caption, itm, detect: OFA's tasks as instructions (data/shapes.py), boxes as <bin_k>.
     mix: dict[str, float] = field(
         default_factory=lambda: {
             "caption": 3.0, "vqa": 3.0, "video_caption": 0.25, "video_qa": 0.5,
-            "story": 0.3, "edit": 0.2, "binding": 0.3, "text_to_image": 3.0,
+            "story": 0.3, "edit": 0.2, "binding": 0.3, "text_to_image": 1.5,
+            "ground": 1.0, "itm": 1.0, "region_caption": 0.5, "detect": 0.5,
         }
     )
     # Sources held back until this many batches have been drawn: captions first, videos last. With VQA
@@ -186,6 +188,7 @@ class PretrainConfig(TrainConfig):
     # about 8 image batches, and motion cannot be learned before the images are read.
     join_at: dict[str, int] = field(default_factory=lambda: {
         "vqa": 200, "story": 200, "edit": 200, "binding": 200, "video_caption": 250, "video_qa": 250, "text_to_image": 200,
+        "ground": 200, "itm": 200, "region_caption": 200, "detect": 200,
     })
 
 
@@ -197,7 +200,7 @@ class DataConfig:
     counts: dict[str, int] = field(
         default_factory=lambda: {
             "caption": 6000, "vqa": 3000, "video_caption": 1000, "video_qa": 800,
-            "story": 500, "edit": 500, "binding": 800,
+            "story": 500, "edit": 500, "binding": 800, "ground": 1500, "itm": 2000, "region_caption": 1000, "detect": 800,
         }
     )
     shard_size: int = 2000
@@ -237,12 +240,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "clip_text": {"width": 32, "layers": 1, "heads": 2, "embed_dim": 32},
         "tokenizer": {"vocab_size": 320},
         "data": {"counts": {"caption": 300, "vqa": 150, "video_caption": 40, "video_qa": 40,
-                            "story": 30, "edit": 30, "binding": 40}, "shard_size": 200},
+                            "story": 30, "edit": 30, "binding": 40, "ground": 40, "itm": 40, "region_caption": 30,
+                            "detect": 30}, "shard_size": 200},
         # Step caps far above what the budgets allow, so the budgets decide how long it learns.
         "clip": {"steps": 300, "batch_size": 32, "time_budget_s": 10, "warmup_steps": 10, "max_caption_words": 4},
         "pretrain": {"steps": 1000, "batch_size": 16, "time_budget_s": 20, "warmup_steps": 20,
                      "join_at": {"vqa": 60, "story": 60, "edit": 60, "binding": 60, "video_caption": 100, "video_qa": 100,
-                                "text_to_image": 60}},
+                                "text_to_image": 60, "ground": 60, "itm": 60, "region_caption": 60, "detect": 60}},
         "decoder": {"vae_channels": [16, 16, 16], "unet_channels": [16, 32], "unet_head_dim": 8, "sample_steps": 10},
         "autoencoder": {"steps": 200, "batch_size": 16, "time_budget_s": 4, "warmup_steps": 5},
         "diffusion": {"steps": 400, "batch_size": 16, "time_budget_s": 8, "warmup_steps": 5},

@@ -2,10 +2,15 @@
 
 Every text segment is encoded with a leading space, so a word has the same ids wherever it stands:
 training and inference build sequences segment by segment and must agree token for token.
+
+A box in data text is written `<loc>x0 y0 x1 y1</loc>`, each coordinate a fraction of the image's
+width or height, so shards do not depend on any tokenizer; `encode` turns it into OFA's four location
+tokens `<bin_k>` (k = round(fraction x (bins - 1))) with this tokenizer's number of bins.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -17,8 +22,18 @@ USER, ASSISTANT = "[USER]", "[ASSISTANT]"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IMG, IMG_END, IMAGE, USER, ASSISTANT]
 
 
+LOC_SPAN = re.compile(r"<loc>([^<]*)</loc>")
+
+
 def location_token(k: int) -> str:
     return f"<bin_{k}>"
+
+
+def loc_text(box: Sequence[float], image_size: int | tuple[int, int]) -> str:
+    """A pixel box (x0, y0, x1, y1) as data text: `<loc>...</loc>` in fractions of the image size."""
+    width, height = (image_size, image_size) if isinstance(image_size, int) else image_size
+    fractions = [v / s for v, s in zip(box, (width, height, width, height))]
+    return "<loc>" + " ".join(f"{f:.4f}" for f in fractions) + "</loc>"
 
 
 def special_tokens(location_bins: int) -> list[str]:
@@ -66,7 +81,37 @@ class NextTokenizer:
         return self.tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text.strip(), add_special_tokens=False).ids
+        ids: list[int] = []
+        for k, part in enumerate(LOC_SPAN.split(text)):
+            if k % 2:  # a <loc> span's inside
+                ids += self._location_span(part)
+            elif part.strip():
+                ids += self.tok.encode(part.strip(), add_special_tokens=False).ids
+        return ids
+
+    def _location_span(self, inside: str) -> list[int]:
+        try:
+            fractions = [float(v) for v in inside.split()]
+        except ValueError:
+            fractions = []
+        if len(fractions) != 4 or not all(0.0 <= f <= 1.0 for f in fractions):
+            raise ValueError(f"'<loc>{inside}</loc>' is not a box: write four fractions of the image size from 0 to 1, x0 y0 x1 y1")
+        if not self.location_bins:
+            raise ValueError("this tokenizer has no location tokens; train it with location_bins > 0 to read <loc> boxes")
+        return self.location_ids(fractions, 1)
+
+    def box_from_ids(self, ids: Sequence[int], image_size: int | tuple[int, int]) -> tuple[float, ...] | None:
+        """The first four location tokens among `ids` as a pixel box (bin centres), or None when there are fewer."""
+        width, height = (image_size, image_size) if isinstance(image_size, int) else image_size
+        bins = [k for k in (self._bin_of(i) for i in ids) if k is not None][:4]
+        if len(bins) < 4:
+            return None
+        scale = self.location_bins - 1
+        return tuple(b / scale * s for b, s in zip(bins, (width, height, width, height)))
+
+    def _bin_of(self, token_id: int) -> int | None:
+        token = self.tok.id_to_token(token_id) or ""
+        return int(token[5:-1]) if token.startswith("<bin_") and token.endswith(">") else None
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special).strip()

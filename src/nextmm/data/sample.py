@@ -58,6 +58,16 @@ def vqa_prompt(question: str) -> str:
     return f"question: {question.strip()} answer:"
 
 
+def grounding_question(phrase: str) -> str:
+    """Visual grounding as an instruction (OFA): the answer is the region's box as location tokens."""
+    return f'which region does the text "{phrase}" describe?'
+
+
+def matching_question(text: str) -> str:
+    """Image-text matching as an instruction: the answer is yes or no."""
+    return f'does the text "{text}" match the image?'
+
+
 def caption_sample(key: str, image: PILImage.Image, caption: str, **meta: Any) -> Sample:
     return Sample(key, "caption", [Image(image), Text(caption)], dict(meta))
 

@@ -22,10 +22,13 @@ from nextmm.data.sample import (
     Segment,
     Text,
     caption_sample,
+    grounding_question,
+    matching_question,
     video_caption_sample,
     video_qa_sample,
     vqa_sample,
 )
+from nextmm.tokenizer import loc_text
 
 # ----------------------------------------------------------------------------- the world's vocabulary
 
@@ -443,9 +446,56 @@ def binding_fewshot(rng: np.random.Generator, shots: int) -> tuple[list[Segment]
     return segments, answer
 
 
+# ----------------------------------------------------------------------------- OFA-style instructions
+# Tasks as plain instructions (OFA): boxes are written as location text (tokenizer.loc_text), which the
+# tokenizer turns into <bin_k> tokens. Grounding follows the spec; the others are nextmm's.
+
+
+def region_question(box: Box) -> str:
+    return f"what does the region {loc_text(box, CANVAS)} show?"
+
+
+DETECT_QUESTION = "what objects are in the image and where?"
+
+
+def detection_answer(scene: "Scene") -> str:
+    return ", ".join(f"{o.phrase} {loc_text(o.box, CANVAS)}" for o in scene.ordered())
+
+
+def _mismatched(rng: np.random.Generator, scene: "Scene") -> "Scene":
+    """The scene with one object's colour or shape changed (to a pair the scene lacks): a caption of it
+    describes the original wrongly in one word."""
+    i = int(rng.integers(len(scene.objects)))
+    o = scene.objects[i]
+    taken = {(p.colour, p.shape) for p in scene.objects}
+    if rng.random() < 0.5:
+        options = [Obj(o.shape, c, o.size, o.box) for c in COLOURS if (c, o.shape) not in taken]
+    else:
+        options = [Obj(sh, o.colour, o.size, o.box) for sh in SHAPES if (o.colour, sh) not in taken]
+    changed = list(scene.objects)
+    changed[i] = options[int(rng.integers(len(options)))]
+    return Scene(changed)
+
+
+def _instruction_sample(kind: str, rng: np.random.Generator, key: str) -> Sample:
+    scene = sample_scene(rng)
+    image, objects = Image(scene.image()), _objects_meta(scene.objects)
+    if kind == "region_caption":
+        o = scene.objects[int(rng.integers(len(scene.objects)))]
+        return Sample(key, kind, [image, Text(region_question(o.box), target=False), Text(o.phrase)], {"box": list(o.box), "objects": objects})
+    if kind == "itm":
+        match = bool(rng.random() < 0.5)  # a fair coin, so neither answer is a prior to learn
+        caption = (scene if match else _mismatched(rng, scene)).caption()
+        answer = "yes" if match else "no"
+        return Sample(key, kind, [image, Text(matching_question(caption), target=False), Text(answer)],
+                      {"caption": caption, "answer": answer, "objects": objects})
+    return Sample(key, kind, [image, Text(DETECT_QUESTION, target=False), Text(detection_answer(scene))], {"objects": objects})
+
+
 # ----------------------------------------------------------------------------- sample factories
 
-KINDS = ("caption", "vqa", "ground", "video_caption", "video_qa", "story", "edit", "binding")
+# New kinds go at the end: a kind's stream depends on its place here (KIND_SALT).
+KINDS = ("caption", "vqa", "ground", "video_caption", "video_qa", "story", "edit", "binding", "region_caption", "itm", "detect")
 # Third seed word per kind: the kinds of one (seed, index) draw from unrelated streams.
 KIND_SALT = {kind: 1000 + i for i, kind in enumerate(KINDS)}
 
@@ -468,9 +518,11 @@ def _samples_at(kind: str, seed: int, index: int) -> Iterator[Sample]:
                 yield vqa_sample(f"{key}-{q}", image, question, answer, template=template, objects=objects)
         else:
             for q, (phrase, box) in enumerate(scene.grounding()):
-                prompt = Text(f'which region does the text "{phrase}" describe?', target=False)
-                yield Sample(f"{key}-{q}", "ground", [Image(image), prompt],
+                prompt = Text(grounding_question(phrase), target=False)
+                yield Sample(f"{key}-{q}", "ground", [Image(image), prompt, Text(loc_text(box, CANVAS))],
                              {"phrase": phrase, "box": list(box), "objects": objects})
+    elif kind in ("region_caption", "itm", "detect"):
+        yield _instruction_sample(kind, rng, key)
     elif kind in ("video_caption", "video_qa"):
         clip = sample_video(rng)
         frames = clip.frames()

@@ -1,6 +1,6 @@
 """Score a model on held-out Shapes World: captions (exact match, BLEU-4, CIDEr), VQA accuracy (overall and
-per template), video QA (direction, colour, shape of the mover), few-shot binding, and image-text
-retrieval with the CLIP stage; `results_table` writes them as Markdown.
+per template), video QA (direction, colour, shape of the mover), few-shot binding, the OFA-style tasks
+(grounding, image-text matching, region captions) and image-text retrieval with the CLIP stage; `results_table` writes them as Markdown.
 
 Held-out means another seed than the training data: every sample is drawn from
 `default_rng([seed, index, kind])`, so seed 0 (training) and the evaluation seed share no stream.
@@ -18,7 +18,7 @@ import torch
 from nextmm.api import NextMM
 from nextmm.data import shapes
 from nextmm.data.sample import Image, Sample, Text, Video
-from nextmm.eval.metrics import caption_scores, retrieval_recall
+from nextmm.eval.metrics import caption_scores, grounding_accuracy, retrieval_recall
 
 EVAL_SEED = 10_007
 
@@ -95,6 +95,23 @@ def evaluate_video(m: NextMM, n_videos: int, seed: int) -> tuple[dict[str, Any],
     }, examples
 
 
+def evaluate_instructions(m: NextMM, n: int, seed: int) -> dict[str, Any]:
+    """OFA-style tasks on n held-out samples each: grounding (Acc@0.5), image-text matching (accuracy;
+    half the texts describe the image) and region captioning (exact match)."""
+    ground = list(itertools.islice(shapes.make_samples("ground", seed, n), n))
+    boxes = m.ground([_first(s, Image).image for s in ground], [s.meta["phrase"] for s in ground])
+    itm = list(shapes.make_samples("itm", seed, n))
+    said = m.match([_first(s, Image).image for s in itm], [s.meta["caption"] for s in itm])
+    regions = list(shapes.make_samples("region_caption", seed, n))
+    phrases = m.generate([s.segments[:2] for s in regions], max_new_tokens=8)
+    return {
+        "grounding_acc_at_0.5": round(grounding_accuracy(boxes, [s.meta["box"] for s in ground]), 4),
+        "grounding_no_box": sum(b is None for b in boxes),
+        "itm_accuracy": round(float(np.mean([y == (s.meta["answer"] == "yes") for y, s in zip(said, itm)])), 4),
+        "region_caption_exact_match": round(_accuracy(phrases, [s.segments[2].text for s in regions]), 4),
+    }
+
+
 def evaluate_binding(m: NextMM, n: int, seed: int, shots: int) -> float:
     prompts, answers = [], []
     for index in range(n):
@@ -111,9 +128,10 @@ def evaluate(m: NextMM, scenes: int = 500, videos: int = 200, binding: int = 100
     vqa, vqa_examples = evaluate_vqa(m, scenes, seed)
     video, video_examples = evaluate_video(m, videos, seed)
     fewshot = {f"binding_{k}shot_accuracy": evaluate_binding(m, binding, seed, k) for k in (2, 4)}
+    instructions = evaluate_instructions(m, max(1, scenes // 2), seed)
     retrieval = evaluate_retrieval(m, scenes, seed) if m.clip is not None else {}
     return {
-        **captions, **vqa, **video, **fewshot, **retrieval, "seed": seed,
+        **captions, **vqa, **video, **fewshot, **instructions, **retrieval, "seed": seed,
         "examples": {
             "captions": cap_examples[:12],
             "vqa": list(itertools.islice(vqa_examples, 0, 48, 4)),
@@ -132,6 +150,9 @@ TABLE_ROWS = [
     ("video_caption_exact_match", "video captions: exact match", ""),
     ("binding_2shot_accuracy", "binding, 2 shots", ""),
     ("binding_4shot_accuracy", "binding, 4 shots", ">= 0.60"),
+    ("grounding_acc_at_0.5", "grounding: Acc@0.5", ">= 0.70"),
+    ("itm_accuracy", "image-text matching: accuracy", ""),
+    ("region_caption_exact_match", "region captions: exact match", ""),
     ("retrieval_image_to_text_R_at_1", "retrieval (CLIP stage): image -> text R@1", ""),
     ("retrieval_text_to_image_R_at_1", "retrieval (CLIP stage): text -> image R@1", ""),
 ]

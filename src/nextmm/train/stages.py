@@ -30,7 +30,7 @@ from nextmm.data.shards import DataError, read_shards
 from nextmm.data.transforms import to_pixels
 from nextmm.models.clip import CLIP, text_batch
 from nextmm.models.emu import Emu
-from nextmm.tokenizer import NextTokenizer
+from nextmm.tokenizer import LOC_SPAN, NextTokenizer
 from nextmm.train.checkpoint import finished_stage, mark_stage_done
 from nextmm.train.decoder_stage import autoencoder_stage, build_decoder, diffusion_stage
 from nextmm.train import regression
@@ -44,7 +44,8 @@ def train_tokenizer(sources: dict[str, Path], cfg: Config) -> NextTokenizer:
     def texts():
         for path in sources.values():
             for sample in itertools.islice(read_shards(path), TOKENIZER_SAMPLES_PER_SOURCE):
-                yield from (seg.text for seg in sample.segments if isinstance(seg, Text))
+                # <loc> boxes become location tokens, not text: their digits would take BPE merges from words
+                yield from (LOC_SPAN.sub(" ", seg.text) for seg in sample.segments if isinstance(seg, Text))
 
     return NextTokenizer.train(texts(), cfg.tokenizer.vocab_size, cfg.tokenizer.location_bins)
 
