@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from nextmm.data import shapes
-from nextmm.eval.benchmarks import eval_captions, predictions_path
+from nextmm.eval.files import predictions_path
+from nextmm.eval.language import eval_captions
 from test_cli import assert_one_clear_line, model_dir, run  # noqa: F401  (fixture)
 
 SCENES = [shapes.sample_scene(np.random.default_rng([5, i])) for i in range(5)]
@@ -157,7 +158,7 @@ def clip_model_dir(tmp_path, micro_model, tokenizer, micro_config):
 
 def test_retrieval_with_the_clip_stage(capsys, clip_model_dir, coco):
     import nextmm
-    from nextmm.eval.benchmarks import eval_retrieval
+    from nextmm.eval.visual import eval_retrieval
     from nextmm.eval.metrics import owners_to_relevant, retrieval_recall
 
     ann, images = coco
@@ -214,3 +215,108 @@ def test_eval_shapes_writes_json_and_a_markdown_table(capsys, clip_model_dir, tm
     table = out.with_suffix(".md").read_text()
     assert f"| captions: CIDEr | {results['caption_cider']:.4g} |" in table
     assert "retrieval (CLIP stage): text -> image R@1" in table
+
+
+@pytest.fixture()
+def refs(coco, tmp_path):
+    _, images = coco
+    records = [{"id": f"r{i}", "image": f"COCO_val2014_{100 + i:012d}.jpg", "expression": o.phrase, "box": list(o.box)}
+               for i, scene in enumerate(SCENES) for o in scene.objects[:1]]
+    path = tmp_path / "refs.json"
+    path.write_text(json.dumps(records))
+    return path, images, records
+
+
+def test_grounding_eval(capsys, model_dir, micro_nextmm, refs, tmp_path, monkeypatch):  # noqa: F811
+    from nextmm.eval.visual import eval_grounding
+
+    path, images, records = refs
+    out = tmp_path / "ground.json"
+    code, printed, _ = run(capsys, "eval", "grounding", "--model", model_dir, "--refs", str(path), "--images", str(images), "--out", str(out))
+    assert code == 0
+    scores = json.loads(printed)
+    assert scores["expressions"] == 5 and 0 <= scores["acc_at_0.5"] <= 1
+    assert len(predictions_path(out).read_text().splitlines()) == 5
+    # a model that finds each box shifted by a quarter of its width: IoU (3/4) / (5/4) = 0.6, right at >= 0.5
+    shifted = {r["expression"]: (r["box"][0] + (r["box"][2] - r["box"][0]) / 4, r["box"][1], r["box"][2] + (r["box"][2] - r["box"][0]) / 4, r["box"][3]) for r in records}
+    monkeypatch.setattr(micro_nextmm, "ground", lambda imgs, phrases: [shifted[p] for p in phrases])
+    result = eval_grounding(micro_nextmm, path, images)
+    assert result["acc_at_0.5"] == 1.0 and result["mean_iou"] == pytest.approx(0.6)
+    coco_style = tmp_path / "bbox.json"
+    coco_style.write_text(json.dumps([{"image": r["image"], "expression": r["expression"], "bbox": [r["box"][0], r["box"][1], r["box"][2] - r["box"][0], r["box"][3] - r["box"][1]]} for r in records]))
+    assert eval_grounding(micro_nextmm, coco_style, images) == result
+
+
+def test_bad_grounding_inputs(capsys, model_dir, refs, tmp_path):  # noqa: F811
+    path, images, records = refs
+    base = ["eval", "grounding", "--model", model_dir, "--refs", str(path), "--images", str(images)]
+    path.write_text(json.dumps(records[:1] + [dict(records[1], box=[10, 10, 80, 30])]))
+    assert_one_clear_line(*run(capsys, *base)[::2], "expression #1", "outside its 64x64 image")
+    path.write_text(json.dumps(records[:2] + [dict(records[2], id="r0")]))
+    assert_one_clear_line(*run(capsys, *base)[::2], "two expressions with id r0")
+    path.write_text(json.dumps([dict(records[0], image="nope.jpg")]))
+    assert_one_clear_line(*run(capsys, *base)[::2], "nope.jpg")
+    path.write_text("[]")
+    assert_one_clear_line(*run(capsys, *base)[::2], "no expressions")
+
+
+def test_video_qa_eval(capsys, model_dir, tmp_path):  # noqa: F811
+    from nextmm.eval.language import eval_video_qa
+
+    root = tmp_path / "videos"
+    for k, sample in enumerate(shapes.make_samples("video_caption", 4, 3)):
+        folder = root / f"clip{k}"
+        folder.mkdir(parents=True)
+        for i, frame in enumerate(sample.segments[0].frames):
+            frame.save(folder / f"{i:03d}.png")
+        (folder / "qa.json").write_text(json.dumps([{"question": "which direction does it move?", "answer": sample.meta["direction"]}]))
+    out = tmp_path / "vqa.json"
+    code, printed, _ = run(capsys, "eval", "videoqa", "--model", model_dir, "--root", str(root), "--answers", "left,right,up,down", "--out", str(out))
+    assert code == 0
+    scores = json.loads(printed)
+    logged = [json.loads(line) for line in predictions_path(out).read_text().splitlines()]
+    assert scores["questions"] == 3 and scores["videos"] == 3 and {r["answer"] for r in logged} <= {"left", "right", "up", "down"}
+    truth = {f"clip{k}": s.meta["direction"] for k, s in enumerate(shapes.make_samples("video_caption", 4, 3))}
+    assert scores["accuracy"] == pytest.approx(np.mean([r["answer"] == truth[r["video"]] for r in logged]))
+    (root / "clip1" / "qa.json").write_text('{"question": "x"}')
+    assert_one_clear_line(*run(capsys, "eval", "videoqa", "--model", model_dir, "--root", str(root))[::2], "clip1")
+
+
+def mean_colour(images):
+    """A user-given feature extractor for `nextmm eval images --features test_eval_benchmarks:mean_colour`."""
+    return np.stack([np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(0) for img in images])
+
+
+def test_images_eval_fid_clip_score_and_judge(capsys, micro_model, tokenizer, micro_config, tmp_path):
+    import nextmm
+    from nextmm.api import NextMM
+    from nextmm.eval.metrics import frechet_distance
+    from nextmm.models.clip import CLIP
+    from nextmm.models.decoder import VisualDecoder
+
+    micro_config.decoder.sample_steps = 2
+    decoder = VisualDecoder(micro_config.decoder, micro_config.resampler.width, micro_config.resampler.num_queries)
+    clip = CLIP(micro_config.vision, micro_config.clip_text, tokenizer.vocab_size)
+    model_dir = str(NextMM(micro_model, tokenizer, micro_config, decoder=decoder, clip=clip).save(tmp_path / "drawer"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(s.caption() for s in SCENES[:3]) + "\n")
+    reference = tmp_path / "real"
+    reference.mkdir()
+    for i, scene in enumerate(SCENES):
+        scene.image().save(reference / f"{i}.png")
+    drawings = tmp_path / "drawn"
+    base = ["eval", "images", "--model", model_dir, "--prompts", str(prompts), "--reference", str(reference)]
+    code, printed, _ = run(capsys, *base, "--save-images", str(drawings), "--features", "test_eval_benchmarks:mean_colour")
+    assert code == 0
+    scores = json.loads(printed)
+    assert scores["images"] == 3 and scores["references"] == 5 and 0 <= scores["clip_score"] <= 100
+    assert 0 <= scores["judge_all_objects_right"] <= 1
+    drawn = [str(p) for p in sorted(drawings.glob("*.png"))]
+    m = nextmm.load(model_dir)
+    from PIL import Image as PILImage
+
+    expected = frechet_distance(mean_colour([PILImage.open(p).convert("RGB") for p in drawn]), mean_colour([s.image() for s in SCENES]))
+    assert scores["fid"] == pytest.approx(expected, rel=1e-6) and len(drawn) == 3 and m.decoder is not None
+    assert_one_clear_line(*run(capsys, *base, "--features", "no_such_module:f")[::2], "no_such_module:f")
+    prompts.write_text("\n")
+    assert_one_clear_line(*run(capsys, *base)[::2], "no prompts")

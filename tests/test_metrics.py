@@ -155,3 +155,16 @@ def test_clip_score():
     img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     txt = torch.tensor([[2.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])
     assert clip_score(img, txt) == pytest.approx((100 + 100 / 2**0.5 + 0) / 3)
+
+
+def test_detection_f1_matches_phrase_and_box_once():
+    from nextmm.eval.shapes import detection_f1
+
+    truth = [[{"size": "large", "colour": "red", "shape": "circle", "box": [0, 0, 20, 20]},
+              {"size": "small", "colour": "blue", "shape": "square", "box": [30, 30, 42, 42]}]]
+    listed = [[("a large red circle", (0, 0, 20, 18)),   # right (IoU 0.9)
+               ("a large red circle", (0, 0, 20, 20)),   # a second claim on a matched object: wrong
+               ("a small blue square", (0, 0, 12, 12))]]  # right phrase, wrong place
+    # 1 hit, 3 listed, 2 true: F1 = 2 x 1 / (3 + 2)
+    assert detection_f1(listed, truth) == pytest.approx(2 / 5)
+    assert detection_f1([[]], [[]]) == 0.0

@@ -46,3 +46,12 @@ def test_loc_spans_become_four_location_tokens_and_back(tokenizer):
     assert tokenizer.box_from_ids(tokenizer.encode("no box here"), 64) is None
     with pytest.raises(ValueError, match="four fractions"):
         tokenizer.encode("<loc>0.1 0.2 1.5 0.3</loc>")
+
+
+def test_detection_output_reads_as_phrases_with_boxes(tokenizer):
+    from nextmm.tokenizer import loc_text
+
+    text = f"a large red circle {loc_text((0, 0, 32, 32), 64)}, a small blue square {loc_text((40, 40, 52, 52), 64)}, a green"
+    found = tokenizer.phrases_with_boxes(tokenizer.encode(text), 64)
+    assert [p for p, _ in found] == ["a large red circle", "a small blue square"]  # the last has no box
+    assert all(abs(a - b) <= 64 / 63 for a, b in zip(found[1][1], (40, 40, 52, 52)))

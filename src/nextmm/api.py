@@ -16,7 +16,7 @@ from PIL import Image as PILImage
 from nextmm.config import Config, config_from_dict
 from nextmm.constrained import AnswerTrie
 from nextmm.data.formats import load_image
-from nextmm.data.sample import Image, Segment, Text, Video, grounding_question, matching_question, vqa_prompt
+from nextmm.data.sample import DETECT_QUESTION, Image, Segment, Text, Video, grounding_question, matching_question, vqa_prompt
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.errors import UserError
 from nextmm.data.transforms import to_pixels
@@ -125,6 +125,12 @@ class NextMM:
         prompts = [[Image(p), Text(grounding_question(phrase), target=False)] for p, phrase in zip(pictures, phrases)]
         rows = self.generate_ids(prompts, max_new_tokens=5)
         return [self.tokenizer.box_from_ids(ids, p.size) for ids, p in zip(rows, pictures)]
+
+    def detect(self, images: Sequence[Picture], max_new_tokens: int = 48) -> list[list[tuple[str, tuple[float, ...]]]]:
+        """Detection as an instruction: every object the model lists, as (phrase, pixel box) pairs."""
+        pictures = [_picture(img) for img in images]
+        rows = self.generate_ids([[Image(p), Text(DETECT_QUESTION, target=False)] for p in pictures], max_new_tokens=max_new_tokens)
+        return [self.tokenizer.phrases_with_boxes(ids, p.size) for ids, p in zip(rows, pictures)]
 
     def match(self, images: Sequence[Visual], texts: Sequence[str]) -> list[bool]:
         """Image-text matching: whether the model says each text describes its image (constrained to yes/no)."""

@@ -167,57 +167,163 @@ def _model_unless_scoring(args: argparse.Namespace):
     return _load(args.model)
 
 
-def _interrupted_note(args: argparse.Namespace) -> None:
-    from nextmm.eval.benchmarks import predictions_path
+def _logged(args: argparse.Namespace, run) -> None:
+    """Run an eval that logs its predictions as made; if it stops half-way, say where they are."""
+    from nextmm.eval.files import predictions_path
 
-    if args.out and not args.predictions:
-        print(f"predictions so far are in {predictions_path(args.out)}", file=sys.stderr)
-
-
-def cmd_eval_captions(args: argparse.Namespace) -> None:
-    from nextmm.eval.benchmarks import eval_captions
-
-    m = _model_unless_scoring(args)
     try:
-        results = eval_captions(m, args.annotations, args.images, args.out, args.limit, args.predictions, args.tokenizer, not args.no_meteor)
+        results = run()
     except BaseException:
-        _interrupted_note(args)
+        if args.out and not args.predictions:
+            print(f"predictions so far are in {predictions_path(args.out)}", file=sys.stderr)
         raise
     _write_results(results, args.out)
 
 
+def cmd_eval_captions(args: argparse.Namespace) -> None:
+    from nextmm.eval.language import eval_captions
+
+    m = _model_unless_scoring(args)
+    _logged(args, lambda: eval_captions(m, args.annotations, args.images, args.out, args.limit, args.predictions, args.tokenizer, not args.no_meteor))
+
+
 def cmd_eval_vqa(args: argparse.Namespace) -> None:
-    from nextmm.eval.benchmarks import eval_vqa
+    from nextmm.eval.language import eval_vqa
 
     answers = _answers(args)
     m = _model_unless_scoring(args)
-    try:
-        results = eval_vqa(m, args.questions, args.annotations, args.images, args.out, args.limit, args.predictions, answers)
-    except BaseException:
-        _interrupted_note(args)
-        raise
+    _logged(args, lambda: eval_vqa(m, args.questions, args.annotations, args.images, args.out, args.limit, args.predictions, answers))
+
+
+def cmd_eval_videoqa(args: argparse.Namespace) -> None:
+    from nextmm.eval.language import eval_video_qa, video_questions
+
+    answers = _answers(args)
+    video_questions(args.root)  # checked before the model loads
+    m = _load(args.model)
+    _logged(args, lambda: eval_video_qa(m, args.root, args.out, args.limit, answers))
+
+
+def cmd_eval_grounding(args: argparse.Namespace) -> None:
+    from nextmm.eval.visual import eval_grounding, grounding_records
+
+    grounding_records(args.refs, args.images)  # checked before the model loads
+    m = _load(args.model)
+    _logged(args, lambda: eval_grounding(m, args.refs, args.images, args.out, args.limit))
+
+
+def cmd_eval_images(args: argparse.Namespace) -> None:
+    from nextmm.eval.visual import eval_images
+
+    m = _load(args.model)
+    results = eval_images(m, args.prompts, args.reference, args.save_images, args.features, args.guidance, args.steps, args.seed)
     _write_results(results, args.out)
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> None:
-    from nextmm.eval.benchmarks import eval_retrieval
+    from nextmm.eval.visual import eval_retrieval
 
     _write_results(eval_retrieval(_load(args.model), args.annotations, args.images, args.limit), args.out)
 
 
 def cmd_eval_classify(args: argparse.Namespace) -> None:
-    from nextmm.eval.benchmarks import eval_classification
+    from nextmm.eval.visual import eval_classification
 
     _write_results(eval_classification(_load(args.model), args.images, args.template, args.method, args.limit), args.out)
+
+
+def cmd_eval_fewshot(args: argparse.Namespace) -> None:
+    from nextmm.eval.fewshot import SELECTIONS, evaluate_fewshot
+
+    shots = _int_list(args.shots, "--shots")
+    selections = [s.strip() for s in args.select.split(",") if s.strip()]
+    unknown = [s for s in selections if s not in SELECTIONS]
+    if unknown or not selections:
+        raise UserError(f"--select '{args.select}' names no known selection; use {', '.join(SELECTIONS)} (comma-separated)")
+    if any(k < 0 or k > 8 for k in shots):
+        raise UserError(f"--shots '{args.shots}' must be whole numbers from 0 to 8 (the context holds eight examples)")
+    m = _load(args.model)
+    results = evaluate_fewshot(m, args.n, shots, selections, args.seed, progress=lambda what: print(f"[fewshot] {what}", file=sys.stderr))
+    _write_results(results, args.out)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{flag} '{text}' is not a comma-separated list of whole numbers, e.g. 0,2,4,8") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from nextmm.demo import run_demo
 
     result = run_demo(args.out, args.preset, args.set or [], resume=args.resume)
-    headline = {k: result[k] for k in result if k.endswith(("match", "accuracy", "all_objects_right", "_s")) and not isinstance(result[k], dict)}
+    headline = {k: result[k] for k in result if k.endswith(("match", "accuracy", "all_objects_right", "_s", "acc_at_0.5", "f1", "cider")) and not isinstance(result[k], dict)}
     _print_json(headline)
     print(f"model:   {result['model']}\nmetrics: {result['metrics']}\nreport:  {result['report']}")
+
+
+ANSWERS_HELP = "closed set: the output is one of these (comma-separated, or a file with one per line)"
+
+
+def _benchmark(esub, name: str, help_text: str, func, logged: bool = False, model_required: bool = True) -> argparse.ArgumentParser:
+    """An `nextmm eval` subcommand with --model and --out (logged: predictions go to OUT.predictions.jsonl as made)."""
+    b = esub.add_parser(name, help=help_text)
+    b.add_argument("--model", required=model_required, help="the model directory" + ("" if model_required else " (not needed with --predictions)"))
+    b.add_argument("--out", help="write the scores here too" + (", and each prediction as made to OUT.predictions.jsonl" if logged else ""))
+    b.set_defaults(func=func, predictions=None)
+    return b
+
+
+def add_eval_parsers(esub) -> None:
+    s = _benchmark(esub, "shapes", "held-out Shapes World: captions, VQA, video QA, binding, grounding, ITM, retrieval", cmd_eval_shapes)
+    s.add_argument("--scenes", type=int, default=500)
+    s.add_argument("--videos", type=int, default=200)
+    s.add_argument("--binding", type=int, default=100)
+    s.add_argument("--seed", type=int, default=10_007)
+    for name, help_text, func in (("captions", "COCO captions -> BLEU-4, METEOR, ROUGE-L, CIDEr (pycocoevalcap)", cmd_eval_captions),
+                                  ("vqa", "VQAv2 questions + annotations -> the official VQA accuracy", cmd_eval_vqa)):
+        b = _benchmark(esub, name, help_text, func, logged=True, model_required=False)
+        if name == "vqa":
+            b.add_argument("--questions", required=True, help="VQAv2 questions JSON")
+            b.add_argument("--answers", help=ANSWERS_HELP)
+        b.add_argument("--annotations", required=True, help="COCO captions JSON" if name == "captions" else "VQAv2 annotations JSON")
+        b.add_argument("--images", required=True, help="the image folder")
+        b.add_argument("--limit", type=int, help="only the first N images (questions)")
+        b.add_argument("--predictions", help="score this results file (JSON list or JSON lines) instead of running a model")
+        if name == "captions":
+            b.add_argument("--tokenizer", choices=("auto", "ptb", "simple"), default="auto", help="ptb needs Java; auto uses it when installed")
+            b.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes ~20 s to start)")
+    f = _benchmark(esub, "fewshot", "few-shot captions, VQA and binding on held-out Shapes World, shots chosen at random or by RICES", cmd_eval_fewshot)
+    f.add_argument("--n", type=int, default=100, help="queries (binding episodes) per task")
+    f.add_argument("--shots", default="0,2,4,8", help="comma-separated shot counts")
+    f.add_argument("--select", default="random,rices", help="random, rices (most similar images by CLIP features), or both")
+    f.add_argument("--seed", type=int, default=10_007)
+    v = _benchmark(esub, "videoqa", "open-ended video QA: a folder per video with its frames and qa.json", cmd_eval_videoqa, logged=True)
+    v.add_argument("--root", required=True, help="one sub-folder per video: frame images and qa.json [{question, answer}]")
+    v.add_argument("--answers", help=ANSWERS_HELP)
+    v.add_argument("--limit", type=int, help="only the first N questions")
+    g = _benchmark(esub, "grounding", "RefCOCO-style expressions with boxes -> accuracy at IoU >= 0.5", cmd_eval_grounding, logged=True)
+    g.add_argument("--refs", required=True, help='JSON list of {"image", "expression", "box": [x0, y0, x1, y1]} (or COCO "bbox": [x, y, w, h])')
+    g.add_argument("--images", required=True, help="the image folder")
+    g.add_argument("--limit", type=int, help="only the first N expressions")
+    i = _benchmark(esub, "images", "text-to-image: FID against reference images, CLIP score, the Shapes World judge", cmd_eval_images)
+    i.add_argument("--prompts", required=True, help="a text file, one prompt per line")
+    i.add_argument("--reference", required=True, help="a folder of real images to compare the drawings with")
+    i.add_argument("--features", default="clip", help="clip (the model's CLIP tower) or package.module:function mapping PIL images to an (n, d) array")
+    i.add_argument("--guidance", type=float, default=None)
+    i.add_argument("--steps", type=int, default=None)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--save-images", help="save each drawing here as it is made")
+    r = _benchmark(esub, "retrieval", "COCO captions -> image-text Recall@1/5/10 both ways (the CLIP stage)", cmd_eval_retrieval)
+    r.add_argument("--annotations", required=True, help="COCO captions JSON")
+    r.add_argument("--images", required=True, help="the image folder")
+    r.add_argument("--limit", type=int, help="only the first N images (and their captions)")
+    z = _benchmark(esub, "classify", "zero-shot classification of a folder with one sub-folder of images per class", cmd_eval_classify)
+    z.add_argument("--images", required=True, help="the folder of class sub-folders (their names are the labels; _ reads as a space)")
+    z.add_argument("--template", default="{}", help="the class prompt, {} standing for the label, e.g. 'a photo of a {}'")
+    z.add_argument("--method", choices=("clip", "caption"), default="clip", help="CLIP similarity, or the LLM's caption constrained to the prompts")
+    z.add_argument("--limit", type=int, help="at most N images per class")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,14 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("caption", help="caption images")
     c.add_argument("--model", required=True)
     c.add_argument("images", nargs="+")
-    c.add_argument("--answers", help="closed set: the output is one of these (comma-separated, or a file with one per line)")
+    c.add_argument("--answers", help=ANSWERS_HELP)
     c.set_defaults(func=cmd_caption)
 
     a = sub.add_parser("ask", help="answer a question about an image (several --image: a video)")
     a.add_argument("--model", required=True)
     a.add_argument("--image", action="append", required=True)
     a.add_argument("question")
-    a.add_argument("--answers", help="closed set: the output is one of these (comma-separated, or a file with one per line)")
+    a.add_argument("--answers", help=ANSWERS_HELP)
     a.set_defaults(func=cmd_ask)
 
     k = sub.add_parser("complete", help="continue an interleaved prompt: text with <image>/<video> placeholders")
@@ -270,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--image", action="append", help="file for the next <image> placeholder")
     k.add_argument("--video", action="append", help="frame folder or a,b,c frame list for the next <video>")
     k.add_argument("--max-new-tokens", type=int, default=32)
-    k.add_argument("--answers", help="closed set: the output is one of these (comma-separated, or a file with one per line)")
+    k.add_argument("--answers", help=ANSWERS_HELP)
     k.add_argument("prompt")
     k.set_defaults(func=cmd_complete)
 
@@ -288,46 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_draw)
 
     e = sub.add_parser("eval", help="evaluate a model")
-    esub = e.add_subparsers(dest="suite", required=True)
-    s = esub.add_parser("shapes", help="held-out Shapes World: captions, VQA, video QA, few-shot binding")
-    s.add_argument("--model", required=True)
-    s.add_argument("--scenes", type=int, default=500)
-    s.add_argument("--videos", type=int, default=200)
-    s.add_argument("--binding", type=int, default=100)
-    s.add_argument("--seed", type=int, default=10_007)
-    s.add_argument("--out", help="also write the JSON here, and the Markdown table next to it (.md)")
-    s.set_defaults(func=cmd_eval_shapes)
-    for name, help_text in (("captions", "COCO captions -> BLEU-4, METEOR, ROUGE-L, CIDEr (pycocoevalcap)"),
-                            ("vqa", "VQAv2 questions + annotations -> the official VQA accuracy")):
-        b = esub.add_parser(name, help=help_text)
-        b.add_argument("--model", help="the model to evaluate (not needed with --predictions)")
-        if name == "vqa":
-            b.add_argument("--questions", required=True, help="VQAv2 questions JSON")
-            b.add_argument("--answers", help="closed set: every answer is one of these (comma-separated, or a file with one per line)")
-        b.add_argument("--annotations", required=True, help="COCO captions JSON" if name == "captions" else "VQAv2 annotations JSON")
-        b.add_argument("--images", required=True, help="the image folder")
-        b.add_argument("--limit", type=int, help="only the first N images (questions)")
-        b.add_argument("--predictions", help="score this results file (JSON list or JSON lines) instead of running a model")
-        b.add_argument("--out", help="write the scores here, and each prediction as made to OUT.predictions.jsonl")
-        if name == "captions":
-            b.add_argument("--tokenizer", choices=("auto", "ptb", "simple"), default="auto", help="ptb needs Java; auto uses it when installed")
-            b.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes ~20 s to start)")
-        b.set_defaults(func=cmd_eval_captions if name == "captions" else cmd_eval_vqa)
-    r = esub.add_parser("retrieval", help="COCO captions -> image-text Recall@1/5/10 both ways (the CLIP stage)")
-    r.add_argument("--model", required=True)
-    r.add_argument("--annotations", required=True, help="COCO captions JSON")
-    r.add_argument("--images", required=True, help="the image folder")
-    r.add_argument("--limit", type=int, help="only the first N images (and their captions)")
-    r.add_argument("--out", help="also write the JSON here")
-    r.set_defaults(func=cmd_eval_retrieval)
-    z = esub.add_parser("classify", help="zero-shot classification of a folder with one sub-folder of images per class")
-    z.add_argument("--model", required=True)
-    z.add_argument("--images", required=True, help="the folder of class sub-folders (their names are the labels; _ reads as a space)")
-    z.add_argument("--template", default="{}", help="the class prompt, {} standing for the label, e.g. 'a photo of a {}'")
-    z.add_argument("--method", choices=("clip", "caption"), default="clip", help="CLIP similarity, or the LLM's caption constrained to the prompts")
-    z.add_argument("--limit", type=int, help="at most N images per class")
-    z.add_argument("--out", help="also write the JSON here")
-    z.set_defaults(func=cmd_eval_classify)
+    add_eval_parsers(e.add_subparsers(dest="suite", required=True))
 
     m = sub.add_parser("demo", help="the whole pipeline on Shapes World")
     m.add_argument("--out", default="runs/demo")

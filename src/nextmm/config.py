@@ -200,7 +200,7 @@ class DataConfig:
     counts: dict[str, int] = field(
         default_factory=lambda: {
             "caption": 6000, "vqa": 3000, "video_caption": 1000, "video_qa": 800,
-            "story": 500, "edit": 500, "binding": 800, "ground": 1500, "itm": 2000, "region_caption": 1000, "detect": 800,
+            "story": 500, "edit": 500, "binding": 800, "ground": 800, "itm": 1000, "region_caption": 500, "detect": 400,
         }
     )
     shard_size: int = 2000

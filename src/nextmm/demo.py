@@ -22,7 +22,7 @@ from nextmm.train.stages import train
 EVAL_SIZES = {"micro": (40, 16, 16)}  # scenes, videos, binding prompts; others use the full sizes
 FULL_EVAL = (500, 200, 100)
 DRAW_SIZES = {"micro": (4, 4, 4)}  # one-object prompts, two-object prompts, reconstructions
-FULL_DRAW = (100, 100, 50)  # benchmarks/text_to_image.py scores 200 + 200
+FULL_DRAW = (60, 60, 40)  # a quick look within the demo's 15 minutes; benchmarks/text_to_image.py scores 200 + 200
 
 
 def run_demo(out_dir: str | Path = "runs/demo", preset: str = "tiny", overrides: list[str] = (), resume: bool = False) -> dict[str, Any]:

@@ -109,6 +109,20 @@ class NextTokenizer:
         scale = self.location_bins - 1
         return tuple(b / scale * s for b, s in zip(bins, (width, height, width, height)))
 
+    def phrases_with_boxes(self, ids: Sequence[int], image_size: int | tuple[int, int]) -> list[tuple[str, tuple[float, ...]]]:
+        """Detection output, "a red circle <4 location tokens>, a blue square <4 location tokens>", as
+        (phrase, pixel box) pairs; text with no complete box after it is dropped."""
+        found, words, bins = [], [], []
+        for token_id in ids:
+            if self._bin_of(token_id) is None:
+                words.append(token_id)
+                continue
+            bins.append(token_id)
+            if len(bins) == 4:
+                found.append((self.decode(words).strip(" ,;"), self.box_from_ids(bins, image_size)))
+                words, bins = [], []
+        return found
+
     def _bin_of(self, token_id: int) -> int | None:
         token = self.tok.id_to_token(token_id) or ""
         return int(token[5:-1]) if token.startswith("<bin_") and token.endswith(">") else None

@@ -68,6 +68,9 @@ def matching_question(text: str) -> str:
     return f'does the text "{text}" match the image?'
 
 
+DETECT_QUESTION = "what objects are in the image and where?"  # answered "{phrase} {box}, ..." (OFA's detection)
+
+
 def caption_sample(key: str, image: PILImage.Image, caption: str, **meta: Any) -> Sample:
     return Sample(key, "caption", [Image(image), Text(caption)], dict(meta))
 

@@ -20,6 +20,7 @@ from nextmm.data.sample import (
     Image,
     Sample,
     Segment,
+    DETECT_QUESTION,
     Text,
     caption_sample,
     grounding_question,
@@ -439,6 +440,19 @@ def _binding_fewshot(rng: np.random.Generator, shots: int):
     return segments, answer, bindings, query
 
 
+def binding_episode(rng: np.random.Generator, pool_size: int) -> tuple[list[tuple[PILImage.Image, str]], tuple[PILImage.Image, str]]:
+    """A few-shot episode with a choice of shots (for RICES against random): 2 to 4 fresh words bound as in
+    `binding_doc`, `pool_size` one-object images each with the word that names it (every word among
+    them when pool_size allows), and a query image with its word."""
+    n_words = int(rng.integers(2, 5))
+    words = _fresh_words(rng, n_words)
+    bindings = _bindings(rng, words)
+    segments, _ = _binding_pairs(rng, words, bindings, pool_size, target=False)
+    pool = [(img.image, text.text.rsplit(" ", 1)[1]) for img, text in zip(segments[::2], segments[1::2])]
+    answer = words[int(rng.integers(n_words))]
+    return pool, (render([_object_for(rng, answer, bindings)]), answer)
+
+
 def binding_fewshot(rng: np.random.Generator, shots: int) -> tuple[list[Segment], str]:
     """The few-shot eval prompt: `shots` (image, "this is a {word}") pairs, a query image and
     "this is a"; returns the segments and the word the model should say next."""
@@ -453,9 +467,6 @@ def binding_fewshot(rng: np.random.Generator, shots: int) -> tuple[list[Segment]
 
 def region_question(box: Box) -> str:
     return f"what does the region {loc_text(box, CANVAS)} show?"
-
-
-DETECT_QUESTION = "what objects are in the image and where?"
 
 
 def detection_answer(scene: "Scene") -> str:

@@ -18,7 +18,7 @@ import torch
 from nextmm.api import NextMM
 from nextmm.data import shapes
 from nextmm.data.sample import Image, Sample, Text, Video
-from nextmm.eval.metrics import caption_scores, grounding_accuracy, retrieval_recall
+from nextmm.eval.metrics import box_iou, caption_scores, grounding_accuracy, retrieval_recall
 
 EVAL_SEED = 10_007
 
@@ -97,11 +97,13 @@ def evaluate_video(m: NextMM, n_videos: int, seed: int) -> tuple[dict[str, Any],
 
 def evaluate_instructions(m: NextMM, n: int, seed: int) -> dict[str, Any]:
     """OFA-style tasks on n held-out samples each: grounding (Acc@0.5), image-text matching (accuracy;
-    half the texts describe the image) and region captioning (exact match)."""
+    half the texts describe the image), detection (F1) and region captioning (exact match)."""
     ground = list(itertools.islice(shapes.make_samples("ground", seed, n), n))
     boxes = m.ground([_first(s, Image).image for s in ground], [s.meta["phrase"] for s in ground])
     itm = list(shapes.make_samples("itm", seed, n))
     said = m.match([_first(s, Image).image for s in itm], [s.meta["caption"] for s in itm])
+    detect = list(shapes.make_samples("detect", seed, n))
+    listed = m.detect([_first(s, Image).image for s in detect])
     regions = list(shapes.make_samples("region_caption", seed, n))
     phrases = m.generate([s.segments[:2] for s in regions], max_new_tokens=8)
     return {
@@ -109,7 +111,23 @@ def evaluate_instructions(m: NextMM, n: int, seed: int) -> dict[str, Any]:
         "grounding_no_box": sum(b is None for b in boxes),
         "itm_accuracy": round(float(np.mean([y == (s.meta["answer"] == "yes") for y, s in zip(said, itm)])), 4),
         "region_caption_exact_match": round(_accuracy(phrases, [s.segments[2].text for s in regions]), 4),
+        "detection_f1": round(detection_f1(listed, [s.meta["objects"] for s in detect]), 4),
     }
+
+
+def detection_f1(listed: list[list[tuple[str, tuple]]], truth: list[list[dict]]) -> float:
+    """F1 over all images of listed objects: right when its phrase names a true object of the image and its box
+    overlaps that object's at IoU >= 0.5 (each true object matched once)."""
+    hits = found = wanted = 0
+    for objects, true in zip(listed, truth):
+        unmatched = [(f"a {o['size']} {o['colour']} {o['shape']}", o["box"]) for o in true]
+        found, wanted = found + len(objects), wanted + len(true)
+        for phrase, box in objects:
+            match = next((t for t in unmatched if t[0] == phrase and box_iou(box, t[1]) >= 0.5), None)
+            if match is not None:
+                unmatched.remove(match)
+                hits += 1
+    return 2 * hits / (found + wanted) if found + wanted else 0.0
 
 
 def evaluate_binding(m: NextMM, n: int, seed: int, shots: int) -> float:
@@ -128,7 +146,7 @@ def evaluate(m: NextMM, scenes: int = 500, videos: int = 200, binding: int = 100
     vqa, vqa_examples = evaluate_vqa(m, scenes, seed)
     video, video_examples = evaluate_video(m, videos, seed)
     fewshot = {f"binding_{k}shot_accuracy": evaluate_binding(m, binding, seed, k) for k in (2, 4)}
-    instructions = evaluate_instructions(m, max(1, scenes // 2), seed)
+    instructions = evaluate_instructions(m, max(1, scenes // 5), seed)
     retrieval = evaluate_retrieval(m, scenes, seed) if m.clip is not None else {}
     return {
         **captions, **vqa, **video, **fewshot, **instructions, **retrieval, "seed": seed,
@@ -153,6 +171,7 @@ TABLE_ROWS = [
     ("grounding_acc_at_0.5", "grounding: Acc@0.5", ">= 0.70"),
     ("itm_accuracy", "image-text matching: accuracy", ""),
     ("region_caption_exact_match", "region captions: exact match", ""),
+    ("detection_f1", "detection: F1 at IoU >= 0.5", ""),
     ("retrieval_image_to_text_R_at_1", "retrieval (CLIP stage): image -> text R@1", ""),
     ("retrieval_text_to_image_R_at_1", "retrieval (CLIP stage): text -> image R@1", ""),
 ]
