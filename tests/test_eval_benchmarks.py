@@ -320,3 +320,29 @@ def test_images_eval_fid_clip_score_and_judge(capsys, micro_model, tokenizer, mi
     assert_one_clear_line(*run(capsys, *base, "--features", "no_such_module:f")[::2], "no_such_module:f")
     prompts.write_text("\n")
     assert_one_clear_line(*run(capsys, *base)[::2], "no prompts")
+
+
+def test_few_shot_captions_and_vqa_on_benchmark_files(capsys, clip_model_dir, coco, vqa, tmp_path, monkeypatch):
+    import nextmm
+    from nextmm.api import NextMM
+
+    ann, images = coco
+    questions, annotations, _ = vqa
+    seen = []
+    real_generate = NextMM.generate
+    monkeypatch.setattr(NextMM, "generate", lambda self, prompts, *a, **k: seen.extend(prompts) or real_generate(self, prompts, *a, **k))
+    base = ["eval", "captions", "--model", clip_model_dir, "--annotations", str(ann), "--images", str(images), "--tokenizer", "simple", "--no-meteor"]
+    code, printed, _ = run(capsys, *base, "--shots", "2", "--select", "rices", "--support-annotations", str(ann), "--support-images", str(images))
+    assert code == 0 and json.loads(printed)["images"] == 5
+    # RICES over a support split holding the query itself: its own picture is the nearest, shown last
+    m = nextmm.load(clip_model_dir)
+    for prompt in seen:
+        assert len(prompt) == 5 and prompt[1].text in [s.caption() for s in SCENES]  # 2 x (image, caption) + query
+        assert m.clip_image_features([prompt[2].image]).allclose(m.clip_image_features([prompt[4].image]), atol=1e-5)
+    seen.clear()
+    code, printed, _ = run(capsys, "eval", "vqa", "--model", clip_model_dir, "--questions", str(questions), "--annotations", str(annotations),
+                           "--images", str(images), "--shots", "1", "--support-questions", str(questions), "--support-annotations",
+                           str(annotations), "--support-images", str(images), "--answers", "yes,no,2")
+    assert code == 0 and json.loads(printed)["questions"] == 10
+    assert all(len(p) == 5 and p[4].text.startswith("question:") for p in seen)  # image, question, answer, image, question
+    assert_one_clear_line(*run(capsys, *base, "--shots", "2")[::2], "--support-annotations")

@@ -180,19 +180,33 @@ def _logged(args: argparse.Namespace, run) -> None:
     _write_results(results, args.out)
 
 
+def _support(args: argparse.Namespace, m, make) -> dict:
+    """The few-shot options of `eval captions` / `eval vqa`: none, or a support set made by `make(m)`."""
+    if not args.shots:
+        return {}
+    if args.predictions:
+        raise UserError("--shots makes predictions with the model; it does not go with --predictions")
+    if not (args.support_annotations and args.support_images) or (hasattr(args, "support_questions") and not args.support_questions):
+        raise UserError("--shots needs a support split to take the examples from: --support-annotations and --support-images"
+                        + (" and --support-questions" if hasattr(args, "support_questions") else ""))
+    return {"support": make(m), "shots": args.shots, "selection": args.select}
+
+
 def cmd_eval_captions(args: argparse.Namespace) -> None:
-    from nextmm.eval.language import eval_captions
+    from nextmm.eval.language import coco_support, eval_captions
 
     m = _model_unless_scoring(args)
-    _logged(args, lambda: eval_captions(m, args.annotations, args.images, args.out, args.limit, args.predictions, args.tokenizer, not args.no_meteor))
+    few = _support(args, m, lambda m: coco_support(m, args.support_annotations, args.support_images, args.support_limit))
+    _logged(args, lambda: eval_captions(m, args.annotations, args.images, args.out, args.limit, args.predictions, args.tokenizer, not args.no_meteor, **few))
 
 
 def cmd_eval_vqa(args: argparse.Namespace) -> None:
-    from nextmm.eval.language import eval_vqa
+    from nextmm.eval.language import eval_vqa, vqa_support_files
 
     answers = _answers(args)
     m = _model_unless_scoring(args)
-    _logged(args, lambda: eval_vqa(m, args.questions, args.annotations, args.images, args.out, args.limit, args.predictions, answers))
+    few = _support(args, m, lambda m: vqa_support_files(m, args.support_questions, args.support_annotations, args.support_images, args.support_limit))
+    _logged(args, lambda: eval_vqa(m, args.questions, args.annotations, args.images, args.out, args.limit, args.predictions, answers, **few))
 
 
 def cmd_eval_videoqa(args: argparse.Namespace) -> None:
@@ -291,6 +305,13 @@ def add_eval_parsers(esub) -> None:
         b.add_argument("--images", required=True, help="the image folder")
         b.add_argument("--limit", type=int, help="only the first N images (questions)")
         b.add_argument("--predictions", help="score this results file (JSON list or JSON lines) instead of running a model")
+        b.add_argument("--shots", type=int, default=0, choices=range(0, 9), metavar="K", help="few-shot: K solved examples (0-8) before each query")
+        b.add_argument("--select", choices=("random", "rices"), default="random", help="how the examples are chosen: at random, or the most similar images (RICES)")
+        if name == "vqa":
+            b.add_argument("--support-questions", help="few-shot examples: VQAv2 questions JSON of another split")
+        b.add_argument("--support-annotations", help="few-shot examples: the annotations JSON of another split (e.g. train)")
+        b.add_argument("--support-images", help="few-shot examples: that split's image folder")
+        b.add_argument("--support-limit", type=int, default=1000, help="the support pool: its first N examples")
         if name == "captions":
             b.add_argument("--tokenizer", choices=("auto", "ptb", "simple"), default="auto", help="ptb needs Java; auto uses it when installed")
             b.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes ~20 s to start)")

@@ -48,45 +48,65 @@ def choose_shots(query: torch.Tensor, pool: torch.Tensor, k: int, selection: str
     return best.flip(1).tolist()
 
 
-def _scenes(kind: str, seed: int, n: int) -> list:
-    return list(shapes.make_samples(kind, seed, n))[:n]
+class SupportSet:
+    """Solved examples to put before queries: each a picture and the segments that show it solved (the
+    picture first). RICES features of the pool are computed once, on first use."""
+
+    def __init__(self, m: NextMM, pictures: list, solved: list[list], seed: int = 0):
+        if len(pictures) != len(solved) or not solved:
+            raise ValueError("a support set needs one solved example per picture, and at least one")
+        self.m, self.pictures, self.solved = m, pictures, solved
+        self.rng = np.random.default_rng(seed)
+        self._features: torch.Tensor | None = None
+
+    def prompts(self, queries: list, tails: list[list], k: int, selection: str) -> list[list]:
+        """For each query picture: k solved examples, then the picture and its tail (e.g. the question)."""
+        if selection == "rices" and k:
+            if self._features is None:
+                self._features = image_features(self.m, self.pictures)
+            query, pool = image_features(self.m, queries), self._features
+        else:  # random choice needs only the sizes
+            query, pool = torch.empty(len(queries), 0), torch.empty(len(self.solved), 0)
+        chosen = choose_shots(query, pool, k, selection, self.rng)
+        return [sum((self.solved[j] for j in shots), []) + [Image(q)] + tail for q, tail, shots in zip(queries, tails, chosen)]
 
 
-def _image(sample) -> Image:
-    return next(seg for seg in sample.segments if isinstance(seg, Image))
+def caption_support(m: NextMM, pictures: list, captions: list[str], seed: int = 0) -> SupportSet:
+    return SupportSet(m, pictures, [[Image(p), Text(c, target=False)] for p, c in zip(pictures, captions)], seed)
 
 
-def fewshot_captions(m: NextMM, queries: list, pool: list, shots: list[list[int]]) -> dict[str, float]:
-    prompts = [sum(([_image(pool[j]), Text(pool[j].segments[1].text, target=False)] for j in chosen), []) + [_image(q)]
-               for q, chosen in zip(queries, shots)]
+def vqa_support(m: NextMM, pictures: list, questions: list[str], answers: list[str], seed: int = 0) -> SupportSet:
+    solved = [[Image(p), Text(vqa_prompt(q), target=False), Text(a, target=False)] for p, q, a in zip(pictures, questions, answers)]
+    return SupportSet(m, pictures, solved, seed)
+
+
+def _picture(sample) -> Any:
+    return next(seg.image for seg in sample.segments if isinstance(seg, Image))
+
+
+def fewshot_captions(m: NextMM, queries: list, support: SupportSet, k: int, selection: str) -> dict[str, float]:
+    prompts = support.prompts([_picture(q) for q in queries], [[] for _ in queries], k, selection)
     preds = m.generate(prompts, max_new_tokens=24)
     refs = [q.segments[1].text for q in queries]
     cider = caption_scores(dict(enumerate(preds)), {i: [r] for i, r in enumerate(refs)}, tokenizer="simple", meteor=False)["CIDEr"]
     return {"exact_match": float(np.mean([p.strip() == r for p, r in zip(preds, refs)])), "cider": cider}
 
 
-def fewshot_vqa(m: NextMM, queries: list, pool: list, shots: list[list[int]]) -> dict[str, float]:
-    def solved(s) -> list:
-        return [_image(s), Text(vqa_prompt(s.meta["question"]), target=False), Text(s.meta["answer"], target=False)]
-
-    prompts = [sum((solved(pool[j]) for j in chosen), []) + [_image(q), Text(vqa_prompt(q.meta["question"]), target=False)]
-               for q, chosen in zip(queries, shots)]
-    preds = m.generate(prompts, max_new_tokens=4)
+def fewshot_vqa(m: NextMM, queries: list, support: SupportSet, k: int, selection: str) -> dict[str, float]:
+    tails = [[Text(vqa_prompt(q.meta["question"]), target=False)] for q in queries]
+    preds = m.generate(support.prompts([_picture(q) for q in queries], tails, k, selection), max_new_tokens=4)
     return {"accuracy": float(np.mean([p.strip() == q.meta["answer"] for p, q in zip(preds, queries)]))}
 
 
 def fewshot_binding(m: NextMM, n: int, seed: int, k: int, selection: str) -> dict[str, float]:
     """n episodes: fresh words bound to shapes or colours, a pool of BINDING_POOL labelled images, k shown."""
-    rng = np.random.default_rng([seed, k, 7])
-    episodes = [shapes.binding_episode(np.random.default_rng([seed, i, 9]), BINDING_POOL) for i in range(n)]
-    prompts = []
-    for pool, (query, answer) in episodes:
-        features = image_features(m, [img for img, _ in pool] + [query])
-        (chosen,) = choose_shots(features[-1:], features[:-1], k, selection, rng)
-        shown = sum(([Image(pool[j][0]), Text(f"this is a {pool[j][1]}", target=False)] for j in chosen), [])
-        prompts.append(shown + [Image(query), Text("this is a", target=False)])
+    prompts, answers = [], []
+    for i in range(n):
+        pool, (query, answer) = shapes.binding_episode(np.random.default_rng([seed, i, 9]), BINDING_POOL)
+        support = SupportSet(m, [p for p, _ in pool], [[Image(p), Text(f"this is a {w}", target=False)] for p, w in pool], seed + i)
+        prompts += support.prompts([query], [[Text("this is a", target=False)]], k, selection)
+        answers.append(answer)
     preds = m.generate(prompts, max_new_tokens=4)
-    answers = [answer for _, (_, answer) in episodes]
     return {"accuracy": float(np.mean([p.split()[:1] == [a] for p, a in zip(preds, answers)]))}
 
 
@@ -98,14 +118,17 @@ def evaluate_fewshot(
     support_seed = seed + 1
     results: dict[str, Any] = {"captions": {}, "vqa": {}, "binding": {}}
     for task, kind in (("captions", "caption"), ("vqa", "vqa")):
-        queries, pool = _scenes(kind, seed, n), _scenes(kind, support_seed, 4 * n)
-        q_feats, p_feats = (image_features(m, [_image(s).image for s in samples]) for samples in (queries, pool))
-        run = fewshot_captions if task == "captions" else fewshot_vqa
+        queries = list(shapes.make_samples(kind, seed, n))[:n]
+        pool = list(shapes.make_samples(kind, support_seed, 4 * n))[:4 * n]
+        pictures = [_picture(s) for s in pool]
+        if task == "captions":
+            support, run = caption_support(m, pictures, [s.segments[1].text for s in pool], seed), fewshot_captions
+        else:
+            support, run = vqa_support(m, pictures, [s.meta["question"] for s in pool], [s.meta["answer"] for s in pool], seed), fewshot_vqa
         for selection in selections:
-            rng = np.random.default_rng([seed, 3])
             for k in shots:
                 progress(f"{task}, {selection}, {k} shots")
-                score = run(m, queries, pool, choose_shots(q_feats, p_feats, k, selection, rng))
+                score = run(m, queries, support, k, selection)
                 results[task].setdefault(selection, {})[k] = {key: round(v, 4) for key, v in score.items()}
     for selection in selections:
         for k in [k for k in shots if k > 0]:

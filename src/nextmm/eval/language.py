@@ -5,12 +5,13 @@
 - vqa: VQAv2 questions + annotations + image folder -> one answer per question -> the official VQA
   accuracy, overall, per question type and per answer type (eval/metrics.vqa_scores);
 - videoqa: a folder per video (frames + qa.json, `nextmm data video`'s layout) -> open-ended accuracy.
+Captions and VQA can be few-shot: k solved examples from a support split (e.g. train), at random or by RICES.
 Input checks and the predictions log: eval/files.py.
 """
 
 from __future__ import annotations
 
-from itertools import groupby
+from itertools import groupby, islice
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
@@ -19,11 +20,13 @@ import numpy as np
 from nextmm.data.formats import (
     IMAGE_SUFFIXES, _image_index, _load_json, _require_dir, _require_list, _uniform, load_image, read_coco_captions, read_vqav2,
 )
+from nextmm.data.sample import Text, vqa_prompt
 from nextmm.data.shards import ReadStats
 from nextmm.eval.files import (
     EvalInputError, PredictionLog, batched, duplicate, missing_files, predictions_path, read_predictions, run_batches, skips,
     unknown_ids,
 )
+from nextmm.eval.fewshot import SupportSet, caption_support, vqa_support
 from nextmm.eval.metrics import caption_scores, normalize_answer, vqa_scores
 
 
@@ -70,7 +73,9 @@ def coco_references(annotations_json: str | Path, image_dir: str | Path) -> tupl
 def eval_captions(
     m, annotations_json: str | Path, image_dir: str | Path, out: str | Path | None = None, limit: int | None = None,
     predictions: str | Path | None = None, tokenizer: str = "auto", meteor: bool = True, max_new_tokens: int = 32,
+    support: SupportSet | None = None, shots: int = 0, selection: str = "random",
 ) -> dict[str, Any]:
+    """With `support` and shots > 0, each caption follows `shots` solved examples chosen by `selection`."""
     refs, _ = coco_references(annotations_json, image_dir)
     stats = ReadStats()
 
@@ -81,7 +86,11 @@ def eval_captions(
         return (next(group) for _, group in groupby(samples, key=lambda s: s.meta["image_id"]))
 
     def predict(batch: list) -> list[dict]:
-        captions = m.caption([s.segments[0].image for s in batch], max_new_tokens=max_new_tokens)
+        pictures = [s.segments[0].image for s in batch]
+        if support is not None and shots:
+            captions = m.generate(support.prompts(pictures, [[] for _ in batch], shots, selection), max_new_tokens=max_new_tokens)
+        else:
+            captions = m.caption(pictures, max_new_tokens=max_new_tokens)
         return [{"image_id": s.meta["image_id"], "caption": c} for s, c in zip(batch, captions)]
 
     made = _predictions(m, refs, ("image_id", "caption"), f"'{annotations_json}'", predictions, stream, predict, out, limit, "captioning")
@@ -89,6 +98,15 @@ def eval_captions(
         raise EvalInputError(f"no image of '{annotations_json}' could be read ({stats.summary()}); check the image folder")
     scores = caption_scores(made, {k: refs[k] for k in made}, tokenizer=tokenizer, meteor=meteor)
     return {**scores, "empty_predictions": sum(not c.strip() for c in made.values()), **skips(stats)}
+
+
+def coco_support(m, annotations_json: str | Path, image_dir: str | Path, limit: int = 1000, seed: int = 0) -> SupportSet:
+    """Few-shot examples from a COCO captions file (e.g. the train split): the first `limit` images, each
+    with its first caption."""
+    refs, files = coco_references(annotations_json, image_dir)
+    ids = list(refs)[:limit]
+    pictures = [load_image(files[i], 4 * m.config.vision.image_size) for i in ids]
+    return caption_support(m, pictures, [refs[i][0] for i in ids], seed)
 
 
 # ---- VQA -----------------------------------------------------------------------------------------------
@@ -122,7 +140,9 @@ def vqa_questions(questions_json: str | Path, annotations_json: str | Path, imag
 def eval_vqa(
     m, questions_json: str | Path, annotations_json: str | Path, image_dir: str | Path, out: str | Path | None = None,
     limit: int | None = None, predictions: str | Path | None = None, answers: Sequence[str] | None = None,
+    support: SupportSet | None = None, shots: int = 0, selection: str = "random",
 ) -> dict[str, Any]:
+    """With `support` and shots > 0, each question follows `shots` solved examples chosen by `selection`."""
     table = vqa_questions(questions_json, annotations_json, image_dir)
     stats = ReadStats()
 
@@ -131,13 +151,28 @@ def eval_vqa(
                 if s.meta["question_id"] in wanted)
 
     def predict(batch: list) -> list[dict]:
-        said = m.ask([s.segments[0].image for s in batch], [s.meta["question"] for s in batch], answers=answers)
+        pictures, questions = [s.segments[0].image for s in batch], [s.meta["question"] for s in batch]
+        if support is not None and shots:
+            tails = [[Text(vqa_prompt(q), target=False)] for q in questions]
+            said = m.generate(support.prompts(pictures, tails, shots, selection), max_new_tokens=8, answers=answers)
+        else:
+            said = m.ask(pictures, questions, answers=answers)
         return [{"question_id": s.meta["question_id"], "answer": a} for s, a in zip(batch, said)]
 
     made = _predictions(m, table, ("question_id", "answer"), f"'{questions_json}'", predictions, stream, predict, out, limit, "answering")
     if not made:
         raise EvalInputError(f"no question of '{questions_json}' could be read ({stats.summary()}); check the image folder")
     return {**vqa_scores(made, table), "empty_predictions": sum(not a.strip() for a in made.values()), **skips(stats)}
+
+
+def vqa_support_files(m, questions_json: str | Path, annotations_json: str | Path, image_dir: str | Path, limit: int = 1000, seed: int = 0) -> SupportSet:
+    """Few-shot examples from VQAv2 files (e.g. the train split): the first `limit` questions, each answered
+    with its most common human answer."""
+    vqa_questions(questions_json, annotations_json, image_dir)
+    samples = list(islice(read_vqav2(questions_json, annotations_json, image_dir, max_side=4 * m.config.vision.image_size), limit))
+    if not samples:
+        raise EvalInputError(f"no support question of '{questions_json}' could be read; check its image folder")
+    return vqa_support(m, [s.segments[0].image for s in samples], [s.meta["question"] for s in samples], [s.meta["answer"] for s in samples], seed)
 
 
 # ---- video QA ------------------------------------------------------------------------------------------
