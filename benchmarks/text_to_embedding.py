@@ -1,26 +1,37 @@
-"""How fast a trained stage-1 model learns to regress an image's embeddings from its caption, and what
-that costs its reading: continues training the language side (or the regression head alone) on a
-chosen mix of Shapes World sources, the text-to-image view among them, and scores the LLM's side of
-text-to-image (eval/images.regression_retrieval) along the way, then captions and VQA at the end.
+"""How fast a trained stage-1 model learns a new output when it trains on it, and what that costs its
+reading: continues training the language side (or the regression head alone) on a chosen mix of Shapes
+World sources (the text-to-image view among them) and scores along the way the LLM's side of
+text-to-image (eval/images.regression_retrieval) or grounding (Acc@0.5 on held-out expressions), then
+captions and VQA at the end.
 
 Usage: python benchmarks/text_to_embedding.py --model runs/demo/model --data runs/demo/data
        [--mix '{"text_to_image": 1}'] [--lr 1e-3] [--steps 160] [--every 20] [--train all|head]
+       [--score retrieval|grounding]
 Prints JSON lines: one per scoring, then a summary with reading before and after.
 """
 
 import argparse
 import json
 import time
+from itertools import islice
 
 import torch
 
 import nextmm
+from nextmm.data import shapes
 from nextmm.data.loader import MixedStream, discover_sources
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.eval.images import regression_retrieval
+from nextmm.eval.metrics import grounding_accuracy
 from nextmm.eval.shapes import EVAL_SEED, evaluate_captions, evaluate_vqa
 from nextmm.train import regression
 from nextmm.train.stages import text_to_image_view
+
+
+def grounding(m, n: int = 100) -> float:
+    samples = list(islice(shapes.make_samples("ground", EVAL_SEED, n), n))
+    boxes = m.ground([s.segments[0].image for s in samples], [s.meta["phrase"] for s in samples])
+    return grounding_accuracy(boxes, [s.meta["box"] for s in samples])
 
 
 def reading(m) -> dict:
@@ -38,7 +49,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--train", choices=("all", "head"), default="all", help="the language side, or the regression head alone")
+    parser.add_argument("--score", choices=("retrieval", "grounding"), default="retrieval")
     args = parser.parse_args()
+    score = regression_retrieval if args.score == "retrieval" else grounding
 
     torch.manual_seed(0)
     m = nextmm.load(args.model)
@@ -54,7 +67,7 @@ def main() -> None:
     trained = regression.language_side(model) if args.train == "all" else list(model.regression_head.parameters())
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
     before = reading(m)
-    print(json.dumps({"step": 0, "retrieval": regression_retrieval(m)}), flush=True)
+    print(json.dumps({"step": 0, args.score: score(m)}), flush=True)
     start, train_s = time.perf_counter(), 0.0
     for step in range(1, args.steps + 1):
         tick = time.perf_counter()
@@ -68,10 +81,10 @@ def main() -> None:
         if step % args.every == 0:
             model.eval()
             print(json.dumps({"step": step, "train_s": round(train_s, 1), "l2": round(float(out["l2"].detach()), 4),
-                              "retrieval": regression_retrieval(m)}), flush=True)
+                              args.score: score(m)}), flush=True)
     model.eval()
     print(json.dumps({"mix": mix, "lr": args.lr, "steps": args.steps, "train": args.train, "train_s": round(train_s, 1),
-                      "retrieval": regression_retrieval(m), "before": before, "after": reading(m),
+                      args.score: score(m), "before": before, "after": reading(m),
                       "wall_s": round(time.perf_counter() - start, 1)}), flush=True)
 
 
