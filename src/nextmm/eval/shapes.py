@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from nextmm.api import NextMM
 from nextmm.data import shapes
@@ -142,12 +143,18 @@ def evaluate_binding(m: NextMM, n: int, seed: int, shots: int) -> float:
 
 def evaluate(m: NextMM, scenes: int = 500, videos: int = 200, binding: int = 100, seed: int = EVAL_SEED) -> dict[str, Any]:
     """All Shapes World figures, plus a few worked examples for the report (under "examples")."""
-    captions, cap_examples = evaluate_captions(m, scenes, seed)
-    vqa, vqa_examples = evaluate_vqa(m, scenes, seed)
-    video, video_examples = evaluate_video(m, videos, seed)
-    fewshot = {f"binding_{k}shot_accuracy": evaluate_binding(m, binding, seed, k) for k in (2, 4)}
-    instructions = evaluate_instructions(m, max(1, scenes // 5), seed)
-    retrieval = evaluate_retrieval(m, scenes, seed) if m.clip is not None else {}
+    with tqdm(total=6, desc="held-out Shapes World", unit="part") as bar:
+        def part(name: str, result):
+            bar.set_postfix_str(name)
+            bar.update()
+            return result
+
+        captions, cap_examples = part("captions", evaluate_captions(m, scenes, seed))
+        vqa, vqa_examples = part("vqa", evaluate_vqa(m, scenes, seed))
+        video, video_examples = part("video", evaluate_video(m, videos, seed))
+        fewshot = part("binding", {f"binding_{k}shot_accuracy": evaluate_binding(m, binding, seed, k) for k in (2, 4)})
+        instructions = part("instructions", evaluate_instructions(m, max(1, scenes // 5), seed))
+        retrieval = part("retrieval", evaluate_retrieval(m, scenes, seed) if m.clip is not None else {})
     return {
         **captions, **vqa, **video, **fewshot, **instructions, **retrieval, "seed": seed,
         "examples": {
