@@ -171,7 +171,8 @@ class PretrainConfig(TrainConfig):
     # caption exact match 0.28 instead of 0.14-0.17, video scores unchanged (BENCHMARKS.md, d4).
     # text_to_image: the caption pairs read caption-first, the image regressed (stages.text_first). At 1.0
     # a 390-step stage 1 regressed embeddings nearest a picture of the prompt's object for 4% of prompts,
-    # chance level (eval/images.regression_retrieval): it had seen ~20 such batches.
+    # chance level (eval/images.regression_retrieval): it had seen ~20 such batches. At 3.0 (session 6) and at
+    # 1.5 alike it stayed near chance (0.01 in d3; 0.07-0.09 in e1, e2), so half its share went to the OFA tasks.
     # ground, region_caption, itm, detect: OFA's tasks as instructions (data/shapes.py), boxes as <bin_k>.
     # At 1 / 1 / 0.5 / 0.5 (text_to_image 1.5) a demo run made ~19 grounding batches, wrote no box, and
     # captioned worse (exact match 0.24-0.37 against 0.42-0.49); so they come in lightly here, for longer
