@@ -261,7 +261,6 @@ def test_bad_grounding_inputs(capsys, model_dir, refs, tmp_path):  # noqa: F811
 
 
 def test_video_qa_eval(capsys, model_dir, tmp_path):  # noqa: F811
-    from nextmm.eval.language import eval_video_qa
 
     root = tmp_path / "videos"
     for k, sample in enumerate(shapes.make_samples("video_caption", 4, 3)):
@@ -278,6 +277,16 @@ def test_video_qa_eval(capsys, model_dir, tmp_path):  # noqa: F811
     assert scores["questions"] == 3 and scores["videos"] == 3 and {r["answer"] for r in logged} <= {"left", "right", "up", "down"}
     truth = {f"clip{k}": s.meta["direction"] for k, s in enumerate(shapes.make_samples("video_caption", 4, 3))}
     assert scores["accuracy"] == pytest.approx(np.mean([r["answer"] == truth[r["video"]] for r in logged]))
+    # MSRVTT-QA's own file: one list, video ids naming frame folders (here "clip0" and "video7" for id 7)
+    (root / "clip2").rename(root / "video7")
+    qa = tmp_path / "test_qa.json"
+    qa.write_text(json.dumps([{"video_id": "clip0", "question": "which direction does it move?", "answer": truth["clip0"], "id": 1},
+                              {"video_id": 7, "question": "which direction does it move?", "answer": truth["clip2"], "id": 2}]))
+    code, printed, _ = run(capsys, "eval", "videoqa", "--model", model_dir, "--qa", str(qa), "--frames", str(root), "--answers", "left,right,up,down")
+    assert code == 0 and json.loads(printed)["questions"] == 2 and json.loads(printed)["videos"] == 2
+    qa.write_text(json.dumps([{"video_id": 9, "question": "q?", "answer": "a"}]))
+    assert_one_clear_line(*run(capsys, "eval", "videoqa", "--model", model_dir, "--qa", str(qa), "--frames", str(root))[::2], "video9/")
+    assert_one_clear_line(*run(capsys, "eval", "videoqa", "--model", model_dir)[::2], "--root")
     (root / "clip1" / "qa.json").write_text('{"question": "x"}')
     assert_one_clear_line(*run(capsys, "eval", "videoqa", "--model", model_dir, "--root", str(root))[::2], "clip1")
 

@@ -210,12 +210,14 @@ def cmd_eval_vqa(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_videoqa(args: argparse.Namespace) -> None:
-    from nextmm.eval.language import eval_video_qa, video_questions
+    from nextmm.eval.language import eval_video_qa, video_questions, video_questions_json
 
     answers = _answers(args)
-    video_questions(args.root)  # checked before the model loads
+    if bool(args.root) == bool(args.qa and args.frames):
+        raise UserError("give either --root (one folder per video with qa.json) or --qa and --frames (MSRVTT-QA style)")
+    questions = video_questions(args.root) if args.root else video_questions_json(args.qa, args.frames)  # checked before the model loads
     m = _load(args.model)
-    _logged(args, lambda: eval_video_qa(m, args.root, args.out, args.limit, answers))
+    _logged(args, lambda: eval_video_qa(m, questions, args.out, args.limit, answers))
 
 
 def cmd_eval_grounding(args: argparse.Namespace) -> None:
@@ -321,7 +323,9 @@ def add_eval_parsers(esub) -> None:
     f.add_argument("--select", default="random,rices", help="random, rices (most similar images by CLIP features), or both")
     f.add_argument("--seed", type=int, default=10_007)
     v = _benchmark(esub, "videoqa", "open-ended video QA: a folder per video with its frames and qa.json", cmd_eval_videoqa, logged=True)
-    v.add_argument("--root", required=True, help="one sub-folder per video: frame images and qa.json [{question, answer}]")
+    v.add_argument("--root", help="one sub-folder per video: frame images and qa.json [{question, answer}]")
+    v.add_argument("--qa", help="or: MSRVTT-QA / MSVD-QA questions JSON [{video_id, question, answer}] ...")
+    v.add_argument("--frames", help="... with each video's frames in FRAMES/<video_id>/ (or video<video_id>/)")
     v.add_argument("--answers", help=ANSWERS_HELP)
     v.add_argument("--limit", type=int, help="only the first N questions")
     g = _benchmark(esub, "grounding", "RefCOCO-style expressions with boxes -> accuracy at IoU >= 0.5", cmd_eval_grounding, logged=True)

@@ -4,7 +4,8 @@
   CIDEr (eval/metrics.caption_scores) against all of that image's reference captions;
 - vqa: VQAv2 questions + annotations + image folder -> one answer per question -> the official VQA
   accuracy, overall, per question type and per answer type (eval/metrics.vqa_scores);
-- videoqa: a folder per video (frames + qa.json, `nextmm data video`'s layout) -> open-ended accuracy.
+- videoqa: a folder per video (frames + qa.json, `nextmm data video`'s layout), or MSRVTT-QA / MSVD-QA
+  question files with extracted frames -> open-ended accuracy.
 Captions and VQA can be few-shot: k solved examples from a support split (e.g. train), at random or by RICES.
 Input checks and the predictions log: eval/files.py.
 """
@@ -178,28 +179,64 @@ def vqa_support_files(m, questions_json: str | Path, annotations_json: str | Pat
 # ---- video QA ------------------------------------------------------------------------------------------
 
 
-def video_questions(root: str | Path) -> list[tuple[Path, list[Path], str, str]]:
-    """(folder, frames, question, answer) from a video root in `nextmm data video`'s layout: one folder per
-    video, its frames (sorted by name) and a qa.json list of {question, answer} (MSRVTT-QA or MSVD-QA
-    converted to it). A folder without frames or with a bad qa.json stops the eval."""
+VideoQuestion = tuple[Path, list[Path], str, str]  # (video folder, its frames, question, answer)
+
+
+def _frames(video: Path) -> list[Path]:
+    frames = sorted(p for p in video.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not frames:
+        raise EvalInputError(f"video folder '{video}' has no frame images; extract its frames into it or drop its questions")
+    return frames
+
+
+def _question_list(pairs: Any, path: Path, needs_video: bool = False) -> list[dict]:
+    fields = ("question", "answer")
+    ok = isinstance(pairs, list) and pairs and all(
+        isinstance(q, dict) and all(isinstance(q.get(f), str) for f in fields) and (not needs_video or "video_id" in q or "video" in q)
+        for q in pairs
+    )
+    if not ok:
+        video = ', "video_id": ...' if needs_video else ""
+        raise EvalInputError(f"'{path}' is not a non-empty list of {{\"question\": ..., \"answer\": ...{video}}} records; fix it")
+    return pairs
+
+
+def video_questions(root: str | Path) -> list[VideoQuestion]:
+    """From a video root in `nextmm data video`'s layout: one folder per video, its frames (sorted by name)
+    and a qa.json list of {question, answer}. A folder without frames or with a bad qa.json stops the eval."""
     folder = _require_dir(root, "video root")
     found = []
     for video in sorted(p for p in folder.iterdir() if p.is_dir() and (p / "qa.json").is_file()):
-        frames = sorted(p for p in video.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not frames:
-            raise EvalInputError(f"video folder '{video}' has a qa.json but no frame images; add its frames or remove it")
-        pairs = _load_json(video / "qa.json", "video QA")
-        if not isinstance(pairs, list) or not all(isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("answer"), str) for q in pairs):
-            raise EvalInputError(f"'{video / 'qa.json'}' is not a list of {{\"question\": ..., \"answer\": ...}} strings; fix it")
-        found += [(video, frames, q["question"], q["answer"]) for q in pairs]
+        frames = _frames(video)
+        found += [(video, frames, q["question"], q["answer"]) for q in _question_list(_load_json(video / "qa.json", "video QA"), video / "qa.json")]
     if not found:
         raise EvalInputError(f"'{root}' has no video folder with a qa.json; give one folder per video with its frames and questions")
     return found
 
 
-def eval_video_qa(m, root: str | Path, out: str | Path | None = None, limit: int | None = None, answers: Sequence[str] | None = None) -> dict[str, Any]:
-    """Open-ended video QA accuracy: the answer right after VQA normalization (eval/metrics.normalize_answer)."""
-    items = video_questions(root)[:limit]
+def video_questions_json(qa_json: str | Path, frames_dir: str | Path) -> list[VideoQuestion]:
+    """From MSRVTT-QA / MSVD-QA's own question files: a JSON list of {"video_id" (or "video"), "question",
+    "answer"}, with each video's frames extracted into FRAMES/<video_id>/ or FRAMES/video<video_id>/."""
+    folder = _require_dir(frames_dir, "frames folder")
+    records = _question_list(_load_json(qa_json, "video QA"), Path(qa_json), needs_video=True)
+    found, frames_of = [], {}
+    for q in records:
+        name = str(q.get("video_id", q.get("video")))
+        video = next((c for c in (folder / name, folder / f"video{name}") if c.is_dir()), None)
+        if video is None:
+            raise EvalInputError(f"no frames folder for video '{name}' of '{qa_json}' in '{frames_dir}' (looked for {name}/ and video{name}/); extract its frames there")
+        if video not in frames_of:
+            frames_of[video] = _frames(video)
+        found.append((video, frames_of[video], q["question"], q["answer"]))
+    return found
+
+
+def eval_video_qa(
+    m, questions: list[VideoQuestion], out: str | Path | None = None, limit: int | None = None, answers: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Open-ended video QA accuracy (from `video_questions` or `video_questions_json`): the answer right after
+    VQA normalization (eval/metrics.normalize_answer)."""
+    items = questions[:limit]
     # evenly spaced frames: as many as the model reads, or 8 (Shapes World's clips) when it reads all
     frames_wanted = m.config.vision.video_frames or 8
 
