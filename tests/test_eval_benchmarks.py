@@ -228,7 +228,7 @@ def refs(coco, tmp_path):
 
 
 def test_grounding_eval(capsys, model_dir, micro_nextmm, refs, tmp_path, monkeypatch):  # noqa: F811
-    from nextmm.eval.visual import eval_grounding
+    from nextmm.eval.visual import eval_grounding, grounding_records
 
     path, images, records = refs
     out = tmp_path / "ground.json"
@@ -240,11 +240,11 @@ def test_grounding_eval(capsys, model_dir, micro_nextmm, refs, tmp_path, monkeyp
     # a model that finds each box shifted by a quarter of its width: IoU (3/4) / (5/4) = 0.6, right at >= 0.5
     shifted = {r["expression"]: (r["box"][0] + (r["box"][2] - r["box"][0]) / 4, r["box"][1], r["box"][2] + (r["box"][2] - r["box"][0]) / 4, r["box"][3]) for r in records}
     monkeypatch.setattr(micro_nextmm, "ground", lambda imgs, phrases: [shifted[p] for p in phrases])
-    result = eval_grounding(micro_nextmm, path, images)
+    result = eval_grounding(micro_nextmm, grounding_records(path, images))
     assert result["acc_at_0.5"] == 1.0 and result["mean_iou"] == pytest.approx(0.6)
     coco_style = tmp_path / "bbox.json"
     coco_style.write_text(json.dumps([{"image": r["image"], "expression": r["expression"], "bbox": [r["box"][0], r["box"][1], r["box"][2] - r["box"][0], r["box"][3] - r["box"][1]]} for r in records]))
-    assert eval_grounding(micro_nextmm, coco_style, images) == result
+    assert eval_grounding(micro_nextmm, grounding_records(coco_style, images)) == result
 
 
 def test_bad_grounding_inputs(capsys, model_dir, refs, tmp_path):  # noqa: F811

@@ -223,9 +223,9 @@ def cmd_eval_videoqa(args: argparse.Namespace) -> None:
 def cmd_eval_grounding(args: argparse.Namespace) -> None:
     from nextmm.eval.visual import eval_grounding, grounding_records
 
-    grounding_records(args.refs, args.images)  # checked before the model loads
+    expressions = grounding_records(args.refs, args.images)  # checked before the model loads
     m = _load(args.model)
-    _logged(args, lambda: eval_grounding(m, args.refs, args.images, args.out, args.limit))
+    _logged(args, lambda: eval_grounding(m, expressions, args.out, args.limit))
 
 
 def cmd_eval_images(args: argparse.Namespace) -> None:

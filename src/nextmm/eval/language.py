@@ -24,7 +24,7 @@ from nextmm.data.formats import (
 from nextmm.data.sample import Text, vqa_prompt
 from nextmm.data.shards import ReadStats
 from nextmm.eval.files import (
-    EvalInputError, PredictionLog, batched, duplicate, missing_files, predictions_path, read_predictions, run_batches, skips,
+    EvalInputError, PredictionLog, batched, duplicate, loading_side, missing_files, predictions_path, read_predictions, run_batches, skips,
     unknown_ids,
 )
 from nextmm.eval.fewshot import SupportSet, caption_support, vqa_support
@@ -81,7 +81,7 @@ def eval_captions(
     stats = ReadStats()
 
     def stream(wanted: set) -> Iterator:
-        samples = (s for s in read_coco_captions(annotations_json, image_dir, stats=stats, max_side=4 * m.config.vision.image_size)
+        samples = (s for s in read_coco_captions(annotations_json, image_dir, stats=stats, max_side=loading_side(m))
                    if s.meta["image_id"] in wanted)
         # the reader yields each caption; one prediction per image, from its first sample
         return (next(group) for _, group in groupby(samples, key=lambda s: s.meta["image_id"]))
@@ -106,7 +106,7 @@ def coco_support(m, annotations_json: str | Path, image_dir: str | Path, limit: 
     with its first caption."""
     refs, files = coco_references(annotations_json, image_dir)
     ids = list(refs)[:limit]
-    pictures = [load_image(files[i], 4 * m.config.vision.image_size) for i in ids]
+    pictures = [load_image(files[i], loading_side(m)) for i in ids]
     return caption_support(m, pictures, [refs[i][0] for i in ids], seed)
 
 
@@ -148,7 +148,7 @@ def eval_vqa(
     stats = ReadStats()
 
     def stream(wanted: set) -> Iterator:
-        return (s for s in read_vqav2(questions_json, annotations_json, image_dir, stats=stats, max_side=4 * m.config.vision.image_size)
+        return (s for s in read_vqav2(questions_json, annotations_json, image_dir, stats=stats, max_side=loading_side(m))
                 if s.meta["question_id"] in wanted)
 
     def predict(batch: list) -> list[dict]:
@@ -170,7 +170,7 @@ def vqa_support_files(m, questions_json: str | Path, annotations_json: str | Pat
     """Few-shot examples from VQAv2 files (e.g. the train split): the first `limit` questions, each answered
     with its most common human answer."""
     vqa_questions(questions_json, annotations_json, image_dir)
-    samples = list(islice(read_vqav2(questions_json, annotations_json, image_dir, max_side=4 * m.config.vision.image_size), limit))
+    samples = list(islice(read_vqav2(questions_json, annotations_json, image_dir, max_side=loading_side(m)), limit))
     if not samples:
         raise EvalInputError(f"no support question of '{questions_json}' could be read; check its image folder")
     return vqa_support(m, [s.segments[0].image for s in samples], [s.meta["question"] for s in samples], [s.meta["answer"] for s in samples], seed)
@@ -241,7 +241,7 @@ def eval_video_qa(
     frames_wanted = m.config.vision.video_frames or 8
 
     def predict(batch: list) -> list[dict]:
-        videos = [[load_image(f, 4 * m.config.vision.image_size) for f in [frames[i] for i in _uniform(len(frames), frames_wanted)]] for _, frames, _, _ in batch]
+        videos = [[load_image(f, loading_side(m)) for f in [frames[i] for i in _uniform(len(frames), frames_wanted)]] for _, frames, _, _ in batch]
         said = m.ask(videos, [q for _, _, q, _ in batch], answers=answers)
         return [{"video": v.name, "question": q, "answer": a} for (v, _, q, _), a in zip(batch, said)]
 

@@ -121,7 +121,7 @@ def detection_f1(listed: list[list[tuple[str, tuple]]], truth: list[list[dict]])
     overlaps that object's at IoU >= 0.5 (each true object matched once)."""
     hits = found = wanted = 0
     for objects, true in zip(listed, truth):
-        unmatched = [(f"a {o['size']} {o['colour']} {o['shape']}", o["box"]) for o in true]
+        unmatched = [(shapes.Obj.from_dict(o).phrase, o["box"]) for o in true]
         found, wanted = found + len(objects), wanted + len(true)
         for phrase, box in objects:
             match = next((t for t in unmatched if t[0] == phrase and box_iou(box, t[1]) >= 0.5), None)

@@ -71,9 +71,10 @@ def grounding_records(refs_json: str | Path, image_dir: str | Path) -> list[dict
     return out
 
 
-def eval_grounding(m, refs_json: str | Path, image_dir: str | Path, out: str | Path | None = None, limit: int | None = None) -> dict[str, Any]:
-    """Acc@0.5 of the boxes the model writes (location tokens) for each referring expression."""
-    records = grounding_records(refs_json, image_dir)[:limit]
+def eval_grounding(m, expressions: list[dict], out: str | Path | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Acc@0.5 of the boxes the model writes (location tokens) for each referring expression (from
+    `grounding_records`). Images are read at full size: the boxes are in their pixels."""
+    records = expressions[:limit]
 
     def predict(batch: list[dict]) -> list[dict]:
         boxes = m.ground([load_image(r["path"]) for r in batch], [r["expression"] for r in batch])
