@@ -1,12 +1,12 @@
 """How fast a trained stage-1 model learns a new output when it trains on it, and what that costs its
 reading: continues training the language side (or the regression head alone) on a chosen mix of Shapes
 World sources (the text-to-image view among them) and scores along the way the LLM's side of
-text-to-image (eval/images.regression_retrieval) or grounding (Acc@0.5 on held-out expressions), then
-captions and VQA at the end.
+text-to-image (eval/images.regression_retrieval), grounding (Acc@0.5 on held-out expressions) or
+binding (4-shot accuracy), then captions and VQA at the end.
 
 Usage: python benchmarks/text_to_embedding.py --model runs/demo/model --data runs/demo/data
-       [--mix '{"text_to_image": 1}'] [--lr 1e-3] [--steps 160] [--every 20] [--train all|head]
-       [--score retrieval|grounding]
+       [--mix '{"text_to_image": 1}'] [--lr 1e-3] [--steps 160] [--every 20] [--train all|head|everything]
+       [--score retrieval|grounding|binding] [--location-sigma S] [--location-head] [--save DIR]
 Prints JSON lines: one per scoring, then a summary with reading before and after.
 """
 
@@ -15,6 +15,7 @@ import json
 import time
 from itertools import islice
 
+import numpy as np
 import torch
 
 import nextmm
@@ -23,15 +24,28 @@ from nextmm.data.loader import MixedStream, discover_sources
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.eval.images import regression_retrieval
 from nextmm.eval.metrics import grounding_accuracy
-from nextmm.eval.shapes import EVAL_SEED, evaluate_captions, evaluate_vqa
+from nextmm.eval.shapes import EVAL_SEED, evaluate_binding, evaluate_captions, evaluate_vqa
+from nextmm.models.emu import LocationHead
 from nextmm.train import regression
+from nextmm.train.loop import param_groups
 from nextmm.train.stages import text_to_image_view
 
 
-def grounding(m, n: int = 100) -> float:
+def grounding(m, n: int = 100) -> dict:
+    """Acc@0.5, and the median pixel error of the boxes' centres and sides: where a miss misses."""
     samples = list(islice(shapes.make_samples("ground", EVAL_SEED, n), n))
     boxes = m.ground([s.segments[0].image for s in samples], [s.meta["phrase"] for s in samples])
-    return grounding_accuracy(boxes, [s.meta["box"] for s in samples])
+    truth = [s.meta["box"] for s in samples]
+    centre = [abs((b[0] + b[2] - t[0] - t[2]) / 2) + abs((b[1] + b[3] - t[1] - t[3]) / 2) for b, t in zip(boxes, truth)]
+    side = [abs((b[2] - b[0]) - (t[2] - t[0])) + abs((b[3] - b[1]) - (t[3] - t[1])) for b, t in zip(boxes, truth)]
+    return {"acc_at_0.5": grounding_accuracy(boxes, truth), "centre_error_px": float(np.median(centre)), "side_error_px": float(np.median(side))}
+
+
+def binding(m, n: int = 100) -> float:
+    return evaluate_binding(m, n, EVAL_SEED, shots=4)
+
+
+SCORES = {"retrieval": regression_retrieval, "grounding": grounding, "binding": binding}
 
 
 def reading(m) -> dict:
@@ -48,23 +62,34 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--every", type=int, default=20)
-    parser.add_argument("--train", choices=("all", "head"), default="all", help="the language side, or the regression head alone")
-    parser.add_argument("--score", choices=("retrieval", "grounding"), default="retrieval")
+    parser.add_argument("--train", choices=("all", "head", "everything"), default="all",
+                        help="all: the language side; head: the regression head alone; everything: the visual stack too, as stage 1 trains it")
+    parser.add_argument("--score", choices=tuple(SCORES), default="retrieval")
+    parser.add_argument("--location-sigma", type=float, help="soft location targets (pretrain.location_sigma); default: the model's config")
+    parser.add_argument("--location-head", action="store_true", help="give a model saved without one a new LocationHead (llm.location_head)")
+    parser.add_argument("--save", help="write the continued model to this directory")
     args = parser.parse_args()
-    score = regression_retrieval if args.score == "retrieval" else grounding
+    score = SCORES[args.score]
 
     torch.manual_seed(0)
     m = nextmm.load(args.model)
     model, cfg = m.model, m.config
+    if args.location_head and model.location_head is None:
+        model.location_head = LocationHead(cfg.llm.width, len(model.location_ids))
+        cfg.llm.location_head = True
     sources = discover_sources(args.data)
     views = text_to_image_view(sources)
     mix = json.loads(args.mix)
+    sigma = cfg.pretrain.location_sigma if args.location_sigma is None else args.location_sigma
     builder = SequenceBuilder.for_config(m.tokenizer, cfg)
     stream = MixedStream(
         sources, {name: mix.get(name, 0.0) for name in [*sources, *views]},
         lambda s: builder.encode(s.segments), builder.collate, cfg.pretrain.batch_size, seed=0, views=views,
     )
-    trained = regression.language_side(model) if args.train == "all" else list(model.regression_head.parameters())
+    if args.train == "everything":
+        trained = param_groups(model, args.lr, 0.0, {"vision.": cfg.pretrain.vision_lr_scale})
+    else:
+        trained = regression.language_side(model) if args.train == "all" else list(model.regression_head.parameters())
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
     before = reading(m)
     print(json.dumps({"step": 0, args.score: score(m)}), flush=True)
@@ -73,7 +98,7 @@ def main() -> None:
         tick = time.perf_counter()
         model.train()
         batch = stream.next_batch()
-        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], cfg.pretrain.regression_weight)
+        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], cfg.pretrain.regression_weight, location_sigma=sigma)
         model.zero_grad(set_to_none=True)
         regression.backward(model, out)
         optimizer.step()
@@ -83,9 +108,11 @@ def main() -> None:
             print(json.dumps({"step": step, "train_s": round(train_s, 1), "l2": round(float(out["l2"].detach()), 4),
                               args.score: score(m)}), flush=True)
     model.eval()
-    print(json.dumps({"mix": mix, "lr": args.lr, "steps": args.steps, "train": args.train, "train_s": round(train_s, 1),
+    print(json.dumps({"mix": mix, "location_sigma": sigma, "location_head": model.location_head is not None, "lr": args.lr, "steps": args.steps, "train": args.train, "train_s": round(train_s, 1),
                       args.score: score(m), "before": before, "after": reading(m),
                       "wall_s": round(time.perf_counter() - start, 1)}), flush=True)
+    if args.save:
+        m.save(args.save)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Trie-constrained decoding: the prefix tree, generation that only writes allowed answers (and picks
-the one the model ranks first), and `--answers` in the CLI."""
+"""Constrained decoding: the prefix tree, generation that only writes allowed answers (and picks the one
+the model ranks first), `--answers` in the CLI, and grounding's box constraint."""
 
 import pytest
 import torch
 
-from nextmm.constrained import AnswerError, AnswerTrie, read_answers
+from nextmm.constrained import AnswerError, AnswerTrie, BoxConstraint, read_answers
 from nextmm.data.sample import Image, Text
 from test_cli import assert_one_clear_line, image_file, model_dir, run  # noqa: F401  (fixtures)
 
@@ -74,6 +74,25 @@ def test_cli_answers(capsys, model_dir, image_file, tmp_path):  # noqa: F811
     assert_one_clear_line(*run(capsys, "ask", "--model", model_dir, "--image", image_file, "q?", "--answers", ",")[::2], "--answers")
 
 
+def test_the_box_constraint_allows_four_location_tokens_in_order_then_eos(tokenizer):
+    box, bins = BoxConstraint(tokenizer), tokenizer.bin_ids
+    assert len(bins) == tokenizer.location_bins and box.depth == 5
+    assert box.allowed([]) == bins and box.allowed(bins[5:6]) == bins
+    assert box.allowed([bins[5], bins[9]]) == bins[6:]  # x1 > x0
+    assert box.allowed([bins[5], bins[9], bins[7]]) == bins[10:]  # y1 > y0
+    assert box.allowed([bins[-1], bins[0]]) == bins[-1:]  # nothing lies right of the last bin
+    assert box.allowed(bins[:4]) == [tokenizer.eos_id] and box.allowed(bins[:4] + [tokenizer.eos_id]) == []
+
+
+def test_ground_always_writes_a_box_inside_the_picture(micro_nextmm, scenes):
+    from PIL import Image as PILImage
+
+    pictures = [s.image() for s in scenes[:3]] + [PILImage.new("RGB", (126, 63), "white")]
+    boxes = micro_nextmm.ground(pictures, [s.objects[0].phrase for s in scenes[:4]])
+    for (x0, y0, x1, y1), picture in zip(boxes, pictures):  # an untrained model: only the constraint makes these boxes
+        assert 0 <= x0 < x1 <= picture.width and 0 <= y0 < y1 <= picture.height
+
+
 def test_ground_reads_the_box_from_location_tokens_in_the_pictures_own_size(micro_nextmm, tokenizer, monkeypatch):
     from PIL import Image as PILImage
 
@@ -81,9 +100,9 @@ def test_ground_reads_the_box_from_location_tokens_in_the_pictures_own_size(micr
 
     wide = PILImage.new("RGB", (126, 63), "white")
     bins = tokenizer.location_ids((0.0, 0.5, 0.5, 1.0), 1)  # bins 0, 32, 32, 63 of 0..63
-    monkeypatch.setattr(NextMM, "generate_ids", lambda self, prompts, max_new_tokens=32, answers=None: [tokenizer.encode("a") + bins, []])
-    boxes = micro_nextmm.ground([wide, wide], ["a red circle", "a blue square"])
-    assert boxes[0] == pytest.approx((0.0, 32 / 63 * 63, 32 / 63 * 126, 63.0)) and boxes[1] is None
+    monkeypatch.setattr(NextMM, "generate_ids", lambda self, prompts, max_new_tokens=32, answers=None: [bins] * len(prompts))
+    boxes = micro_nextmm.ground([wide], ["a red circle"])
+    assert boxes[0] == pytest.approx((0.0, 32 / 63 * 63, 32 / 63 * 126, 63.0))
 
 
 def test_match_is_a_yes_no_answer(micro_nextmm, scenes):

@@ -72,6 +72,65 @@ def test_loss_has_ce_and_regression_of_every_visual_embedding(micro_model, token
     assert out["loss"].item() == pytest.approx(out["ce"].item() + out["l2"].item(), rel=1e-5)
 
 
+def test_soft_location_targets_reward_near_misses_and_leave_words_alone(micro_model, tokenizer):
+    bins, vocab = tokenizer.bin_ids, tokenizer.vocab_size
+    assert micro_model.location_ids.tolist() == bins
+    word = tokenizer.encode("red")[0]
+    labels = torch.tensor([word, bins[20]])
+    torch.manual_seed(0)
+    logits = torch.randn(2, vocab)
+    one_hot = torch.nn.functional.cross_entropy(logits, labels)
+    assert micro_model.text_loss(logits, labels, 0.0) == pytest.approx(one_hot.item())
+    assert micro_model.text_loss(logits[:1], labels[:1], 2.0) == pytest.approx(one_hot_row(logits[0], word))
+
+    def sure_of(bin_index: int) -> torch.Tensor:  # a row that puts (nearly) all its mass on one bin
+        row = torch.full((1, vocab), -30.0)
+        row[0, bins[bin_index]] = 30.0
+        return row
+
+    near, far, exact = (micro_model.text_loss(sure_of(k), labels[1:], 1.5).item() for k in (21, 45, 20))
+    assert 0 < exact < near < far  # one-hot CE gives the near and the far miss the same loss
+    target = torch.exp(-((torch.arange(len(bins)) - 20.0) ** 2) / (2 * 1.5**2))
+    matched = torch.full((1, vocab), -1e4)
+    matched[0, bins] = (target / target.sum()).log()
+    assert micro_model.text_loss(matched, labels[1:], 1.5).item() == pytest.approx(0.0, abs=1e-5)  # a KL: 0 at the target
+
+
+def test_location_head_reads_a_place_off_one_direction_of_the_hidden_state(micro_model, tokenizer):
+    from nextmm.models.emu import LocationHead
+
+    torch.manual_seed(0)
+    direction = torch.randn(32)
+
+    def batch(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        place = torch.randint(0, 64, (n,))
+        return torch.randn(n, 32) * 0.1 + (place[:, None] / 63 - 0.5) * direction, place
+
+    def miss_after_training(head: torch.nn.Module) -> float:
+        optimizer = torch.optim.Adam(head.parameters(), lr=0.01)
+        for _ in range(150):
+            hidden, place = batch()
+            loss = torch.nn.functional.cross_entropy(head(hidden), place)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        hidden, place = batch(2000)
+        return (head(hidden).argmax(-1) - place).abs().float().mean().item()
+
+    head_miss, rows_miss = miss_after_training(LocationHead(32, 64)), miss_after_training(torch.nn.Linear(32, 64))
+    assert head_miss < 2.0 and head_miss < rows_miss / 2  # a row per bin must first learn how the bins are ordered
+    # in the model, the bins' logits are the head's and every other token's the LM head's
+    hidden = torch.randn(3, micro_model.cfg.llm.width)
+    logits, plain = micro_model.logits(hidden), micro_model.llm.lm_head(hidden)
+    bins = tokenizer.bin_ids
+    others = [i for i in range(tokenizer.vocab_size) if i not in set(bins)]
+    assert torch.equal(logits[:, others], plain[:, others]) and torch.allclose(logits[:, bins], micro_model.location_head(hidden))
+
+
+def one_hot_row(row: torch.Tensor, label: int) -> float:
+    return torch.nn.functional.cross_entropy(row[None], torch.tensor([label])).item()
+
+
 def test_training_steps_lower_the_loss(micro_model, tokenizer, scenes):
     b = builder_for(micro_model, tokenizer)
     batch = b.collate([b.encode(caption_sample("k", s.image(), s.caption()).segments) for s in scenes])

@@ -14,7 +14,7 @@ import torch
 from PIL import Image as PILImage
 
 from nextmm.config import Config, config_from_dict
-from nextmm.constrained import AnswerTrie
+from nextmm.constrained import AnswerTrie, BoxConstraint, Constraint
 from nextmm.data.formats import load_image
 from nextmm.data.sample import DETECT_QUESTION, Image, Segment, Text, Video, grounding_question, matching_question, vqa_prompt
 from nextmm.data.sequence import SequenceBuilder
@@ -92,12 +92,14 @@ class NextMM:
         for start in range(0, len(items), self.batch_size):
             yield items[start : start + self.batch_size]
 
-    def generate_ids(self, prompts: list[list[Segment]], max_new_tokens: int = 32, answers: Sequence[str] | None = None) -> list[list[int]]:
-        """Greedy continuations; with `answers`, each is one of those strings (trie-constrained decoding)."""
-        trie = AnswerTrie.from_answers(self.tokenizer, answers) if answers is not None else None
+    def generate_ids(self, prompts: list[list[Segment]], max_new_tokens: int = 32, answers: Sequence[str] | Constraint | None = None) -> list[list[int]]:
+        """Greedy continuations; with `answers`, each is one of those strings (trie-constrained decoding), or
+        one that the given Constraint allows."""
+        if answers is not None and not isinstance(answers, Constraint):
+            answers = AnswerTrie.from_answers(self.tokenizer, answers)
         return [
             ids for chunk in self._chunks(prompts)
-            for ids in generate_ids(self.model, self.builder, chunk, max_new_tokens, precision=self.precision, answers=trie)
+            for ids in generate_ids(self.model, self.builder, chunk, max_new_tokens, precision=self.precision, answers=answers)
         ]
 
     def generate(self, prompts: list[list[Segment]], max_new_tokens: int = 32, answers: Sequence[str] | None = None) -> list[str]:
@@ -116,14 +118,14 @@ class NextMM:
             [[_visual_segment(img), Text(vqa_prompt(q), target=False)] for img, q in zip(images, questions)], max_new_tokens, answers
         )
 
-    def ground(self, images: Sequence[Picture], phrases: Sequence[str]) -> list[tuple[float, ...] | None]:
-        """Visual grounding: the pixel box (x0, y0, x1, y1) of the region each phrase describes, read from the
-        four location tokens the model writes; None when it writes fewer."""
+    def ground(self, images: Sequence[Picture], phrases: Sequence[str]) -> list[tuple[float, ...]]:
+        """Visual grounding: the pixel box (x0, y0, x1, y1) of the region each phrase describes, from the four
+        location tokens the model writes, its decoding constrained to boxes (constrained.BoxConstraint)."""
         if len(images) != len(phrases):
             raise ValueError(f"ground() got {len(images)} images but {len(phrases)} phrases; give one phrase per image")
         pictures = [_picture(img) for img in images]
         prompts = [[Image(p), Text(grounding_question(phrase), target=False)] for p, phrase in zip(pictures, phrases)]
-        rows = self.generate_ids(prompts, max_new_tokens=5)
+        rows = self.generate_ids(prompts, answers=BoxConstraint(self.tokenizer))
         return [self.tokenizer.box_from_ids(ids, p.size) for ids, p in zip(rows, pictures)]
 
     def detect(self, images: Sequence[Picture], max_new_tokens: int = 48) -> list[list[tuple[str, tuple[float, ...]]]]:
@@ -276,7 +278,7 @@ class NextMM:
 
 def build_model(config: Config, tokenizer: NextTokenizer) -> Emu:
     config.llm.vocab_size = tokenizer.vocab_size
-    return Emu(config, tokenizer.image_id)
+    return Emu(config, tokenizer.image_id, tokenizer.bin_ids)
 
 
 def load(model_dir: str | Path, **kwargs) -> NextMM:
@@ -288,7 +290,9 @@ def load(model_dir: str | Path, **kwargs) -> NextMM:
             f"'{root}' is not a nextmm model directory (missing {', '.join(missing)}); "
             "point --model at the model/ folder that `nextmm train` or `nextmm demo` wrote"
         )
-    config = config_from_dict(json.loads((root / "config.json").read_text()))
+    saved = json.loads((root / "config.json").read_text())
+    saved.get("llm", {}).setdefault("location_head", False)  # saved before models/emu.py's LocationHead existed
+    config = config_from_dict(saved)
     tokenizer = NextTokenizer.load(root / "tokenizer.json")
     model = _weights(build_model(config, tokenizer), root / "model.safetensors")
     clip = None

@@ -76,6 +76,11 @@ class LLMConfig:
     # lift is not established (BENCHMARKS.md); it costs nothing and saves the output matrix.
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
+    # The location tokens' logits come from models/emu.py's LocationHead (a parabola over the bins, peaked
+    # where one linear read of the hidden state points); false: from their lm_head rows, like any token.
+    # Continuing a demo model on grounding for 300 steps, box centres missed by 19 px with it, 24 px without
+    # (BENCHMARKS.md, session 8).
+    location_head: bool = True
 
     @property
     def ffn_hidden(self) -> int:
@@ -160,6 +165,9 @@ class PretrainConfig(TrainConfig):
     # lambda in loss = CE + lambda * L2; Emu never published its value. At 1.0 the L2 term kept the tiny
     # LLM from learning to read its images (colour from captions 0.31 vs 1.0 at 0.0, 200 steps).
     regression_weight: float = 0.1
+    # A location token's target spreads over neighbouring bins with this sigma (in bins; 0: one-hot), so a
+    # box a pixel off is nearly right (models/emu.py, Emu.text_loss), the shape LocationHead predicts.
+    location_sigma: float = 1.5
     regression_reaches_visual: bool = False  # true lets L2 train vision/resampler, which can collapse them
     target_ema: float = 0.0  # with the above true: targets from an EMA of the visual stack (e.g. 0.995)
     # The stage-0 tower is fine-tuned gently: at the full rate the first steps' gradients, sent back
@@ -370,24 +378,25 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     return config
 
 
+CHOICES = {
+    "resampler.seed": RESAMPLER_SEEDS, "decoder.sampler": SAMPLERS,
+    "decoder.prediction_type": PREDICTION_TYPES, **{f"{stage}.precision": PRECISIONS for stage in ("clip", "pretrain", "autoencoder", "diffusion")},
+}
+
+
 def _check(config: Config) -> None:
     """Value checks that types alone cannot make, done before any long work starts."""
-    if config.resampler.seed not in RESAMPLER_SEEDS:
-        raise ConfigError(f"config key 'resampler.seed' is '{config.resampler.seed}'; set it to one of {', '.join(RESAMPLER_SEEDS)}")
+    for key, choices in CHOICES.items():
+        part, name = key.split(".")
+        value = getattr(getattr(config, part), name)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' is '{value}'; set it to one of {', '.join(choices)}")
     if config.vision.video_frames < 0:
         raise ConfigError(f"config key 'vision.video_frames' is {config.vision.video_frames}; set it to 0 (every frame) or a positive count")
-    if config.decoder.sampler not in SAMPLERS:
-        raise ConfigError(f"config key 'decoder.sampler' is '{config.decoder.sampler}'; set it to one of {', '.join(SAMPLERS)}")
-    if config.decoder.prediction_type not in PREDICTION_TYPES:
-        raise ConfigError(
-            f"config key 'decoder.prediction_type' is '{config.decoder.prediction_type}'; set it to one of {', '.join(PREDICTION_TYPES)}"
-        )
     if config.decoder.snr_gamma < 0:
         raise ConfigError(f"config key 'decoder.snr_gamma' is {config.decoder.snr_gamma}; set it to 0 (off) or a positive number such as 5")
-    for stage in ("clip", "pretrain", "autoencoder", "diffusion"):
-        precision = getattr(config, stage).precision
-        if precision not in PRECISIONS:
-            raise ConfigError(f"config key '{stage}.precision' is '{precision}'; set it to one of {', '.join(PRECISIONS)}")
+    if config.pretrain.location_sigma < 0:
+        raise ConfigError(f"config key 'pretrain.location_sigma' is {config.pretrain.location_sigma}; set it to 0 (one-hot) or a width in bins such as 1.5")
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

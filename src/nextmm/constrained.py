@@ -1,9 +1,12 @@
-"""Trie-constrained decoding: generation that can only write one of a closed set of answers.
+"""Constrained decoding: generation that can only write a valid answer.
 
-The allowed answers, tokenized as the model writes text (a target segment, then `[EOS]`), form a prefix
-tree; at each step every token that does not continue some allowed answer from what the row has written
-so far is masked out. Closed-set evaluations (image-text matching, zero-shot classification,
-multiple-choice VQA) use it so that every prediction is a valid answer.
+`AnswerTrie`: the allowed answers, tokenized as the model writes text (a target segment, then `[EOS]`),
+form a prefix tree; at each step every token that does not continue some allowed answer from what the
+row has written so far is masked out. Closed-set evaluations (image-text matching, zero-shot
+classification, multiple-choice VQA) use it so that every prediction is a valid answer.
+
+`BoxConstraint`: a grounding answer is exactly four location tokens x0 y0 x1 y1 with x1 > x0 and
+y1 > y0 (OFA restricts its grounding output to location tokens), too many answers for a trie.
 """
 
 from __future__ import annotations
@@ -21,7 +24,25 @@ class AnswerError(UserError):
     pass
 
 
-class AnswerTrie:
+class Constraint:
+    """What generate_ids asks of a constraint: `depth`, the most tokens an answer takes, and `allowed`."""
+
+    depth: int
+
+    def allowed(self, prefix: Sequence[int]) -> list[int]:
+        raise NotImplementedError
+
+    def mask(self, written: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """(B, vocab) additive mask for the next token of each row of `written` (B, steps so far): 0 where
+        allowed, -inf elsewhere. A row with nothing left to write may only repeat its last token (the
+        caller has marked it done)."""
+        out = torch.full((written.shape[0], vocab_size), float("-inf"))
+        for row, prefix in enumerate(written.tolist()):
+            out[row, self.allowed(prefix) or prefix[-1:]] = 0.0
+        return out
+
+
+class AnswerTrie(Constraint):
     def __init__(self, sequences: Sequence[Sequence[int]]):
         if not sequences:
             raise AnswerError("the list of allowed answers is empty; give at least one answer")
@@ -48,14 +69,24 @@ class AnswerTrie:
                 return []
         return list(node)
 
-    def mask(self, written: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """(B, vocab) additive mask for the next token of each row of `written` (B, steps so far): 0 where
-        allowed, -inf elsewhere. A row with nothing left to write may only repeat its last token (the
-        caller has marked it done)."""
-        out = torch.full((written.shape[0], vocab_size), float("-inf"))
-        for row, prefix in enumerate(written.tolist()):
-            out[row, self.allowed(prefix) or prefix[-1:]] = 0.0
-        return out
+
+class BoxConstraint(Constraint):
+    depth = 5  # x0 y0 x1 y1 [EOS]
+
+    def __init__(self, tokenizer: NextTokenizer):
+        if tokenizer.location_bins < 2:
+            raise AnswerError("this tokenizer has no location tokens, so the model cannot write a box; train it with location_bins > 0")
+        self.bins = tokenizer.bin_ids
+        self.index = {token: k for k, token in enumerate(self.bins)}
+        self.eos = tokenizer.eos_id
+
+    def allowed(self, prefix: Sequence[int]) -> list[int]:
+        if len(prefix) < 2:
+            return list(self.bins)
+        if len(prefix) < 4:  # x1 after x0, y1 after y0; the last bin may only repeat itself
+            start = self.index[prefix[-2]]
+            return list(self.bins[min(start + 1, len(self.bins) - 1):])
+        return [self.eos] if len(prefix) == 4 else []
 
 
 def read_answers(spec: str) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from nextmm.constrained import AnswerTrie
+from nextmm.constrained import Constraint
 from nextmm.data.sample import Segment
 from nextmm.data.sequence import SequenceBuilder, SequenceTooLong
 from nextmm.models.emu import Emu
@@ -81,11 +81,11 @@ def generate_ids(
     max_new_tokens: int = 32,
     use_cache: bool = True,
     precision: str = "fp32",
-    answers: AnswerTrie | None = None,
+    answers: Constraint | None = None,
 ) -> list[list[int]]:
     """Greedy decoding; returns the new token ids of each prompt, up to (not including) [EOS], or up to
     and including `[IMG]` when the model decides to draw (the caller regresses the image). With `answers`
-    every row writes one of the allowed answers (constrained.py), however long it is."""
+    every row writes an answer the constraint allows (constrained.py), however long it is."""
     model.eval()
     batch = builder.collate([builder.encode(p, close=False) for p in prompts], left_pad=True)
     longest = int(batch["valid"].sum(1).max())
@@ -103,7 +103,7 @@ def generate_ids(
     generated = torch.zeros(len(prompts), 0, dtype=torch.long)
     done = torch.zeros(len(prompts), dtype=torch.bool)
     for i in range(max_new_tokens):
-        logits = model.llm.lm_head(hidden.to(model.llm.lm_head.weight.dtype)).float()
+        logits = model.logits(hidden.to(model.llm.lm_head.weight.dtype))
         if answers is not None:
             logits = logits + answers.mask(generated, logits.shape[-1])
         token = logits.argmax(-1)

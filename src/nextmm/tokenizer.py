@@ -123,6 +123,11 @@ class NextTokenizer:
                 words, bins = [], []
         return found
 
+    @property
+    def bin_ids(self) -> list[int]:
+        """The ids of `<bin_0>` ... `<bin_{B-1}>`, in order."""
+        return [self.tok.token_to_id(location_token(k)) for k in range(self.location_bins)]
+
     def _bin_of(self, token_id: int) -> int | None:
         token = self.tok.id_to_token(token_id) or ""
         return int(token[5:-1]) if token.startswith("<bin_") and token.endswith(">") else None

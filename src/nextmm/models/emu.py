@@ -8,6 +8,8 @@ but the last regresses the next visual embedding.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,16 +22,46 @@ from nextmm.models.vision import VisionTransformer
 IGNORE = -100
 
 
+class LocationHead(nn.Module):
+    """The logits of <bin_0> ... <bin_{B-1}> as a parabola over the bin index k:
+    gate(h) - sharpness x (k - place(h))^2, so the most likely bin is wherever one linear read of the
+    hidden state points, and near bins are nearly as likely. A row per bin has to learn how the bins are
+    ordered before a box comes out near its object: reading a place off one direction of the hidden
+    state, rows still missed by ~5 bins after 150 steps where the head missed by 1 (tests/test_model.py);
+    continuing a demo model on grounding for 300 steps, box centres missed by 24 px and sides by 19 with
+    rows, by 19 px and 6 with the head (BENCHMARKS.md, session 8)."""
+
+    def __init__(self, width: int, bins: int, start_width: float = 4.0):
+        super().__init__()
+        # place(h) is a fraction of the image, from the centre (0) out: in bins, its weights would have to
+        # grow to tens and took hundreds of steps to (tests/test_model.py). Zero: every box starts centred.
+        self.place = nn.Linear(width, 1)
+        nn.init.zeros_(self.place.weight)
+        nn.init.zeros_(self.place.bias)
+        self.gate = nn.Linear(width, 1)
+        # Wide at first (a Gaussian of sigma start_width bins): a far miss moves place by a bounded step.
+        self.log_sharpness = nn.Parameter(torch.tensor(-math.log(2 * start_width**2)))
+        self.register_buffer("bins", torch.arange(bins, dtype=torch.float), persistent=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        place = (len(self.bins) - 1) * (0.5 + self.place(hidden).float())
+        return self.gate(hidden).float() - self.log_sharpness.exp() * (self.bins - place) ** 2
+
+
 class Emu(nn.Module):
-    def __init__(self, cfg: Config, image_token_id: int):
+    def __init__(self, cfg: Config, image_token_id: int, location_ids: list[int] = ()):
         super().__init__()
         self.cfg = cfg
         self.image_token_id = image_token_id
+        # <bin_0> ... <bin_{B-1}> in order, for the soft location targets of `loss`; not saved with the weights
+        self.register_buffer("location_ids", torch.tensor(list(location_ids), dtype=torch.long), persistent=False)
         self.vision = VisionTransformer(cfg.vision)
         self.resampler = CausalResampler(cfg.resampler, cfg.vision.width)
         self.visual_proj = nn.Linear(cfg.resampler.width, cfg.llm.width)
         self.llm = LLaMA(cfg.llm)
         self.regression_head = nn.Linear(cfg.llm.width, cfg.resampler.width, bias=False)
+        # OFA's location tokens get their logits from LocationHead (none when the tokenizer has no bins)
+        self.location_head = LocationHead(cfg.llm.width, len(location_ids)) if cfg.llm.location_head and len(location_ids) else None
 
     @property
     def num_queries(self) -> int:
@@ -51,6 +83,13 @@ class Emu(nn.Module):
             raise ValueError(f"{int(slots.sum())} <image> slots but {filled.shape[0]} visual embeddings")
         return embeds.masked_scatter(slots, filled)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (fp32): the LM head's, the location tokens' from the LocationHead."""
+        logits = self.llm.lm_head(hidden).float()
+        if self.location_head is None:
+            return logits
+        return logits.index_copy(-1, self.location_ids, self.location_head(hidden))
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -68,17 +107,19 @@ class Emu(nn.Module):
         pixels: torch.Tensor,
         regression_weight: float = 1.0,
         target_visual: torch.Tensor | None = None,
+        location_sigma: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """Text CE on labelled positions + regression_weight x L2 to the next visual embedding (weight 1 in a
-        batch with no labelled text).
+        batch with no labelled text). With `location_sigma` > 0, a location token's target spreads over its
+        neighbouring bins (see `text_loss`).
 
         Targets are detached, as in Emu; `target_visual` lets training supply them from a slowly moving
         copy of the visual stack (train/targets.py)."""
         visual = self.encode_images(pixels) if pixels.numel() else None
         hidden = self(input_ids, visual)
         picked = labels != IGNORE
-        logits = self.llm.lm_head(hidden[picked])
-        ce = F.cross_entropy(logits.float(), labels[picked]) if picked.any() else hidden.sum() * 0
+        logits = self.logits(hidden[picked])
+        ce = self.text_loss(logits, labels[picked], location_sigma) if picked.any() else hidden.sum() * 0
         out = {"ce": ce}
         loss = ce
         if visual is not None:
@@ -93,3 +134,19 @@ class Emu(nn.Module):
             loss = loss + weight * l2
         out["loss"] = loss
         return out
+
+    def text_loss(self, logits: torch.Tensor, labels: torch.Tensor, location_sigma: float) -> torch.Tensor:
+        """Mean cross-entropy; with location_sigma > 0, a location token's target is a Gaussian over the bins
+        (sigma in bins) around the labelled one, less that target's entropy (a KL, 0 when exactly right, as
+        CE is for a word). With one-hot targets a box one pixel off is as wrong as one across the image."""
+        per_token = F.cross_entropy(logits, labels, reduction="none")
+        is_location = torch.isin(labels, self.location_ids)
+        if location_sigma <= 0 or not is_location.any():
+            return per_token.mean()
+        bins = torch.arange(len(self.location_ids), device=logits.device, dtype=torch.float)
+        labelled = (labels[is_location, None] == self.location_ids).float().argmax(-1).float()
+        target = torch.softmax(-((bins - labelled[:, None]) ** 2) / (2 * location_sigma**2), dim=-1)
+        log_probs = F.log_softmax(logits[is_location], dim=-1)[:, self.location_ids]
+        kl = torch.where(target > 0, target * (target.clamp_min(1e-30).log() - log_probs), 0.0)  # far bins' targets underflow to 0
+        per_token = per_token.masked_scatter(is_location, kl.sum(-1))
+        return per_token.mean()
