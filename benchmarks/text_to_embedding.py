@@ -1,6 +1,6 @@
 """How fast a trained stage-1 model learns a new output when it trains on it, and what that costs its
-reading: continues training the language side (or the regression head alone) on a chosen mix of Shapes
-World sources (the text-to-image view among them) and scores along the way the LLM's side of
+reading: continues training the language side (or the regression head alone, or the whole model) on a
+chosen mix of Shapes World sources (the text-to-image view among them) and scores along the way the LLM's side of
 text-to-image (eval/images.regression_retrieval), grounding (Acc@0.5 on held-out expressions) or
 binding (4-shot accuracy), then captions and VQA at the end.
 

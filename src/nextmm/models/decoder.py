@@ -22,7 +22,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file, save_file
