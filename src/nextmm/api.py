@@ -290,9 +290,7 @@ def load(model_dir: str | Path, **kwargs) -> NextMM:
             f"'{root}' is not a nextmm model directory (missing {', '.join(missing)}); "
             "point --model at the model/ folder that `nextmm train` or `nextmm demo` wrote"
         )
-    saved = json.loads((root / "config.json").read_text())
-    saved.get("llm", {}).setdefault("location_head", False)  # saved before models/emu.py's LocationHead existed
-    config = config_from_dict(saved)
+    config = config_from_dict(json.loads((root / "config.json").read_text()))
     tokenizer = NextTokenizer.load(root / "tokenizer.json")
     model = _weights(build_model(config, tokenizer), root / "model.safetensors")
     clip = None

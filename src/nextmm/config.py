@@ -404,5 +404,7 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     config = Config(preset=values.get("preset", "tiny"))
     if "region_coords" not in values.get("resampler", {"region_coords": True}):
         config.resampler.region_coords = False  # saved before region coordinates existed: it has none
+    if "location_head" not in values.get("llm", {"location_head": True}):
+        config.llm.location_head = False  # saved before models/emu.py's LocationHead existed: it has none
     _merge(config, values)
     return config
