@@ -23,7 +23,7 @@ from nextmm.data import shapes
 from nextmm.data.loader import MixedStream, discover_sources
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.eval.images import regression_retrieval
-from nextmm.eval.metrics import grounding_accuracy
+from nextmm.eval.metrics import box_misses, grounding_accuracy
 from nextmm.eval.shapes import EVAL_SEED, evaluate_binding, evaluate_captions, evaluate_vqa
 from nextmm.models.emu import LocationHead
 from nextmm.train import regression
@@ -36,8 +36,7 @@ def grounding(m, n: int = 100) -> dict:
     samples = list(islice(shapes.make_samples("ground", EVAL_SEED, n), n))
     boxes = m.ground([s.segments[0].image for s in samples], [s.meta["phrase"] for s in samples])
     truth = [s.meta["box"] for s in samples]
-    centre = [abs((b[0] + b[2] - t[0] - t[2]) / 2) + abs((b[1] + b[3] - t[1] - t[3]) / 2) for b, t in zip(boxes, truth)]
-    side = [abs((b[2] - b[0]) - (t[2] - t[0])) + abs((b[3] - b[1]) - (t[3] - t[1])) for b, t in zip(boxes, truth)]
+    centre, side = zip(*(box_misses(b, t) for b, t in zip(boxes, truth)))
     return {"acc_at_0.5": grounding_accuracy(boxes, truth), "centre_error_px": float(np.median(centre)), "side_error_px": float(np.median(side))}
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nextmm.eval.metrics import (
-    box_iou, caption_scores, clip_score, frechet_distance, grounding_accuracy, java_available, normalize_answer,
+    box_iou, box_misses, caption_scores, clip_score, frechet_distance, grounding_accuracy, java_available, normalize_answer,
     owners_to_relevant, retrieval_recall, simple_tokenize, vqa_accuracy, vqa_scores,
 )
 
@@ -138,6 +138,8 @@ def test_iou_and_grounding_accuracy():
     truth = [(0, 0, 10, 10)] * 3
     assert grounding_accuracy([(0, 0, 10, 10), (5, 0, 15, 10), None], truth) == pytest.approx(1 / 3)
     assert grounding_accuracy([(0, 0, 10, 8)], truth[:1]) == 1.0  # IoU 0.8
+    assert box_misses((5, 0, 15, 10), truth[0]) == (5.0, 0.0)  # moved right by 5: the centre misses, the sides do not
+    assert box_misses((0, 0, 20, 14), truth[0]) == (7.0, 14.0)  # grown from the corner: centre (5, 2) off, sides 10 + 4
 
 
 def test_frechet_distance():

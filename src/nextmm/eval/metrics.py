@@ -247,6 +247,14 @@ def grounding_accuracy(predicted: Sequence[Sequence[float] | None], truth: Seque
     return sum(hits) / len(hits)
 
 
+def box_misses(predicted: Sequence[float], truth: Sequence[float]) -> tuple[float, float]:
+    """How far a box is off, in pixels: its centre's miss (|dx| + |dy|) and its sides' (|dw| + |dh|).
+    Where Acc@0.5 is 0, these still show a model learning where, and how big, objects are."""
+    (a0, b0, a1, b1), (c0, d0, c1, d1) = predicted, truth
+    centre = abs((a0 + a1 - c0 - c1) / 2) + abs((b0 + b1 - d0 - d1) / 2)
+    return centre, abs((a1 - a0) - (c1 - c0)) + abs((b1 - b0) - (d1 - d0))
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """FID's distance between Gaussians fitted to two (n, d) feature sets:
     |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2), the trace of the root from the eigenvalues of

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from nextmm.api import NextMM
 from nextmm.data import shapes
 from nextmm.data.sample import Image, Sample, Text, Video
-from nextmm.eval.metrics import box_iou, caption_scores, grounding_accuracy, retrieval_recall
+from nextmm.eval.metrics import box_iou, box_misses, caption_scores, grounding_accuracy, retrieval_recall
 
 EVAL_SEED = 10_007
 
@@ -109,7 +109,7 @@ def evaluate_instructions(m: NextMM, n: int, seed: int) -> dict[str, Any]:
     phrases = m.generate([s.segments[:2] for s in regions], max_new_tokens=8)
     return {
         "grounding_acc_at_0.5": round(grounding_accuracy(boxes, [s.meta["box"] for s in ground]), 4),
-        "grounding_no_box": sum(b is None for b in boxes),
+        "grounding_centre_miss_px": round(float(np.median([box_misses(b, s.meta["box"])[0] for b, s in zip(boxes, ground)])), 2),
         "itm_accuracy": round(float(np.mean([y == (s.meta["answer"] == "yes") for y, s in zip(said, itm)])), 4),
         "region_caption_exact_match": round(_accuracy(phrases, [s.segments[2].text for s in regions]), 4),
         "detection_f1": round(detection_f1(listed, [s.meta["objects"] for s in detect]), 4),
@@ -176,6 +176,7 @@ TABLE_ROWS = [
     ("binding_2shot_accuracy", "binding, 2 shots", ""),
     ("binding_4shot_accuracy", "binding, 4 shots", ">= 0.60"),
     ("grounding_acc_at_0.5", "grounding: Acc@0.5", ">= 0.70"),
+    ("grounding_centre_miss_px", "grounding: median centre miss (px, x + y)", ""),
     ("itm_accuracy", "image-text matching: accuracy", ""),
     ("region_caption_exact_match", "region captions: exact match", ""),
     ("detection_f1", "detection: F1 at IoU >= 0.5", ""),
