@@ -399,12 +399,15 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config key 'pretrain.location_sigma' is {config.pretrain.location_sigma}; set it to 0 (one-hot) or a width in bins such as 1.5")
 
 
+# Model parts added after models were first saved, on by default: a config.json without the key has no such part.
+ADDED_LATER = (("resampler", "region_coords"), ("llm", "location_head"))
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a saved config (config.json) exactly, without re-applying its preset."""
     config = Config(preset=values.get("preset", "tiny"))
-    if "region_coords" not in values.get("resampler", {"region_coords": True}):
-        config.resampler.region_coords = False  # saved before region coordinates existed: it has none
-    if "location_head" not in values.get("llm", {"location_head": True}):
-        config.llm.location_head = False  # saved before models/emu.py's LocationHead existed: it has none
+    for part, key in ADDED_LATER:
+        if part in values and key not in values[part]:
+            setattr(getattr(config, part), key, False)  # saved before that part existed: it has none
     _merge(config, values)
     return config

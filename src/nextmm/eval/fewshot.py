@@ -70,6 +70,16 @@ class SupportSet:
         chosen = choose_shots(query, pool, k, selection, self.rng)
         return [sum((self.solved[j] for j in shots), []) + [Image(q)] + tail for q, tail, shots in zip(queries, tails, chosen)]
 
+    def caption(self, pictures: list, k: int, selection: str, max_new_tokens: int = 24) -> list[str]:
+        """A caption of each picture, written after k solved examples."""
+        return self.m.generate(self.prompts(pictures, [[] for _ in pictures], k, selection), max_new_tokens=max_new_tokens)
+
+    def ask(self, pictures: list, questions: list[str], k: int, selection: str, max_new_tokens: int = 8,
+            answers: Sequence[str] | None = None) -> list[str]:
+        """An answer to each (picture, question), written after k solved examples; with `answers`, one of those."""
+        tails = [[Text(vqa_prompt(q), target=False)] for q in questions]
+        return self.m.generate(self.prompts(pictures, tails, k, selection), max_new_tokens=max_new_tokens, answers=answers)
+
 
 def caption_support(m: NextMM, pictures: list, captions: list[str], seed: int = 0) -> SupportSet:
     return SupportSet(m, pictures, [[Image(p), Text(c, target=False)] for p, c in zip(pictures, captions)], seed)
@@ -85,16 +95,14 @@ def _picture(sample) -> Any:
 
 
 def fewshot_captions(m: NextMM, queries: list, support: SupportSet, k: int, selection: str) -> dict[str, float]:
-    prompts = support.prompts([_picture(q) for q in queries], [[] for _ in queries], k, selection)
-    preds = m.generate(prompts, max_new_tokens=24)
+    preds = support.caption([_picture(q) for q in queries], k, selection, max_new_tokens=24)
     refs = [q.segments[1].text for q in queries]
     cider = caption_scores(dict(enumerate(preds)), {i: [r] for i, r in enumerate(refs)}, tokenizer="simple", meteor=False)["CIDEr"]
     return {"exact_match": float(np.mean([p.strip() == r for p, r in zip(preds, refs)])), "cider": cider}
 
 
 def fewshot_vqa(m: NextMM, queries: list, support: SupportSet, k: int, selection: str) -> dict[str, float]:
-    tails = [[Text(vqa_prompt(q.meta["question"]), target=False)] for q in queries]
-    preds = m.generate(support.prompts([_picture(q) for q in queries], tails, k, selection), max_new_tokens=4)
+    preds = support.ask([_picture(q) for q in queries], [q.meta["question"] for q in queries], k, selection, max_new_tokens=4)
     return {"accuracy": float(np.mean([p.strip() == q.meta["answer"] for p, q in zip(preds, queries)]))}
 
 

@@ -21,7 +21,6 @@ import numpy as np
 from nextmm.data.formats import (
     IMAGE_SUFFIXES, _image_index, _load_json, _require_dir, _require_list, _uniform, load_image, read_coco_captions, read_vqav2,
 )
-from nextmm.data.sample import Text, vqa_prompt
 from nextmm.data.shards import ReadStats
 from nextmm.eval.files import (
     EvalInputError, PredictionLog, batched, duplicate, loading_side, missing_files, predictions_path, read_predictions, run_batches, skips,
@@ -89,7 +88,7 @@ def eval_captions(
     def predict(batch: list) -> list[dict]:
         pictures = [s.segments[0].image for s in batch]
         if support is not None and shots:
-            captions = m.generate(support.prompts(pictures, [[] for _ in batch], shots, selection), max_new_tokens=max_new_tokens)
+            captions = support.caption(pictures, shots, selection, max_new_tokens=max_new_tokens)
         else:
             captions = m.caption(pictures, max_new_tokens=max_new_tokens)
         return [{"image_id": s.meta["image_id"], "caption": c} for s, c in zip(batch, captions)]
@@ -154,8 +153,7 @@ def eval_vqa(
     def predict(batch: list) -> list[dict]:
         pictures, questions = [s.segments[0].image for s in batch], [s.meta["question"] for s in batch]
         if support is not None and shots:
-            tails = [[Text(vqa_prompt(q), target=False)] for q in questions]
-            said = m.generate(support.prompts(pictures, tails, shots, selection), max_new_tokens=8, answers=answers)
+            said = support.ask(pictures, questions, shots, selection, answers=answers)
         else:
             said = m.ask(pictures, questions, answers=answers)
         return [{"question_id": s.meta["question_id"], "answer": a} for s, a in zip(batch, said)]
