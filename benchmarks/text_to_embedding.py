@@ -6,7 +6,8 @@ binding (4-shot accuracy), then captions and VQA at the end.
 
 Usage: python benchmarks/text_to_embedding.py --model runs/demo/model --data runs/demo/data
        [--mix '{"text_to_image": 1}'] [--lr 1e-3] [--steps 160] [--every 20] [--train all|head|everything]
-       [--score retrieval|grounding|binding] [--location-sigma S] [--location-head] [--save DIR]
+       [--score retrieval|grounding|binding] [--location-sigma S] [--location-head] [--location-pointer]
+       [--save DIR]
 Prints JSON lines: one per scoring, then a summary with reading before and after.
 """
 
@@ -25,7 +26,7 @@ from nextmm.data.sequence import SequenceBuilder
 from nextmm.eval.images import regression_retrieval
 from nextmm.eval.metrics import box_misses, grounding_accuracy
 from nextmm.eval.shapes import EVAL_SEED, evaluate_binding, evaluate_captions, evaluate_vqa
-from nextmm.models.emu import LocationHead
+from nextmm.models.emu import LocationHead, PatchPointer
 from nextmm.train import regression
 from nextmm.train.loop import param_groups
 from nextmm.train.stages import text_to_image_view
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--score", choices=tuple(SCORES), default="retrieval")
     parser.add_argument("--location-sigma", type=float, help="soft location targets (pretrain.location_sigma); default: the model's config")
     parser.add_argument("--location-head", action="store_true", help="give a model saved without one a new LocationHead (llm.location_head)")
+    parser.add_argument("--location-pointer", action="store_true", help="give the LocationHead a new PatchPointer (llm.location_pointer)")
     parser.add_argument("--save", help="write the continued model to this directory")
     args = parser.parse_args()
     score = SCORES[args.score]
@@ -76,6 +78,9 @@ def main() -> None:
     if args.location_head and model.location_head is None:
         model.location_head = LocationHead(cfg.llm.width, len(model.location_ids))
         cfg.llm.location_head = True
+    if args.location_pointer and model.location_head.pointer is None:
+        model.location_head.pointer = PatchPointer(cfg.llm.width, cfg.vision.width, cfg.vision.image_size // cfg.vision.patch_size)
+        cfg.llm.location_pointer = True
     sources = discover_sources(args.data)
     views = text_to_image_view(sources)
     mix = json.loads(args.mix)
@@ -107,7 +112,8 @@ def main() -> None:
             print(json.dumps({"step": step, "train_s": round(train_s, 1), "l2": round(float(out["l2"].detach()), 4),
                               args.score: score(m)}), flush=True)
     model.eval()
-    print(json.dumps({"mix": mix, "location_sigma": sigma, "location_head": model.location_head is not None, "lr": args.lr, "steps": args.steps, "train": args.train, "train_s": round(train_s, 1),
+    print(json.dumps({"mix": mix, "location_sigma": sigma, "location_head": model.location_head is not None,
+                      "location_pointer": getattr(model.location_head, "pointer", None) is not None, "lr": args.lr, "steps": args.steps, "train": args.train, "train_s": round(train_s, 1),
                       args.score: score(m), "before": before, "after": reading(m),
                       "wall_s": round(time.perf_counter() - start, 1)}), flush=True)
     if args.save:

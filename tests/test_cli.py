@@ -69,6 +69,7 @@ def test_weights_that_do_not_fit_the_config(capsys, model_dir, image_file):
 
 @pytest.mark.parametrize("part, key, weights_prefix", [
     ("resampler", "region_coords", "resampler.coord_proj."), ("llm", "location_head", "location_head."),
+    ("llm", "location_pointer", "location_head.pointer."),
 ])
 def test_a_model_saved_before_a_later_part_existed_still_loads(capsys, model_dir, image_file, part, key, weights_prefix):
     from safetensors.torch import load_file, save_file

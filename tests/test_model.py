@@ -127,6 +127,61 @@ def test_location_head_reads_a_place_off_one_direction_of_the_hidden_state(micro
     assert torch.equal(logits[:, others], plain[:, others]) and torch.allclose(logits[:, bins], micro_model.location_head(hidden))
 
 
+def test_patch_pointer_finds_the_named_object_where_the_hidden_state_does_not_say_where(micro_model, tokenizer):
+    from nextmm.models.emu import LocationHead, PatchPointer
+
+    torch.manual_seed(0)
+    grid, width, patch_width = 4, 32, 16
+    looks = torch.randn(2, patch_width) * 2  # two kinds of object
+    names, axes = torch.randn(2, width), torch.randn(2, width)  # the hidden state names one and an axis, never a place
+
+    def batch(n: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        patches = torch.randn(n, grid * grid, patch_width) * 0.3
+        spots = torch.stack([torch.randperm(grid * grid)[:2] for _ in range(n)])  # the two objects' patches
+        patches[torch.arange(n)[:, None], spots] += looks
+        named, axis = torch.randint(0, 2, (n,)), torch.randint(0, 2, (n,))
+        spot = spots[torch.arange(n), named]
+        cell = torch.where(axis == 0, spot % grid, spot // grid)  # column for x, row for y
+        place = (cell * 16 + 8).clamp(max=63)  # the patch centre, in 64 bins
+        return names[named] + axes[axis] + torch.randn(n, width) * 0.1, patches, place
+
+    def miss_after_training(head: LocationHead) -> float:
+        optimizer = torch.optim.Adam(head.parameters(), lr=0.01)
+        for _ in range(600):
+            hidden, patches, place = batch()
+            loss = torch.nn.functional.cross_entropy(head(hidden, patches, torch.arange(len(hidden))), place)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        hidden, patches, place = batch(1000)
+        return (head(hidden, patches, torch.arange(len(hidden))).argmax(-1) - place).abs().float().mean().item()
+
+    pointed = miss_after_training(LocationHead(width, 64, pointer=PatchPointer(width, patch_width, grid)))
+    alone = miss_after_training(LocationHead(width, 64))
+    assert pointed <= 6 and alone >= 12  # a patch is 16 bins wide; without the pointer the head can only guess
+    # in the model, a row with no image before it gets the plain head's logits
+    head = micro_model.location_head
+    torch.nn.init.normal_(head.pointer.readout.weight)  # zero at first: no row moves before training
+    hidden = torch.randn(2, micro_model.cfg.llm.width)
+    patches = torch.randn(1, len(head.pointer.where), micro_model.cfg.vision.width)
+    logits = head(hidden, patches, torch.tensor([-1, 0]))
+    plain = head(hidden)
+    assert torch.equal(logits[0], plain[0]) and not torch.allclose(logits[1], plain[1])
+
+
+def test_latest_image_follows_each_rows_pictures_in_reading_order(micro_model, tokenizer):
+    slot, word, n = micro_model.image_token_id, tokenizer.encode("red")[0], micro_model.num_queries
+    rows = torch.tensor([
+        [word] + [slot] * n + [word] + [slot] * n + [word],
+        [word] * (2 * n + 2) + [word],
+        [slot] * n + [word] * (n + 3),
+    ])
+    index = micro_model.latest_image(rows)
+    assert index[0].tolist() == [-1] + [0] * (n + 1) + [1] * (n + 1)
+    assert index[1].tolist() == [-1] * (2 * n + 3)
+    assert index[2].tolist() == [2] * (2 * n + 3)
+
+
 def one_hot_row(row: torch.Tensor, label: int) -> float:
     return torch.nn.functional.cross_entropy(row[None], torch.tensor([label])).item()
 

@@ -81,6 +81,10 @@ class LLMConfig:
     # Continuing a demo model on grounding for 300 steps, box centres missed by 19 px with it, 24 px without
     # (BENCHMARKS.md, session 8).
     location_head: bool = True
+    # With location_head: its place also comes from pointing into the latest image's patch grid
+    # (models/emu.py's PatchPointer), not only from what the LLM carried to the box. Continuing a demo model
+    # on grounding for 300 steps: Acc@0.5 0.10, centre miss 20 px; without, 0.00 and 25 px (BENCHMARKS.md, session 9).
+    location_pointer: bool = True
 
     @property
     def ffn_hidden(self) -> int:
@@ -400,7 +404,7 @@ def _check(config: Config) -> None:
 
 
 # Model parts added after models were first saved, on by default: a config.json without the key has no such part.
-ADDED_LATER = (("resampler", "region_coords"), ("llm", "location_head"))
+ADDED_LATER = (("resampler", "region_coords"), ("llm", "location_head"), ("llm", "location_pointer"))
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -39,8 +39,10 @@ class Stepper:
         ids, valid = batch["input_ids"], batch["valid"]
         b, self.prompt_len = ids.shape
         with autocast(precision):
-            visual = model.encode_images(batch["pixels"]) if batch["pixels"].numel() else None
+            visual, self.patches = model.see(batch["pixels"])
             self.embeds = model.embed(ids, visual)
+        # every new position follows the prompt's last image (new images end generate_ids)
+        self.image_index = model.latest_image(ids)[:, -1]
         self.keys_valid = torch.cat([valid, torch.zeros(b, new_positions, dtype=torch.bool)], dim=1)
         self.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -103,7 +105,7 @@ def generate_ids(
     generated = torch.zeros(len(prompts), 0, dtype=torch.long)
     done = torch.zeros(len(prompts), dtype=torch.bool)
     for i in range(max_new_tokens):
-        logits = model.logits(hidden.to(model.llm.lm_head.weight.dtype))
+        logits = model.logits(hidden.to(model.llm.lm_head.weight.dtype), stepper.patches, stepper.image_index)
         if answers is not None:
             logits = logits + answers.mask(generated, logits.shape[-1])
         token = logits.argmax(-1)

@@ -22,6 +22,38 @@ from nextmm.models.vision import VisionTransformer
 IGNORE = -100
 
 
+class PatchPointer(nn.Module):
+    """A place in the picture read straight off its patch grid: the hidden state asks (attention) which
+    patches of the latest image it means, and the answer is their average position plus a learned offset
+    per patch, weighed by what the hidden state wants (x or y, which edge). The tiny LLM then only has to
+    say which object, not carry where it is: ridge probes read a lone object's centre from the visual
+    embeddings to ~3 px but from the LLM's hidden state, where a box begins, only to ~7 px, and hardly at
+    all in scenes of several objects (benchmarks/grounding_probe.py, BENCHMARKS.md session 8)."""
+
+    def __init__(self, width: int, patch_width: int, grid: int, key_width: int = 64, offset_width: int = 16):
+        super().__init__()
+        self.query = nn.Linear(width, key_width, bias=False)
+        self.key = nn.Linear(patch_width, key_width, bias=False)
+        self.offset = nn.Linear(patch_width, offset_width, bias=False)
+        # Zero: the pointer moves no box until training finds what its answer is worth.
+        self.readout = nn.Linear(width, 2 + offset_width)
+        nn.init.zeros_(self.readout.weight)
+        nn.init.zeros_(self.readout.bias)
+        centres = (torch.arange(grid, dtype=torch.float) + 0.5) / grid - 0.5
+        y, x = torch.meshgrid(centres, centres, indexing="ij")
+        self.register_buffer("where", torch.stack([x.flatten(), y.flatten()], -1), persistent=False)  # (P, 2)
+
+    def forward(self, hidden: torch.Tensor, patches: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """hidden (R, width); patches (M, P, patch_width), the grids of a batch's M images; image_index (R,),
+        each row's image -> (R,) a move of the place, in fractions of the image."""
+        patches = patches.to(hidden.dtype)
+        keys = self.key(patches)[image_index]
+        answers = torch.cat([self.where.expand(len(patches), -1, -1), self.offset(patches).float()], -1)[image_index]
+        attention = torch.einsum("rk,rpk->rp", self.query(hidden), keys).float() / keys.shape[-1] ** 0.5
+        read = torch.einsum("rp,rpv->rv", torch.softmax(attention, -1), answers)
+        return (self.readout(hidden).float() * read).sum(-1)
+
+
 class LocationHead(nn.Module):
     """The logits of <bin_0> ... <bin_{B-1}> as a parabola over the bin index k:
     gate(h) - sharpness x (k - place(h))^2, so the most likely bin is wherever one linear read of the
@@ -31,7 +63,7 @@ class LocationHead(nn.Module):
     continuing a demo model on grounding for 300 steps, box centres missed by 24 px and sides by 19 with
     rows, by 19 px and 6 with the head (BENCHMARKS.md, session 8)."""
 
-    def __init__(self, width: int, bins: int, start_width: float = 4.0):
+    def __init__(self, width: int, bins: int, start_width: float = 4.0, pointer: PatchPointer | None = None):
         super().__init__()
         # place(h) is a fraction of the image, from the centre (0) out: in bins, its weights would have to
         # grow to tens and took hundreds of steps to (tests/test_model.py). Zero: every box starts centred.
@@ -42,9 +74,16 @@ class LocationHead(nn.Module):
         # Wide at first (a Gaussian of sigma start_width bins): a far miss moves place by a bounded step.
         self.log_sharpness = nn.Parameter(torch.tensor(-math.log(2 * start_width**2)))
         self.register_buffer("bins", torch.arange(bins, dtype=torch.float), persistent=False)
+        self.pointer = pointer
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        place = (len(self.bins) - 1) * (0.5 + self.place(hidden).float())
+    def forward(self, hidden: torch.Tensor, patches: torch.Tensor | None = None, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(R, width) -> (R, bins) logits. With a pointer, `patches` (M, P, patch width) and `image_index` (R,)
+        (each row's latest image, -1 for none): a row that follows an image points into its patches."""
+        fraction = self.place(hidden).float()
+        if self.pointer is not None and patches is not None and bool((image_index >= 0).any()):
+            seen = image_index >= 0
+            fraction = fraction.masked_scatter(seen[:, None], fraction[seen, 0] + self.pointer(hidden[seen], patches, image_index[seen]))
+        place = (len(self.bins) - 1) * (0.5 + fraction)
         return self.gate(hidden).float() - self.log_sharpness.exp() * (self.bins - place) ** 2
 
 
@@ -61,7 +100,11 @@ class Emu(nn.Module):
         self.llm = LLaMA(cfg.llm)
         self.regression_head = nn.Linear(cfg.llm.width, cfg.resampler.width, bias=False)
         # OFA's location tokens get their logits from LocationHead (none when the tokenizer has no bins)
-        self.location_head = LocationHead(cfg.llm.width, len(location_ids)) if cfg.llm.location_head and len(location_ids) else None
+        self.location_head = None
+        if cfg.llm.location_head and len(location_ids):
+            grid = cfg.vision.image_size // cfg.vision.patch_size
+            pointer = PatchPointer(cfg.llm.width, cfg.vision.width, grid) if cfg.llm.location_pointer else None
+            self.location_head = LocationHead(cfg.llm.width, len(location_ids), pointer=pointer)
 
     @property
     def num_queries(self) -> int:
@@ -70,6 +113,23 @@ class Emu(nn.Module):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(M, 3, H, W) -> visual embeddings (M, N, resampler width)."""
         return self.resampler(self.vision(pixels))
+
+    def see(self, pixels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(M, 3, H, W) -> the visual embeddings and the encoder's patch grid (M, patches, vision width),
+        which the location head points into; (None, None) for no images."""
+        if not pixels.numel():
+            return None, None
+        features = self.vision(pixels)
+        return self.resampler(features), features[:, 1:]
+
+    def latest_image(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> for each position, the index (among the batch's images, in reading order) of the last
+        image whose slots it follows, or -1 when its row has none before it."""
+        slots = (input_ids == self.image_token_id).long()
+        in_row = slots.cumsum(1)
+        earlier_rows = slots.sum(1).cumsum(0) - slots.sum(1)
+        index = torch.div(earlier_rows[:, None] + in_row - 1, self.num_queries, rounding_mode="floor")
+        return torch.where(in_row > 0, index, -1)
 
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
         embeds = self.llm.embed_tokens(input_ids)
@@ -83,12 +143,14 @@ class Emu(nn.Module):
             raise ValueError(f"{int(slots.sum())} <image> slots but {filled.shape[0]} visual embeddings")
         return embeds.masked_scatter(slots, filled)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (fp32): the LM head's, the location tokens' from the LocationHead."""
+    def logits(self, hidden: torch.Tensor, patches: torch.Tensor | None = None, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (fp32) for hidden states (R, width): the LM head's, the location tokens' from
+        the LocationHead, which points into `patches` (from `see`) at each row's `image_index` (from
+        `latest_image`) when it has a pointer and they are given."""
         logits = self.llm.lm_head(hidden).float()
         if self.location_head is None:
             return logits
-        return logits.index_copy(-1, self.location_ids, self.location_head(hidden))
+        return logits.index_copy(-1, self.location_ids, self.location_head(hidden, patches, image_index))
 
     def forward(
         self,
@@ -115,10 +177,10 @@ class Emu(nn.Module):
 
         Targets are detached, as in Emu; `target_visual` lets training supply them from a slowly moving
         copy of the visual stack (train/targets.py)."""
-        visual = self.encode_images(pixels) if pixels.numel() else None
+        visual, patches = self.see(pixels)
         hidden = self(input_ids, visual)
         picked = labels != IGNORE
-        logits = self.logits(hidden[picked])
+        logits = self.logits(hidden[picked], patches, self.latest_image(input_ids)[picked])
         ce = self.text_loss(logits, labels[picked], location_sigma) if picked.any() else hidden.sum() * 0
         out = {"ce": ce}
         loss = ce
