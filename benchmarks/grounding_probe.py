@@ -5,6 +5,9 @@ LLM's hidden state where it writes the box's first location token. For each obje
 a probe trains on 1200 held-out questions about scenes of that count and is scored on 300 more (median
 L1 error of the centre, x plus y, in pixels), beside a constant guess. The visual probes cannot know
 which object a question names, so only their one-object figures say what the embeddings hold.
+With a location pointer (`llm.location_pointer`), also where it looks at that state: the miss of its
+attention-weighted patch position (median L1 to the centre, pixels) and its attention's share on the
+patches whose centre lies in the named object's box.
 
 Usage: python benchmarks/grounding_probe.py --model runs/demo/model
 Prints one JSON object.
@@ -25,30 +28,46 @@ TRAIN, TEST = 1200, 300
 
 
 def questions(n: int, objects: int, seed: int = 77) -> tuple[list, np.ndarray]:
-    """n (image, phrase) grounding prompts about scenes of `objects` objects, with the named object's centre."""
-    prompts, centres, i = [], [], 0
+    """n (image, phrase) grounding prompts about scenes of `objects` objects, with the named object's box."""
+    prompts, boxes, i = [], [], 0
     while len(prompts) < n:
         scene = shapes.sample_scene(np.random.default_rng([seed, i]))
         i += 1
         if len(scene.objects) != objects:
             continue
-        phrase, (x0, y0, x1, y1) = scene.grounding()[0]
+        phrase, box = scene.grounding()[0]
         prompts.append([Image(scene.image()), Text(grounding_question(phrase), target=False)])
-        centres.append(((x0 + x1) / 2, (y0 + y1) / 2))
-    return prompts, np.array(centres)
+        boxes.append(box)
+    return prompts, np.array(boxes, dtype=float)
 
 
 @torch.no_grad()
-def features(m, prompts: list) -> dict[str, np.ndarray]:
-    visual, hidden = [], []
+def features(m, prompts: list) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The probes' inputs, and the pointer's attention over the patches where x0 is written (None without one)."""
+    visual, hidden, looks = [], [], []
+    pointer = getattr(m.model.location_head, "pointer", None)
     for start in range(0, len(prompts), 100):
         batch = m.builder.collate([m.builder.encode(p, close=False) for p in prompts[start:start + 100]], left_pad=True)
         visual.append(m.model.encode_images(batch["pixels"]).float())
-        hidden.append(Stepper(m.model, batch, 1, True, "fp32").prefill().float())
+        stepper = Stepper(m.model, batch, 1, True, "fp32")
+        hidden.append(stepper.prefill().float())
+        if pointer is not None:
+            looks.append(pointer.attention(hidden[-1], stepper.patches, stepper.image_index))
     visual = torch.cat(visual)
     deviation = (visual - visual.mean(0, keepdim=True)).norm(dim=-1)
     own = visual[torch.arange(len(visual)), deviation.argmax(1)]
-    return {"visual_all": visual.flatten(1).numpy(), "visual_one": own.numpy(), "llm_hidden": torch.cat(hidden).numpy()}
+    probed = {"visual_all": visual.flatten(1).numpy(), "visual_one": own.numpy(), "llm_hidden": torch.cat(hidden).numpy()}
+    return probed, torch.cat(looks).numpy() if looks else None
+
+
+def pointer_looks(m, attention: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per question: the L1 miss (pixels) of the attention-weighted patch centre, and the attention's share
+    on patches whose centre is inside the box."""
+    where = (m.model.location_head.pointer.where.numpy() + 0.5) * m.config.vision.image_size  # (P, 2) pixels
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    miss = np.abs(attention @ where - centres).sum(1)
+    inside = ((where[None] >= boxes[:, None, :2]) & (where[None] <= boxes[:, None, 2:])).all(-1)
+    return miss, (attention * inside).sum(1)
 
 
 def probe_error(x: np.ndarray, y: np.ndarray, ridge: float = 1.0) -> np.ndarray:
@@ -66,9 +85,15 @@ def main() -> None:
     m = nextmm.load(args.model)
     out: dict = {"model": args.model}
     for objects in (1, 2, 3):
-        prompts, centres = questions(TRAIN + TEST, objects)
+        prompts, boxes = questions(TRAIN + TEST, objects)
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
         guess = np.abs(centres[TRAIN:] - centres[:TRAIN].mean(0)).sum(1)
-        found = {"constant": guess, **{name: probe_error(x, centres) for name, x in features(m, prompts).items()}}
+        probed, attention = features(m, prompts)
+        found = {"constant": guess, **{name: probe_error(x, centres) for name, x in probed.items()}}
+        if attention is not None:
+            miss, share = pointer_looks(m, attention[TRAIN:], boxes[TRAIN:])
+            found["pointer_looks"] = miss
+            out.setdefault("pointer_share_on_object", {})[f"{objects}_objects"] = round(float(share.mean()), 3)
         for name, errors in found.items():
             out.setdefault(name, {})[f"{objects}_objects"] = round(float(np.median(errors)), 1)
     print(json.dumps(out))

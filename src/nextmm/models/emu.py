@@ -28,7 +28,10 @@ class PatchPointer(nn.Module):
     per patch, weighed by what the hidden state wants (x or y, which edge). The tiny LLM then only has to
     say which object, not carry where it is: ridge probes read a lone object's centre from the visual
     embeddings to ~3 px but from the LLM's hidden state, where a box begins, only to ~7 px, and hardly at
-    all in scenes of several objects (benchmarks/grounding_probe.py, BENCHMARKS.md session 8)."""
+    all in scenes of several objects (benchmarks/grounding_probe.py, BENCHMARKS.md session 8).
+
+    An average position, not a mixture of one answer per patch: with a mixture, a fixed patch near the
+    boxes' mean answered every box early on, and the attention never left it (BENCHMARKS.md session 9)."""
 
     def __init__(self, width: int, patch_width: int, grid: int, key_width: int = 64, offset_width: int = 16):
         super().__init__()
@@ -47,11 +50,14 @@ class PatchPointer(nn.Module):
         """hidden (R, width); patches (M, P, patch_width), the grids of a batch's M images; image_index (R,),
         each row's image -> (R,) a move of the place, in fractions of the image."""
         patches = patches.to(hidden.dtype)
-        keys = self.key(patches)[image_index]
         answers = torch.cat([self.where.expand(len(patches), -1, -1), self.offset(patches).float()], -1)[image_index]
-        attention = torch.einsum("rk,rpk->rp", self.query(hidden), keys).float() / keys.shape[-1] ** 0.5
-        read = torch.einsum("rp,rpv->rv", torch.softmax(attention, -1), answers)
+        read = torch.einsum("rp,rpv->rv", self.attention(hidden, patches, image_index), answers)
         return (self.readout(hidden).float() * read).sum(-1)
+
+    def attention(self, hidden: torch.Tensor, patches: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """(R, P) how much each row looks at each patch of its image (rows sum to 1)."""
+        keys = self.key(patches.to(hidden.dtype))[image_index]
+        return torch.softmax(torch.einsum("rk,rpk->rp", self.query(hidden), keys).float() / keys.shape[-1] ** 0.5, -1)
 
 
 class LocationHead(nn.Module):
