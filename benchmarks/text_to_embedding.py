@@ -26,7 +26,7 @@ from nextmm.data.sequence import SequenceBuilder
 from nextmm.eval.images import regression_retrieval
 from nextmm.eval.metrics import box_misses, grounding_accuracy
 from nextmm.eval.shapes import EVAL_SEED, evaluate_binding, evaluate_captions, evaluate_vqa
-from nextmm.models.emu import LocationHead, PatchPointer
+from nextmm.models.emu import location_head_for
 from nextmm.train import regression
 from nextmm.train.loop import param_groups
 from nextmm.train.stages import text_to_image_view
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--score", choices=tuple(SCORES), default="retrieval")
     parser.add_argument("--location-sigma", type=float, help="soft location targets (pretrain.location_sigma); default: the model's config")
     parser.add_argument("--location-head", action="store_true", help="give a model saved without one a new LocationHead (llm.location_head)")
-    parser.add_argument("--location-pointer", action="store_true", help="give the LocationHead a new PatchPointer (llm.location_pointer)")
+    parser.add_argument("--location-pointer", action="store_true", help="give the model's location head a new PatchPointer (llm.location_pointer), and a new head if it has none")
     parser.add_argument("--save", help="write the continued model to this directory")
     args = parser.parse_args()
     score = SCORES[args.score]
@@ -75,12 +75,14 @@ def main() -> None:
     torch.manual_seed(0)
     m = nextmm.load(args.model)
     model, cfg = m.model, m.config
-    if args.location_head and model.location_head is None:
-        model.location_head = LocationHead(cfg.llm.width, len(model.location_ids))
-        cfg.llm.location_head = True
-    if args.location_pointer and model.location_head.pointer is None:
-        model.location_head.pointer = PatchPointer(cfg.llm.width, cfg.vision.width, cfg.vision.image_size // cfg.vision.patch_size)
-        cfg.llm.location_pointer = True
+    has_pointer = model.location_head is not None and model.location_head.pointer is not None
+    if (args.location_head and model.location_head is None) or (args.location_pointer and not has_pointer):
+        # the parts asked for start fresh; a trained head keeps its weights
+        cfg.llm.location_head, cfg.llm.location_pointer = True, args.location_pointer or has_pointer
+        head = location_head_for(cfg, len(model.location_ids))
+        if model.location_head is not None:
+            head.load_state_dict(model.location_head.state_dict(), strict=False)
+        model.location_head = head
     sources = discover_sources(args.data)
     views = text_to_image_view(sources)
     mix = json.loads(args.mix)

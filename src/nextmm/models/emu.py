@@ -86,11 +86,20 @@ class LocationHead(nn.Module):
         """(R, width) -> (R, bins) logits. With a pointer, `patches` (M, P, patch width) and `image_index` (R,)
         (each row's latest image, -1 for none): a row that follows an image points into its patches."""
         fraction = self.place(hidden).float()
-        if self.pointer is not None and patches is not None and bool((image_index >= 0).any()):
-            seen = image_index >= 0
+        seen = image_index >= 0 if self.pointer is not None and patches is not None else None
+        if seen is not None and bool(seen.any()):
             fraction = fraction.masked_scatter(seen[:, None], fraction[seen, 0] + self.pointer(hidden[seen], patches, image_index[seen]))
         place = (len(self.bins) - 1) * (0.5 + fraction)
         return self.gate(hidden).float() - self.log_sharpness.exp() * (self.bins - place) ** 2
+
+
+def location_head_for(cfg: Config, bins: int) -> LocationHead | None:
+    """The LocationHead (with a PatchPointer) that `cfg.llm` asks for; None without one or without bins."""
+    if not (cfg.llm.location_head and bins):
+        return None
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    pointer = PatchPointer(cfg.llm.width, cfg.vision.width, grid) if cfg.llm.location_pointer else None
+    return LocationHead(cfg.llm.width, bins, pointer=pointer)
 
 
 class Emu(nn.Module):
@@ -106,11 +115,7 @@ class Emu(nn.Module):
         self.llm = LLaMA(cfg.llm)
         self.regression_head = nn.Linear(cfg.llm.width, cfg.resampler.width, bias=False)
         # OFA's location tokens get their logits from LocationHead (none when the tokenizer has no bins)
-        self.location_head = None
-        if cfg.llm.location_head and len(location_ids):
-            grid = cfg.vision.image_size // cfg.vision.patch_size
-            pointer = PatchPointer(cfg.llm.width, cfg.vision.width, grid) if cfg.llm.location_pointer else None
-            self.location_head = LocationHead(cfg.llm.width, len(location_ids), pointer=pointer)
+        self.location_head = location_head_for(cfg, len(location_ids))
 
     @property
     def num_queries(self) -> int:
