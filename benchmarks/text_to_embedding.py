@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--location-sigma", type=float, help="soft location targets (pretrain.location_sigma); default: the model's config")
     parser.add_argument("--location-head", action="store_true", help="give a model saved without one a new LocationHead (llm.location_head)")
     parser.add_argument("--location-pointer", action="store_true", help="give the model's location head a new PatchPointer (llm.location_pointer), and a new head if it has none")
+    parser.add_argument("--pointer-weight", type=float, help="supervise the pointer's attention with the boxes (pretrain.pointer_weight); default: the model's config")
     parser.add_argument("--save", help="write the continued model to this directory")
     args = parser.parse_args()
     score = SCORES[args.score]
@@ -87,6 +88,7 @@ def main() -> None:
     views = text_to_image_view(sources)
     mix = json.loads(args.mix)
     sigma = cfg.pretrain.location_sigma if args.location_sigma is None else args.location_sigma
+    pointer_weight = cfg.pretrain.pointer_weight if args.pointer_weight is None else args.pointer_weight
     builder = SequenceBuilder.for_config(m.tokenizer, cfg)
     stream = MixedStream(
         sources, {name: mix.get(name, 0.0) for name in [*sources, *views]},
@@ -104,7 +106,8 @@ def main() -> None:
         tick = time.perf_counter()
         model.train()
         batch = stream.next_batch()
-        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], cfg.pretrain.regression_weight, location_sigma=sigma)
+        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], cfg.pretrain.regression_weight, location_sigma=sigma,
+                         pointer_weight=pointer_weight)
         model.zero_grad(set_to_none=True)
         regression.backward(model, out)
         optimizer.step()
@@ -112,9 +115,10 @@ def main() -> None:
         if step % args.every == 0:
             model.eval()
             print(json.dumps({"step": step, "train_s": round(train_s, 1), "l2": round(float(out["l2"].detach()), 4),
+                              **({"pointer": round(float(out["pointer"].detach()), 3)} if "pointer" in out else {}),
                               args.score: score(m)}), flush=True)
     model.eval()
-    print(json.dumps({"mix": mix, "location_sigma": sigma, "location_head": model.location_head is not None,
+    print(json.dumps({"mix": mix, "location_sigma": sigma, "pointer_weight": pointer_weight, "location_head": model.location_head is not None,
                       "location_pointer": getattr(model.location_head, "pointer", None) is not None, "lr": args.lr, "steps": args.steps, "train": args.train, "train_s": round(train_s, 1),
                       args.score: score(m), "before": before, "after": reading(m),
                       "wall_s": round(time.perf_counter() - start, 1)}), flush=True)

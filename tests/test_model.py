@@ -309,3 +309,35 @@ def test_tied_embeddings_share_one_matrix_through_training_and_a_save(tmp_path, 
     loaded = nextmm.load(NextMM(model, tokenizer, micro_config).save(tmp_path / "model")).model
     assert loaded.llm.lm_head.weight is loaded.llm.embed_tokens.weight
     torch.testing.assert_close(loaded.llm.embed_tokens.weight, model.llm.embed_tokens.weight)
+
+
+def test_pointer_loss_is_its_attentions_cross_entropy_against_each_boxs_patches(micro_model, tokenizer):
+    from nextmm.data import shapes
+
+    pointer = micro_model.location_head.pointer
+    grid = pointer.grid
+    cell = 1 / grid
+    share = pointer.box_share(torch.tensor([[cell, 2 * cell, 2 * cell, 3 * cell], [0.5 * cell, 0.0, 1.5 * cell, cell]]))
+    assert share[0, 2 * grid + 1] == pytest.approx(1.0) and share[0].sum() == pytest.approx(1.0)  # one patch: row 2, column 1
+    assert share[1, 0] == pytest.approx(0.5) and share[1, 1] == pytest.approx(0.5) and share[1].sum() == pytest.approx(1.0)
+
+    micro_model.eval()
+    b = builder_for(micro_model, tokenizer)
+    grounding = [s for s in shapes.make_samples("ground", 0, 2)][:3]
+    batch = b.collate([b.encode(s.segments) for s in grounding])
+    ids, labels, pixels = batch["input_ids"], batch["labels"], batch["pixels"]
+    out = micro_model.loss(ids, labels, pixels, pointer_weight=0.5)
+    # by hand: each question's four labelled location tokens make one box, and each of their rows is scored
+    visual, patches = micro_model.see(pixels)
+    hidden = micro_model(ids, visual)
+    rows = torch.isin(labels, micro_model.location_ids).nonzero()
+    assert len(rows) == 4 * len(grounding)
+    boxes = torch.tensor([tokenizer.box_from_ids(labels[r, t : t + 4].tolist(), 1) for r, t in rows[::4]]).repeat_interleave(4, 0)
+    attention = pointer.attention(hidden[rows[:, 0], rows[:, 1]], patches, micro_model.latest_image(ids)[rows[:, 0], rows[:, 1]])
+    expected = -(pointer.box_share(boxes) * attention.log()).sum(-1).mean()
+    torch.testing.assert_close(out["pointer"], expected)
+    torch.testing.assert_close(out["loss"], out["ce"] + 0.5 * out["pointer"] + out["l2_weight"] * out["l2"])
+    # a batch that writes no box has no pointer loss, and a weight of 0 asks for none
+    captions = b.collate([b.encode(s.segments) for s in shapes.make_samples("caption", 0, 2)])
+    assert "pointer" not in micro_model.loss(captions["input_ids"], captions["labels"], captions["pixels"], pointer_weight=0.5)
+    assert "pointer" not in micro_model.loss(ids, labels, pixels)

@@ -172,6 +172,10 @@ class PretrainConfig(TrainConfig):
     # A location token's target spreads over neighbouring bins with this sigma (in bins; 0: one-hot), so a
     # box a pixel off is nearly right (models/emu.py, Emu.text_loss), the shape LocationHead predicts.
     location_sigma: float = 1.5
+    # Where a box is written, the location head's PatchPointer is also told which patches the box covers:
+    # this weight x the cross-entropy of its attention against each patch's share of the box
+    # (models/emu.py, Emu.pointer_loss). 0 leaves the pointer to learn from the bins' loss alone.
+    pointer_weight: float = 1.0
     regression_reaches_visual: bool = False  # true lets L2 train vision/resampler, which can collapse them
     target_ema: float = 0.0  # with the above true: targets from an EMA of the visual stack (e.g. 0.995)
     # The stage-0 tower is fine-tuned gently: at the full rate the first steps' gradients, sent back
@@ -399,6 +403,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config key 'vision.video_frames' is {config.vision.video_frames}; set it to 0 (every frame) or a positive count")
     if config.decoder.snr_gamma < 0:
         raise ConfigError(f"config key 'decoder.snr_gamma' is {config.decoder.snr_gamma}; set it to 0 (off) or a positive number such as 5")
+    if config.pretrain.pointer_weight < 0:
+        raise ConfigError(f"config key 'pretrain.pointer_weight' is {config.pretrain.pointer_weight}; set it to 0 (off) or a positive weight such as 1")
     if config.pretrain.location_sigma < 0:
         raise ConfigError(f"config key 'pretrain.location_sigma' is {config.pretrain.location_sigma}; set it to 0 (one-hot) or a width in bins such as 1.5")
 

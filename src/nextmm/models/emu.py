@@ -45,6 +45,7 @@ class PatchPointer(nn.Module):
         centres = (torch.arange(grid, dtype=torch.float) + 0.5) / grid - 0.5
         y, x = torch.meshgrid(centres, centres, indexing="ij")
         self.register_buffer("where", torch.stack([x.flatten(), y.flatten()], -1), persistent=False)  # (P, 2)
+        self.grid = grid
 
     def forward(self, hidden: torch.Tensor, patches: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
         """hidden (R, width); patches (M, P, patch_width), the grids of a batch's M images; image_index (R,),
@@ -53,6 +54,15 @@ class PatchPointer(nn.Module):
         answers = torch.cat([self.where.expand(len(patches), -1, -1), self.offset(patches).float()], -1)[image_index]
         read = torch.einsum("rp,rpv->rv", self.attention(hidden, patches, image_index), answers)
         return (self.readout(hidden).float() * read).sum(-1)
+
+    def box_share(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(S, 4) boxes x0 y0 x1 y1 as fractions of the image -> (S, P) each patch's share of the box's area."""
+        low = torch.arange(self.grid, device=boxes.device) / self.grid  # the patches' left (= top) edges
+        high = low + 1 / self.grid
+        across = (torch.minimum(boxes[:, None, 2], high) - torch.maximum(boxes[:, None, 0], low)).clamp_min(0)
+        down = (torch.minimum(boxes[:, None, 3], high) - torch.maximum(boxes[:, None, 1], low)).clamp_min(0)
+        area = (down[:, :, None] * across[:, None, :]).flatten(1)
+        return area / area.sum(-1, keepdim=True).clamp_min(1e-12)
 
     def attention(self, hidden: torch.Tensor, patches: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
         """(R, P) how much each row looks at each patch of its image (rows sum to 1)."""
@@ -181,20 +191,26 @@ class Emu(nn.Module):
         regression_weight: float = 1.0,
         target_visual: torch.Tensor | None = None,
         location_sigma: float = 0.0,
+        pointer_weight: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """Text CE on labelled positions + regression_weight x L2 to the next visual embedding (weight 1 in a
         batch with no labelled text). With `location_sigma` > 0, a location token's target spreads over its
-        neighbouring bins (see `text_loss`).
+        neighbouring bins (see `text_loss`); with `pointer_weight` > 0, the text loss also holds that weight x
+        `pointer_loss` where boxes are written ("text" in the result; "ce" stays the cross-entropy alone).
 
         Targets are detached, as in Emu; `target_visual` lets training supply them from a slowly moving
         copy of the visual stack (train/targets.py)."""
         visual, patches = self.see(pixels)
         hidden = self(input_ids, visual)
         picked = labels != IGNORE
-        logits = self.logits(hidden[picked], patches, self.latest_image(input_ids)[picked])
+        image_index = self.latest_image(input_ids)
+        logits = self.logits(hidden[picked], patches, image_index[picked])
         ce = self.text_loss(logits, labels[picked], location_sigma) if picked.any() else hidden.sum() * 0
-        out = {"ce": ce}
-        loss = ce
+        out = {"ce": ce, "text": ce}
+        pointer = self.pointer_loss(hidden, labels, patches, image_index) if pointer_weight > 0 else None
+        if pointer is not None:
+            out["pointer"], out["text"] = pointer, ce + pointer_weight * pointer
+        loss = out["text"]
         if visual is not None:
             predicts_image = input_ids[:, 1:] == self.image_token_id
             predicted = self.regression_head(hidden[:, :-1][predicts_image])
@@ -207,6 +223,30 @@ class Emu(nn.Module):
             loss = loss + weight * l2
         out["loss"] = loss
         return out
+
+    def pointer_loss(self, hidden: torch.Tensor, labels: torch.Tensor, patches: torch.Tensor | None, image_index: torch.Tensor) -> torch.Tensor | None:
+        """Cross-entropy of the PatchPointer's attention, where each labelled box is written, against the
+        box's share of each patch (its overlap area): the pointer is told which patches the box covers
+        instead of finding them through the bins' loss alone. A box is a run of exactly four labelled
+        location tokens (x0 y0 x1 y1). None when the batch writes no box after an image."""
+        if self.location_head is None or self.location_head.pointer is None or patches is None:
+            return None
+        is_location = torch.isin(labels, self.location_ids)
+        window = F.pad(is_location, (1, 4)).unfold(1, 6, 1)  # is_location[t-1 .. t+4] at each t
+        starts = (~window[..., 0] & window[..., 1:5].all(-1) & ~window[..., 5]).nonzero()
+        if not len(starts):
+            return None
+        rows = starts.repeat_interleave(4, 0)
+        rows[:, 1] += torch.arange(4, device=labels.device).repeat(len(starts))
+        bins = (labels[rows[:, 0], rows[:, 1], None] == self.location_ids).float().argmax(-1).float()
+        boxes = bins.reshape(-1, 4) / (len(self.location_ids) - 1)
+        target = self.location_head.pointer.box_share(boxes).repeat_interleave(4, 0)
+        keep = (image_index[rows[:, 0], rows[:, 1]] >= 0) & (target.sum(-1) > 0)
+        if not keep.any():
+            return None
+        rows, target = rows[keep], target[keep]
+        attention = self.location_head.pointer.attention(hidden[rows[:, 0], rows[:, 1]], patches, image_index[rows[:, 0], rows[:, 1]])
+        return -(target * attention.clamp_min(1e-9).log()).sum(-1).mean()
 
     def text_loss(self, logits: torch.Tensor, labels: torch.Tensor, location_sigma: float) -> torch.Tensor:
         """Mean cross-entropy; with location_sigma > 0, a location token's target is a Gaussian over the bins

@@ -21,14 +21,15 @@ def language_side(model: Emu) -> list[torch.nn.Parameter]:
 
 
 def backward(model: Emu, out: dict[str, torch.Tensor], scale: float = 1.0) -> None:
-    """Accumulate gradients of scale x (CE + weight x L2), the weight Emu.loss chose, the L2 part stopping at
-    the visual embeddings. Two passes over one graph: the L2 gradient for the language side, then CE for everything."""
+    """Accumulate gradients of scale x (text + weight x L2), the weight Emu.loss chose, the L2 part stopping at
+    the visual embeddings. Two passes over one graph: the L2 gradient for the language side, then the text
+    loss (CE, and the pointer's loss where boxes are written) for everything."""
     if "l2" not in out:
-        (out["ce"] * scale).backward()
+        (out["text"] * scale).backward()
         return
     params = language_side(model)
     grads = torch.autograd.grad(out["l2"] * out["l2_weight"] * scale, params, retain_graph=True, allow_unused=True)
-    (out["ce"] * scale).backward()
+    (out["text"] * scale).backward()
     for param, grad in zip(params, grads):
         if grad is not None:
             param.grad = grad if param.grad is None else param.grad + grad

@@ -129,7 +129,7 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         target_visual = target(batch["pixels"]) if target is not None and batch["pixels"].numel() else None
-        return model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual, p.location_sigma)
+        return model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual, p.location_sigma, p.pointer_weight)
 
     def backward(out: dict[str, torch.Tensor], scale: float) -> None:
         if p.regression_reaches_visual:
