@@ -7,7 +7,8 @@ L1 error of the centre, x plus y, in pixels), beside a constant guess. The visua
 which object a question names, so only their one-object figures say what the embeddings hold.
 With a location pointer (`llm.location_pointer`), also where it looks at that state: the miss of its
 attention-weighted patch position (median L1 to the centre, pixels) and its attention's share on the
-patches whose centre lies in the named object's box.
+patches whose centre lies in the named object's box. And the model's own answers' Acc@0.5 on the 300
+held-out questions of each count.
 
 Usage: python benchmarks/grounding_probe.py --model runs/demo/model
 Prints one JSON object.
@@ -22,6 +23,7 @@ import torch
 import nextmm
 from nextmm.data import shapes
 from nextmm.data.sample import Image, Text, grounding_question
+from nextmm.eval.metrics import grounding_accuracy
 from nextmm.generate import Stepper
 
 TRAIN, TEST = 1200, 300
@@ -94,6 +96,9 @@ def main() -> None:
             miss, share = pointer_looks(m, attention[TRAIN:], boxes[TRAIN:])
             found["pointer_looks"] = miss
             out.setdefault("pointer_share_on_object", {})[f"{objects}_objects"] = round(float(share.mean()), 3)
+        held_out = prompts[TRAIN:]
+        predicted = m.ground([p[0].image for p in held_out], [p[1].text.split('"')[1] for p in held_out])
+        out.setdefault("acc_at_0.5", {})[f"{objects}_objects"] = round(grounding_accuracy(predicted, boxes[TRAIN:].tolist()), 3)
         for name, errors in found.items():
             out.setdefault(name, {})[f"{objects}_objects"] = round(float(np.median(errors)), 1)
     print(json.dumps(out))

@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--location-head", action="store_true", help="give a model saved without one a new LocationHead (llm.location_head)")
     parser.add_argument("--location-pointer", action="store_true", help="give the model's location head a new PatchPointer (llm.location_pointer), and a new head if it has none")
     parser.add_argument("--pointer-weight", type=float, help="supervise the pointer's attention with the boxes (pretrain.pointer_weight); default: the model's config")
+    parser.add_argument("--pointer-lr", type=float, default=1.0, help="the location pointer's learning rate, as a multiple of --lr")
     parser.add_argument("--save", help="write the continued model to this directory")
     args = parser.parse_args()
     score = SCORES[args.score]
@@ -98,6 +99,11 @@ def main() -> None:
         trained = param_groups(model, args.lr, 0.0, {"vision.": cfg.pretrain.vision_lr_scale})
     else:
         trained = regression.language_side(model) if args.train == "all" else list(model.regression_head.parameters())
+    pointer = getattr(model.location_head, "pointer", None)
+    if pointer is not None and args.pointer_lr != 1:
+        in_pointer = {id(p) for p in pointer.parameters()}
+        trained = [{"params": [p for p in trained if id(p) not in in_pointer]},
+                   {"params": [p for p in trained if id(p) in in_pointer], "lr": args.lr * args.pointer_lr}]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
     before = reading(m)
     print(json.dumps({"step": 0, args.score: score(m)}), flush=True)
@@ -118,7 +124,7 @@ def main() -> None:
                               **({"pointer": round(float(out["pointer"].detach()), 3)} if "pointer" in out else {}),
                               args.score: score(m)}), flush=True)
     model.eval()
-    print(json.dumps({"mix": mix, "location_sigma": sigma, "pointer_weight": pointer_weight, "location_head": model.location_head is not None,
+    print(json.dumps({"mix": mix, "location_sigma": sigma, "pointer_weight": pointer_weight, "pointer_lr": args.pointer_lr, "location_head": model.location_head is not None,
                       "location_pointer": getattr(model.location_head, "pointer", None) is not None, "lr": args.lr, "steps": args.steps, "train": args.train, "train_s": round(train_s, 1),
                       args.score: score(m), "before": before, "after": reading(m),
                       "wall_s": round(time.perf_counter() - start, 1)}), flush=True)
