@@ -70,11 +70,12 @@ def main() -> None:
     parser.add_argument("--location-pointer", action="store_true", help="give the model's location head a new PatchPointer (llm.location_pointer), and a new head if it has none")
     parser.add_argument("--pointer-weight", type=float, help="supervise the pointer's attention with the boxes (pretrain.pointer_weight); default: the model's config")
     parser.add_argument("--pointer-lr", type=float, default=1.0, help="the location pointer's learning rate, as a multiple of --lr")
+    parser.add_argument("--seed", type=int, default=0, help="the batches' order; give a continued model a new one")
     parser.add_argument("--save", help="write the continued model to this directory")
     args = parser.parse_args()
     score = SCORES[args.score]
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     m = nextmm.load(args.model)
     model, cfg = m.model, m.config
     has_pointer = model.location_head is not None and model.location_head.pointer is not None
@@ -93,7 +94,7 @@ def main() -> None:
     builder = SequenceBuilder.for_config(m.tokenizer, cfg)
     stream = MixedStream(
         sources, {name: mix.get(name, 0.0) for name in [*sources, *views]},
-        lambda s: builder.encode(s.segments), builder.collate, cfg.pretrain.batch_size, seed=0, views=views,
+        lambda s: builder.encode(s.segments), builder.collate, cfg.pretrain.batch_size, seed=args.seed, views=views,
     )
     if args.train == "everything":
         trained = param_groups(model, args.lr, 0.0, {"vision.": cfg.pretrain.vision_lr_scale})
