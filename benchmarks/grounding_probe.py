@@ -29,9 +29,10 @@ from nextmm.generate import Stepper
 TRAIN, TEST = 1200, 300
 
 
-def questions(n: int, objects: int, seed: int = 77) -> tuple[list, np.ndarray]:
-    """n (image, phrase) grounding prompts about scenes of `objects` objects, with the named object's box."""
-    prompts, boxes, i = [], [], 0
+def questions(n: int, objects: int, seed: int = 77) -> tuple[list, list[str], np.ndarray]:
+    """n grounding prompts (image, question) about scenes of `objects` objects, the phrases they quote, and
+    the named objects' boxes."""
+    prompts, phrases, boxes, i = [], [], [], 0
     while len(prompts) < n:
         scene = shapes.sample_scene(np.random.default_rng([seed, i]))
         i += 1
@@ -39,8 +40,17 @@ def questions(n: int, objects: int, seed: int = 77) -> tuple[list, np.ndarray]:
             continue
         phrase, box = scene.grounding()[0]
         prompts.append([Image(scene.image()), Text(grounding_question(phrase), target=False)])
+        phrases.append(phrase)
         boxes.append(box)
-    return prompts, np.array(boxes, dtype=float)
+    return prompts, phrases, np.array(boxes, dtype=float)
+
+
+def prefilled(m, prompts: list, batch_size: int = 100):
+    """Per batch of prompts: the batch, its Stepper and the LLM's hidden state where x0 would be written."""
+    for start in range(0, len(prompts), batch_size):
+        batch = m.builder.collate([m.builder.encode(p, close=False) for p in prompts[start:start + batch_size]], left_pad=True)
+        stepper = Stepper(m.model, batch, 1, True, "fp32")
+        yield batch, stepper, stepper.prefill().float()
 
 
 @torch.no_grad()
@@ -48,13 +58,11 @@ def features(m, prompts: list) -> tuple[dict[str, np.ndarray], np.ndarray | None
     """The probes' inputs, and the pointer's attention over the patches where x0 is written (None without one)."""
     visual, hidden, looks = [], [], []
     pointer = getattr(m.model.location_head, "pointer", None)
-    for start in range(0, len(prompts), 100):
-        batch = m.builder.collate([m.builder.encode(p, close=False) for p in prompts[start:start + 100]], left_pad=True)
+    for batch, stepper, state in prefilled(m, prompts):
         visual.append(m.model.encode_images(batch["pixels"]).float())
-        stepper = Stepper(m.model, batch, 1, True, "fp32")
-        hidden.append(stepper.prefill().float())
+        hidden.append(state)
         if pointer is not None:
-            looks.append(pointer.attention(hidden[-1], stepper.patches, stepper.image_index))
+            looks.append(pointer.attention(state, stepper.patches, stepper.image_index))
     visual = torch.cat(visual)
     deviation = (visual - visual.mean(0, keepdim=True)).norm(dim=-1)
     own = visual[torch.arange(len(visual)), deviation.argmax(1)]
@@ -87,7 +95,7 @@ def main() -> None:
     m = nextmm.load(args.model)
     out: dict = {"model": args.model}
     for objects in (1, 2, 3):
-        prompts, boxes = questions(TRAIN + TEST, objects)
+        prompts, phrases, boxes = questions(TRAIN + TEST, objects)
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2
         guess = np.abs(centres[TRAIN:] - centres[:TRAIN].mean(0)).sum(1)
         probed, attention = features(m, prompts)
@@ -96,8 +104,7 @@ def main() -> None:
             miss, share = pointer_looks(m, attention[TRAIN:], boxes[TRAIN:])
             found["pointer_looks"] = miss
             out.setdefault("pointer_share_on_object", {})[f"{objects}_objects"] = round(float(share.mean()), 3)
-        held_out = prompts[TRAIN:]
-        predicted = m.ground([p[0].image for p in held_out], [p[1].text.split('"')[1] for p in held_out])
+        predicted = m.ground([p[0].image for p in prompts[TRAIN:]], phrases[TRAIN:])
         out.setdefault("acc_at_0.5", {})[f"{objects}_objects"] = round(grounding_accuracy(predicted, boxes[TRAIN:].tolist()), 3)
         for name, errors in found.items():
             out.setdefault(name, {})[f"{objects}_objects"] = round(float(np.median(errors)), 1)

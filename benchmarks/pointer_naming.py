@@ -22,26 +22,23 @@ from torch import nn
 
 import nextmm
 from nextmm.data.shapes import COLOURS, SHAPES
-from nextmm.generate import Stepper
-from grounding_probe import questions
+from grounding_probe import prefilled, questions
 
 FIT, HELD_OUT = 1200, 300
 
 
+@torch.no_grad()
 def hidden_and_patches(m, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
     hidden, patches = [], []
-    with torch.no_grad():
-        for start in range(0, len(prompts), 100):
-            batch = m.builder.collate([m.builder.encode(p, close=False) for p in prompts[start:start + 100]], left_pad=True)
-            stepper = Stepper(m.model, batch, 1, True, "fp32")
-            hidden.append(stepper.prefill().float())
-            patches.append(stepper.patches.float())
+    for _, stepper, state in prefilled(m, prompts):
+        hidden.append(state)
+        patches.append(stepper.patches.float())
     return torch.cat(hidden), torch.cat(patches)
 
 
-def named(prompt: list) -> torch.Tensor:
-    """The phrase a grounding question quotes ("a large red circle"), one-hot: colour, shape, size."""
-    _, size, colour, shape = prompt[1].text.split('"')[1].split()
+def named(phrase: str) -> torch.Tensor:
+    """An object phrase ("a large red circle"), one-hot: colour, shape, size."""
+    _, size, colour, shape = phrase.split()
     code = torch.zeros(len(COLOURS) + len(SHAPES) + 2)
     code[list(COLOURS).index(colour)] = 1
     code[len(COLOURS) + SHAPES.index(shape)] = 1
@@ -82,12 +79,12 @@ def main() -> None:
     pointer = getattr(m.model.location_head, "pointer", None)
     if pointer is None:
         raise SystemExit(f"the model in {args.model} has no location pointer (llm.location_pointer); nothing to probe")
-    prompts, boxes = questions(FIT + HELD_OUT, args.objects)
+    prompts, phrases, boxes = questions(FIT + HELD_OUT, args.objects)
     hidden, patches = hidden_and_patches(m, prompts)
     target = pointer.box_share(torch.tensor(boxes, dtype=torch.float) / m.config.vision.image_size)
     with torch.no_grad():
         own = pointer.attention(hidden[FIT:], patches[FIT:], torch.arange(HELD_OUT))
-    names = torch.stack([named(p) for p in prompts])
+    names = torch.stack([named(phrase) for phrase in phrases])
     out = {"model": args.model, "objects": args.objects, "steps": args.steps, "the_models_pointer": share_on_object(own, target[FIT:])}
     for query_name, queries in (("hidden", hidden), ("name", names)):
         for key_name, key_hidden in (("linear", 0), ("mlp", 128)):

@@ -224,6 +224,10 @@ class Emu(nn.Module):
         out["loss"] = loss
         return out
 
+    def bin_of(self, location_labels: torch.Tensor) -> torch.Tensor:
+        """(R,) ids of location tokens -> (R,) their bin indices k, as floats."""
+        return (location_labels[:, None] == self.location_ids).float().argmax(-1).float()
+
     def pointer_loss(self, hidden: torch.Tensor, labels: torch.Tensor, patches: torch.Tensor | None, image_index: torch.Tensor) -> torch.Tensor | None:
         """Cross-entropy of the PatchPointer's attention, where each labelled box is written, against the
         box's share of each patch (its overlap area): the pointer is told which patches the box covers
@@ -238,15 +242,14 @@ class Emu(nn.Module):
             return None
         rows = starts.repeat_interleave(4, 0)
         rows[:, 1] += torch.arange(4, device=labels.device).repeat(len(starts))
-        bins = (labels[rows[:, 0], rows[:, 1], None] == self.location_ids).float().argmax(-1).float()
-        boxes = bins.reshape(-1, 4) / (len(self.location_ids) - 1)
-        target = self.location_head.pointer.box_share(boxes).repeat_interleave(4, 0)
-        keep = (image_index[rows[:, 0], rows[:, 1]] >= 0) & (target.sum(-1) > 0)
+        at = tuple(rows.T)  # (batch row, position) of each location token in a box
+        pointer = self.location_head.pointer
+        target = pointer.box_share(self.bin_of(labels[at]).reshape(-1, 4) / (len(self.location_ids) - 1)).repeat_interleave(4, 0)
+        keep = (image_index[at] >= 0) & (target.sum(-1) > 0)
         if not keep.any():
             return None
-        rows, target = rows[keep], target[keep]
-        attention = self.location_head.pointer.attention(hidden[rows[:, 0], rows[:, 1]], patches, image_index[rows[:, 0], rows[:, 1]])
-        return -(target * attention.clamp_min(1e-9).log()).sum(-1).mean()
+        attention = pointer.attention(hidden[at][keep], patches, image_index[at][keep])
+        return -(target[keep] * attention.clamp_min(1e-9).log()).sum(-1).mean()
 
     def text_loss(self, logits: torch.Tensor, labels: torch.Tensor, location_sigma: float) -> torch.Tensor:
         """Mean cross-entropy; with location_sigma > 0, a location token's target is a Gaussian over the bins
@@ -257,7 +260,7 @@ class Emu(nn.Module):
         if location_sigma <= 0 or not is_location.any():
             return per_token.mean()
         bins = torch.arange(len(self.location_ids), device=logits.device, dtype=torch.float)
-        labelled = (labels[is_location, None] == self.location_ids).float().argmax(-1).float()
+        labelled = self.bin_of(labels[is_location])
         target = torch.softmax(-((bins - labelled[:, None]) ** 2) / (2 * location_sigma**2), dim=-1)
         log_probs = F.log_softmax(logits[is_location], dim=-1)[:, self.location_ids]
         kl = torch.where(target > 0, target * (target.clamp_min(1e-30).log() - log_probs), 0.0)  # far bins' targets underflow to 0
