@@ -83,7 +83,7 @@ def main() -> None:
     decoder = build_decoder(cfg)
     start = time.perf_counter()
     autoencoder_stage(cfg, sources, out, decoder, resume=bool(args.vae_from))
-    diffusion_stage(cfg, sources, out, decoder, m.model, resume=False)
+    diffusion_stage(cfg, sources, out, decoder, m.model, m.tokenizer, resume=False)
     train_s = time.perf_counter() - start
     decoder.save(out / "decoder")
     m.decoder = decoder.eval()

@@ -53,6 +53,7 @@ def test_yaml_then_overrides_apply_in_order(tmp_path):
         (lambda: make_config("tiny", overrides=["decoder.prediction_type=x0"]),
          "'decoder.prediction_type' is 'x0'; set it to one of epsilon, v_prediction"),
         (lambda: make_config("tiny", overrides=["decoder.snr_gamma=-1"]), "'decoder.snr_gamma' is -1.0; set it to 0"),
+        (lambda: make_config("tiny", overrides=["decoder.regressed_condition=1.5"]), "'decoder.regressed_condition' is 1.5; set it to a share from 0"),
     ],
 )
 def test_config_mistakes_are_explained(call, words):

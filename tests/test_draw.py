@@ -153,3 +153,32 @@ def test_regression_retrieval_scores_the_nearest_gallery_picture(drawer, monkeyp
     assert regression_retrieval(drawer, prompts=4, gallery=200) == 1.0
     monkeypatch.setattr(drawer, "regress", regressing_pictures(lambda got, want: got[0] != want[0]))
     assert regression_retrieval(drawer, prompts=4, gallery=200) == 0.0
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_the_decoder_trains_on_the_llms_regression_from_a_caption_where_asked(drawer, scene_images, share):
+    from nextmm.data.transforms import to_pixels
+    from nextmm.train.decoder_stage import training_condition
+
+    m = drawer
+    images = scene_images + scene_images[:1]
+    batch = {"pixels": to_pixels(images, m.config.vision.image_size), "captions": ["a large red circle", None, "a small blue square"]}
+    condition = training_condition(m.model, m.builder, batch, share, "fp32")
+    own = m.embed_images(images)
+    regressed = m.regress(["a large red circle", "a small blue square"])
+    assert condition.shape == own.shape
+    torch.testing.assert_close(condition[1], own[1])  # no caption: always the image's own embeddings
+    expected = regressed if share else own[[0, 2]]
+    torch.testing.assert_close(condition[[0, 2]], expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(regressed, own[[0, 2]], atol=1e-3)
+
+
+def test_a_captioned_picture_brings_its_caption_to_the_decoder_and_others_bring_none():
+    from nextmm.data.sample import Image, Sample, Text, Video
+    from nextmm.train.decoder_stage import picture_and_caption
+
+    picture = PILImage.new("RGB", (8, 8))
+    assert picture_and_caption(Sample("a", "caption", [Image(picture), Text("a large red circle")])) == (picture, "a large red circle")
+    asked = Sample("b", "vqa", [Image(picture), Text("question: how many objects are there? answer:", target=False), Text("one")])
+    assert picture_and_caption(asked) == (picture, None)
+    assert picture_and_caption(Sample("c", "video_caption", [Video([picture]), Text("a red circle moves left")])) == (picture, None)

@@ -120,6 +120,9 @@ class DecoderConfig:
     unet_layers_per_block: int = 1
     unet_head_dim: int = 32
     condition_dropout: float = 0.1  # training drops the condition this often, so guidance has an unconditional
+    # The share of captioned training images whose condition is what the frozen LLM regresses from the
+    # caption instead of the image's own embeddings (train/decoder_stage.training_condition); 0 is Emu's rule.
+    regressed_condition: float = 0.5
     # What a from-scratch UNet predicts, epsilon (SD 1.x) or v_prediction, and Min-SNR-gamma loss weighting
     # (0: off). After 110 steps an epsilon UNet sampled confetti at any guidance; after 86, a v one with
     # gamma 5 drew blobs on a clean background, its loss far more dependent on the condition (BENCHMARKS.md).
@@ -405,6 +408,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config key 'decoder.snr_gamma' is {config.decoder.snr_gamma}; set it to 0 (off) or a positive number such as 5")
     if config.pretrain.pointer_weight < 0:
         raise ConfigError(f"config key 'pretrain.pointer_weight' is {config.pretrain.pointer_weight}; set it to 0 (off) or a positive weight such as 1")
+    if not 0 <= config.decoder.regressed_condition <= 1:
+        raise ConfigError(f"config key 'decoder.regressed_condition' is {config.decoder.regressed_condition}; set it to a share from 0 (Emu's rule) to 1")
     if config.pretrain.location_sigma < 0:
         raise ConfigError(f"config key 'pretrain.location_sigma' is {config.pretrain.location_sigma}; set it to 0 (one-hot) or a width in bins such as 1.5")
 

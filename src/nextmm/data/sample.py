@@ -53,6 +53,13 @@ class Sample:
                 out.extend(seg.frames)
         return out
 
+    def captioned_image(self) -> tuple[PILImage.Image, str] | None:
+        """The first image directly followed by target text (its caption), or None."""
+        for seg, nxt in zip(self.segments, self.segments[1:]):
+            if isinstance(seg, Image) and isinstance(nxt, Text) and nxt.target:
+                return seg.image, nxt.text
+        return None
+
 
 def vqa_prompt(question: str) -> str:
     return f"question: {question.strip()} answer:"

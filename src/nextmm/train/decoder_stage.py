@@ -3,7 +3,8 @@
   RUN/autoencoder/  metrics.jsonl, checkpoints/, done.json   (skipped when decoder.pretrained gives a VAE)
   RUN/diffusion/    metrics.jsonl, checkpoints/, done.json
 The UNet learns to rebuild each image from the embeddings that stage 1's frozen vision tower and causal
-resampler make of that same image: what the LLM regresses at generation time.
+resampler make of that same image, as in Emu, and (a share `decoder.regressed_condition` of captioned
+images) from what the frozen LLM regresses from the image's caption: what it is given at generation time.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from tqdm import tqdm
 
 from nextmm.config import Config
 from nextmm.data.loader import MixedStream, Prefetcher
-from nextmm.data.sample import Image, Sample, Video
+from nextmm.data.sample import Image, Sample, Text, Video
+from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError
 from nextmm.data.transforms import to_pixels
+from nextmm.generate import generate_visual
 from nextmm.models.decoder import VisualDecoder
 from nextmm.models.emu import Emu
+from nextmm.tokenizer import NextTokenizer
 from nextmm.train.checkpoint import finished_stage, mark_stage_done
 from nextmm.train.loop import Trainer, param_groups
 
@@ -46,18 +50,24 @@ def first_picture(sample: Sample):
     raise DataError(f"sample '{sample.key}' has no picture")
 
 
+def picture_and_caption(sample: Sample) -> tuple:
+    """The first captioned image and its caption, or else the first picture and None."""
+    return sample.captioned_image() or (first_picture(sample), None)
+
+
 def picture_stream(cfg: Config, sources: dict[str, Path], batch_size: int, seed: int) -> Prefetcher:
     vision_size, decoder_size = cfg.vision.image_size, cfg.decoder.image_size
 
-    def collate(images: list) -> dict[str, torch.Tensor]:
+    def collate(items: list[tuple]) -> dict:
+        images = [image for image, _ in items]
         return {
             "pixels": to_pixels(images, vision_size), "target": to_pixels(images, decoder_size),
-            "valid": torch.ones(len(images), 1, dtype=torch.bool),
+            "valid": torch.ones(len(images), 1, dtype=torch.bool), "captions": [caption for _, caption in items],
         }
 
     # Captions are Shapes World's plain scenes; a user's data directory may hold any kinds.
     picked = {k: v for k, v in sources.items() if k == "caption"} or sources
-    return Prefetcher(MixedStream(picked, {}, first_picture, collate, batch_size, seed, unusable=(DataError,)))
+    return Prefetcher(MixedStream(picked, {}, picture_and_caption, collate, batch_size, seed, unusable=(DataError,)))
 
 
 def autoencoder_stage(cfg: Config, sources: dict[str, Path], out: Path, decoder: VisualDecoder, resume: bool) -> None:
@@ -77,16 +87,33 @@ def autoencoder_stage(cfg: Config, sources: dict[str, Path], out: Path, decoder:
     mark_stage_done(stage_dir, result, latent_scale=scale)
 
 
-def diffusion_stage(cfg: Config, sources: dict[str, Path], out: Path, decoder: VisualDecoder, model: Emu, resume: bool) -> None:
+def training_condition(model: Emu, builder: SequenceBuilder, batch: dict, share: float, precision: str) -> torch.Tensor:
+    """The UNet's condition for each image of a batch: the visual embeddings of the image itself or, for a
+    random `share` of the captioned ones, the embeddings the LLM regresses from the caption alone. Those
+    are not the image's: the caption does not say where an object lies, so L2 regression gives about the
+    average over places, and a decoder that only ever saw real embeddings drew blobs from it
+    (BENCHMARKS.md, session 11); trained on both, it learns to draw some place for what the caption names."""
+    with torch.no_grad():
+        condition = model.encode_images(batch["pixels"]).float()
+        picked = [i for i, caption in enumerate(batch["captions"]) if caption is not None and torch.rand(()) < share]
+        if picked:
+            prompts = [[Text(batch["captions"][i], target=False)] for i in picked]
+            condition[picked] = generate_visual(model, builder, prompts, precision=precision)
+    return condition
+
+
+def diffusion_stage(
+    cfg: Config, sources: dict[str, Path], out: Path, decoder: VisualDecoder, model: Emu, tok: NextTokenizer, resume: bool
+) -> None:
     stage_dir = out / "diffusion"
     if finished_stage(decoder, stage_dir, resume) is not None:
         return
     decoder.vae.requires_grad_(False)  # frozen: kept out of the optimizer
     model.eval()
+    builder = SequenceBuilder.for_config(tok, cfg)
 
-    def loss_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            condition = model.encode_images(batch["pixels"]).float()
+    def loss_fn(batch: dict) -> dict[str, torch.Tensor]:
+        condition = training_condition(model, builder, batch, cfg.decoder.regressed_condition, cfg.diffusion.precision)
         return decoder.diffusion_loss(batch["target"], condition)
 
     d = cfg.diffusion

@@ -52,9 +52,8 @@ def train_tokenizer(sources: dict[str, Path], cfg: Config) -> NextTokenizer:
 
 def image_text_pair(sample: Sample) -> tuple:
     """The first picture directly followed by target text: a caption pair for contrastive training."""
-    for seg, nxt in zip(sample.segments, sample.segments[1:]):
-        if isinstance(seg, Image) and isinstance(nxt, Text) and nxt.target:
-            return seg.image, nxt.text
+    if (pair := sample.captioned_image()) is not None:
+        return pair
     raise DataError(f"sample '{sample.key}' has no image followed by its caption")
 
 
@@ -183,6 +182,6 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
     model = pretrain_stage(cfg, sources, out, tok, clip, resume)
     if decoder is not None:
         autoencoder_stage(cfg, sources, out, decoder, resume)
-        diffusion_stage(cfg, sources, out, decoder, model, resume)
+        diffusion_stage(cfg, sources, out, decoder, model, tok, resume)
     model_dir = NextMM(model, tok, cfg, decoder=decoder, clip=clip).save(out / "model")
     return {"model": str(model_dir), "run": str(out), "sources": {k: str(v) for k, v in sources.items()}}
