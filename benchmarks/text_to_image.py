@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--negative", default="empty")
+    parser.add_argument("--negative", help="null or empty; default: the model's decoder.negative")
     parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
     m = nextmm.load(args.model)

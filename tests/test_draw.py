@@ -182,3 +182,16 @@ def test_a_captioned_picture_brings_its_caption_to_the_decoder_and_others_bring_
     asked = Sample("b", "vqa", [Image(picture), Text("question: how many objects are there? answer:", target=False), Text("one")])
     assert picture_and_caption(asked) == (picture, None)
     assert picture_and_caption(Sample("c", "video_caption", [Video([picture]), Text("a red circle moves left")])) == (picture, None)
+
+
+@pytest.mark.parametrize("negative", ["null", "empty"])
+def test_draw_guides_against_the_configs_negative_unless_told(drawer, monkeypatch, negative):
+    drawer.config.decoder.negative = negative
+    seen = []
+    monkeypatch.setattr(drawer, "_render", lambda decoder, condition, against, *rest: seen.append(against) or [])
+    drawer.draw(["a large red circle"])
+    drawer.draw(["a large red circle"], negative="empty" if negative == "null" else "null")
+    regressed_empty = drawer.regress([[]])
+    told_empty = seen[1] if negative == "null" else seen[0]
+    assert seen[0 if negative == "null" else 1] is None  # null: the decoder's own no-condition
+    torch.testing.assert_close(told_empty, regressed_empty)

@@ -158,13 +158,14 @@ class NextMM:
         return out
 
     def draw(self, prompts: Sequence[str | Sequence[PromptPart]], guidance: float | None = None, steps: int | None = None,
-             seed: int = 0, negative: str = "empty") -> list[PILImage.Image]:
+             seed: int = 0, negative: str | None = None) -> list[PILImage.Image]:
         """One image per prompt. A prompt is text (`"a large red circle above a small blue square"`) or an
         interleaved list of text and pictures: in-context generation, blending (two images, no text), an
         edit (`[image, "make the red circle blue"]`). The LLM regresses the image's N embeddings and the
         visual decoder renders them with `steps` denoising steps and classifier-free `guidance` (the
-        config's by default) against `negative`: "empty", Emu's choice, the embeddings regressed from an
-        empty prompt in the same batch, or "null", the decoder's learned no-condition. Image k of a call
+        config's by default) against `negative` (the config's `decoder.negative` by default): "null", the
+        decoder's learned no-condition, or "empty", Emu's choice, the embeddings regressed from an empty
+        prompt in the same batch. Image k of a call
         depends only on its prompt, `seed` and k, not on the other prompts."""
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -228,9 +229,10 @@ class NextMM:
             )
         return self.decoder
 
-    def _draw(self, segments: list[list[Segment]], guidance=None, steps=None, seed: int = 0, negative: str = "empty") -> list[PILImage.Image]:
+    def _draw(self, segments: list[list[Segment]], guidance=None, steps=None, seed: int = 0, negative: str | None = None) -> list[PILImage.Image]:
         decoder = self._decoder()
         guidance, steps = self._sampling(guidance, steps)
+        negative = self.config.decoder.negative if negative is None else negative
         if negative not in ("empty", "null"):
             raise DrawError(f"negative is '{negative}'; use 'empty' (an empty prompt's embeddings) or 'null' (the decoder's no-condition)")
         empty = [[]] if negative == "empty" else []

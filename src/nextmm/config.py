@@ -20,6 +20,7 @@ from nextmm.errors import UserError
 PRECISIONS = ("auto", "bf16", "fp32")
 RESAMPLER_SEEDS = ("regions", "none")
 SAMPLERS = ("ddim", "dpm")
+NEGATIVES = ("null", "empty")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -132,6 +133,11 @@ class DecoderConfig:
     sampler: str = "dpm"  # one of SAMPLERS: ddim, or dpm (DPM-Solver++ multistep)
     sample_steps: int = 25
     guidance: float = 3.0
+    # What guidance steers away from when `draw` is not told: one of NEGATIVES. null: the decoder's learned
+    # no-condition; empty: the embeddings the LLM regresses from an empty prompt (Emu's). With a decoder
+    # trained on regressed conditions too, null drew 0.355 of one-object prompts right, empty 0.265
+    # (guidance 3, 200 prompts, BENCHMARKS.md session 11).
+    negative: str = "null"
 
 
 @dataclass
@@ -390,7 +396,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
 
 
 CHOICES = {
-    "resampler.seed": RESAMPLER_SEEDS, "decoder.sampler": SAMPLERS,
+    "resampler.seed": RESAMPLER_SEEDS, "decoder.sampler": SAMPLERS, "decoder.negative": NEGATIVES,
     "decoder.prediction_type": PREDICTION_TYPES, **{f"{stage}.precision": PRECISIONS for stage in ("clip", "pretrain", "autoencoder", "diffusion")},
 }
 
