@@ -13,7 +13,7 @@ from typing import Sequence, Union
 import torch
 from PIL import Image as PILImage
 
-from nextmm.config import Config, config_from_dict
+from nextmm.config import NEGATIVES, Config, config_from_dict
 from nextmm.constrained import AnswerTrie, BoxConstraint, Constraint
 from nextmm.data.formats import load_image
 from nextmm.data.sample import DETECT_QUESTION, Image, Segment, Text, Video, grounding_question, matching_question, vqa_prompt
@@ -165,8 +165,8 @@ class NextMM:
         visual decoder renders them with `steps` denoising steps and classifier-free `guidance` (the
         config's by default) against `negative` (the config's `decoder.negative` by default): "null", the
         decoder's learned no-condition, or "empty", Emu's choice, the embeddings regressed from an empty
-        prompt in the same batch. Image k of a call
-        depends only on its prompt, `seed` and k, not on the other prompts."""
+        prompt in the same batch. Image k of a call depends only on its prompt, `seed` and k, not on the
+        other prompts."""
         if isinstance(prompts, str):
             prompts = [prompts]
         segments = []
@@ -233,7 +233,7 @@ class NextMM:
         decoder = self._decoder()
         guidance, steps = self._sampling(guidance, steps)
         negative = self.config.decoder.negative if negative is None else negative
-        if negative not in ("empty", "null"):
+        if negative not in NEGATIVES:
             raise DrawError(f"negative is '{negative}'; use 'empty' (an empty prompt's embeddings) or 'null' (the decoder's no-condition)")
         empty = [[]] if negative == "empty" else []
         conditions, negative_embeddings = [], None

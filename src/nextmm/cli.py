@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+from nextmm.config import NEGATIVES
 from nextmm.errors import UserError
 
 PLACEHOLDER = re.compile(r"<image>|<video>")
@@ -413,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (1 = none; default: the config's)")
     w.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
     w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--negative", choices=("empty", "null"), help="guide away from the decoder's no-condition (null) or an empty prompt's image (empty, Emu's); default: the model's decoder.negative")
+    w.add_argument("--negative", choices=NEGATIVES, help="guide away from the decoder's no-condition (null) or an empty prompt's image (empty, Emu's); default: the model's decoder.negative")
     w.add_argument("--name", default="draw", help="file name prefix: NAME-000.png, ...")
     w.add_argument("prompt", nargs="?", help='text, with <image> placeholders for the --image files if wanted')
     w.set_defaults(func=cmd_draw)
