@@ -7,7 +7,10 @@ scenes (seed 10007):
 - denoise_mse_{own,other,null}: the UNet's loss with each image's own embeddings, another image's and the
   null condition, at the same noise and timesteps (all, and the noisier half: t >= 500). The gap between
   own and other is how much the condition tells the UNet;
-- reconstruction and text-to-image, as `nextmm demo` scores them (eval/images.py).
+- reconstruction and text-to-image, as `nextmm demo` scores them (eval/images.py), text-to-image against
+  the config's `decoder.negative`.
+The UNet trains on the LLM's regressions from captions for a share `decoder.regressed_condition` of its
+images (`--set decoder.regressed_condition=0` is Emu's rule); the denoising losses use real embeddings.
 
 Usage: python benchmarks/decoder_reading.py --model runs/demo/model --data runs/demo/data --out /tmp/dr
        [--set decoder.snr_gamma=5 ...] [--vae-from /tmp/dr-earlier] [--prompts 50] [--scenes 100]
