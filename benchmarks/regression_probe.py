@@ -44,14 +44,15 @@ def main() -> None:
     results = {}
     for count in (1, 2):
         fit, scored = held_out_scenes(count, args.train, TRAINING_SEED), held_out_scenes(count, args.test)
+        labels = {}  # (object k, what) -> (classes, the fitted scenes' labels, the scored scenes')
+        for k in range(count):
+            for what, names, field in (("colour", list(COLOURS), 1), ("shape", list(SHAPES), 2)):
+                labels[k, what] = len(names), *(np.array([names.index(objects_in_caption(c)[k][field]) for c, _ in scenes]) for scenes in (fit, scored))
         for name, embed in embeddings.items():
             fit_x, scored_x = embed(fit), embed(scored)
             results[f"{count}obj_{name}_spread"] = round(float(scored_x.std(0).mean()), 3)
-            for k in range(count):
-                for what, names, field in (("colour", list(COLOURS), 1), ("shape", list(SHAPES), 2)):
-                    label = lambda scenes: np.array([names.index(objects_in_caption(c)[k][field]) for c, _ in scenes])  # noqa: E731
-                    accuracy = probe_accuracy(fit_x, label(fit), scored_x, label(scored), len(names))
-                    results[f"{count}obj_{name}_object{k + 1}_{what}"] = round(accuracy, 3)
+            for (k, what), (classes, fit_y, scored_y) in labels.items():
+                results[f"{count}obj_{name}_object{k + 1}_{what}"] = round(probe_accuracy(fit_x, fit_y, scored_x, scored_y, classes), 3)
     print(json.dumps({"model": args.model, "train": args.train, "test": args.test, **results}))
 
 

@@ -9,9 +9,12 @@ from PIL import Image as PILImage
 import nextmm
 from nextmm.api import DrawError, NextMM
 from nextmm.data import shapes
+from nextmm.data.sample import Image, Sample, Text, Video
+from nextmm.data.transforms import to_pixels
 from nextmm.eval.images import held_out_scenes, regression_retrieval
 from nextmm.eval.pixels import objects_in_caption
 from nextmm.models.decoder import VisualDecoder
+from nextmm.train.decoder_stage import picture_and_caption, training_condition
 from test_cli import assert_one_clear_line, run
 
 
@@ -157,9 +160,6 @@ def test_regression_retrieval_scores_the_nearest_gallery_picture(drawer, monkeyp
 
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_the_decoder_trains_on_the_llms_regression_from_a_caption_where_asked(drawer, scene_images, share):
-    from nextmm.data.transforms import to_pixels
-    from nextmm.train.decoder_stage import training_condition
-
     m = drawer
     images = scene_images + scene_images[:1]
     batch = {"pixels": to_pixels(images, m.config.vision.image_size), "captions": ["a large red circle", None, "a small blue square"]}
@@ -174,9 +174,6 @@ def test_the_decoder_trains_on_the_llms_regression_from_a_caption_where_asked(dr
 
 
 def test_a_captioned_picture_brings_its_caption_to_the_decoder_and_others_bring_none():
-    from nextmm.data.sample import Image, Sample, Text, Video
-    from nextmm.train.decoder_stage import picture_and_caption
-
     picture = PILImage.new("RGB", (8, 8))
     assert picture_and_caption(Sample("a", "caption", [Image(picture), Text("a large red circle")])) == (picture, "a large red circle")
     asked = Sample("b", "vqa", [Image(picture), Text("question: how many objects are there? answer:", target=False), Text("one")])

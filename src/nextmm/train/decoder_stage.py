@@ -93,12 +93,15 @@ def training_condition(model: Emu, builder: SequenceBuilder, batch: dict, share:
     are not the image's: the caption does not say where an object lies, so L2 regression gives about the
     average over places, and a decoder that only ever saw real embeddings drew blobs from it
     (BENCHMARKS.md, session 11); trained on both, it learns to draw some place for what the caption names."""
+    captions, pixels = batch["captions"], batch["pixels"]
+    picked = [i for i, caption in enumerate(captions) if caption is not None and torch.rand(()) < share]
+    kept = sorted(set(range(len(captions))) - set(picked))  # only these images are encoded
+    condition = torch.empty(len(captions), model.num_queries, model.cfg.resampler.width, device=pixels.device)
     with torch.no_grad():
-        condition = model.encode_images(batch["pixels"]).float()
-        picked = [i for i, caption in enumerate(batch["captions"]) if caption is not None and torch.rand(()) < share]
+        if kept:
+            condition[kept] = model.encode_images(pixels[kept]).float()
         if picked:
-            prompts = [[Text(batch["captions"][i], target=False)] for i in picked]
-            condition[picked] = generate_visual(model, builder, prompts, precision=precision)
+            condition[picked] = generate_visual(model, builder, [[Text(captions[i], target=False)] for i in picked], precision=precision)
     return condition
 
 
