@@ -41,7 +41,7 @@ def grounding(m, n: int = 100) -> dict:
     return {"acc_at_0.5": grounding_accuracy(boxes, truth), "centre_error_px": float(np.median(centre)), "side_error_px": float(np.median(side))}
 
 
-def binding(m, n: int = 100) -> float:
+def binding(m, n: int = 100) -> dict:
     return evaluate_binding(m, n, EVAL_SEED, shots=4)
 
 

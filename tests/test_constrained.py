@@ -33,6 +33,19 @@ def test_constrained_generation_writes_only_allowed_answers_and_rows_do_not_inte
     assert together == alone
 
 
+def test_each_prompt_may_have_its_own_answers_across_batches(micro_nextmm, scenes, monkeypatch):
+    prompts = [[Image(s.image()), Text("this is a", target=False)] for s in scenes[:5]]
+    lists = [["red", "blue"], ["circle"], ["a large green triangle", "square", "two"], ["red", "blue"], ["small", "large"]]
+    alone = [micro_nextmm.generate([p], answers=answers)[0] for p, answers in zip(prompts, lists)]
+    assert all(a in answers for a, answers in zip(alone, lists)) and alone[1] == "circle"
+    monkeypatch.setattr(micro_nextmm, "batch_size", 2)  # three chunks: each must get its own prompts' lists
+    assert micro_nextmm.generate(prompts, answers=lists) == alone
+    with pytest.raises(AnswerError, match="5 prompts were given 2 lists"):
+        micro_nextmm.generate(prompts, answers=lists[:2])
+    with pytest.raises(AnswerError, match="empty"):
+        micro_nextmm.generate(prompts[:2], answers=[["red"], []])
+
+
 def test_the_chosen_answer_starts_with_the_allowed_token_the_model_ranks_highest(micro_nextmm, tokenizer, scenes):
     # answers that differ in their first token: greedy decoding's choice among them is made at that token
     words = ["red", "blue", "green", "circle", "square", "triangle", "large", "small", "two", "what", "there"]

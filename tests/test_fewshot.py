@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nextmm.data import shapes
-from nextmm.eval.fewshot import choose_shots
+from nextmm.eval.fewshot import binding_scores, choose_shots
 from test_cli import assert_one_clear_line, run
 from test_eval_benchmarks import clip_model_dir  # noqa: F401  (fixture)
 
@@ -48,6 +48,23 @@ def test_eval_fewshot_cli(capsys, clip_model_dir, tmp_path):  # noqa: F811
     assert set(results) == {"captions", "vqa", "binding"}
     assert set(results["captions"]["rices"]) == {"0", "2"} and set(results["binding"]["random"]) == {"2"}
     assert 0 <= results["vqa"]["random"]["2"]["accuracy"] <= 1
+    assert set(results["binding"]["random"]["2"]) == {"accuracy", "choice_accuracy", "chance"}
+    assert results["binding"]["random"]["2"]["chance"] > 0
     assert json.loads(out.read_text()) == results
     assert_one_clear_line(*run(capsys, "eval", "fewshot", "--model", clip_model_dir, "--shots", "2,x")[::2], "--shots")
     assert_one_clear_line(*run(capsys, "eval", "fewshot", "--model", clip_model_dir, "--select", "best")[::2], "--select")
+
+
+def test_binding_choices_come_from_each_prompts_own_shots_and_chance_counts_a_missing_word(micro_nextmm):
+    prompts, answers = [], []
+    for i in range(4):
+        segments, answer = shapes.binding_fewshot(np.random.default_rng([3, i]), 3)
+        prompts.append(segments)
+        answers.append(answer)
+    answers[3] = "notshown"  # a query whose word no shot shows: no choice can be right, and chance is 0
+    scores = binding_scores(micro_nextmm, prompts, answers)
+    sizes = [len(shapes.binding_choices(p)) for p in prompts]
+    assert scores["chance"] == pytest.approx(np.mean([1 / k for k in sizes[:3]] + [0]))
+    chosen = micro_nextmm.generate(prompts, answers=[shapes.binding_choices(p) for p in prompts])
+    assert all(c in shapes.binding_choices(p) for c, p in zip(chosen, prompts))
+    assert scores["choice_accuracy"] == np.mean([c == a for c, a in zip(chosen, answers)])

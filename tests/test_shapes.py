@@ -544,6 +544,7 @@ def test_binding_fewshot_prompt(shots):
         assert isinstance(segments[-1], Text) and segments[-1].text == "this is a" and not segments[-1].target
         shown = check_binding_pairs(segments[:-2], meta, target=False)
         assert answer in shown
+        assert S.binding_choices(segments) == list(dict.fromkeys(shown))  # the query's "this is a" adds no word
         if shots >= 2:
             assert len(set(shown)) >= 2
         shape, colour, _ = identify(segments[-2].image)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image as PILImage
 
 from nextmm.config import NEGATIVES, Config, config_from_dict
-from nextmm.constrained import AnswerTrie, BoxConstraint, Constraint
+from nextmm.constrained import AnswerError, AnswerTrie, BoxConstraint, Constraint, RowAnswers
 from nextmm.data.formats import load_image
 from nextmm.data.sample import DETECT_QUESTION, Image, Segment, Text, Video, grounding_question, matching_question, vqa_prompt
 from nextmm.data.sequence import SequenceBuilder
@@ -92,17 +92,28 @@ class NextMM:
         for start in range(0, len(items), self.batch_size):
             yield items[start : start + self.batch_size]
 
-    def generate_ids(self, prompts: list[list[Segment]], max_new_tokens: int = 32, answers: Sequence[str] | Constraint | None = None) -> list[list[int]]:
-        """Greedy continuations; with `answers`, each is one of those strings (trie-constrained decoding), or
-        one that the given Constraint allows."""
-        if answers is not None and not isinstance(answers, Constraint):
-            answers = AnswerTrie.from_answers(self.tokenizer, answers)
-        return [
-            ids for chunk in self._chunks(prompts)
-            for ids in generate_ids(self.model, self.builder, chunk, max_new_tokens, precision=self.precision, answers=answers)
-        ]
+    def generate_ids(self, prompts: list[list[Segment]], max_new_tokens: int = 32,
+                     answers: Sequence[str] | Sequence[Sequence[str]] | Constraint | None = None) -> list[list[int]]:
+        """Greedy continuations; with `answers`, each is one of those strings (trie-constrained decoding), one
+        of its own prompt's strings when given one list per prompt, or one that the given Constraint allows."""
+        answers = self._constraint(answers, len(prompts))
+        rows = []
+        for start in range(0, len(prompts), self.batch_size):
+            stop = start + self.batch_size
+            allowed = answers.rows(start, stop) if isinstance(answers, RowAnswers) else answers
+            rows += generate_ids(self.model, self.builder, prompts[start:stop], max_new_tokens, precision=self.precision, answers=allowed)
+        return rows
 
-    def generate(self, prompts: list[list[Segment]], max_new_tokens: int = 32, answers: Sequence[str] | None = None) -> list[str]:
+    def _constraint(self, answers, prompts: int) -> Constraint | None:
+        if answers is None or isinstance(answers, Constraint):
+            return answers
+        if not answers or isinstance(answers[0], str):
+            return AnswerTrie.from_answers(self.tokenizer, answers)
+        if len(answers) != prompts:
+            raise AnswerError(f"{prompts} prompts were given {len(answers)} lists of allowed answers; give one list per prompt")
+        return RowAnswers.from_answers(self.tokenizer, answers)
+
+    def generate(self, prompts: list[list[Segment]], max_new_tokens: int = 32, answers: Sequence[str] | Sequence[Sequence[str]] | None = None) -> list[str]:
         return [self.tokenizer.decode(ids) for ids in self.generate_ids(prompts, max_new_tokens, answers)]
 
     def caption(self, images: Sequence[Visual], max_new_tokens: int = 32, answers: Sequence[str] | None = None) -> list[str]:

@@ -275,7 +275,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from nextmm.demo import run_demo
 
     result = run_demo(args.out, args.preset, args.set or [], resume=args.resume)
-    headline = {k: result[k] for k in result if k.endswith(("match", "accuracy", "all_objects_right", "_s", "acc_at_0.5", "f1", "cider")) and not isinstance(result[k], dict)}
+    headline = {k: result[k] for k in result if k.endswith(("match", "accuracy", "chance", "all_objects_right", "_s", "acc_at_0.5", "f1", "cider")) and not isinstance(result[k], dict)}
     _print_json(headline)
     print(f"model:   {result['model']}\nmetrics: {result['metrics']}\nreport:  {result['report']}")
 

@@ -5,6 +5,9 @@ form a prefix tree; at each step every token that does not continue some allowed
 row has written so far is masked out. Closed-set evaluations (image-text matching, zero-shot
 classification, multiple-choice VQA) use it so that every prediction is a valid answer.
 
+`RowAnswers`: one `AnswerTrie` per prompt, for choices that differ from prompt to prompt (a few-shot
+binding episode may only answer with the made-up words its own shots showed).
+
 `BoxConstraint`: a grounding answer is exactly four location tokens x0 y0 x1 y1 with x1 > x0 and
 y1 > y0 (OFA restricts its grounding output to location tokens), too many answers for a trie.
 """
@@ -32,13 +35,16 @@ class Constraint:
     def allowed(self, prefix: Sequence[int]) -> list[int]:
         raise NotImplementedError
 
+    def allowed_in_row(self, row: int, prefix: Sequence[int]) -> list[int]:
+        return self.allowed(prefix)
+
     def mask(self, written: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """(B, vocab) additive mask for the next token of each row of `written` (B, steps so far): 0 where
         allowed, -inf elsewhere. A row with nothing left to write may only repeat its last token (the
         caller has marked it done)."""
         out = torch.full((written.shape[0], vocab_size), float("-inf"))
         for row, prefix in enumerate(written.tolist()):
-            out[row, self.allowed(prefix) or prefix[-1:]] = 0.0
+            out[row, self.allowed_in_row(row, prefix) or prefix[-1:]] = 0.0
         return out
 
 
@@ -68,6 +74,24 @@ class AnswerTrie(Constraint):
             if node is None:
                 return []
         return list(node)
+
+
+class RowAnswers(Constraint):
+    def __init__(self, tries: Sequence[AnswerTrie]):
+        if not tries:
+            raise AnswerError("no prompts were given answers; give one list of allowed answers per prompt")
+        self.tries = list(tries)
+        self.depth = max(trie.depth for trie in self.tries)
+
+    @classmethod
+    def from_answers(cls, tokenizer: NextTokenizer, answer_lists: Sequence[Sequence[str]]) -> "RowAnswers":
+        return cls([AnswerTrie.from_answers(tokenizer, answers) for answers in answer_lists])
+
+    def rows(self, start: int, stop: int) -> "RowAnswers":
+        return RowAnswers(self.tries[start:stop])
+
+    def allowed_in_row(self, row: int, prefix: Sequence[int]) -> list[int]:
+        return self.tries[row].allowed(prefix)
 
 
 class BoxConstraint(Constraint):

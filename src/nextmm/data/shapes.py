@@ -460,6 +460,13 @@ def binding_fewshot(rng: np.random.Generator, shots: int) -> tuple[list[Segment]
     return segments, answer
 
 
+def binding_choices(segments: list[Segment]) -> list[str]:
+    """The made-up words a binding prompt's shots show, in order of first showing: the closed set a
+    choice among them is scored in (the query's word is missing when no shot shows it)."""
+    shown = [s.text.rsplit(" ", 1)[1] for s in segments if isinstance(s, Text) and s.text.startswith("this is a ")]
+    return list(dict.fromkeys(shown))
+
+
 # ----------------------------------------------------------------------------- OFA-style instructions
 # Tasks as plain instructions (OFA): boxes are written as location text (tokenizer.loc_text), which the
 # tokenizer turns into <bin_k> tokens. Grounding follows the spec; the others are nextmm's.

@@ -5,7 +5,8 @@ support examples whose images are most similar to the query's by CLIP image feat
 - captions: k (image, caption) pairs from a support pool, then the query image; exact match and CIDEr;
 - vqa: k (image, question, answer) triples, then the query image and question; accuracy;
 - binding (the spec's in-context test): each episode binds fresh made-up words to shapes or colours and
-  offers a pool of labelled images; k of them are shown, then the query image and `this is a`.
+  offers a pool of labelled images; k of them are shown, then the query image and `this is a`; the next
+  word is scored as written and as a choice among the words the shots showed, beside that choice's chance.
 
 The support pools come from their own seed, so no support example is a query.
 """
@@ -114,8 +115,21 @@ def fewshot_binding(m: NextMM, n: int, seed: int, k: int, selection: str) -> dic
         support = SupportSet(m, [p for p, _ in pool], [[Image(p), Text(f"this is a {w}", target=False)] for p, w in pool], seed + i)
         prompts += support.prompts([query], [[Text("this is a", target=False)]], k, selection)
         answers.append(answer)
-    preds = m.generate(prompts, max_new_tokens=4)
-    return {"accuracy": float(np.mean([p.split()[:1] == [a] for p, a in zip(preds, answers)]))}
+    return binding_scores(m, prompts, answers)
+
+
+def binding_scores(m: NextMM, prompts: list[list], answers: list[str]) -> dict[str, float]:
+    """Binding prompts scored two ways: `accuracy`, the next word written freely (the spec's test), and
+    `choice_accuracy`, the word chosen among those the prompt's shots showed (trie-constrained), beside
+    `chance`, what a uniform guess among them scores (0 where the shots never show the query's word)."""
+    choices = [shapes.binding_choices(p) for p in prompts]
+    written = m.generate(prompts, max_new_tokens=4)
+    chosen = m.generate(prompts, answers=choices)
+    return {
+        "accuracy": float(np.mean([w.split()[:1] == [a] for w, a in zip(written, answers)])),
+        "choice_accuracy": float(np.mean([c == a for c, a in zip(chosen, answers)])),
+        "chance": float(np.mean([(a in words) / len(words) for words, a in zip(choices, answers)])),
+    }
 
 
 def evaluate_fewshot(
