@@ -7,7 +7,7 @@ binding (4-shot accuracy), then captions and VQA at the end.
 Usage: python benchmarks/text_to_embedding.py --model runs/demo/model --data runs/demo/data
        [--mix '{"text_to_image": 1}'] [--lr 1e-3] [--steps 160] [--every 20] [--train all|head|everything]
        [--score retrieval|grounding|binding] [--location-sigma S] [--location-head] [--location-pointer]
-       [--save DIR]
+       [--pointer-weight W] [--pointer-lr X] [--seed S] [--anneal] [--save DIR]
 Prints JSON lines: one per scoring, then a summary with reading before and after.
 """
 
@@ -28,7 +28,7 @@ from nextmm.eval.metrics import box_misses, grounding_accuracy
 from nextmm.eval.shapes import EVAL_SEED, evaluate_binding, evaluate_captions, evaluate_vqa
 from nextmm.models.emu import location_head_for
 from nextmm.train import regression
-from nextmm.train.loop import param_groups
+from nextmm.train.loop import lr_factor, param_groups
 from nextmm.train.stages import text_to_image_view
 
 
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--pointer-weight", type=float, help="supervise the pointer's attention with the boxes (pretrain.pointer_weight); default: the model's config")
     parser.add_argument("--pointer-lr", type=float, default=1.0, help="the location pointer's learning rate, as a multiple of --lr")
     parser.add_argument("--seed", type=int, default=0, help="the batches' order; give a continued model a new one")
+    parser.add_argument("--anneal", action="store_true", help="as the training stages do: the lr falls by a cosine to a tenth, gradients clipped to norm 1")
     parser.add_argument("--save", help="write the continued model to this directory")
     args = parser.parse_args()
     score = SCORES[args.score]
@@ -106,6 +107,7 @@ def main() -> None:
         trained = [{"params": [p for p in trained if id(p) not in in_pointer]},
                    {"params": [p for p in trained if id(p) in in_pointer], "lr": args.lr * args.pointer_lr}]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     before = reading(m)
     print(json.dumps({"step": 0, args.score: score(m)}), flush=True)
     start, train_s = time.perf_counter(), 0.0
@@ -117,6 +119,10 @@ def main() -> None:
                          pointer_weight=pointer_weight)
         model.zero_grad(set_to_none=True)
         regression.backward(model, out)
+        if args.anneal:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * lr_factor((step - 1) / args.steps, 0.0, 0.1)
         optimizer.step()
         train_s += time.perf_counter() - tick
         if step % args.every == 0:
@@ -125,7 +131,7 @@ def main() -> None:
                               **({"pointer": round(float(out["pointer"].detach()), 3)} if "pointer" in out else {}),
                               args.score: score(m)}), flush=True)
     model.eval()
-    print(json.dumps({"mix": mix, "location_sigma": sigma, "pointer_weight": pointer_weight, "pointer_lr": args.pointer_lr, "location_head": model.location_head is not None,
+    print(json.dumps({"mix": mix, "location_sigma": sigma, "pointer_weight": pointer_weight, "pointer_lr": args.pointer_lr, "anneal": args.anneal, "location_head": model.location_head is not None,
                       "location_pointer": getattr(model.location_head, "pointer", None) is not None, "lr": args.lr, "steps": args.steps, "train": args.train, "train_s": round(train_s, 1),
                       args.score: score(m), "before": before, "after": reading(m),
                       "wall_s": round(time.perf_counter() - start, 1)}), flush=True)
