@@ -55,10 +55,11 @@ def denoising_losses(m, decoder, pairs, seed: int = 0) -> dict[str, float]:
     t = (torch.arange(b) * steps // b).long()  # spread evenly over the schedule
     noisy = decoder.scheduler.add_noise(latents, noise, t)
     target = decoder.denoising_target(latents, noise, t)
-    conditions = {"own": own, "other": own.roll(1, 0), "null": decoder.null_condition[None].expand_as(own)}
+    contexts = {"own": decoder._context(own, seen=True), "other": decoder._context(own.roll(1, 0), seen=True),
+                "null": decoder._null_context().expand(b, -1, -1)}
     out = {}
-    for name, condition in conditions.items():
-        error = (decoder._denoise(noisy, t, decoder._context(condition)) - target).pow(2).mean((1, 2, 3))
+    for name, context in contexts.items():
+        error = (decoder._denoise(noisy, t, context) - target).pow(2).mean((1, 2, 3))
         out[f"denoise_mse_{name}"] = round(float(error.mean()), 5)
         out[f"denoise_mse_{name}_noisy"] = round(float(error[t >= steps // 2].mean()), 5)
     return out
@@ -86,7 +87,7 @@ def main() -> None:
     decoder = build_decoder(cfg)
     start = time.perf_counter()
     autoencoder_stage(cfg, sources, out, decoder, resume=bool(args.vae_from))
-    diffusion_stage(cfg, sources, out, decoder, m.model, m.tokenizer, resume=False)
+    diffusion_stage(cfg, sources, out, decoder, m.model, m.require_clip(), m.tokenizer, resume=False)
     train_s = time.perf_counter() - start
     decoder.save(out / "decoder")
     m.decoder = decoder.eval()

@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from nextmm.config import DecoderConfig
 from nextmm.data.transforms import to_pixels
 from nextmm.errors import UserError
-from nextmm.models.decoder import DecoderDirError, DecoderSamplingError, VisualDecoder, norm_groups
+from nextmm.models.decoder import DecoderDirError, DecoderSamplingError, VisualDecoder, fit_ridge, norm_groups
 
 WIDTH, N = 24, 3  # the embeddings' width and count: unlike every channel count below, to catch mix-ups
 
@@ -142,6 +142,52 @@ def test_save_then_load_gives_the_same_decoder(decoder, pixels, tmp_path):
     assert public(loaded.scheduler.config) == public(decoder.scheduler.config)
     same = [d.sample(condition(2), generator=seeded(3, 4)) for d in (loaded, decoder)]
     torch.testing.assert_close(*same, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("samples", [400, 40])  # the primal form, then the dual (fewer samples than features)
+def test_ridge_recovers_a_linear_map_in_either_form(samples):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, 60, generator=g) * torch.linspace(0.1, 10, 60) + 3.0  # uneven scales and offsets
+    true_weight, true_bias = torch.randn(5, 60, generator=g), torch.randn(5, generator=g)
+    y = x @ true_weight.T + true_bias
+    weight, bias = fit_ridge(x, y, ridge=1e-6)
+    torch.testing.assert_close(x @ weight.T + bias, y, atol=1e-3, rtol=1e-3)
+    if samples > 60:  # determined: the map itself comes back
+        torch.testing.assert_close(weight, true_weight, atol=1e-3, rtol=1e-3)
+
+
+def semantic_decoder() -> VisualDecoder:
+    torch.manual_seed(0)
+    d = VisualDecoder(tiny_config(), WIDTH, N, semantic_width=6)
+    g = torch.Generator().manual_seed(1)
+    # Read-outs that differ: a regression and a seen picture of the same numbers read out differently.
+    d.fit_readouts(torch.randn(50, N, WIDTH, generator=g), torch.randn(50, N, WIDTH, generator=g), torch.randn(50, 6, generator=g))
+    return d
+
+
+def test_the_semantic_token_reads_out_each_kind_of_condition_its_own_way(pixels, tmp_path):
+    d = semantic_decoder()
+    cond = condition(2)
+    regressed, seen = d._context(cond), d._context(cond, seen=True)
+    assert regressed.shape == seen.shape == (2, N + 1, d.unet.config.cross_attention_dim)
+    torch.testing.assert_close(regressed[:, :N], seen[:, :N])  # the N embeddings' tokens are the same
+    assert not torch.allclose(regressed[:, N], seen[:, N])
+    mixed = d._context(cond, seen=torch.tensor([True, False]))
+    torch.testing.assert_close(mixed, torch.stack([seen[0], regressed[1]]))
+    assert d._null_context().shape == (1, N + 1, d.unet.config.cross_attention_dim)
+
+    out = d.diffusion_loss(pixels, condition(len(pixels)), seen=torch.tensor([True, False, True, False]))
+    out["loss"].backward()
+    assert d.semantic_proj.weight.grad.abs().sum() > 0 and d.readout_seen_weight.grad is None  # fitted, not trained
+    assert not any(name.startswith("readout_") for name, _ in d.named_parameters())
+
+    loaded = VisualDecoder.load(d.save(tmp_path / "decoder"), tiny_config(), WIDTH, N)
+    assert loaded.semantic_width == 6
+    assert_same_weights(loaded, d)
+    for kind in (False, True):
+        same = [x.sample(cond, generator=seeded(3, 4), seen=kind) for x in (loaded, d)]
+        torch.testing.assert_close(*same, rtol=0, atol=0)
+    assert not torch.allclose(d.sample(cond, generator=seeded(3, 4)), d.sample(cond, generator=seeded(3, 4), seen=True))
 
 
 def test_a_bridged_decoder_round_trips(tmp_path):

@@ -22,7 +22,8 @@ from test_cli import assert_one_clear_line, run
 def drawer(micro_model, tokenizer, micro_config) -> NextMM:
     cfg = micro_config.decoder
     cfg.sample_steps = 3
-    decoder = VisualDecoder(cfg, micro_config.resampler.width, micro_config.resampler.num_queries)
+    semantic = micro_config.clip_text.embed_dim
+    decoder = VisualDecoder(cfg, micro_config.resampler.width, micro_config.resampler.num_queries, semantic_width=semantic)
     return NextMM(micro_model, tokenizer, micro_config, decoder=decoder, batch_size=3)
 
 
@@ -135,11 +136,12 @@ def test_regress_is_what_draw_renders_and_embed_images_what_reconstruct_renders(
     embedded = drawer.embed_images(scene_images)
     assert embedded.shape == (2, n, width) and not torch.allclose(embedded[0], embedded[1])
     rendered = []
-    monkeypatch.setattr(drawer, "_render", lambda decoder, condition, *rest: rendered.append(condition) or [])
+    monkeypatch.setattr(drawer, "_render", lambda decoder, condition, *rest, seen=False: rendered.append((condition, seen)) or [])
     drawer.draw(prompts, negative="null")
     drawer.reconstruct(scene_images)
-    torch.testing.assert_close(rendered[0], regressed)
-    torch.testing.assert_close(rendered[1], embedded)
+    torch.testing.assert_close(rendered[0][0], regressed)
+    torch.testing.assert_close(rendered[1][0], embedded)
+    assert [seen for _, seen in rendered] == [False, True]  # the semantic token's read-out for each kind
 
 
 def test_regression_retrieval_scores_the_nearest_gallery_picture(drawer, monkeypatch):
@@ -163,7 +165,8 @@ def test_the_decoder_trains_on_the_llms_regression_from_a_caption_where_asked(dr
     m = drawer
     images = scene_images + scene_images[:1]
     batch = {"pixels": to_pixels(images, m.config.vision.image_size), "captions": ["a large red circle", None, "a small blue square"]}
-    condition = training_condition(m.model, m.builder, batch, share, "fp32")
+    condition, seen = training_condition(m.model, m.builder, batch, share, "fp32")
+    assert seen.tolist() == [not share, True, not share]
     own = m.embed_images(images)
     regressed = m.regress(["a large red circle", "a small blue square"])
     assert condition.shape == own.shape
@@ -185,7 +188,7 @@ def test_a_captioned_picture_brings_its_caption_to_the_decoder_and_others_bring_
 def test_draw_guides_against_the_configs_negative_unless_told(drawer, monkeypatch, negative):
     drawer.config.decoder.negative = negative
     seen = []
-    monkeypatch.setattr(drawer, "_render", lambda decoder, condition, against, *rest: seen.append(against) or [])
+    monkeypatch.setattr(drawer, "_render", lambda decoder, condition, against, *rest, **kw: seen.append(against) or [])
     drawer.draw(["a large red circle"])
     drawer.draw(["a large red circle"], negative="empty" if negative == "null" else "null")
     regressed_empty = drawer.regress([[]])

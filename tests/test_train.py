@@ -87,6 +87,7 @@ def test_a_run_killed_in_stage_2_resumes_to_the_same_decoder(tmp_path, data_dir,
     runs = straight_and_killed_then_resumed(tmp_path, data_dir, monkeypatch, "diffusion", 2, 2)
     straight, resumed = (api.load(run["model"]).decoder for run in runs)
     assert resumed.latent_scale == straight.latent_scale != 1.0  # calibrated, and kept across the resume
+    assert straight.semantic_width == 32 and straight.readout_regressed_weight.abs().sum() > 0  # fitted, saved, loaded
     a, b = straight.state_dict(), resumed.state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], msg=name)

@@ -192,7 +192,7 @@ class NextMM:
         """Image -> its N visual embeddings -> image: what the decoder makes of what the model sees."""
         decoder = self._decoder()
         guidance, steps = self._sampling(guidance, steps)
-        return self._render(decoder, self.embed_images(images), None, guidance, steps, seed)
+        return self._render(decoder, self.embed_images(images), None, guidance, steps, seed, seen=True)
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Picture]) -> torch.Tensor:
@@ -265,12 +265,12 @@ class NextMM:
             raise DrawError(f"steps {steps} is out of range; use a whole number of denoising steps from 1 to {MAX_STEPS}")
         return float(guidance), steps
 
-    def _render(self, decoder: VisualDecoder, condition, negative, guidance, steps, seed: int) -> list[PILImage.Image]:
+    def _render(self, decoder: VisualDecoder, condition, negative, guidance, steps, seed: int, seen: bool = False) -> list[PILImage.Image]:
         images = []
         for start in range(0, len(condition), self.batch_size):
             part = condition[start : start + self.batch_size]
             generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(part))]
-            pixels = decoder.sample(part, negative=negative, guidance=guidance, steps=steps, generator=generators)
+            pixels = decoder.sample(part, negative=negative, guidance=guidance, steps=steps, generator=generators, seen=seen)
             images += to_pil(pixels)
         return images
 

@@ -124,6 +124,11 @@ class DecoderConfig:
     # The share of captioned training images whose condition is what the frozen LLM regresses from the
     # caption instead of the image's own embeddings (train/decoder_stage.training_condition); 0 is Emu's rule.
     regressed_condition: float = 0.5
+    # One more cross-attention token: the N embeddings read out onto the CLIP stage's image space (models/
+    # decoder.py), fitted at the start of stage 2 on `semantic_pictures` captioned pictures. A UNet continued
+    # 600 s with it drew 0.89 of one-object prompts right, 0.30 without (BENCHMARKS.md, session 14).
+    semantic_token: bool = True
+    semantic_pictures: int = 1024
     # What a from-scratch UNet predicts, epsilon (SD 1.x) or v_prediction, and Min-SNR-gamma loss weighting
     # (0: off). After 110 steps an epsilon UNet sampled confetti at any guidance; after 86, a v one with
     # gamma 5 drew blobs on a clean background, its loss far more dependent on the condition (BENCHMARKS.md).
@@ -276,7 +281,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pretrain": {"steps": 1000, "batch_size": 16, "time_budget_s": 20, "warmup_steps": 20,
                      "join_at": {"vqa": 60, "story": 60, "edit": 60, "binding": 60, "video_caption": 100, "video_qa": 100,
                                 "text_to_image": 60, "ground": 60, "itm": 60, "region_caption": 60, "detect": 60}},
-        "decoder": {"vae_channels": [16, 16, 16], "unet_channels": [16, 32], "unet_head_dim": 8, "sample_steps": 10},
+        "decoder": {"vae_channels": [16, 16, 16], "unet_channels": [16, 32], "unet_head_dim": 8, "sample_steps": 10,
+                    "semantic_pictures": 64},
         "autoencoder": {"steps": 200, "batch_size": 16, "time_budget_s": 4, "warmup_steps": 5},
         "diffusion": {"steps": 400, "batch_size": 16, "time_budget_s": 8, "warmup_steps": 5},
     },
@@ -414,6 +420,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config key 'decoder.snr_gamma' is {config.decoder.snr_gamma}; set it to 0 (off) or a positive number such as 5")
     if config.pretrain.pointer_weight < 0:
         raise ConfigError(f"config key 'pretrain.pointer_weight' is {config.pretrain.pointer_weight}; set it to 0 (off) or a positive weight such as 1")
+    if config.decoder.semantic_token and config.decoder.semantic_pictures < 16:
+        raise ConfigError(f"config key 'decoder.semantic_pictures' is {config.decoder.semantic_pictures}; fitting the semantic token's read-out needs 16 or more, such as 1024")
     if not 0 <= config.decoder.regressed_condition <= 1:
         raise ConfigError(f"config key 'decoder.regressed_condition' is {config.decoder.regressed_condition}; set it to a share from 0 (Emu's rule) to 1")
     if config.pretrain.location_sigma < 0:

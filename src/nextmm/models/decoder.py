@@ -5,7 +5,8 @@ into an image. Built on diffusers, so a directory it saves is an ordinary diffus
   DIR/unet/       UNet2DConditionModel (denoises the latents)  the same
   DIR/scheduler/  the training noise schedule (DDPMScheduler)  scheduler_config.json
   DIR/condition.safetensors  what maps our embeddings to the UNet's cross-attention: the projection,
-                  a learned position per embedding, and the learned "no condition"
+                  a learned position per embedding, the learned "no condition" and, with a semantic
+                  token, its two read-outs and projection
 
 Emu starts from Stable Diffusion and swaps its text encoder's 77 tokens for the N embeddings;
 `from_pretrained_dir` does the same with any local SD-style directory. Without one, a small VAE and UNet
@@ -24,8 +25,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from nextmm.config import DecoderConfig
 from nextmm.errors import UserError
@@ -43,6 +46,24 @@ CHROMA_WEIGHT = 8.0
 
 class DecoderDirError(UserError):
     """A decoder directory that is missing or not in the layout the decoder reads."""
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, ridge: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge regression of y (S, D) on x (S, F), each feature standardised first; returns the (D, F) weight
+    and (D,) bias of the map on raw x, the standardisation folded in. Solved in whichever of the primal
+    (F x F) or dual (S x S) form is smaller: the same solution, and a real Emu's 64 x 4096 features would
+    need a 262k-square primal system."""
+    x, y = x.double(), y.double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    eye = lambda n: ridge * torch.eye(n, dtype=x.dtype)  # noqa: E731
+    if z.shape[1] <= z.shape[0]:
+        solution = torch.linalg.solve(z.T @ z + eye(z.shape[1]), z.T @ y)
+    else:
+        solution = z.T @ torch.linalg.solve(z @ z.T + eye(z.shape[0]), y)
+    weight = (solution[:-1] / std[:, None]).T
+    bias = solution[-1] - (mean / std) @ solution[:-1]
+    return weight.float().contiguous(), bias.float().contiguous()
 
 
 class DecoderSamplingError(UserError):
@@ -112,7 +133,14 @@ def build_scheduler(cfg: DecoderConfig) -> DDPMScheduler:
 
 class VisualDecoder(nn.Module):
     """The VAE, the UNet, the training noise schedule, and the small part that turns N embeddings of
-    `condition_width` into the UNet's cross-attention input."""
+    `condition_width` into the UNet's cross-attention input.
+
+    With `semantic_width` > 0 the UNet reads one more token: the N embeddings read out (by a fixed
+    linear map, `fit_readouts`) onto the CLIP stage's image space of that width. An L2 regression from a
+    caption is the average over every place the caption allows, where a shape is a faint difference
+    (session 14: 1.2 against 6.6 for a colour, per embedding); CLIP's space, trained against captions,
+    keeps shape as far apart as colour. Regressed and seen embeddings get a read-out each: one linear map
+    fitted on both read shape from the regressions at a third of the strength."""
 
     def __init__(
         self,
@@ -122,6 +150,7 @@ class VisualDecoder(nn.Module):
         vae: AutoencoderKL | None = None,
         unet: UNet2DConditionModel | None = None,
         scheduler: DDPMScheduler | None = None,
+        semantic_width: int = 0,
     ):
         super().__init__()
         self.cfg = cfg
@@ -142,6 +171,16 @@ class VisualDecoder(nn.Module):
         self.condition_pos = nn.Parameter(torch.zeros(num_queries, context))
         # The learned "no condition": what condition dropout trains in, and the default negative.
         self.null_condition = nn.Parameter(torch.randn(num_queries, condition_width) * 0.02)
+        self.semantic_width = semantic_width
+        if semantic_width:
+            flat = num_queries * condition_width
+            for kind in ("regressed", "seen"):  # fitted, not trained: zeros until fit_readouts
+                self.register_buffer(f"readout_{kind}_weight", torch.zeros(semantic_width, flat))
+                self.register_buffer(f"readout_{kind}_bias", torch.zeros(semantic_width))
+            self.semantic_proj = nn.Linear(semantic_width, context, bias=False)
+            # Unit weights: a unit-length CLIP feature becomes a token about as long as a projected embedding.
+            nn.init.normal_(self.semantic_proj.weight, std=1.0)
+            self.null_semantic = nn.Parameter(torch.randn(semantic_width) * 0.02)
         self.downsampling = 2 ** (len(self.vae.config.block_out_channels) - 1)
         sample_size = self.unet.config.sample_size
         if isinstance(sample_size, (list, tuple)):
@@ -194,9 +233,40 @@ class VisualDecoder(nn.Module):
 
     # ------------------------------------------------------------------------- the condition
 
-    def _context(self, condition: torch.Tensor) -> torch.Tensor:
-        """(B, N, condition width) -> the UNet's cross-attention input (B, N, cross_attention_dim)."""
-        return (self.condition_proj(condition.float()) + self.condition_pos).to(self.unet.dtype)
+    @torch.no_grad()
+    def fit_readouts(self, regressed: torch.Tensor, seen: torch.Tensor, clip_features: torch.Tensor, ridge: float = 1.0) -> None:
+        """Fit the semantic token's two read-outs: the (S, N, width) embeddings the LLM regressed from S
+        pictures' captions, and those the vision stack made of the pictures, each onto the pictures'
+        (S, semantic width) CLIP image features."""
+        for kind, x in (("regressed", regressed), ("seen", seen)):
+            weight, bias = fit_ridge(x.flatten(1).float(), clip_features.float(), ridge)
+            getattr(self, f"readout_{kind}_weight").copy_(weight)
+            getattr(self, f"readout_{kind}_bias").copy_(bias)
+
+    def _semantic(self, condition: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """(B, N, width) and a (B,) bool of which rows were seen -> (B, semantic width) read-outs, in fp32:
+        the folded standardisation makes the weights too uneven for bf16."""
+        flat = condition.flatten(1).float()
+        with torch.autocast(flat.device.type, enabled=False):
+            regressed = F.linear(flat, self.readout_regressed_weight, self.readout_regressed_bias)
+            seen_rows = F.linear(flat, self.readout_seen_weight, self.readout_seen_bias)
+        return torch.where(seen[:, None].to(flat.device), seen_rows, regressed)
+
+    def _context(self, condition: torch.Tensor, seen: torch.Tensor | bool = False) -> torch.Tensor:
+        """(B, N, condition width) -> the UNet's cross-attention input (B, N [+ 1], cross_attention_dim);
+        `seen` (a bool, or one per row) says the embeddings are a picture's, not the LLM's regression."""
+        tokens = self.condition_proj(condition.float()) + self.condition_pos
+        if self.semantic_width:
+            seen = torch.as_tensor(seen).expand(condition.shape[0])
+            tokens = torch.cat([tokens, self.semantic_proj(self._semantic(condition, seen))[:, None]], 1)
+        return tokens.to(self.unet.dtype)
+
+    def _null_context(self) -> torch.Tensor:
+        """The learned "no condition" as a (1, N [+ 1], cross_attention_dim) context."""
+        tokens = self.condition_proj(self.null_condition.float()) + self.condition_pos
+        if self.semantic_width:
+            tokens = torch.cat([tokens, self.semantic_proj(self.null_semantic.float())[None]])
+        return tokens[None].to(self.unet.dtype)
 
     def _denoise(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The UNet's prediction for noisy latents at timesteps t, given the cross-attention context."""
@@ -207,20 +277,21 @@ class VisualDecoder(nn.Module):
         if condition.ndim != 3 or tuple(condition.shape[1:]) != (n, width):
             raise ValueError(f"{what} has shape {tuple(condition.shape)}; the decoder reads (batch, {n}, {width})")
 
-    def diffusion_loss(self, pixels: torch.Tensor, condition: torch.Tensor) -> dict[str, torch.Tensor]:
+    def diffusion_loss(self, pixels: torch.Tensor, condition: torch.Tensor, seen: torch.Tensor | bool = True) -> dict[str, torch.Tensor]:
         """The UNet's denoising loss on the frozen VAE's latents. `condition` (B, N, width) comes detached
-        from the caller; each row is swapped for the null condition with probability cfg.condition_dropout,
-        which is what lets `sample` guide against it."""
+        from the caller, `seen` says which rows are pictures' embeddings (the rest regressed); each row is
+        swapped for the null condition with probability cfg.condition_dropout, which is what lets `sample`
+        guide against it."""
         self._check_condition(condition, "condition")
         with torch.no_grad():
             latents = self.encode(pixels).float()
         b = latents.shape[0]
         dropped = torch.rand(b, device=latents.device) < self.cfg.condition_dropout
-        condition = torch.where(dropped[:, None, None], self.null_condition.to(condition.dtype), condition)
+        context = torch.where(dropped[:, None, None], self._null_context(), self._context(condition, seen))
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
-        error = (self._denoise(noisy, t, self._context(condition)) - self.denoising_target(latents, noise, t)).pow(2).mean((1, 2, 3))
+        error = (self._denoise(noisy, t, context) - self.denoising_target(latents, noise, t)).pow(2).mean((1, 2, 3))
         return {"loss": (error * self._loss_weights(t)).mean(), "mse": error.mean()}
 
     def denoising_target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -260,11 +331,13 @@ class VisualDecoder(nn.Module):
         guidance: float | None = None,
         steps: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        seen: bool = False,
     ) -> torch.Tensor:
-        """(B, N, width) embeddings -> (B, 3, H, W) images in [-1, 1].
+        """(B, N, width) embeddings -> (B, 3, H, W) images in [-1, 1]. `seen`: the embeddings are pictures'
+        (reconstruction), not the LLM's regression.
 
         Classifier-free guidance: eps = eps(negative) + guidance x (eps(condition) - eps(negative)), the
-        negative being (B, N, width), or (1, N, width) for every row, or by default the learned null
+        negative being regressed (B, N, width), or (1, N, width) for every row, or by default the learned null
         condition. Both go through one UNet call of batch 2B; guidance 1 is the conditional alone. A list
         of B generators makes row k depend only on generator k."""
         self._check_condition(condition, "condition")
@@ -272,15 +345,17 @@ class VisualDecoder(nn.Module):
         steps = self.cfg.sample_steps if steps is None else int(steps)
         b = condition.shape[0]
         device = self.null_condition.device
-        context = self._context(condition.to(device))
+        context = self._context(condition.to(device), seen)
         guided = guidance != 1.0
         if guided:
             if negative is None:
-                negative = self.null_condition[None]
-            self._check_condition(negative, "negative")
-            if negative.shape[0] not in (1, b):
-                raise ValueError(f"negative has {negative.shape[0]} rows for {b} conditions; give 1 or {b}")
-            context = torch.cat([self._context(negative.to(device)).expand(b, -1, -1), context])
+                unconditional = self._null_context()
+            else:
+                self._check_condition(negative, "negative")
+                if negative.shape[0] not in (1, b):
+                    raise ValueError(f"negative has {negative.shape[0]} rows for {b} conditions; give 1 or {b}")
+                unconditional = self._context(negative.to(device))
+            context = torch.cat([unconditional.expand(b, -1, -1), context])
 
         sampler = self.make_sampler()
         with warnings.catch_warnings():
@@ -310,7 +385,7 @@ class VisualDecoder(nn.Module):
     # ------------------------------------------------------------------------- files
 
     def _condition_state(self) -> dict[str, torch.Tensor]:
-        names = ("condition_proj.", "condition_pos", "null_condition")
+        names = ("condition_proj.", "condition_pos", "null_condition", "readout_", "semantic_proj.", "null_semantic")
         return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k.startswith(names)}
 
     def save(self, path: str | Path) -> Path:
@@ -322,7 +397,8 @@ class VisualDecoder(nn.Module):
             self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
             self.scheduler.save_pretrained(tmp / "scheduler")
             save_file(self._condition_state(), str(tmp / "condition.safetensors"),
-                      metadata={"condition_width": str(self.condition_width), "num_queries": str(self.num_queries)})
+                      metadata={"condition_width": str(self.condition_width), "num_queries": str(self.num_queries),
+                                "semantic_width": str(self.semantic_width)})
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +413,9 @@ class VisualDecoder(nn.Module):
             raise DecoderDirError(
                 f"decoder directory '{path}' has no condition.safetensors; give a directory written by VisualDecoder.save"
             )
-        decoder = cls.from_pretrained_dir(path, cfg, condition_width, num_queries)
+        with safe_open(str(weights), framework="pt") as f:
+            semantic_width = int((f.metadata() or {}).get("semantic_width", 0))  # absent: saved before the token
+        decoder = cls.from_pretrained_dir(path, cfg, condition_width, num_queries, semantic_width)
         state = load_file(str(weights))
         expected = decoder._condition_state()
         if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
@@ -351,11 +429,12 @@ class VisualDecoder(nn.Module):
 
     @classmethod
     def from_pretrained_dir(
-        cls, sd_dir: str | Path, cfg: DecoderConfig, condition_width: int, num_queries: int
+        cls, sd_dir: str | Path, cfg: DecoderConfig, condition_width: int, num_queries: int, semantic_width: int = 0
     ) -> VisualDecoder:
         """A local diffusers directory in Stable Diffusion's layout (vae/ and unet/, model_index.json
-        optional): its VAE and UNet, a new projection from our width to the UNet's cross-attention width,
-        and its scheduler/ as the training schedule when it has one. Nothing is downloaded."""
+        optional): its VAE and UNet, a new projection from our width to the UNet's cross-attention width
+        (and a semantic token of `semantic_width`, 0 for none), and its scheduler/ as the training schedule
+        when it has one. Nothing is downloaded."""
         root = Path(sd_dir)
         need = (
             "a diffusers Stable-Diffusion-style directory with vae/ (AutoencoderKL) and unet/ (UNet2DConditionModel), "
@@ -391,4 +470,4 @@ class VisualDecoder(nn.Module):
                 raise DecoderDirError(
                     f"decoder directory '{root}' has a scheduler/ that diffusers cannot read ({err}); fix or remove it"
                 ) from err
-        return cls(cfg, condition_width, num_queries, vae=vae, unet=unet, scheduler=scheduler)
+        return cls(cfg, condition_width, num_queries, vae=vae, unet=unet, scheduler=scheduler, semantic_width=semantic_width)

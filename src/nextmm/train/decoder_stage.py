@@ -5,6 +5,8 @@
 The UNet learns to rebuild each image from the embeddings that stage 1's frozen vision tower and causal
 resampler make of that same image, as in Emu, and (a share `decoder.regressed_condition` of captioned
 images) from what the frozen LLM regresses from the image's caption: what it is given at generation time.
+With `decoder.semantic_token`, the UNet's extra token's read-outs are fitted first, on captioned pictures of
+the stream and the CLIP stage's features of them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError
 from nextmm.data.transforms import to_pixels
 from nextmm.generate import generate_visual
+from nextmm.models.clip import CLIP
 from nextmm.models.decoder import VisualDecoder
 from nextmm.models.emu import Emu
 from nextmm.tokenizer import NextTokenizer
@@ -33,11 +36,12 @@ CALIBRATION_BATCHES = 4  # batches whose latents set the VAE's scaling factor af
 def build_decoder(cfg: Config) -> VisualDecoder:
     torch.manual_seed(cfg.seed + 2)
     width, n = cfg.resampler.width, cfg.resampler.num_queries
+    semantic = cfg.clip_text.embed_dim if cfg.decoder.semantic_token else 0
     if cfg.decoder.pretrained:
-        decoder = VisualDecoder.from_pretrained_dir(cfg.decoder.pretrained, cfg.decoder, width, n)
+        decoder = VisualDecoder.from_pretrained_dir(cfg.decoder.pretrained, cfg.decoder, width, n, semantic)
         cfg.decoder.image_size = decoder.image_size  # the UNet's own size: the stage trains on images of it
         return decoder
-    return VisualDecoder(cfg.decoder, width, n)
+    return VisualDecoder(cfg.decoder, width, n, semantic_width=semantic)
 
 
 def first_picture(sample: Sample):
@@ -87,9 +91,10 @@ def autoencoder_stage(cfg: Config, sources: dict[str, Path], out: Path, decoder:
     mark_stage_done(stage_dir, result, latent_scale=scale)
 
 
-def training_condition(model: Emu, builder: SequenceBuilder, batch: dict, share: float, precision: str) -> torch.Tensor:
-    """The UNet's condition for each image of a batch: the visual embeddings of the image itself or, for a
-    random `share` of the captioned ones, the embeddings the LLM regresses from the caption alone. Those
+def training_condition(model: Emu, builder: SequenceBuilder, batch: dict, share: float, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's condition for each image of a batch, and which rows were seen: the visual embeddings of
+    the image itself or, for a random `share` of the captioned ones, the embeddings the LLM regresses from
+    the caption alone. Those
     are not the image's: the caption does not say where an object lies, so L2 regression gives about the
     average over places, and a decoder that only ever saw real embeddings drew blobs from it
     (BENCHMARKS.md, session 11); trained on both, it learns to draw some place for what the caption names."""
@@ -102,22 +107,59 @@ def training_condition(model: Emu, builder: SequenceBuilder, batch: dict, share:
             condition[kept] = model.encode_images(pixels[kept]).float()
         if picked:
             condition[picked] = generate_visual(model, builder, [[Text(captions[i], target=False)] for i in picked], precision=precision)
-    return condition
+    seen = torch.ones(len(captions), dtype=torch.bool)
+    seen[picked] = False
+    return condition, seen
+
+
+@torch.no_grad()
+def fit_semantic_readouts(
+    cfg: Config, sources: dict[str, Path], decoder: VisualDecoder, model: Emu, clip: CLIP, builder: SequenceBuilder
+) -> None:
+    """Fit the decoder's semantic read-outs on `decoder.semantic_pictures` captioned pictures of the stream:
+    their regressions from the captions and their seen embeddings, onto the CLIP stage's features of them."""
+    wanted = cfg.decoder.semantic_pictures
+    stream = picture_stream(cfg, sources, cfg.diffusion.batch_size, cfg.seed + 4)
+    pixels, captions = [], []
+    for _ in range(4 * wanted // cfg.diffusion.batch_size + 1):  # a bounded search: data may hold few captions
+        batch = stream.next_batch()
+        rows = [i for i, caption in enumerate(batch["captions"]) if caption is not None]
+        pixels.append(batch["pixels"][rows])
+        captions += [batch["captions"][i] for i in rows]
+        if len(captions) >= wanted:
+            break
+    if len(captions) < 16:
+        raise DataError(
+            f"the data has {len(captions)} captioned pictures among the first {4 * wanted} looked at, too few to fit the "
+            "decoder's semantic token; add captioned images or set decoder.semantic_token=false"
+        )
+    pixels, captions = torch.cat(pixels)[:wanted], captions[:wanted]
+    seen, regressed, features = [], [], []
+    for start in range(0, len(captions), cfg.diffusion.batch_size):
+        part = slice(start, start + cfg.diffusion.batch_size)
+        seen.append(model.encode_images(pixels[part]).float())
+        regressed.append(generate_visual(model, builder, [[Text(c, target=False)] for c in captions[part]], precision=cfg.diffusion.precision))
+        features.append(clip.encode_image(pixels[part]).float())
+    decoder.fit_readouts(torch.cat(regressed), torch.cat(seen), torch.cat(features))
+    tqdm.write(f"[diffusion] semantic token's read-outs fitted on {len(captions)} captioned pictures")
 
 
 def diffusion_stage(
-    cfg: Config, sources: dict[str, Path], out: Path, decoder: VisualDecoder, model: Emu, tok: NextTokenizer, resume: bool
+    cfg: Config, sources: dict[str, Path], out: Path, decoder: VisualDecoder, model: Emu, clip: CLIP, tok: NextTokenizer, resume: bool
 ) -> None:
     stage_dir = out / "diffusion"
     if finished_stage(decoder, stage_dir, resume) is not None:
         return
     decoder.vae.requires_grad_(False)  # frozen: kept out of the optimizer
     model.eval()
+    clip.eval()
     builder = SequenceBuilder.for_config(tok, cfg)
+    if decoder.semantic_width:  # before any checkpoint is resumed, which then brings back the same fit
+        fit_semantic_readouts(cfg, sources, decoder, model, clip, builder)
 
     def loss_fn(batch: dict) -> dict[str, torch.Tensor]:
-        condition = training_condition(model, builder, batch, cfg.decoder.regressed_condition, cfg.diffusion.precision)
-        return decoder.diffusion_loss(batch["target"], condition)
+        condition, seen = training_condition(model, builder, batch, cfg.decoder.regressed_condition, cfg.diffusion.precision)
+        return decoder.diffusion_loss(batch["target"], condition, seen)
 
     d = cfg.diffusion
     stream = picture_stream(cfg, sources, d.batch_size, cfg.seed + 3)

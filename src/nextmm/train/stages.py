@@ -182,6 +182,6 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
     model = pretrain_stage(cfg, sources, out, tok, clip, resume)
     if decoder is not None:
         autoencoder_stage(cfg, sources, out, decoder, resume)
-        diffusion_stage(cfg, sources, out, decoder, model, tok, resume)
+        diffusion_stage(cfg, sources, out, decoder, model, clip, tok, resume)
     model_dir = NextMM(model, tok, cfg, decoder=decoder, clip=clip).save(out / "model")
     return {"model": str(model_dir), "run": str(out), "sources": {k: str(v) for k, v in sources.items()}}
