@@ -103,6 +103,9 @@ class CLIPTextConfig:
     embed_dim: int = 128
 
 
+MIN_SEMANTIC_PICTURES = 16  # fewer captioned pictures than this cannot fit the semantic token's read-outs
+
+
 @dataclass
 class DecoderConfig:
     """The visual decoder: a diffusers AutoencoderKL (the latent space) and a UNet2DConditionModel whose
@@ -125,8 +128,8 @@ class DecoderConfig:
     # caption instead of the image's own embeddings (train/decoder_stage.training_condition); 0 is Emu's rule.
     regressed_condition: float = 0.5
     # One more cross-attention token: the N embeddings read out onto the CLIP stage's image space (models/
-    # decoder.py), fitted at the start of stage 2 on `semantic_pictures` captioned pictures. A UNet continued
-    # 600 s with it drew 0.89 of one-object prompts right, 0.30 without (BENCHMARKS.md, session 14).
+    # decoder.py), fitted at the start of stage 2 on `semantic_pictures` captioned pictures. A UNet trained
+    # 600 s with it drew 0.58 of one-object prompts right, 0.31 without (BENCHMARKS.md, session 14).
     semantic_token: bool = True
     semantic_pictures: int = 1024
     # What a from-scratch UNet predicts, epsilon (SD 1.x) or v_prediction, and Min-SNR-gamma loss weighting
@@ -420,8 +423,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config key 'decoder.snr_gamma' is {config.decoder.snr_gamma}; set it to 0 (off) or a positive number such as 5")
     if config.pretrain.pointer_weight < 0:
         raise ConfigError(f"config key 'pretrain.pointer_weight' is {config.pretrain.pointer_weight}; set it to 0 (off) or a positive weight such as 1")
-    if config.decoder.semantic_token and config.decoder.semantic_pictures < 16:
-        raise ConfigError(f"config key 'decoder.semantic_pictures' is {config.decoder.semantic_pictures}; fitting the semantic token's read-out needs 16 or more, such as 1024")
+    if config.decoder.semantic_token and config.decoder.semantic_pictures < MIN_SEMANTIC_PICTURES:
+        raise ConfigError(f"config key 'decoder.semantic_pictures' is {config.decoder.semantic_pictures}; fitting the semantic token's read-out needs {MIN_SEMANTIC_PICTURES} or more, such as 1024")
     if not 0 <= config.decoder.regressed_condition <= 1:
         raise ConfigError(f"config key 'decoder.regressed_condition' is {config.decoder.regressed_condition}; set it to a share from 0 (Emu's rule) to 1")
     if config.pretrain.location_sigma < 0:

@@ -140,7 +140,7 @@ class VisualDecoder(nn.Module):
     caption is the average over every place the caption allows, where a shape is a faint difference
     (session 14: 1.2 against 6.6 for a colour, per embedding); CLIP's space, trained against captions,
     keeps shape as far apart as colour. Regressed and seen embeddings get a read-out each: one linear map
-    fitted on both read shape from the regressions at a third of the strength."""
+    fitted on both read shape from the regressions at half the strength."""
 
     def __init__(
         self,
@@ -252,21 +252,22 @@ class VisualDecoder(nn.Module):
             seen_rows = F.linear(flat, self.readout_seen_weight, self.readout_seen_bias)
         return torch.where(seen[:, None].to(flat.device), seen_rows, regressed)
 
+    def _tokens(self, condition: torch.Tensor, semantic: torch.Tensor | None) -> torch.Tensor:
+        """(B, N, condition width) and (B, semantic width) or None -> (B, N [+ 1], cross_attention_dim)."""
+        tokens = self.condition_proj(condition.float()) + self.condition_pos
+        if semantic is not None:
+            tokens = torch.cat([tokens, self.semantic_proj(semantic.float())[:, None]], 1)
+        return tokens.to(self.unet.dtype)
+
     def _context(self, condition: torch.Tensor, seen: torch.Tensor | bool = False) -> torch.Tensor:
         """(B, N, condition width) -> the UNet's cross-attention input (B, N [+ 1], cross_attention_dim);
         `seen` (a bool, or one per row) says the embeddings are a picture's, not the LLM's regression."""
-        tokens = self.condition_proj(condition.float()) + self.condition_pos
-        if self.semantic_width:
-            seen = torch.as_tensor(seen).expand(condition.shape[0])
-            tokens = torch.cat([tokens, self.semantic_proj(self._semantic(condition, seen))[:, None]], 1)
-        return tokens.to(self.unet.dtype)
+        seen = torch.as_tensor(seen).expand(condition.shape[0])
+        return self._tokens(condition, self._semantic(condition, seen) if self.semantic_width else None)
 
     def _null_context(self) -> torch.Tensor:
         """The learned "no condition" as a (1, N [+ 1], cross_attention_dim) context."""
-        tokens = self.condition_proj(self.null_condition.float()) + self.condition_pos
-        if self.semantic_width:
-            tokens = torch.cat([tokens, self.semantic_proj(self.null_semantic.float())[None]])
-        return tokens[None].to(self.unet.dtype)
+        return self._tokens(self.null_condition[None], self.null_semantic[None] if self.semantic_width else None)
 
     def _denoise(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The UNet's prediction for noisy latents at timesteps t, given the cross-attention context."""

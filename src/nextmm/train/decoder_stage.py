@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nextmm.config import Config
+from nextmm.config import MIN_SEMANTIC_PICTURES, Config
 from nextmm.data.loader import MixedStream, Prefetcher
 from nextmm.data.sample import Image, Sample, Text, Video
 from nextmm.data.sequence import SequenceBuilder
@@ -91,6 +91,11 @@ def autoencoder_stage(cfg: Config, sources: dict[str, Path], out: Path, decoder:
     mark_stage_done(stage_dir, result, latent_scale=scale)
 
 
+def regress_captions(model: Emu, builder: SequenceBuilder, captions: list[str], precision: str) -> torch.Tensor:
+    """The (B, N, width) embeddings the frozen LLM regresses from each caption alone."""
+    return generate_visual(model, builder, [[Text(caption, target=False)] for caption in captions], precision=precision)
+
+
 def training_condition(model: Emu, builder: SequenceBuilder, batch: dict, share: float, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The UNet's condition for each image of a batch, and which rows were seen: the visual embeddings of
     the image itself or, for a random `share` of the captioned ones, the embeddings the LLM regresses from
@@ -106,7 +111,7 @@ def training_condition(model: Emu, builder: SequenceBuilder, batch: dict, share:
         if kept:
             condition[kept] = model.encode_images(pixels[kept]).float()
         if picked:
-            condition[picked] = generate_visual(model, builder, [[Text(captions[i], target=False)] for i in picked], precision=precision)
+            condition[picked] = regress_captions(model, builder, [captions[i] for i in picked], precision)
     seen = torch.ones(len(captions), dtype=torch.bool)
     seen[picked] = False
     return condition, seen
@@ -128,7 +133,7 @@ def fit_semantic_readouts(
         captions += [batch["captions"][i] for i in rows]
         if len(captions) >= wanted:
             break
-    if len(captions) < 16:
+    if len(captions) < MIN_SEMANTIC_PICTURES:
         raise DataError(
             f"the data has {len(captions)} captioned pictures among the first {4 * wanted} looked at, too few to fit the "
             "decoder's semantic token; add captioned images or set decoder.semantic_token=false"
@@ -138,7 +143,7 @@ def fit_semantic_readouts(
     for start in range(0, len(captions), cfg.diffusion.batch_size):
         part = slice(start, start + cfg.diffusion.batch_size)
         seen.append(model.encode_images(pixels[part]).float())
-        regressed.append(generate_visual(model, builder, [[Text(c, target=False)] for c in captions[part]], precision=cfg.diffusion.precision))
+        regressed.append(regress_captions(model, builder, captions[part], cfg.diffusion.precision))
         features.append(clip.encode_image(pixels[part]).float())
     decoder.fit_readouts(torch.cat(regressed), torch.cat(seen), torch.cat(features))
     tqdm.write(f"[diffusion] semantic token's read-outs fitted on {len(captions)} captioned pictures")
