@@ -8,13 +8,17 @@ from PIL import Image as PILImage
 
 import nextmm
 from nextmm.api import DrawError, NextMM
+from nextmm.config import make_config
 from nextmm.data import shapes
+from nextmm.data.loader import discover_sources
+from nextmm.data.make import write_shapes
 from nextmm.data.sample import Image, Sample, Text, Video
+from nextmm.data.shards import DataError
 from nextmm.data.transforms import to_pixels
 from nextmm.eval.images import held_out_scenes, regression_retrieval
 from nextmm.eval.pixels import objects_in_caption
 from nextmm.models.decoder import VisualDecoder
-from nextmm.train.decoder_stage import picture_and_caption, training_condition
+from nextmm.train.decoder_stage import fit_semantic_readouts, picture_and_caption, training_condition
 from test_cli import assert_one_clear_line, run
 
 
@@ -195,3 +199,9 @@ def test_draw_guides_against_the_configs_negative_unless_told(drawer, monkeypatc
     told_empty = seen[1] if negative == "null" else seen[0]
     assert seen[0 if negative == "null" else 1] is None  # null: the decoder's own no-condition
     torch.testing.assert_close(told_empty, regressed_empty)
+
+
+def test_data_without_captions_cannot_fit_the_semantic_token_and_says_what_to_do(tmp_path):
+    write_shapes(tmp_path, {"vqa": 40}, seed=0, shard_size=20)
+    with pytest.raises(DataError, match=r"0 captioned pictures among the first 272 .*decoder.semantic_token=false"):
+        fit_semantic_readouts(make_config("micro"), discover_sources(tmp_path), None, None, None, None)

@@ -125,9 +125,10 @@ def fit_semantic_readouts(
     their regressions from the captions and their seen embeddings, onto the CLIP stage's features of them."""
     wanted = cfg.decoder.semantic_pictures
     stream = picture_stream(cfg, sources, cfg.diffusion.batch_size, cfg.seed + 4)
-    pixels, captions = [], []
+    pixels, captions, looked = [], [], 0
     for _ in range(4 * wanted // cfg.diffusion.batch_size + 1):  # a bounded search: data may hold few captions
         batch = stream.next_batch()
+        looked += len(batch["captions"])
         rows = [i for i, caption in enumerate(batch["captions"]) if caption is not None]
         pixels.append(batch["pixels"][rows])
         captions += [batch["captions"][i] for i in rows]
@@ -135,7 +136,7 @@ def fit_semantic_readouts(
             break
     if len(captions) < MIN_SEMANTIC_PICTURES:
         raise DataError(
-            f"the data has {len(captions)} captioned pictures among the first {4 * wanted} looked at, too few to fit the "
+            f"the data has {len(captions)} captioned pictures among the first {looked} looked at, too few to fit the "
             "decoder's semantic token; add captioned images or set decoder.semantic_token=false"
         )
     pixels, captions = torch.cat(pixels)[:wanted], captions[:wanted]
