@@ -54,6 +54,7 @@ def test_yaml_then_overrides_apply_in_order(tmp_path):
          "'decoder.prediction_type' is 'x0'; set it to one of epsilon, v_prediction"),
         (lambda: make_config("tiny", overrides=["decoder.snr_gamma=-1"]), "'decoder.snr_gamma' is -1.0; set it to 0"),
         (lambda: make_config("tiny", overrides=["decoder.regressed_condition=1.5"]), "'decoder.regressed_condition' is 1.5; set it to a share from 0"),
+        (lambda: make_config("tiny", overrides=["decoder.semantic_grid=3"]), "'decoder.semantic_grid' is 3; set it to 0 (the whole picture alone. or a divisor of the vision tower's 8 patches a side"),
         (lambda: make_config("tiny", overrides=["decoder.semantic_pictures=4"]), "'decoder.semantic_pictures' is 4; fitting the semantic token's read-out needs 16"),
     ],
 )

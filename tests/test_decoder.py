@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 
 from nextmm.config import DecoderConfig
 from nextmm.data.transforms import to_pixels
@@ -156,38 +157,56 @@ def test_ridge_recovers_a_linear_map_in_either_form(samples):
         torch.testing.assert_close(weight, true_weight, atol=1e-3, rtol=1e-3)
 
 
-def semantic_decoder() -> VisualDecoder:
+def semantic_decoder(grid: int = 2) -> VisualDecoder:
     torch.manual_seed(0)
-    d = VisualDecoder(tiny_config(), WIDTH, N, semantic_width=6)
+    d = VisualDecoder(tiny_config(), WIDTH, N, semantic_width=6, semantic_grid=grid)
     g = torch.Generator().manual_seed(1)
     # Read-outs that differ: a regression and a seen picture of the same numbers read out differently.
-    d.fit_readouts(torch.randn(50, N, WIDTH, generator=g), torch.randn(50, N, WIDTH, generator=g), torch.randn(50, 6, generator=g))
+    features = torch.randn(50, d.semantic_tokens, 6, generator=g)
+    d.fit_readouts(torch.randn(50, N, WIDTH, generator=g), torch.randn(50, N, WIDTH, generator=g), features)
     return d
 
 
 def test_the_semantic_token_reads_out_each_kind_of_condition_its_own_way(pixels, tmp_path):
     d = semantic_decoder()
+    assert d.semantic_tokens == 5  # the whole picture and a 2 x 2 grid's cells
     cond = condition(2)
     regressed, seen = d._context(cond), d._context(cond, seen=True)
-    assert regressed.shape == seen.shape == (2, N + 1, d.unet.config.cross_attention_dim)
+    assert regressed.shape == seen.shape == (2, N + 5, d.unet.config.cross_attention_dim)
     torch.testing.assert_close(regressed[:, :N], seen[:, :N])  # the N embeddings' tokens are the same
-    assert not torch.allclose(regressed[:, N], seen[:, N])
+    for token in range(N, N + 5):
+        assert not torch.allclose(regressed[:, token], seen[:, token])
     mixed = d._context(cond, seen=torch.tensor([True, False]))
     torch.testing.assert_close(mixed, torch.stack([seen[0], regressed[1]]))
-    assert d._null_context().shape == (1, N + 1, d.unet.config.cross_attention_dim)
+    assert d._null_context().shape == (1, N + 5, d.unet.config.cross_attention_dim)
 
     out = d.diffusion_loss(pixels, condition(len(pixels)), seen=torch.tensor([True, False, True, False]))
     out["loss"].backward()
     assert d.semantic_proj.weight.grad.abs().sum() > 0 and d.readout_seen_weight.grad is None  # fitted, not trained
+    assert d.semantic_pos.grad.abs().sum(-1).gt(0).all()  # each cell's token learns where it is
     assert not any(name.startswith("readout_") for name, _ in d.named_parameters())
+    with pytest.raises(ValueError, match=r"not \(5, 6\) per picture"):
+        d.fit_readouts(cond, cond, torch.randn(2, 6))  # pooled features alone, for a decoder with a grid
 
     loaded = VisualDecoder.load(d.save(tmp_path / "decoder"), tiny_config(), WIDTH, N)
-    assert loaded.semantic_width == 6
+    assert (loaded.semantic_width, loaded.semantic_grid) == (6, 2)
     assert_same_weights(loaded, d)
     for kind in (False, True):
         same = [x.sample(cond, generator=seeded(3, 4), seen=kind) for x in (loaded, d)]
         torch.testing.assert_close(*same, rtol=0, atol=0)
     assert not torch.allclose(d.sample(cond, generator=seeded(3, 4)), d.sample(cond, generator=seeded(3, 4), seen=True))
+
+
+def test_a_decoder_saved_before_the_grid_loads_with_its_one_semantic_token(tmp_path):
+    d = semantic_decoder(grid=0)
+    path = d.save(tmp_path / "decoder")
+    weights = path / "condition.safetensors"
+    state = load_file(str(weights))  # as session 14 wrote it: a 1-D null token, no semantic_grid in the metadata
+    state["null_semantic"] = state["null_semantic"][0]
+    save_file(state, str(weights), metadata={"condition_width": str(WIDTH), "num_queries": str(N), "semantic_width": "6"})
+    loaded = VisualDecoder.load(path, tiny_config(), WIDTH, N)
+    assert (loaded.semantic_tokens, loaded.semantic_grid) == (1, 0)
+    assert_same_weights(loaded, d)
 
 
 def test_a_bridged_decoder_round_trips(tmp_path):

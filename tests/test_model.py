@@ -341,3 +341,23 @@ def test_pointer_loss_is_its_attentions_cross_entropy_against_each_boxs_patches(
     captions = b.collate([b.encode(s.segments) for s in shapes.make_samples("caption", 0, 2)])
     assert "pointer" not in micro_model.loss(captions["input_ids"], captions["labels"], captions["pixels"], pointer_weight=0.5)
     assert "pointer" not in micro_model.loss(ids, labels, pixels)
+
+
+def test_clip_cell_features_are_the_whole_pictures_then_each_cells_max_pooled(micro_config, tokenizer):
+    from nextmm.models.clip import CLIP
+
+    torch.manual_seed(0)
+    clip = CLIP(micro_config.vision, micro_config.clip_text, tokenizer.vocab_size).eval()
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    side = micro_config.vision.image_size // micro_config.vision.patch_size
+    with torch.no_grad():
+        cells = clip.encode_image_cells(pixels, 2)
+        patches = clip.visual(pixels)[:, 1:].view(2, side, side, -1)
+        by_patch = clip.encode_image_cells(pixels, side)  # a cell per patch
+        expected = torch.nn.functional.normalize(clip.image_proj(patches[:, : side // 2, side // 2 :].amax((1, 2))), dim=-1)
+        torch.testing.assert_close(cells[:, 0], clip.encode_image(pixels))
+        torch.testing.assert_close(cells[:, 2], expected)  # row 0, column 1: the top-right quarter
+        torch.testing.assert_close(by_patch[:, 1:], torch.nn.functional.normalize(clip.image_proj(patches.flatten(1, 2)), dim=-1))
+    assert cells.shape == (2, 5, micro_config.clip_text.embed_dim)
+    with pytest.raises(ValueError, match="does not split"):
+        clip.encode_image_cells(pixels, side + 1)

@@ -138,3 +138,19 @@ def test_with_a_time_budget_the_progress_bar_counts_the_budgets_seconds():
     by_steps.update(3, 1.0, {})
     assert (by_steps.bar.total, by_steps.bar.unit, by_steps.bar.n) == (1000, "step", 3)
     by_steps.close()
+
+
+def test_raising_a_finished_stages_limit_and_resuming_continues_it_from_where_it_stopped(tmp_path, data_dir):
+    first = train(micro_cfg(steps=4), data_dir, tmp_path)
+    before = load_file(f"{first['model']}/decoder/unet/diffusion_pytorch_model.safetensors")
+    longer = micro_cfg(steps=4)
+    longer.diffusion.steps = 6
+    result = train(longer, data_dir, tmp_path, resume=True)
+    steps = lambda stage: [json.loads(line)["step"] for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert steps("pretrain") == [1, 2, 3, 4]  # finished within its limits: loaded, not re-run
+    assert steps("diffusion") == [4, 6]  # logged at each run's last step: 4, then 5 and 6 on top of it
+    assert json.loads((tmp_path / "diffusion" / "done.json").read_text())["step"] == 6
+    after = load_file(f"{result['model']}/decoder/unet/diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    train(longer, data_dir, tmp_path, resume=True)  # at its limits now: nothing more to do
+    assert steps("diffusion") == [4, 6]

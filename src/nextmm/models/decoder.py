@@ -135,12 +135,16 @@ class VisualDecoder(nn.Module):
     """The VAE, the UNet, the training noise schedule, and the small part that turns N embeddings of
     `condition_width` into the UNet's cross-attention input.
 
-    With `semantic_width` > 0 the UNet reads one more token: the N embeddings read out (by a fixed
-    linear map, `fit_readouts`) onto the CLIP stage's image space of that width. An L2 regression from a
+    With `semantic_width` > 0 the UNet reads 1 + `semantic_grid`² more tokens: the N embeddings read out
+    (by a fixed linear map, `fit_readouts`) onto the CLIP stage's image space of that width, for the whole
+    picture and for each cell of a grid over it (CLIP.encode_image_cells). An L2 regression from a
     caption is the average over every place the caption allows, where a shape is a faint difference
     (session 14: 1.2 against 6.6 for a colour, per embedding); CLIP's space, trained against captions,
-    keeps shape as far apart as colour. Regressed and seen embeddings get a read-out each: one linear map
-    fitted on both read shape from the regressions at half the strength."""
+    keeps shape as far apart as colour. A pooled feature cannot say which colour goes with which shape;
+    read out per cell, the regression of "a red circle left of a blue square" moves 0.86 as far when its
+    colours are swapped as when one is replaced, pooled 0.48 (benchmarks/attribute_separation.py). Regressed
+    and seen embeddings get a read-out each: one linear map fitted on both read shape from the
+    regressions at half the strength."""
 
     def __init__(
         self,
@@ -151,6 +155,7 @@ class VisualDecoder(nn.Module):
         unet: UNet2DConditionModel | None = None,
         scheduler: DDPMScheduler | None = None,
         semantic_width: int = 0,
+        semantic_grid: int = 0,
     ):
         super().__init__()
         self.cfg = cfg
@@ -172,20 +177,28 @@ class VisualDecoder(nn.Module):
         # The learned "no condition": what condition dropout trains in, and the default negative.
         self.null_condition = nn.Parameter(torch.randn(num_queries, condition_width) * 0.02)
         self.semantic_width = semantic_width
+        self.semantic_grid = semantic_grid if semantic_width else 0
         if semantic_width:
-            flat = num_queries * condition_width
+            flat, tokens = num_queries * condition_width, self.semantic_tokens
             for kind in ("regressed", "seen"):  # fitted, not trained: zeros until fit_readouts
-                self.register_buffer(f"readout_{kind}_weight", torch.zeros(semantic_width, flat))
-                self.register_buffer(f"readout_{kind}_bias", torch.zeros(semantic_width))
+                self.register_buffer(f"readout_{kind}_weight", torch.zeros(tokens * semantic_width, flat))
+                self.register_buffer(f"readout_{kind}_bias", torch.zeros(tokens * semantic_width))
             self.semantic_proj = nn.Linear(semantic_width, context, bias=False)
             # Unit weights: a unit-length CLIP feature becomes a token about as long as a projected embedding.
             nn.init.normal_(self.semantic_proj.weight, std=1.0)
-            self.null_semantic = nn.Parameter(torch.randn(semantic_width) * 0.02)
+            self.null_semantic = nn.Parameter(torch.randn(tokens, semantic_width) * 0.02)
+            if self.semantic_grid:  # which cell a token reads, as condition_pos does for the N slots
+                self.semantic_pos = nn.Parameter(torch.zeros(tokens, context))
         self.downsampling = 2 ** (len(self.vae.config.block_out_channels) - 1)
         sample_size = self.unet.config.sample_size
         if isinstance(sample_size, (list, tuple)):
             sample_size = sample_size[0]
         self.image_size = sample_size * self.downsampling if sample_size else cfg.image_size
+
+    @property
+    def semantic_tokens(self) -> int:
+        """How many semantic tokens the UNet reads: the whole picture's and one per grid cell (0: none)."""
+        return 1 + self.semantic_grid**2 if self.semantic_width else 0
 
     # ------------------------------------------------------------------------- latents
 
@@ -235,38 +248,43 @@ class VisualDecoder(nn.Module):
 
     @torch.no_grad()
     def fit_readouts(self, regressed: torch.Tensor, seen: torch.Tensor, clip_features: torch.Tensor, ridge: float = 1.0) -> None:
-        """Fit the semantic token's two read-outs: the (S, N, width) embeddings the LLM regressed from S
+        """Fit the semantic tokens' two read-outs: the (S, N, width) embeddings the LLM regressed from S
         pictures' captions, and those the vision stack made of the pictures, each onto the pictures'
-        (S, semantic width) CLIP image features."""
+        (S, semantic tokens, semantic width) CLIP features (CLIP.encode_image_cells)."""
+        if clip_features.shape[1:] != (self.semantic_tokens, self.semantic_width):
+            raise ValueError(f"CLIP features of shape {tuple(clip_features.shape[1:])}, not ({self.semantic_tokens}, {self.semantic_width}) per picture")
         for kind, x in (("regressed", regressed), ("seen", seen)):
-            weight, bias = fit_ridge(x.flatten(1).float(), clip_features.float(), ridge)
+            weight, bias = fit_ridge(x.flatten(1).float(), clip_features.flatten(1).float(), ridge)
             getattr(self, f"readout_{kind}_weight").copy_(weight)
             getattr(self, f"readout_{kind}_bias").copy_(bias)
 
     def _semantic(self, condition: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        """(B, N, width) and a (B,) bool of which rows were seen -> (B, semantic width) read-outs, in fp32:
-        the folded standardisation makes the weights too uneven for bf16."""
+        """(B, N, width) and a (B,) bool of which rows were seen -> (B, semantic tokens, semantic width)
+        read-outs, in fp32: the folded standardisation makes the weights too uneven for bf16."""
         flat = condition.flatten(1).float()
         with torch.autocast(flat.device.type, enabled=False):
             regressed = F.linear(flat, self.readout_regressed_weight, self.readout_regressed_bias)
             seen_rows = F.linear(flat, self.readout_seen_weight, self.readout_seen_bias)
-        return torch.where(seen[:, None].to(flat.device), seen_rows, regressed)
+        picked = torch.where(seen[:, None].to(flat.device), seen_rows, regressed)
+        return picked.view(len(flat), self.semantic_tokens, self.semantic_width)
 
     def _tokens(self, condition: torch.Tensor, semantic: torch.Tensor | None) -> torch.Tensor:
-        """(B, N, condition width) and (B, semantic width) or None -> (B, N [+ 1], cross_attention_dim)."""
+        """(B, N, condition width) and (B, semantic tokens, semantic width) or None -> (B, N [+ semantic
+        tokens], cross_attention_dim)."""
         tokens = self.condition_proj(condition.float()) + self.condition_pos
         if semantic is not None:
-            tokens = torch.cat([tokens, self.semantic_proj(semantic.float())[:, None]], 1)
+            extra = self.semantic_proj(semantic.float())
+            tokens = torch.cat([tokens, extra + self.semantic_pos if self.semantic_grid else extra], 1)
         return tokens.to(self.unet.dtype)
 
     def _context(self, condition: torch.Tensor, seen: torch.Tensor | bool = False) -> torch.Tensor:
-        """(B, N, condition width) -> the UNet's cross-attention input (B, N [+ 1], cross_attention_dim);
+        """(B, N, condition width) -> the UNet's cross-attention input (B, N [+ semantic tokens], cross_attention_dim);
         `seen` (a bool, or one per row) says the embeddings are a picture's, not the LLM's regression."""
         seen = torch.as_tensor(seen).expand(condition.shape[0])
         return self._tokens(condition, self._semantic(condition, seen) if self.semantic_width else None)
 
     def _null_context(self) -> torch.Tensor:
-        """The learned "no condition" as a (1, N [+ 1], cross_attention_dim) context."""
+        """The learned "no condition" as a (1, N [+ semantic tokens], cross_attention_dim) context."""
         return self._tokens(self.null_condition[None], self.null_semantic[None] if self.semantic_width else None)
 
     def _denoise(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -386,7 +404,7 @@ class VisualDecoder(nn.Module):
     # ------------------------------------------------------------------------- files
 
     def _condition_state(self) -> dict[str, torch.Tensor]:
-        names = ("condition_proj.", "condition_pos", "null_condition", "readout_", "semantic_proj.", "null_semantic")
+        names = ("condition_proj.", "condition_pos", "null_condition", "readout_", "semantic_proj.", "null_semantic", "semantic_pos")
         return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k.startswith(names)}
 
     def save(self, path: str | Path) -> Path:
@@ -399,7 +417,7 @@ class VisualDecoder(nn.Module):
             self.scheduler.save_pretrained(tmp / "scheduler")
             save_file(self._condition_state(), str(tmp / "condition.safetensors"),
                       metadata={"condition_width": str(self.condition_width), "num_queries": str(self.num_queries),
-                                "semantic_width": str(self.semantic_width)})
+                                "semantic_width": str(self.semantic_width), "semantic_grid": str(self.semantic_grid)})
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -415,9 +433,13 @@ class VisualDecoder(nn.Module):
                 f"decoder directory '{path}' has no condition.safetensors; give a directory written by VisualDecoder.save"
             )
         with safe_open(str(weights), framework="pt") as f:
-            semantic_width = int((f.metadata() or {}).get("semantic_width", 0))  # absent: saved before the token
-        decoder = cls.from_pretrained_dir(path, cfg, condition_width, num_queries, semantic_width)
+            metadata = f.metadata() or {}
+        # Absent: saved before the semantic token (session 14), or before its grid (session 15).
+        semantic_width, semantic_grid = int(metadata.get("semantic_width", 0)), int(metadata.get("semantic_grid", 0))
+        decoder = cls.from_pretrained_dir(path, cfg, condition_width, num_queries, semantic_width, semantic_grid)
         state = load_file(str(weights))
+        if "null_semantic" in state and state["null_semantic"].dim() == 1:  # one token, saved before the grid
+            state["null_semantic"] = state["null_semantic"][None]
         expected = decoder._condition_state()
         if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
             shapes = {k: tuple(v.shape) for k, v in state.items()}
@@ -430,11 +452,12 @@ class VisualDecoder(nn.Module):
 
     @classmethod
     def from_pretrained_dir(
-        cls, sd_dir: str | Path, cfg: DecoderConfig, condition_width: int, num_queries: int, semantic_width: int = 0
+        cls, sd_dir: str | Path, cfg: DecoderConfig, condition_width: int, num_queries: int, semantic_width: int = 0,
+        semantic_grid: int = 0,
     ) -> VisualDecoder:
         """A local diffusers directory in Stable Diffusion's layout (vae/ and unet/, model_index.json
         optional): its VAE and UNet, a new projection from our width to the UNet's cross-attention width
-        (and a semantic token of `semantic_width`, 0 for none), and its scheduler/ as the training schedule
+        (and semantic tokens of `semantic_width`, 0 for none, on a `semantic_grid`), and its scheduler/ as the training schedule
         when it has one. Nothing is downloaded."""
         root = Path(sd_dir)
         need = (
@@ -471,4 +494,5 @@ class VisualDecoder(nn.Module):
                 raise DecoderDirError(
                     f"decoder directory '{root}' has a scheduler/ that diffusers cannot read ({err}); fix or remove it"
                 ) from err
-        return cls(cfg, condition_width, num_queries, vae=vae, unet=unet, scheduler=scheduler, semantic_width=semantic_width)
+        return cls(cfg, condition_width, num_queries, vae=vae, unet=unet, scheduler=scheduler,
+                   semantic_width=semantic_width, semantic_grid=semantic_grid)

@@ -131,13 +131,24 @@ def mark_stage_done(stage_dir: Path, result: Any, **extra: Any) -> None:
     (stage_dir / "done.json").write_text(json.dumps({**record, **extra}, indent=2))
 
 
-def finished_stage(module: nn.Module, stage_dir: Path, resume: bool) -> dict[str, Any] | None:
+def finished_stage(module: nn.Module, stage_dir: Path, resume: bool, limits: Any) -> dict[str, Any] | None:
     """When resuming and the stage in `stage_dir` finished: load its final weights into `module` and
-    return its done.json record. None means the stage must (still) run."""
+    return its done.json record. None means the stage must (still) run: it never finished, or `limits`
+    (the stage's TrainConfig) now allows more steps and more time than it stopped at, so it continues
+    from its last checkpoint (extending a finished run: raise its steps or time_budget_s and resume)."""
     done = stage_dir / "done.json"
     if not (resume and done.is_file()):
         return None
+    record = json.loads(done.read_text())
+    more_time = limits.time_budget_s <= 0 or record["elapsed_s"] < limits.time_budget_s
+    if record["step"] < limits.steps and more_time:
+        done.unlink()  # the stage is unfinished again until it stops at the new limits
+        tqdm.write(
+            f"[{stage_dir.name}] finished at step {record['step']} after {record['elapsed_s']:.0f}s; continuing to "
+            f"steps={limits.steps}, time_budget_s={limits.time_budget_s:g}"
+        )
+        return None
     load_module(module, latest_checkpoint(stage_dir / "checkpoints") / "model.safetensors")
     tqdm.write(f"[{stage_dir.name}] already finished in {stage_dir}; loaded it")
-    return json.loads(done.read_text())
+    return record
 

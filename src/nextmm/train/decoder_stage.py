@@ -37,11 +37,12 @@ def build_decoder(cfg: Config) -> VisualDecoder:
     torch.manual_seed(cfg.seed + 2)
     width, n = cfg.resampler.width, cfg.resampler.num_queries
     semantic = cfg.clip_text.embed_dim if cfg.decoder.semantic_token else 0
+    grid = cfg.decoder.semantic_grid
     if cfg.decoder.pretrained:
-        decoder = VisualDecoder.from_pretrained_dir(cfg.decoder.pretrained, cfg.decoder, width, n, semantic)
+        decoder = VisualDecoder.from_pretrained_dir(cfg.decoder.pretrained, cfg.decoder, width, n, semantic, grid)
         cfg.decoder.image_size = decoder.image_size  # the UNet's own size: the stage trains on images of it
         return decoder
-    return VisualDecoder(cfg.decoder, width, n, semantic_width=semantic)
+    return VisualDecoder(cfg.decoder, width, n, semantic_width=semantic, semantic_grid=grid)
 
 
 def first_picture(sample: Sample):
@@ -78,7 +79,7 @@ def autoencoder_stage(cfg: Config, sources: dict[str, Path], out: Path, decoder:
     stage_dir = out / "autoencoder"
     if cfg.decoder.pretrained:
         return
-    if (done := finished_stage(decoder.vae, stage_dir, resume)) is not None:
+    if (done := finished_stage(decoder.vae, stage_dir, resume, cfg.autoencoder)) is not None:
         decoder.vae.register_to_config(scaling_factor=done["latent_scale"])
         return
     stream = picture_stream(cfg, sources, cfg.autoencoder.batch_size, cfg.seed + 2)
@@ -145,7 +146,7 @@ def fit_semantic_readouts(
         part = slice(start, start + cfg.diffusion.batch_size)
         seen.append(model.encode_images(pixels[part]).float())
         regressed.append(regress_captions(model, builder, captions[part], cfg.diffusion.precision))
-        features.append(clip.encode_image(pixels[part]).float())
+        features.append(clip.encode_image_cells(pixels[part], decoder.semantic_grid).float())
     decoder.fit_readouts(torch.cat(regressed), torch.cat(seen), torch.cat(features))
     tqdm.write(f"[diffusion] semantic token's read-outs fitted on {len(captions)} captioned pictures")
 
@@ -154,7 +155,7 @@ def diffusion_stage(
     cfg: Config, sources: dict[str, Path], out: Path, decoder: VisualDecoder, model: Emu, clip: CLIP, tok: NextTokenizer, resume: bool
 ) -> None:
     stage_dir = out / "diffusion"
-    if finished_stage(decoder, stage_dir, resume) is not None:
+    if finished_stage(decoder, stage_dir, resume, cfg.diffusion) is not None:
         return
     decoder.vae.requires_grad_(False)  # frozen: kept out of the optimizer
     model.eval()

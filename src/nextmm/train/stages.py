@@ -96,7 +96,7 @@ def clip_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokeni
     torch.manual_seed(cfg.seed)
     clip = CLIP(cfg.vision, cfg.clip_text, tok.vocab_size)
     stage_dir = out / "clip"
-    if finished_stage(clip, stage_dir, resume) is not None:
+    if finished_stage(clip, stage_dir, resume, cfg.clip) is not None:
         return clip
     batches = ClipBatches(tok, cfg)
     pair_sources = {k: v for k, v in sources.items() if k == "caption"} or sources
@@ -144,7 +144,7 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
     model = build_model(cfg, tok)
     model.vision.load_state_dict(clip.visual.state_dict())
     stage_dir = out / "pretrain"
-    if finished_stage(model, stage_dir, resume) is not None:
+    if finished_stage(model, stage_dir, resume, cfg.pretrain) is not None:
         return model
     p = cfg.pretrain
     builder = SequenceBuilder.for_config(tok, cfg)
