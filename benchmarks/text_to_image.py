@@ -3,7 +3,7 @@ Shapes World prompts scored by the pixel judge, reconstruction through the decod
 speed at batch 1 and 8, and the decoder's training step times at its stages' batch size.
 
 Usage: python benchmarks/text_to_image.py --model runs/demo/model [--prompts 200] [--guidance 3 --steps 25]
-[--negative empty|null] [--sweep]. `--sweep` also scores 50 prompts of each kind for guidance 1, 2, 3, 5
+[--negative empty|null] [--seed 10007] [--sweep]. `--seed` picks another set of held-out prompts. `--sweep` also scores 50 prompts of each kind for guidance 1, 2, 3, 5
 and both negatives. Prints JSON lines.
 """
 
@@ -15,6 +15,7 @@ import torch
 
 import nextmm
 from nextmm.eval.images import evaluate_drawing, held_out_scenes
+from nextmm.eval.shapes import EVAL_SEED
 from nextmm.data.transforms import to_pixels
 
 
@@ -52,13 +53,14 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--negative", help="null or empty; default: the model's decoder.negative")
+    parser.add_argument("--seed", type=int, default=EVAL_SEED, help="the held-out scenes' seed (default: the eval's)")
     parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
     m = nextmm.load(args.model)
     options = {"guidance": args.guidance, "steps": args.steps, "negative": args.negative}
-    scores = evaluate_drawing(m, one=args.prompts, two=args.prompts, reconstruct=100, **options)
+    scores = evaluate_drawing(m, one=args.prompts, two=args.prompts, reconstruct=100, seed=args.seed, **options)
     scores.pop("examples")
-    print(json.dumps({"model": args.model, **options, **scores, "threads": torch.get_num_threads()}))
+    print(json.dumps({"model": args.model, **options, "seed": args.seed, **scores, "threads": torch.get_num_threads()}))
     print(json.dumps({"images_per_s_batch1": drawing_speed(m, 1), "images_per_s_batch8": drawing_speed(m, 8),
                       **step_times(m, m.config.diffusion.batch_size)}))
     if args.sweep:
