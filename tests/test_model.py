@@ -356,6 +356,7 @@ def test_clip_cell_features_are_the_whole_pictures_then_each_cells_max_pooled(mi
         by_patch = clip.encode_image_cells(pixels, side)  # a cell per patch
         expected = torch.nn.functional.normalize(clip.image_proj(patches[:, : side // 2, side // 2 :].amax((1, 2))), dim=-1)
         torch.testing.assert_close(cells[:, 0], clip.encode_image(pixels))
+        torch.testing.assert_close(clip.encode_image_cells(pixels, 0), cells[:, :1])  # no grid: the whole picture alone
         torch.testing.assert_close(cells[:, 2], expected)  # row 0, column 1: the top-right quarter
         torch.testing.assert_close(by_patch[:, 1:], torch.nn.functional.normalize(clip.image_proj(patches.flatten(1, 2)), dim=-1))
     assert cells.shape == (2, 5, micro_config.clip_text.embed_dim)

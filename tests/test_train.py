@@ -12,7 +12,7 @@ from nextmm import api
 from nextmm.config import TrainConfig, make_config
 from nextmm.data.make import write_shapes
 from nextmm.train import loop
-from nextmm.train.checkpoint import latest_checkpoint
+from nextmm.train.checkpoint import CheckpointMismatch, latest_checkpoint
 from nextmm.train.stages import train
 
 SMALL = {"caption": 48, "vqa": 6, "video_qa": 4, "binding": 6}
@@ -154,3 +154,7 @@ def test_raising_a_finished_stages_limit_and_resuming_continues_it_from_where_it
     assert any(not torch.equal(before[name], after[name]) for name in before)
     train(longer, data_dir, tmp_path, resume=True)  # at its limits now: nothing more to do
     assert steps("diffusion") == [4, 6]
+    longer.decoder.semantic_grid = 0  # another decoder than the one trained: one clear sentence, nothing lost
+    with pytest.raises(CheckpointMismatch, match=r"diffusion/checkpoints/step-0000006/model.safetensors' was trained with another config"):
+        train(longer, data_dir, tmp_path, resume=True)
+    assert json.loads((tmp_path / "diffusion" / "done.json").read_text())["step"] == 6

@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="tiny")
     t.add_argument("--config", help="YAML config (may name a preset)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. pretrain.lr=3e-4")
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoints in --out")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoints in --out; a finished stage whose limits --set raised continues too")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("caption", help="caption images")
@@ -426,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="runs/demo")
     m.add_argument("--preset", default="tiny")
     m.add_argument("--set", action="append", metavar="KEY=VALUE")
-    m.add_argument("--resume", action="store_true")
+    m.add_argument("--resume", action="store_true", help="as for train: continue a killed demo, or extend a stage whose limits --set raised")
     m.set_defaults(func=cmd_demo)
     return p
 

@@ -55,16 +55,18 @@ class CLIP(nn.Module):
 
     def encode_image_cells(self, pixels: torch.Tensor, grid: int) -> torch.Tensor:
         """(B, 1 + grid², embed_dim) unit-length features: the whole image's (`encode_image`), then each
-        cell's of a grid x grid split of the patches, row by row, max-pooled the same way. A pooled
-        feature cannot say which colour goes with which shape; a cell's mostly holds one object."""
+        cell's of a grid x grid split of the patches (none for grid 0), row by row, max-pooled the same
+        way. A pooled feature cannot say which colour goes with which shape; a cell's mostly holds one object."""
         tokens = self.visual(pixels)
         patches = tokens[:, 1:]
         side = math.isqrt(patches.shape[1])
-        if grid < 1 or side % grid:
+        if grid < 0 or (grid and side % grid):
             raise ValueError(f"a {grid} x {grid} grid does not split the vision tower's {side} x {side} patches evenly")
-        cell = side // grid
-        cells = patches.reshape(len(patches), grid, cell, grid, cell, -1).amax((2, 4)).flatten(1, 2)
-        return F.normalize(self.image_proj(torch.cat([tokens.amax(1, keepdim=True), cells], 1)), dim=-1)
+        features = [tokens.amax(1, keepdim=True)]
+        if grid:
+            cell = side // grid
+            features.append(patches.reshape(len(patches), grid, cell, grid, cell, -1).amax((2, 4)).flatten(1, 2))
+        return F.normalize(self.image_proj(torch.cat(features, 1)), dim=-1)
 
     def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text(ids, lengths)), dim=-1)

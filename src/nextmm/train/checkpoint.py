@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from nextmm.errors import UserError
+
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -30,8 +32,24 @@ def save_module(module: nn.Module, path: Path) -> None:
     save_file({k: v.clone() for k, v in _contiguous(module.state_dict()).items()}, str(path))
 
 
+class CheckpointMismatch(UserError):
+    """A checkpoint whose weights do not fit the model the current config builds."""
+
+
 def load_module(module: nn.Module, path: Path, strict: bool = True) -> None:
     module.load_state_dict(load_file(str(path)), strict=strict)
+
+
+def resume_module(module: nn.Module, path: Path) -> None:
+    """`load_module` for a run being resumed, whose config may not be the one it was trained with."""
+    try:
+        load_module(module, path)
+    except RuntimeError as err:  # torch lists every mismatch; the first says which setting differs
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise CheckpointMismatch(
+            f"checkpoint '{path}' was trained with another config ({first}); resume with the settings it was "
+            "trained with, or train into a fresh --out"
+        ) from err
 
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -118,7 +136,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     for name, module in modules.items():
-        load_module(module, path / f"{name}.safetensors")
+        resume_module(module, path / f"{name}.safetensors")
     plain = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(optimizer_from_files(load_file(str(path / "optimizer.safetensors")), plain))
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
@@ -142,13 +160,12 @@ def finished_stage(module: nn.Module, stage_dir: Path, resume: bool, limits: Any
     record = json.loads(done.read_text())
     more_time = limits.time_budget_s <= 0 or record["elapsed_s"] < limits.time_budget_s
     if record["step"] < limits.steps and more_time:
-        done.unlink()  # the stage is unfinished again until it stops at the new limits
         tqdm.write(
             f"[{stage_dir.name}] finished at step {record['step']} after {record['elapsed_s']:.0f}s; continuing to "
             f"steps={limits.steps}, time_budget_s={limits.time_budget_s:g}"
         )
         return None
-    load_module(module, latest_checkpoint(stage_dir / "checkpoints") / "model.safetensors")
+    resume_module(module, latest_checkpoint(stage_dir / "checkpoints") / "model.safetensors")
     tqdm.write(f"[{stage_dir.name}] already finished in {stage_dir}; loaded it")
     return record
 
