@@ -28,12 +28,14 @@ FIT, HELD_OUT = 1200, 300
 
 
 @torch.no_grad()
-def hidden_and_patches(m, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
-    hidden, patches = [], []
+def hidden_and_patches(m, prompts: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The hidden states where x0 is written, the patch grids, and the word bags there (None if not read)."""
+    hidden, patches, words = [], [], []
     for _, stepper, state in prefilled(m, prompts):
         hidden.append(state)
         patches.append(stepper.patches.float())
-    return torch.cat(hidden), torch.cat(patches)
+        words.append(stepper.words)
+    return torch.cat(hidden), torch.cat(patches), (torch.cat(words) if words[0] is not None else None)
 
 
 def named(phrase: str) -> torch.Tensor:
@@ -80,10 +82,10 @@ def main() -> None:
     if pointer is None:
         raise SystemExit(f"the model in {args.model} has no location pointer (llm.location_pointer); nothing to probe")
     prompts, phrases, boxes = questions(FIT + HELD_OUT, args.objects)
-    hidden, patches = hidden_and_patches(m, prompts)
+    hidden, patches, words = hidden_and_patches(m, prompts)
     target = pointer.box_share(torch.tensor(boxes, dtype=torch.float) / m.config.vision.image_size)
     with torch.no_grad():
-        own = pointer.attention(hidden[FIT:], patches[FIT:], torch.arange(HELD_OUT))
+        own = pointer.attention(hidden[FIT:], patches[FIT:], torch.arange(HELD_OUT), words[FIT:] if words is not None else None)
     names = torch.stack([named(phrase) for phrase in phrases])
     out = {"model": args.model, "objects": args.objects, "steps": args.steps, "the_models_pointer": share_on_object(own, target[FIT:])}
     for query_name, queries in (("hidden", hidden), ("name", names)):

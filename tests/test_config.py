@@ -56,6 +56,7 @@ def test_yaml_then_overrides_apply_in_order(tmp_path):
         (lambda: make_config("tiny", overrides=["decoder.regressed_condition=1.5"]), "'decoder.regressed_condition' is 1.5; set it to a share from 0"),
         (lambda: make_config("tiny", overrides=["decoder.semantic_grid=3"]), "'decoder.semantic_grid' is 3; set it to 0 (the whole picture alone. or a divisor of the vision tower's 8 patches a side"),
         (lambda: make_config("tiny", overrides=["decoder.semantic_pictures=4"]), "'decoder.semantic_pictures' is 4; fitting the semantic token's read-out needs 16"),
+        (lambda: make_config("tiny", overrides=["pretrain.mix.ground.x=1"]), "'pretrain.mix' maps names to values; set one entry as pretrain.mix.NAME=VALUE"),
     ],
 )
 def test_config_mistakes_are_explained(call, words):
@@ -65,3 +66,11 @@ def test_config_mistakes_are_explained(call, words):
 
 def test_override_parses_yaml_values():
     assert parse_override("pretrain.mix={caption: 2}") == {"pretrain": {"mix": {"caption": 2}}}
+
+
+def test_an_override_into_a_mapping_changes_one_entry_and_a_whole_mapping_replaces_it():
+    default = make_config("tiny").pretrain.mix
+    one = make_config("tiny", overrides=["pretrain.mix.ground=2", "pretrain.mix.story=0"]).pretrain.mix
+    assert one == {**default, "ground": 2, "story": 0}
+    assert make_config("tiny", overrides=["pretrain.mix={caption: 1, vqa: 2}"]).pretrain.mix == {"caption": 1, "vqa": 2}
+    assert make_config("tiny", overrides=["data.counts.ground=5"]).data.counts["caption"] == make_config("tiny").data.counts["caption"]

@@ -135,7 +135,7 @@ def test_patch_pointer_finds_the_named_object_where_the_hidden_state_does_not_sa
     looks = torch.randn(2, patch_width) * 2  # two kinds of object
     names, axes = torch.randn(2, width), torch.randn(2, width)  # the hidden state names one and an axis, never a place
 
-    def batch(n: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(n: int = 128) -> tuple[torch.Tensor, ...]:
         patches = torch.randn(n, grid * grid, patch_width) * 0.3
         spots = torch.stack([torch.randperm(grid * grid)[:2] for _ in range(n)])  # the two objects' patches
         patches[torch.arange(n)[:, None], spots] += looks
@@ -143,30 +143,45 @@ def test_patch_pointer_finds_the_named_object_where_the_hidden_state_does_not_sa
         spot = spots[torch.arange(n), named]
         cell = torch.where(axis == 0, spot % grid, spot // grid)  # column for x, row for y
         place = (cell * 16 + 8).clamp(max=63)  # the patch centre, in 64 bins
-        return names[named] + axes[axis] + torch.randn(n, width) * 0.1, patches, place
+        noise = torch.randn(n, width) * 0.1
+        return names[named] + axes[axis] + noise, axes[axis] + noise, names[named], patches, place
 
-    def miss_after_training(head: LocationHead) -> float:
+    def miss_after_training(head: LocationHead, words_name_it: bool = False) -> float:
+        """With words_name_it the hidden state says only the axis, and the word bags name the object."""
+
+        def logits(n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden, axis_only, words, patches, place = batch(n)
+            if words_name_it:
+                return head(axis_only, patches, torch.arange(n), words), place
+            return head(hidden, patches, torch.arange(n)), place
+
         optimizer = torch.optim.Adam(head.parameters(), lr=0.01)
         for _ in range(600):
-            hidden, patches, place = batch()
-            loss = torch.nn.functional.cross_entropy(head(hidden, patches, torch.arange(len(hidden))), place)
+            predicted, place = logits()
+            loss = torch.nn.functional.cross_entropy(predicted, place)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        hidden, patches, place = batch(1000)
-        return (head(hidden, patches, torch.arange(len(hidden))).argmax(-1) - place).abs().float().mean().item()
+        predicted, place = logits(1000)
+        return (predicted.argmax(-1) - place).abs().float().mean().item()
 
-    pointed = miss_after_training(LocationHead(width, 64, pointer=PatchPointer(width, patch_width, grid)))
+    pointed = miss_after_training(LocationHead(width, 64, pointer=PatchPointer(width, patch_width, grid, words=False, roles=False)))
     alone = miss_after_training(LocationHead(width, 64))
     assert pointed <= 6 and alone >= 12  # a patch is 16 bins wide; without the pointer the head can only guess
+    worded = miss_after_training(LocationHead(width, 64, pointer=PatchPointer(width, patch_width, grid, roles=False)), words_name_it=True)
+    assert worded <= 6, "the words alone tell the pointer which object"
     # in the model, a row with no image before it gets the plain head's logits
     head = micro_model.location_head
-    torch.nn.init.normal_(head.pointer.readout.weight)  # zero at first: no row moves before training
-    hidden = torch.randn(2, micro_model.cfg.llm.width)
+    # after an image the place is the pointer's own box
+    hidden, words = torch.randn(2, micro_model.cfg.llm.width), torch.randn(2, micro_model.cfg.llm.width)
     patches = torch.randn(1, len(head.pointer.where), micro_model.cfg.vision.width)
-    logits = head(hidden, patches, torch.tensor([-1, 0]))
+    logits = head(hidden, patches, torch.tensor([-1, 0]), words, torch.tensor([0, 2]))
     plain = head(hidden)
     assert torch.equal(logits[0], plain[0]) and not torch.allclose(logits[1], plain[1])
+    with pytest.raises(ValueError, match="word"):
+        head(hidden, patches, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="role"):
+        head(hidden, patches, torch.tensor([-1, 0]), words)
 
 
 def test_latest_image_follows_each_rows_pictures_in_reading_order(micro_model, tokenizer):
@@ -333,8 +348,11 @@ def test_pointer_loss_is_its_attentions_cross_entropy_against_each_boxs_patches(
     rows = torch.isin(labels, micro_model.location_ids).nonzero()
     assert len(rows) == 4 * len(grounding)
     boxes = torch.tensor([tokenizer.box_from_ids(labels[r, t : t + 4].tolist(), 1) for r, t in rows[::4]]).repeat_interleave(4, 0)
-    attention = pointer.attention(hidden[rows[:, 0], rows[:, 1]], patches, micro_model.latest_image(ids)[rows[:, 0], rows[:, 1]])
-    expected = -(pointer.box_share(boxes) * attention.log()).sum(-1).mean()
+    at = rows[:, 0], rows[:, 1]
+    image_index, words = micro_model.latest_image(ids)[at], micro_model.word_bags(ids)[at]
+    attention = pointer.attention(hidden[at], patches, image_index, words)
+    own = pointer.box(pointer.read(patches, image_index, attention), hidden[at], words)  # the pointer's own box, from the centre
+    expected = -(pointer.box_share(boxes) * attention.log()).sum(-1).mean() + 10 * (own - (boxes - 0.5)).abs().mean()
     torch.testing.assert_close(out["pointer"], expected)
     torch.testing.assert_close(out["loss"], out["ce"] + 0.5 * out["pointer"] + out["l2_weight"] * out["l2"])
     # a batch that writes no box has no pointer loss, and a weight of 0 asks for none
@@ -362,3 +380,97 @@ def test_clip_cell_features_are_the_whole_pictures_then_each_cells_max_pooled(mi
     assert cells.shape == (2, 5, micro_config.clip_text.embed_dim)
     with pytest.raises(ValueError, match="does not split"):
         clip.encode_image_cells(pixels, side + 1)
+
+
+def test_word_bags_hold_the_words_since_the_latest_image_or_box_and_generation_keeps_them_step_by_step(micro_model, tokenizer):
+    from nextmm.data import shapes
+
+    micro_model.eval()
+    torch.nn.init.normal_(micro_model.location_head.pointer.word_gate.weight)  # words count unequally
+    b = builder_for(micro_model, tokenizer)
+    detection = next(s for s in shapes.make_samples("detect", 0, 50) if len(s.meta["objects"]) >= 2)
+    grounding = next(iter(shapes.make_samples("ground", 0, 1)))
+    batch = b.collate([b.encode(s.segments) for s in (detection, grounding)])
+    ids, labels = batch["input_ids"], batch["labels"]
+    with torch.no_grad():
+        bags = micro_model.word_bags(ids)
+        pointer = micro_model.location_head.pointer
+        weighed = pointer.word_weight(micro_model.llm.embed_tokens(ids)) * micro_model.llm.embed_tokens(ids)
+    is_location = torch.isin(ids, micro_model.location_ids)
+    for row, sample in enumerate((detection, grounding)):
+        writes = torch.isin(labels[row], micro_model.location_ids).nonzero().flatten()  # where each box is written
+        firsts = writes[::4]
+        phrases = [part.split(" <loc>")[0] for part in sample.segments[-1].text.split(", ")] if row == 0 else [sample.meta["phrase"]]
+        for n, first in enumerate(firsts.tolist()):
+            torch.testing.assert_close(bags[row, first : first + 4], bags[row, first].expand(4, -1))  # a box keeps its words
+            begin = max(i for i in range(first + 1) if i == 0 or ids[row, i - 1] == micro_model.image_token_id or bool(is_location[row, i - 1]))
+            torch.testing.assert_close(bags[row, first], weighed[row, begin : first + 1].sum(0))
+            said = tokenizer.decode(ids[row, begin : first + 1].tolist())
+            if row == 0 and n > 0:
+                assert said.strip() == f", {phrases[n]}"  # a later box reads its own object's phrase alone
+            else:
+                assert phrases[0 if row else n] in said and "<bin" not in said
+    # one token at a time, as generation appends them, gives the same bags
+    with torch.no_grad():
+        stepped = bags[:, 0]
+        for t in range(1, ids.shape[1]):
+            stepped = micro_model.next_word_bags(stepped, ids[:, t - 1], ids[:, t])
+            torch.testing.assert_close(stepped, bags[:, t])
+
+
+def test_a_question_about_one_object_tells_the_pointer_that_objects_patches_at_its_last_token(micro_model, tokenizer):
+    from nextmm.data import shapes
+
+    micro_model.eval()
+    b = builder_for(micro_model, tokenizer)
+    asked = [s for s in shapes.make_samples("vqa", 0, 30) if shapes.named_object(s) is not None][:3]
+    encoded = [b.encode(s.segments, named=shapes.named_object(s)) for s in asked]
+    for pad in (False, True):
+        batch = b.collate(encoded, left_pad=pad)
+        told = batch["named_boxes"][..., 0].isfinite().nonzero()
+        assert len(told) == len(asked)
+        for (row, position), sample in zip(told.tolist(), asked):
+            assert tokenizer.decode(batch["input_ids"][row, : position + 1].tolist()).endswith("answer:")  # the question's last token
+            assert batch["labels"][row, position] == tokenizer.encode(sample.segments[2].text)[0]  # where the answer is written
+            torch.testing.assert_close(batch["named_boxes"][row, position], torch.tensor(shapes.named_object(sample)[1]))
+    ids, labels, pixels, named = batch["input_ids"], batch["labels"], batch["pixels"], batch["named_boxes"]
+    assert "pointer" not in micro_model.loss(ids, labels, pixels, pointer_weight=1.0)  # VQA writes no box
+    out = micro_model.loss(ids, labels, pixels, pointer_weight=1.0, named_boxes=named)
+    visual, patches = micro_model.see(pixels)
+    hidden = micro_model(ids, visual)
+    at = tuple(told.T)
+    pointer = micro_model.location_head.pointer
+    image_index, words = micro_model.latest_image(ids)[at], micro_model.word_bags(ids)[at]
+    attention = pointer.attention(hidden[at], patches, image_index, words)
+    own = pointer.box(pointer.read(patches, image_index, attention), hidden[at], words)
+    expected = -(pointer.box_share(named[at]) * attention.log()).sum(-1).mean() + 10 * (own - (named[at] - 0.5)).abs().mean()
+    torch.testing.assert_close(out["pointer"], expected)
+
+
+def test_a_boxs_sides_start_at_the_pointed_place_by_their_order_in_the_box(micro_model, tokenizer):
+    from nextmm.data import shapes
+    from nextmm.models.emu import PatchPointer
+
+    pointer = PatchPointer(8, 8, grid=4, key_width=8, words=False)
+    with torch.no_grad():
+        pointer.query.weight.copy_(torch.eye(8) * 10)
+        pointer.key.weight.copy_(torch.eye(8) * 10)
+    patches = torch.zeros(1, 16, 8)
+    patches[0, 6, 0] = 1  # the object: row 1, column 2
+    hidden = torch.eye(8)[:1].expand(4, -1)
+    moves = pointer(hidden, patches, torch.zeros(4, dtype=torch.long), roles=torch.arange(4))
+    centre_x, centre_y = (2 + 0.5) / 4 - 0.5, (1 + 0.5) / 4 - 0.5  # from the image's centre, as the head counts
+    torch.testing.assert_close(moves, torch.tensor([centre_x - 0.15, centre_y - 0.15, centre_x + 0.15, centre_y + 0.15]), atol=1e-4, rtol=0)
+    # the roles come from how many location tokens end at each position, during generation too
+    b = builder_for(micro_model, tokenizer)
+    detection = next(s for s in shapes.make_samples("detect", 0, 50) if len(s.meta["objects"]) >= 2)
+    batch = b.collate([b.encode(detection.segments)])
+    ids, labels = batch["input_ids"], batch["labels"]
+    roles = micro_model.box_roles(ids)
+    writes = torch.isin(labels[0], micro_model.location_ids).nonzero().flatten()
+    assert roles[0, writes].tolist() == [0, 1, 2, 3] * (len(writes) // 4)
+    assert (roles[0, ~torch.isin(ids[0], micro_model.location_ids)] == 0).all()  # after a word comes x0, if a box
+    stepped = roles[:, 0]
+    for t in range(1, ids.shape[1]):
+        stepped = micro_model.next_box_roles(stepped, ids[:, t])
+        assert torch.equal(stepped, roles[:, t])

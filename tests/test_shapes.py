@@ -557,3 +557,32 @@ def test_binding_fewshot_prompt(shots):
         assert all(shape == s or colour == c for s, c in taught)
     with pytest.raises(ValueError):
         S.binding_fewshot(np.random.default_rng(0), 0)
+
+
+def test_named_object_is_the_one_object_a_question_or_a_one_object_caption_names():
+    from nextmm.data.shapes import CANVAS, named_object
+
+    seen = set()
+    for sample in S.make_samples("vqa", 3, 200):
+        named = named_object(sample)
+        template, question, answer = sample.meta["template"], sample.meta["question"], sample.meta["answer"]
+        objects = [Obj.from_dict(o) for o in sample.meta["objects"]]
+        if template in ("count", "count_shape") or (template == "exists" and answer == "no"):
+            assert named is None
+            continue
+        segment, box = named
+        assert segment == 1 and sample.segments[1].text.endswith("answer:")
+        (obj,) = [o for o in objects if tuple(v / CANVAS for v in o.box) == box]
+        said = {"color": obj.colour, "shape": obj.shape, "size": obj.size, "exists": "yes"}[template]
+        assert answer == said and (obj.colour in question or obj.shape in question)
+        seen.add(template)
+    assert seen == {"color", "shape", "size", "exists"}
+    captions = list(S.make_samples("caption", 3, 40))
+    for sample in captions:
+        objects = sample.meta["objects"]
+        named = named_object(sample)
+        assert (named is None) == (len(objects) > 1)
+        if named is not None:
+            assert named == (1, tuple(v / CANVAS for v in objects[0]["box"]))
+    assert any(named_object(s) for s in captions)
+    assert all(named_object(s) is None for s in S.make_samples("ground", 3, 5))

@@ -64,13 +64,13 @@ def train_captions(model, tokenizer, steps=60) -> tuple[float, float]:
         return start, spread(model.encode_images(batch["pixels"]))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_images_stay_apart_in_training_with_the_default_settings(micro_config, tokenizer, seed):
-    """CE alone moves the spread either way by seed (0.4x-1.3x measured over 8); what the defaults must
-    prevent is the naive loss's collapse, which takes it to 0.03x-0.16x over the same seeds."""
+def test_images_stay_apart_in_training_with_the_default_settings(micro_config, tokenizer):
+    """CE alone moves the spread either way by seed (0.19x-1.47x over 10 seeds of session 16's model); what
+    the defaults must prevent is the naive loss's collapse, to 0.03x-0.17x. One seed's start can end low
+    either way (seed 0: 0.19x and 0.17x), so the medians of three seeds are compared."""
     from nextmm.api import build_model
 
-    def trained(naive: bool) -> float:
+    def trained(naive: bool, seed: int) -> float:
         cfg = copy.deepcopy(micro_config)
         if naive:
             cfg.pretrain.regression_reaches_visual, cfg.pretrain.regression_weight = True, 1.0
@@ -78,6 +78,7 @@ def test_images_stay_apart_in_training_with_the_default_settings(micro_config, t
         start, end = train_captions(build_model(cfg, tokenizer), tokenizer)
         return end / start
 
-    ours, naive = trained(False), trained(True)
+    ours = sorted(trained(False, seed) for seed in range(3))[1]
+    naive = sorted(trained(True, seed) for seed in range(3))[1]
     assert naive < 0.2
     assert ours > 0.3 and ours > 2 * naive

@@ -158,3 +158,36 @@ def test_raising_a_finished_stages_limit_and_resuming_continues_it_from_where_it
     with pytest.raises(CheckpointMismatch, match=r"diffusion/checkpoints/step-0000006/model.safetensors' was trained with another config"):
         train(longer, data_dir, tmp_path, resume=True)
     assert json.loads((tmp_path / "diffusion" / "done.json").read_text())["step"] == 6
+
+
+def test_gradients_clipped_apart_do_not_shrink_everyone_elses_step(tmp_path):
+    class Still:
+        def next_batch(self):
+            return {"valid": torch.ones(1, 1, dtype=torch.bool), "pixels": torch.zeros(0, 3, 8, 8)}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+        def report(self):
+            return {"skipped": 0, "errors": [], "left_out": 0}
+
+    x = torch.tensor([[3.0, 4.0]])
+    grads = {}
+    for apart in ((), ("loud.",)):
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"quiet": torch.nn.Linear(2, 1, bias=False), "loud": torch.nn.Linear(2, 1, bias=False)})
+        cfg = TrainConfig(steps=1, lr=0.0, warmup_steps=0, log_every=1, ckpt_every=100, grad_clip=10.0, precision="fp32")
+        trainer = loop.Trainer("t", model, lambda b: {"loss": model["quiet"](x).sum() + 1000 * model["loud"](x).sum()},
+                               cfg, tmp_path / str(len(apart)), clip_apart=apart)
+        step = trainer.optimizer.step
+        trainer.optimizer.step = lambda: (grads.__setitem__(apart, {n: p.grad.clone() for n, p in model.named_parameters()}), step())
+        trainer.run(Still())
+        logged = json.loads((tmp_path / str(len(apart)) / "metrics.jsonl").read_text().splitlines()[0])["grad_norm"]
+        assert logged == pytest.approx(5.0 if apart else 5000.0, rel=1e-4)  # |x| = 5 for the quiet layer, 1000x for the loud
+    together, apart = grads[()], grads[("loud.",)]
+    torch.testing.assert_close(together["quiet.weight"], x * 10 / 5000)  # clipped with the loud layer: shrunk 500-fold
+    torch.testing.assert_close(apart["quiet.weight"], x)  # under the limit on its own: untouched
+    assert apart["loud.weight"].norm() == pytest.approx(10.0, rel=1e-4)

@@ -86,6 +86,12 @@ class LLMConfig:
     # (models/emu.py's PatchPointer), not only from what the LLM carried to the box. Continuing a demo model
     # on grounding for 300 steps: Acc@0.5 0.10, centre miss 20 px; without, 0.00 and 25 px (BENCHMARKS.md, session 9).
     location_pointer: bool = True
+    # With location_pointer: the pointer's question also comes from the words since the latest image or box
+    # (their embeddings, gated and summed), not only from the hidden state where the box is written.
+    pointer_words: bool = True
+    # With location_pointer: a box's x0 y0 x1 y1 start at the pointed place's x or y, moved out by half a
+    # side, by their order in the box (models/emu.py, PatchPointer.half_side), rather than learned.
+    pointer_roles: bool = True
 
     @property
     def ffn_hidden(self) -> int:
@@ -198,6 +204,10 @@ class PretrainConfig(TrainConfig):
     # this weight x the cross-entropy of its attention against each patch's share of the box
     # (models/emu.py, Emu.pointer_loss). 0 leaves the pointer to learn from the bins' loss alone.
     pointer_weight: float = 1.0
+    # With pointer_weight > 0: a VQA question about one object, and a one-object caption, also tell the pointer
+    # that object's patches at their last token (data/shapes.py, named_object), so it learns which object
+    # words name from the many reading batches, not only from the few grounding ones.
+    point_at_named: bool = True
     regression_reaches_visual: bool = False  # true lets L2 train vision/resampler, which can collapse them
     target_ema: float = 0.0  # with the above true: targets from an EMA of the visual stack (e.g. 0.995)
     # The stage-0 tower is fine-tuned gently: at the full rate the first steps' gradients, sent back
@@ -404,9 +414,26 @@ def make_config(preset: str = "tiny", yaml_path: str | Path | None = None, overr
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
     """Dotted overrides (`diffusion.lr=1e-3`) on top of a config, checked as a new one is."""
     for text in overrides:
-        _merge(config, parse_override(text))
+        _merge(config, _into_mapping(config, text))
     _check(config)
     return config
+
+
+def _into_mapping(config: Config, text: str) -> dict[str, Any]:
+    """An override that reaches into a mapping (`pretrain.mix.ground=1`) changes that one entry; a whole
+    mapping given (`pretrain.mix={caption: 1}`, or in YAML) still replaces it."""
+    tree = parse_override(text)
+    *parents, entry = text.split("=", 1)[0].strip().split(".")
+    node, branch = config, tree
+    for depth, key in enumerate(parents, 1):
+        node = getattr(node, key, None) if dataclasses.is_dataclass(node) else None
+        if isinstance(node, dict):
+            if depth < len(parents):
+                where = ".".join(parents[:depth])
+                raise ConfigError(f"config key '{where}' maps names to values; set one entry as {where}.NAME=VALUE")
+            branch[key] = {**node, entry: branch[key][entry]}
+        branch = branch[key]
+    return tree
 
 
 CHOICES = {
@@ -440,7 +467,7 @@ def _check(config: Config) -> None:
 
 
 # Model parts added after models were first saved, on by default: a config.json without the key has no such part.
-ADDED_LATER = (("resampler", "region_coords"), ("llm", "location_head"), ("llm", "location_pointer"))
+ADDED_LATER = (("resampler", "region_coords"), ("llm", "location_head"), ("llm", "location_pointer"), ("llm", "pointer_words"), ("llm", "pointer_roles"))
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -43,6 +43,9 @@ class Stepper:
             self.embeds = model.embed(ids, visual)
         # every new position follows the prompt's last image (new images end generate_ids)
         self.image_index = model.latest_image(ids)[:, -1]
+        bags = model.word_bags(ids)
+        self.words, self.last_token = (bags[:, -1] if bags is not None else None), ids[:, -1]
+        self.roles = model.box_roles(ids)[:, -1]
         self.keys_valid = torch.cat([valid, torch.zeros(b, new_positions, dtype=torch.bool)], dim=1)
         self.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -73,6 +76,13 @@ class Stepper:
         self.embeds = torch.cat([self.embeds, next_embeds], dim=1)
         self.positions = torch.cat([self.positions, next_pos], dim=1)
         return self._run(next_embeds, next_pos)
+
+    def append_token(self, token: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (B,), keeping the rows' word bags for the location head; as `append`."""
+        if self.words is not None:
+            self.words = self.model.next_word_bags(self.words, self.last_token, token)
+        self.last_token, self.roles = token, self.model.next_box_roles(self.roles, token)
+        return self.append(self.model.llm.embed_tokens(token))
 
 
 @torch.no_grad()
@@ -105,7 +115,7 @@ def generate_ids(
     generated = torch.zeros(len(prompts), 0, dtype=torch.long)
     done = torch.zeros(len(prompts), dtype=torch.bool)
     for i in range(max_new_tokens):
-        logits = model.logits(hidden.to(model.llm.lm_head.weight.dtype), stepper.patches, stepper.image_index)
+        logits = model.logits(hidden.to(model.llm.lm_head.weight.dtype), stepper.patches, stepper.image_index, stepper.words, stepper.roles)
         if answers is not None:
             logits = logits + answers.mask(generated, logits.shape[-1])
         token = logits.argmax(-1)
@@ -114,7 +124,7 @@ def generate_ids(
         done |= (token == eos) | (token == builder.tok.img_id)
         if bool(done.all()) or i == max_new_tokens - 1:
             break
-        hidden = stepper.append(model.llm.embed_tokens(token))
+        hidden = stepper.append_token(token)
     return [row[: row.index(eos)] if eos in row else row for row in generated.tolist()]
 
 

@@ -31,6 +31,7 @@ class Encoded:
     ids: list[int] = field(default_factory=list)
     targets: list[bool] = field(default_factory=list)
     images: list[PILImage.Image] = field(default_factory=list)
+    named: list[tuple[int, tuple[float, ...]]] = field(default_factory=list)  # (position, box) pairs, see encode
 
     def add(self, ids: list[int], target: bool = False) -> None:
         self.ids.extend(ids)
@@ -65,14 +66,18 @@ class SequenceBuilder:
     def image_block(self) -> list[int]:
         return [self.tok.img_id] + [self.tok.image_id] * self.num_queries + [self.tok.img_end_id]
 
-    def encode(self, segments: list[Segment], close: bool = True) -> Encoded:
+    def encode(self, segments: list[Segment], close: bool = True, named: tuple[int, tuple[float, ...]] | None = None) -> Encoded:
         """close=True ends the sequence with [EOS] (learned when the last segment is a target);
-        close=False leaves it open for the model to continue (an inference prompt)."""
+        close=False leaves it open for the model to continue (an inference prompt). `named` (segment index,
+        box in fractions of the image): that text segment names the object in the box, which its last
+        token's location pointer is told in training (Emu.pointer_loss)."""
         out = Encoded()
         out.add([self.tok.bos_id])
         for i, seg in enumerate(segments):
             if isinstance(seg, Text):
                 out.add(self.tok.encode(seg.text), seg.target)
+                if named is not None and named[0] == i:
+                    out.named.append((len(out.ids) - 1, tuple(named[1])))
             elif isinstance(seg, Image):
                 after_target_text = i > 0 and isinstance(segments[i - 1], Text) and segments[i - 1].target
                 block = self.image_block()
@@ -102,10 +107,13 @@ class SequenceBuilder:
         ids = torch.full((len(batch), width), self.tok.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
         valid = torch.zeros((len(batch), width), dtype=torch.bool)
+        named = torch.full((len(batch), width, 4), float("nan"))
         for row, e in enumerate(batch):
-            cols = slice(width - len(e.ids), width) if left_pad else slice(0, len(e.ids))
-            ids[row, cols] = torch.tensor(e.ids)
-            labels[row, cols] = torch.tensor(e.labels)
-            valid[row, cols] = True
+            shift = width - len(e.ids) if left_pad else 0
+            ids[row, shift : shift + len(e.ids)] = torch.tensor(e.ids)
+            labels[row, shift : shift + len(e.ids)] = torch.tensor(e.labels)
+            valid[row, shift : shift + len(e.ids)] = True
+            for position, box in e.named:
+                named[row, shift + position] = torch.tensor(box)
         pixels = to_pixels([img for e in batch for img in e.images], self.image_size)
-        return {"input_ids": ids, "labels": labels, "valid": valid, "pixels": pixels}
+        return {"input_ids": ids, "labels": labels, "valid": valid, "pixels": pixels, "named_boxes": named}

@@ -467,6 +467,27 @@ def binding_choices(segments: list[Segment]) -> list[str]:
     return list(dict.fromkeys(shown))
 
 
+def named_object(sample: Sample) -> tuple[int, tuple[float, ...]] | None:
+    """(segment index, box in fractions of the image) of the one object a VQA question or a one-object
+    caption names, for pointing at it in training (pretrain.point_at_named); None for any other sample.
+    Read off the spec's templates, so shards written before it carry what it needs."""
+    objects = [Obj.from_dict(o) for o in sample.meta.get("objects", [])]
+    if sample.kind == "caption" and len(objects) == 1 and len(sample.segments) == 2:
+        return 1, tuple(v / CANVAS for v in objects[0].box)
+    if sample.kind != "vqa" or len(sample.segments) != 3:
+        return None
+    words = sample.meta.get("question", "").rstrip("?").split()
+    template = sample.meta.get("template")
+    picks = {
+        "color": lambda o: o.shape == words[-1],
+        "shape": lambda o: o.colour == words[-2],
+        "size": lambda o: (o.colour, o.shape) == tuple(words[-2:]),
+        "exists": lambda o: (o.colour, o.shape) == tuple(words[-2:]),
+    }
+    named = [o for o in objects if template in picks and picks[template](o)]
+    return (1, tuple(v / CANVAS for v in named[0].box)) if len(named) == 1 else None
+
+
 # ----------------------------------------------------------------------------- OFA-style instructions
 # Tasks as plain instructions (OFA): boxes are written as location text (tokenizer.loc_text), which the
 # tokenizer turns into <bin_k> tokens. Grounding follows the spec; the others are nextmm's.

@@ -33,27 +33,68 @@ class PatchPointer(nn.Module):
     An average position, not a mixture of one answer per patch: with a mixture, a fixed patch near the
     boxes' mean answered every box early on, and the attention never left it (BENCHMARKS.md session 9)."""
 
-    def __init__(self, width: int, patch_width: int, grid: int, key_width: int = 64, offset_width: int = 16):
+    def __init__(
+        self, width: int, patch_width: int, grid: int, key_width: int = 64, offset_width: int = 16, words: bool = True, roles: bool = True
+    ):
         super().__init__()
         self.query = nn.Linear(width, key_width, bias=False)
+        # The words that name the object ask too, straight from their embeddings (a gated sum, Emu.word_bags):
+        # the hidden state where a box starts carried the quoted phrase only after thousands of grounding
+        # steps, where the phrase itself let a linear key find the named object of two at 0.82 (BENCHMARKS.md).
+        self.words = nn.Linear(width, key_width, bias=False) if words else None
+        self.word_gate = nn.Linear(width, 1) if words else None
         self.key = nn.Linear(patch_width, key_width, bias=False)
         self.offset = nn.Linear(patch_width, offset_width, bias=False)
-        # Zero: the pointer moves no box until training finds what its answer is worth.
-        self.readout = nn.Linear(width, 2 + offset_width)
-        nn.init.zeros_(self.readout.weight)
-        nn.init.zeros_(self.readout.bias)
+        # Zero: the pointer moves no box until training finds what its answer is worth. With roles the
+        # pointer's own box is the place, and no read of the hidden state moves it.
+        self.readout = None if roles else nn.Linear(width, 2 + offset_width)
+        if self.readout is not None:
+            nn.init.zeros_(self.readout.weight)
+            nn.init.zeros_(self.readout.bias)
         centres = (torch.arange(grid, dtype=torch.float) + 0.5) / grid - 0.5
         y, x = torch.meshgrid(centres, centres, indexing="ij")
         self.register_buffer("where", torch.stack([x.flatten(), y.flatten()], -1), persistent=False)  # (P, 2)
         self.grid = grid
+        # A box is written x0 y0 x1 y1, so a place's axis and its side of the object follow from how many
+        # location tokens came before it (Emu.box_roles): the pointer's own box (`box`) is the pointed place's
+        # x or y, moved out by half a side read from the words (or the hidden state) and from the attended
+        # patches, and Emu.pointer_loss trains it on every told box. Learned through the hidden state instead,
+        # from the demo's few grounding batches, it wrote no right box while pointing within 1.6 px of a lone
+        # object; added to such reads, it still wrote boxes tenths of the image off (BENCHMARKS.md, session 16).
+        self.half_side = nn.Linear(width, 1) if roles else None
+        self.side_from_patches = nn.Parameter(torch.zeros(4, offset_width)) if roles else None
+        if roles:
+            nn.init.zeros_(self.half_side.weight)
+            nn.init.constant_(self.half_side.bias, 0.15)  # about half of Shapes World's mean side
+        self.register_buffer("side_of_role", torch.tensor([-1.0, -1.0, 1.0, 1.0]), persistent=False)
 
-    def forward(self, hidden: torch.Tensor, patches: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, patches: torch.Tensor, image_index: torch.Tensor, words: torch.Tensor | None = None, roles: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """hidden (R, width); patches (M, P, patch_width), the grids of a batch's M images; image_index (R,),
-        each row's image -> (R,) a move of the place, in fractions of the image."""
-        patches = patches.to(hidden.dtype)
-        answers = torch.cat([self.where.expand(len(patches), -1, -1), self.offset(patches).float()], -1)[image_index]
-        read = torch.einsum("rp,rpv->rv", self.attention(hidden, patches, image_index), answers)
-        return (self.readout(hidden).float() * read).sum(-1)
+        each row's image; words (R, width), each row's bag from Emu.word_bags; roles (R,), from Emu.box_roles
+        -> (R,) a move of the place, in fractions of the image."""
+        read = self.read(patches, image_index, self.attention(hidden, patches, image_index, words))
+        if self.readout is not None:
+            return (self.readout(hidden).float() * read).sum(-1)
+        if roles is None:
+            raise ValueError("this pointer places a box's sides by their order: pass each row's role (Emu.box_roles)")
+        return self.box(read, hidden, words).gather(1, roles[:, None]).squeeze(1)
+
+    def read(self, patches: torch.Tensor, image_index: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """(R, 2 + offset width): the attended place (x, y, from the image's centre, in fractions of it) and
+        the attended patches' learned offsets."""
+        answers = torch.cat([self.where.expand(len(patches), -1, -1), self.offset(patches.to(self.offset.weight.dtype)).float()], -1)
+        return torch.einsum("rp,rpv->rv", attention, answers[image_index])
+
+    def box(self, read: torch.Tensor, hidden: torch.Tensor, words: torch.Tensor | None) -> torch.Tensor:
+        """(R, 4) the pointer's own box x0 y0 x1 y1, from the image's centre in fractions of it (needs roles)."""
+        half = self.half_side(words if words is not None else hidden).float()
+        return read[:, [0, 1, 0, 1]] + self.side_of_role * half + read[:, 2:] @ self.side_from_patches.T
+
+    def word_weight(self, embeds: torch.Tensor) -> torch.Tensor:
+        """(..., width) token embeddings -> (..., 1) how much each word counts in a bag (0 to 1)."""
+        return torch.sigmoid(self.word_gate(embeds).float())
 
     def box_share(self, boxes: torch.Tensor) -> torch.Tensor:
         """(S, 4) boxes x0 y0 x1 y1 as fractions of the image -> (S, P) each patch's share of the box's area."""
@@ -64,10 +105,15 @@ class PatchPointer(nn.Module):
         area = (down[:, :, None] * across[:, None, :]).flatten(1)
         return area / area.sum(-1, keepdim=True).clamp_min(1e-12)
 
-    def attention(self, hidden: torch.Tensor, patches: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    def attention(self, hidden: torch.Tensor, patches: torch.Tensor, image_index: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
         """(R, P) how much each row looks at each patch of its image (rows sum to 1)."""
         keys = self.key(patches.to(hidden.dtype))[image_index]
-        return torch.softmax(torch.einsum("rk,rpk->rp", self.query(hidden), keys).float() / keys.shape[-1] ** 0.5, -1)
+        query = self.query(hidden)
+        if self.words is not None:
+            if words is None:
+                raise ValueError("this pointer also reads the words that name the object: pass their bags (Emu.word_bags)")
+            query = query + self.words(words.to(query.dtype))
+        return torch.softmax(torch.einsum("rk,rpk->rp", query, keys).float() / keys.shape[-1] ** 0.5, -1)
 
 
 class LocationHead(nn.Module):
@@ -92,13 +138,25 @@ class LocationHead(nn.Module):
         self.register_buffer("bins", torch.arange(bins, dtype=torch.float), persistent=False)
         self.pointer = pointer
 
-    def forward(self, hidden: torch.Tensor, patches: torch.Tensor | None = None, image_index: torch.Tensor | None = None) -> torch.Tensor:
-        """(R, width) -> (R, bins) logits. With a pointer, `patches` (M, P, patch width) and `image_index` (R,)
-        (each row's latest image, -1 for none): a row that follows an image points into its patches."""
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        patches: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        words: torch.Tensor | None = None,
+        roles: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(R, width) -> (R, bins) logits. With a pointer, `patches` (M, P, patch width), `image_index` (R,)
+        (each row's latest image, -1 for none), `words` (R, width; Emu.word_bags) and `roles` (R,;
+        Emu.box_roles): a row that follows an image points into its patches."""
         fraction = self.place(hidden).float()
         seen = image_index >= 0 if self.pointer is not None and patches is not None else None
         if seen is not None and bool(seen.any()):
-            fraction = fraction.masked_scatter(seen[:, None], fraction[seen, 0] + self.pointer(hidden[seen], patches, image_index[seen]))
+            named = words[seen] if words is not None else None
+            role = roles[seen] if roles is not None else None
+            pointed = self.pointer(hidden[seen], patches, image_index[seen], named, role)
+            # the pointer's own box is the place; a pointer without one moves the head's
+            fraction = fraction.masked_scatter(seen[:, None], pointed if self.pointer.readout is None else fraction[seen, 0] + pointed)
         place = (len(self.bins) - 1) * (0.5 + fraction)
         return self.gate(hidden).float() - self.log_sharpness.exp() * (self.bins - place) ** 2
 
@@ -108,7 +166,7 @@ def location_head_for(cfg: Config, bins: int) -> LocationHead | None:
     if not (cfg.llm.location_head and bins):
         return None
     grid = cfg.vision.image_size // cfg.vision.patch_size
-    pointer = PatchPointer(cfg.llm.width, cfg.vision.width, grid) if cfg.llm.location_pointer else None
+    pointer = PatchPointer(cfg.llm.width, cfg.vision.width, grid, words=cfg.llm.pointer_words, roles=cfg.llm.pointer_roles) if cfg.llm.location_pointer else None
     return LocationHead(cfg.llm.width, bins, pointer=pointer)
 
 
@@ -152,6 +210,54 @@ class Emu(nn.Module):
         index = torch.div(earlier_rows[:, None] + in_row - 1, self.num_queries, rounding_mode="floor")
         return torch.where(in_row > 0, index, -1)
 
+    @property
+    def reads_words(self) -> bool:
+        """Whether the location head's pointer also reads the words that name the object (word_bags)."""
+        return self.location_head is not None and self.location_head.pointer is not None and self.location_head.pointer.words is not None
+
+    def word_bags(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) -> (B, T, width) fp32: at each position, the gated sum of the embeddings of the words since
+        the latest image or box. A run of words starts after an image's slots and after a box (the first word
+        after a location token); inside a box the bag stays that of the words before it. So a grounding
+        question's box reads its question, and each box of a detection answer its own object's phrase.
+        None when the pointer does not read words."""
+        if not self.reads_words:
+            return None
+        is_image = input_ids == self.image_token_id
+        is_location = torch.isin(input_ids, self.location_ids)
+        is_word = ~(is_image | is_location)
+        restart = is_image | (is_word & F.pad(is_location[:, :-1], (1, 0)))
+        steps = torch.arange(input_ids.shape[1], device=input_ids.device)
+        start = torch.where(restart, steps, 0).cummax(1).values
+        total = self._weighed_words(input_ids, is_word).cumsum(1)
+        before = total.gather(1, (start - 1).clamp_min(0)[..., None].expand_as(total))
+        return total - torch.where((start > 0)[..., None], before, 0.0)
+
+    def box_roles(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T): which coordinate of a box the next token would be (0 x0, 1 y0, 2 x1, 3 y1), from
+        how many location tokens end at each position."""
+        is_location = torch.isin(input_ids, self.location_ids)
+        steps = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last_other = torch.where(is_location, -1, steps).cummax(1).values
+        return (steps - last_other) % 4
+
+    def next_box_roles(self, roles: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The roles after one more token per row (B,), as box_roles over the longer sequences would give."""
+        return torch.where(torch.isin(tokens, self.location_ids), (roles + 1) % 4, 0)
+
+    def next_word_bags(self, bags: torch.Tensor, previous: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """One more token per row: bags (B, width) from word_bags, the rows' previous tokens (B,) and the new
+        ones (B,) -> the bags at the new tokens, as word_bags over the longer sequences would give."""
+        is_image = tokens == self.image_token_id
+        is_word = ~(is_image | torch.isin(tokens, self.location_ids))
+        restart = is_image | (is_word & torch.isin(previous, self.location_ids))
+        added = self._weighed_words(tokens, is_word)
+        return torch.where(restart[:, None], added, bags + added)
+
+    def _weighed_words(self, ids: torch.Tensor, is_word: torch.Tensor) -> torch.Tensor:
+        embeds = self.llm.embed_tokens(ids)
+        return (self.location_head.pointer.word_weight(embeds) * embeds.float()) * is_word[..., None]
+
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
         embeds = self.llm.embed_tokens(input_ids)
         slots = (input_ids == self.image_token_id).unsqueeze(-1)
@@ -164,14 +270,22 @@ class Emu(nn.Module):
             raise ValueError(f"{int(slots.sum())} <image> slots but {filled.shape[0]} visual embeddings")
         return embeds.masked_scatter(slots, filled)
 
-    def logits(self, hidden: torch.Tensor, patches: torch.Tensor | None = None, image_index: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        hidden: torch.Tensor,
+        patches: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        words: torch.Tensor | None = None,
+        roles: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Next-token logits (fp32) for hidden states (R, width): the LM head's, the location tokens' from
         the LocationHead, which points into `patches` (from `see`) at each row's `image_index` (from
-        `latest_image`) when it has a pointer and they are given."""
+        `latest_image`), asked also by each row's `words` (from `word_bags`) and placed by its `roles` (from
+        `box_roles`), when it has a pointer and they are given."""
         logits = self.llm.lm_head(hidden).float()
         if self.location_head is None:
             return logits
-        return logits.index_copy(-1, self.location_ids, self.location_head(hidden, patches, image_index))
+        return logits.index_copy(-1, self.location_ids, self.location_head(hidden, patches, image_index, words, roles))
 
     def forward(
         self,
@@ -192,6 +306,7 @@ class Emu(nn.Module):
         target_visual: torch.Tensor | None = None,
         location_sigma: float = 0.0,
         pointer_weight: float = 0.0,
+        named_boxes: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Text CE on labelled positions + regression_weight x L2 to the next visual embedding (weight 1 in a
         batch with no labelled text). With `location_sigma` > 0, a location token's target spreads over its
@@ -204,10 +319,12 @@ class Emu(nn.Module):
         hidden = self(input_ids, visual)
         picked = labels != IGNORE
         image_index = self.latest_image(input_ids)
-        logits = self.logits(hidden[picked], patches, image_index[picked])
+        words = self.word_bags(input_ids)
+        roles = self.box_roles(input_ids)[picked]
+        logits = self.logits(hidden[picked], patches, image_index[picked], words[picked] if words is not None else None, roles)
         ce = self.text_loss(logits, labels[picked], location_sigma) if picked.any() else hidden.sum() * 0
         out = {"ce": ce, "text": ce}
-        pointer = self.pointer_loss(hidden, labels, patches, image_index) if pointer_weight > 0 else None
+        pointer = self.pointer_loss(hidden, labels, patches, image_index, words, named_boxes) if pointer_weight > 0 else None
         if pointer is not None:
             out["pointer"], out["text"] = pointer, ce + pointer_weight * pointer
         loss = out["text"]
@@ -228,28 +345,59 @@ class Emu(nn.Module):
         """(R,) ids of location tokens -> (R,) their bin indices k, as floats."""
         return (location_labels[:, None] == self.location_ids).float().argmax(-1).float()
 
-    def pointer_loss(self, hidden: torch.Tensor, labels: torch.Tensor, patches: torch.Tensor | None, image_index: torch.Tensor) -> torch.Tensor | None:
+    def pointer_loss(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        patches: torch.Tensor | None,
+        image_index: torch.Tensor,
+        words: torch.Tensor | None = None,
+        named_boxes: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         """Cross-entropy of the PatchPointer's attention, where each labelled box is written, against the
         box's share of each patch (its overlap area): the pointer is told which patches the box covers
         instead of finding them through the bins' loss alone. A box is a run of exactly four labelled
-        location tokens (x0 y0 x1 y1). None when the batch writes no box after an image."""
+        location tokens (x0 y0 x1 y1). `named_boxes` (B, T, 4; NaN where none) adds the boxes of objects
+        that texts name (SequenceBuilder.encode's `named`), told at the text's last token: a question
+        about one object asks the pointer the same thing as a grounding question. None when the batch has
+        no box after an image."""
         if self.location_head is None or self.location_head.pointer is None or patches is None:
             return None
-        is_location = torch.isin(labels, self.location_ids)
-        window = F.pad(is_location, (1, 4)).unfold(1, 6, 1)  # is_location[t-1 .. t+4] at each t
-        starts = (~window[..., 0] & window[..., 1:5].all(-1) & ~window[..., 5]).nonzero()
-        if not len(starts):
+        rows, boxes = self._written_boxes(labels)
+        if named_boxes is not None:
+            told = named_boxes[..., 0].isfinite().nonzero()
+            rows, boxes = torch.cat([rows, told]), torch.cat([boxes, named_boxes[tuple(told.T)]])
+        if not len(rows):
             return None
-        rows = starts.repeat_interleave(4, 0)
-        rows[:, 1] += torch.arange(4, device=labels.device).repeat(len(starts))
-        at = tuple(rows.T)  # (batch row, position) of each location token in a box
+        at = tuple(rows.T)
         pointer = self.location_head.pointer
-        target = pointer.box_share(self.bin_of(labels[at]).reshape(-1, 4) / (len(self.location_ids) - 1)).repeat_interleave(4, 0)
+        target = pointer.box_share(boxes)
         keep = (image_index[at] >= 0) & (target.sum(-1) > 0)
         if not keep.any():
             return None
-        attention = pointer.attention(hidden[at][keep], patches, image_index[at][keep])
-        return -(target[keep] * attention.clamp_min(1e-9).log()).sum(-1).mean()
+        named = words[at][keep] if words is not None else None
+        asking = hidden[at][keep]
+        attention = pointer.attention(asking, patches, image_index[at][keep], named)
+        loss = -(target[keep] * attention.clamp_min(1e-9).log()).sum(-1).mean()
+        if pointer.half_side is None:
+            return loss
+        # Every told box also trains the pointer's own box: L1 in fractions of the image, x10 so that a
+        # typical miss (~0.05) weighs about as much as the attention's cross-entropy above it. It trains the
+        # pointer alone: reaching the LLM and the towers through its inputs, it cost caption exact match.
+        looked = pointer.attention(asking.detach(), patches.detach(), image_index[at][keep], named.detach() if named is not None else None)
+        own = pointer.box(pointer.read(patches.detach(), image_index[at][keep], looked), asking.detach(), named.detach() if named is not None else None)
+        return loss + 10 * (own - (boxes[keep] - 0.5)).abs().mean()
+
+    def _written_boxes(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, 2) the (batch row, position) of each labelled location token in a box, and (R, 4) its box in
+        fractions of the image."""
+        is_location = torch.isin(labels, self.location_ids)
+        window = F.pad(is_location, (1, 4)).unfold(1, 6, 1)  # is_location[t-1 .. t+4] at each t
+        starts = (~window[..., 0] & window[..., 1:5].all(-1) & ~window[..., 5]).nonzero()
+        rows = starts.repeat_interleave(4, 0)
+        rows[:, 1] += torch.arange(4, device=labels.device).repeat(len(starts))
+        boxes = self.bin_of(labels[tuple(rows.T)]).reshape(-1, 4) / (len(self.location_ids) - 1)
+        return rows, boxes.repeat_interleave(4, 0)
 
     def text_loss(self, logits: torch.Tensor, labels: torch.Tensor, location_sigma: float) -> torch.Tensor:
         """Mean cross-entropy; with location_sigma > 0, a location token's target is a Gaussian over the bins

@@ -96,7 +96,10 @@ class Trainer:
         extra_modules: dict[str, nn.Module] | None = None,
         after_step: Callable[[], None] | None = None,
         backward: Callable[[dict[str, torch.Tensor], float], None] | None = None,
+        clip_apart: tuple[str, ...] = (),
     ):
+        """`clip_apart`: prefixes of parameter names whose gradients are clipped to grad_clip on their own,
+        so that a large gradient there does not shrink everyone else's step (the reported norm is the rest's)."""
         self.name = name
         self.model = model
         self.loss_fn = loss_fn
@@ -108,6 +111,9 @@ class Trainer:
             groups or param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
         )
         self.backward = backward or (lambda out, scale: (out["loss"] * scale).backward())
+        named = list(model.named_parameters())
+        self.apart = [p for n, p in named if n.startswith(clip_apart)] if clip_apart else []
+        self.clipped = [p for n, p in named if not (clip_apart and n.startswith(clip_apart))]
         self.metrics_path = self.out_dir / "metrics.jsonl"
 
     def _progress(self, step: int, elapsed: float) -> float:
@@ -168,7 +174,9 @@ class Trainer:
                 samples += int(batch["valid"].shape[0])
             if not math.isfinite(sums["loss"]):
                 raise FloatingPointError(f"[{self.name}] loss became {sums['loss']} at step {step}; lower the learning rate")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped, self.cfg.grad_clip)
+            if self.apart:
+                torch.nn.utils.clip_grad_norm_(self.apart, self.cfg.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.after_step is not None:
