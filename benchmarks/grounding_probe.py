@@ -62,7 +62,7 @@ def features(m, prompts: list) -> tuple[dict[str, np.ndarray], np.ndarray | None
         visual.append(m.model.encode_images(batch["pixels"]).float())
         hidden.append(state)
         if pointer is not None:
-            looks.append(pointer.attention(state, stepper.patches, stepper.image_index, stepper.words))
+            looks.append(pointer.attention(state, stepper.patches, stepper.sight.image_index, stepper.sight.words))
     visual = torch.cat(visual)
     deviation = (visual - visual.mean(0, keepdim=True)).norm(dim=-1)
     own = visual[torch.arange(len(visual)), deviation.argmax(1)]

@@ -34,7 +34,7 @@ def hidden_and_patches(m, prompts: list) -> tuple[torch.Tensor, torch.Tensor, to
     for _, stepper, state in prefilled(m, prompts):
         hidden.append(state)
         patches.append(stepper.patches.float())
-        words.append(stepper.words)
+        words.append(stepper.sight.words)
     return torch.cat(hidden), torch.cat(patches), (torch.cat(words) if words[0] is not None else None)
 
 

@@ -128,7 +128,7 @@ def test_location_head_reads_a_place_off_one_direction_of_the_hidden_state(micro
 
 
 def test_patch_pointer_finds_the_named_object_where_the_hidden_state_does_not_say_where(micro_model, tokenizer):
-    from nextmm.models.emu import LocationHead, PatchPointer
+    from nextmm.models.emu import LocationHead, PatchPointer, Sight
 
     torch.manual_seed(0)
     grid, width, patch_width = 4, 32, 16
@@ -152,8 +152,8 @@ def test_patch_pointer_finds_the_named_object_where_the_hidden_state_does_not_sa
         def logits(n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
             hidden, axis_only, words, patches, place = batch(n)
             if words_name_it:
-                return head(axis_only, patches, torch.arange(n), words), place
-            return head(hidden, patches, torch.arange(n)), place
+                return head(axis_only, Sight(patches, torch.arange(n), words)), place
+            return head(hidden, Sight(patches, torch.arange(n))), place
 
         optimizer = torch.optim.Adam(head.parameters(), lr=0.01)
         for _ in range(600):
@@ -175,13 +175,13 @@ def test_patch_pointer_finds_the_named_object_where_the_hidden_state_does_not_sa
     # after an image the place is the pointer's own box
     hidden, words = torch.randn(2, micro_model.cfg.llm.width), torch.randn(2, micro_model.cfg.llm.width)
     patches = torch.randn(1, len(head.pointer.where), micro_model.cfg.vision.width)
-    logits = head(hidden, patches, torch.tensor([-1, 0]), words, torch.tensor([0, 2]))
+    logits = head(hidden, Sight(patches, torch.tensor([-1, 0]), words, torch.tensor([0, 2])))
     plain = head(hidden)
     assert torch.equal(logits[0], plain[0]) and not torch.allclose(logits[1], plain[1])
     with pytest.raises(ValueError, match="word"):
-        head(hidden, patches, torch.tensor([-1, 0]))
+        head(hidden, Sight(patches, torch.tensor([-1, 0])))
     with pytest.raises(ValueError, match="role"):
-        head(hidden, patches, torch.tensor([-1, 0]), words)
+        head(hidden, Sight(patches, torch.tensor([-1, 0]), words))
 
 
 def test_latest_image_follows_each_rows_pictures_in_reading_order(micro_model, tokenizer):

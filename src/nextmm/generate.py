@@ -42,10 +42,9 @@ class Stepper:
             visual, self.patches = model.see(batch["pixels"])
             self.embeds = model.embed(ids, visual)
         # every new position follows the prompt's last image (new images end generate_ids)
-        self.image_index = model.latest_image(ids)[:, -1]
-        bags = model.word_bags(ids)
-        self.words, self.last_token = (bags[:, -1] if bags is not None else None), ids[:, -1]
-        self.roles = model.box_roles(ids)[:, -1]
+        sight = model.sight_of(ids, self.patches)
+        self.sight = sight.rows((slice(None), -1)) if sight is not None else None
+        self.last_token = ids[:, -1]
         self.keys_valid = torch.cat([valid, torch.zeros(b, new_positions, dtype=torch.bool)], dim=1)
         self.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -79,9 +78,11 @@ class Stepper:
 
     def append_token(self, token: torch.Tensor) -> torch.Tensor:
         """Append one token per row (B,), keeping the rows' word bags for the location head; as `append`."""
-        if self.words is not None:
-            self.words = self.model.next_word_bags(self.words, self.last_token, token)
-        self.last_token, self.roles = token, self.model.next_box_roles(self.roles, token)
+        if self.sight is not None:
+            if self.sight.words is not None:
+                self.sight.words = self.model.next_word_bags(self.sight.words, self.last_token, token)
+            self.sight.roles = self.model.next_box_roles(self.sight.roles, token)
+        self.last_token = token
         return self.append(self.model.llm.embed_tokens(token))
 
 
@@ -115,7 +116,7 @@ def generate_ids(
     generated = torch.zeros(len(prompts), 0, dtype=torch.long)
     done = torch.zeros(len(prompts), dtype=torch.bool)
     for i in range(max_new_tokens):
-        logits = model.logits(hidden.to(model.llm.lm_head.weight.dtype), stepper.patches, stepper.image_index, stepper.words, stepper.roles)
+        logits = model.logits(hidden.to(model.llm.lm_head.weight.dtype), stepper.sight)
         if answers is not None:
             logits = logits + answers.mask(generated, logits.shape[-1])
         token = logits.argmax(-1)

@@ -9,6 +9,7 @@ but the last regresses the next visual embedding.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +117,22 @@ class PatchPointer(nn.Module):
         return torch.softmax(torch.einsum("rk,rpk->rp", query, keys).float() / keys.shape[-1] ** 0.5, -1)
 
 
+@dataclass
+class Sight:
+    """What the location pointer sees for each row: the batch's patch grids (M, P, patch width; Emu.see),
+    each row's latest image (-1 for none; Emu.latest_image) and, when the pointer reads them, each row's
+    word bag (Emu.word_bags) and box role (Emu.box_roles)."""
+
+    patches: torch.Tensor
+    image_index: torch.Tensor
+    words: torch.Tensor | None = None
+    roles: torch.Tensor | None = None
+
+    def rows(self, which: torch.Tensor) -> "Sight":
+        words, roles = (t[which] if t is not None else None for t in (self.words, self.roles))
+        return Sight(self.patches, self.image_index[which], words, roles)
+
+
 class LocationHead(nn.Module):
     """The logits of <bin_0> ... <bin_{B-1}> as a parabola over the bin index k:
     gate(h) - sharpness x (k - place(h))^2, so the most likely bin is wherever one linear read of the
@@ -138,23 +155,14 @@ class LocationHead(nn.Module):
         self.register_buffer("bins", torch.arange(bins, dtype=torch.float), persistent=False)
         self.pointer = pointer
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        patches: torch.Tensor | None = None,
-        image_index: torch.Tensor | None = None,
-        words: torch.Tensor | None = None,
-        roles: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """(R, width) -> (R, bins) logits. With a pointer, `patches` (M, P, patch width), `image_index` (R,)
-        (each row's latest image, -1 for none), `words` (R, width; Emu.word_bags) and `roles` (R,;
-        Emu.box_roles): a row that follows an image points into its patches."""
+    def forward(self, hidden: torch.Tensor, sight: Sight | None = None) -> torch.Tensor:
+        """(R, width) -> (R, bins) logits. With a pointer and each row's `sight`, a row that follows an
+        image points into its patches."""
         fraction = self.place(hidden).float()
-        seen = image_index >= 0 if self.pointer is not None and patches is not None else None
+        seen = sight.image_index >= 0 if self.pointer is not None and sight is not None else None
         if seen is not None and bool(seen.any()):
-            named = words[seen] if words is not None else None
-            role = roles[seen] if roles is not None else None
-            pointed = self.pointer(hidden[seen], patches, image_index[seen], named, role)
+            looked = sight.rows(seen)
+            pointed = self.pointer(hidden[seen], looked.patches, looked.image_index, looked.words, looked.roles)
             # the pointer's own box is the place; a pointer without one moves the head's
             fraction = fraction.masked_scatter(seen[:, None], pointed if self.pointer.readout is None else fraction[seen, 0] + pointed)
         place = (len(self.bins) - 1) * (0.5 + fraction)
@@ -270,22 +278,20 @@ class Emu(nn.Module):
             raise ValueError(f"{int(slots.sum())} <image> slots but {filled.shape[0]} visual embeddings")
         return embeds.masked_scatter(slots, filled)
 
-    def logits(
-        self,
-        hidden: torch.Tensor,
-        patches: torch.Tensor | None = None,
-        image_index: torch.Tensor | None = None,
-        words: torch.Tensor | None = None,
-        roles: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, sight: Sight | None = None) -> torch.Tensor:
         """Next-token logits (fp32) for hidden states (R, width): the LM head's, the location tokens' from
-        the LocationHead, which points into `patches` (from `see`) at each row's `image_index` (from
-        `latest_image`), asked also by each row's `words` (from `word_bags`) and placed by its `roles` (from
-        `box_roles`), when it has a pointer and they are given."""
+        the LocationHead, which points into each row's latest image when it has a pointer and `sight`
+        (`sight_of`) is given."""
         logits = self.llm.lm_head(hidden).float()
         if self.location_head is None:
             return logits
-        return logits.index_copy(-1, self.location_ids, self.location_head(hidden, patches, image_index, words, roles))
+        return logits.index_copy(-1, self.location_ids, self.location_head(hidden, sight))
+
+    def sight_of(self, input_ids: torch.Tensor, patches: torch.Tensor | None) -> Sight | None:
+        """(B, T) ids and the batch's patch grids (from `see`) -> what the pointer sees at every position."""
+        if patches is None:
+            return None
+        return Sight(patches, self.latest_image(input_ids), self.word_bags(input_ids), self.box_roles(input_ids))
 
     def forward(
         self,
@@ -318,13 +324,11 @@ class Emu(nn.Module):
         visual, patches = self.see(pixels)
         hidden = self(input_ids, visual)
         picked = labels != IGNORE
-        image_index = self.latest_image(input_ids)
-        words = self.word_bags(input_ids)
-        roles = self.box_roles(input_ids)[picked]
-        logits = self.logits(hidden[picked], patches, image_index[picked], words[picked] if words is not None else None, roles)
+        sight = self.sight_of(input_ids, patches)
+        logits = self.logits(hidden[picked], sight.rows(picked) if sight is not None else None)
         ce = self.text_loss(logits, labels[picked], location_sigma) if picked.any() else hidden.sum() * 0
         out = {"ce": ce, "text": ce}
-        pointer = self.pointer_loss(hidden, labels, patches, image_index, words, named_boxes) if pointer_weight > 0 else None
+        pointer = self.pointer_loss(hidden, labels, sight, named_boxes) if pointer_weight > 0 else None
         if pointer is not None:
             out["pointer"], out["text"] = pointer, ce + pointer_weight * pointer
         loss = out["text"]
@@ -346,22 +350,16 @@ class Emu(nn.Module):
         return (location_labels[:, None] == self.location_ids).float().argmax(-1).float()
 
     def pointer_loss(
-        self,
-        hidden: torch.Tensor,
-        labels: torch.Tensor,
-        patches: torch.Tensor | None,
-        image_index: torch.Tensor,
-        words: torch.Tensor | None = None,
-        named_boxes: torch.Tensor | None = None,
+        self, hidden: torch.Tensor, labels: torch.Tensor, sight: Sight | None, named_boxes: torch.Tensor | None = None
     ) -> torch.Tensor | None:
         """Cross-entropy of the PatchPointer's attention, where each labelled box is written, against the
         box's share of each patch (its overlap area): the pointer is told which patches the box covers
         instead of finding them through the bins' loss alone. A box is a run of exactly four labelled
         location tokens (x0 y0 x1 y1). `named_boxes` (B, T, 4; NaN where none) adds the boxes of objects
         that texts name (SequenceBuilder.encode's `named`), told at the text's last token: a question
-        about one object asks the pointer the same thing as a grounding question. None when the batch has
-        no box after an image."""
-        if self.location_head is None or self.location_head.pointer is None or patches is None:
+        about one object asks the pointer the same thing as a grounding question. `sight` is `sight_of`
+        the batch. None when the batch has no box after an image."""
+        if self.location_head is None or self.location_head.pointer is None or sight is None:
             return None
         rows, boxes = self._written_boxes(labels)
         if named_boxes is not None:
@@ -369,23 +367,23 @@ class Emu(nn.Module):
             rows, boxes = torch.cat([rows, told]), torch.cat([boxes, named_boxes[tuple(told.T)]])
         if not len(rows):
             return None
-        at = tuple(rows.T)
         pointer = self.location_head.pointer
         target = pointer.box_share(boxes)
-        keep = (image_index[at] >= 0) & (target.sum(-1) > 0)
+        at = tuple(rows.T)
+        keep = (sight.image_index[at] >= 0) & (target.sum(-1) > 0)
         if not keep.any():
             return None
-        named = words[at][keep] if words is not None else None
-        asking = hidden[at][keep]
-        attention = pointer.attention(asking, patches, image_index[at][keep], named)
+        looked, asking = sight.rows(at).rows(keep), hidden[at][keep]
+        attention = pointer.attention(asking, looked.patches, looked.image_index, looked.words)
         loss = -(target[keep] * attention.clamp_min(1e-9).log()).sum(-1).mean()
         if pointer.half_side is None:
             return loss
         # Every told box also trains the pointer's own box: L1 in fractions of the image, x10 so that a
         # typical miss (~0.05) weighs about as much as the attention's cross-entropy above it. It trains the
         # pointer alone: reaching the LLM and the towers through its inputs, it cost caption exact match.
-        looked = pointer.attention(asking.detach(), patches.detach(), image_index[at][keep], named.detach() if named is not None else None)
-        own = pointer.box(pointer.read(patches.detach(), image_index[at][keep], looked), asking.detach(), named.detach() if named is not None else None)
+        patches, words = looked.patches.detach(), looked.words.detach() if looked.words is not None else None
+        alone = pointer.attention(asking.detach(), patches, looked.image_index, words)
+        own = pointer.box(pointer.read(patches, looked.image_index, alone), asking.detach(), words)
         return loss + 10 * (own - (boxes[keep] - 0.5)).abs().mean()
 
     def _written_boxes(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
