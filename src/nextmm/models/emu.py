@@ -77,11 +77,16 @@ class PatchPointer(nn.Module):
         each row's image; words (R, width), each row's bag from Emu.word_bags; roles (R,), from Emu.box_roles
         -> (R,) a move of the place, in fractions of the image."""
         read = self.read(patches, image_index, self.attention(hidden, patches, image_index, words))
-        if self.readout is not None:
+        if not self.writes_box:
             return (self.readout(hidden).float() * read).sum(-1)
         if roles is None:
             raise ValueError("this pointer places a box's sides by their order: pass each row's role (Emu.box_roles)")
         return self.box(read, hidden, words).gather(1, roles[:, None]).squeeze(1)
+
+    @property
+    def writes_box(self) -> bool:
+        """Whether the place after an image is this pointer's own box (made with roles), not a move of the head's."""
+        return self.half_side is not None
 
     def read(self, patches: torch.Tensor, image_index: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """(R, 2 + offset width): the attended place (x, y, from the image's centre, in fractions of it) and
@@ -165,7 +170,7 @@ class LocationHead(nn.Module):
             looked = sight.rows(seen)
             pointed = self.pointer(hidden[seen], looked.patches, looked.image_index, looked.words, looked.roles)
             # the pointer's own box is the place; a pointer without one moves the head's
-            fraction = fraction.masked_scatter(seen[:, None], pointed if self.pointer.readout is None else fraction[seen, 0] + pointed)
+            fraction = fraction.masked_scatter(seen[:, None], pointed if self.pointer.writes_box else fraction[seen, 0] + pointed)
         place = (len(self.bins) - 1) * (0.5 + fraction)
         return self.gate(hidden).float() - self.log_sharpness.exp() * (self.bins - place) ** 2
 
@@ -377,7 +382,7 @@ class Emu(nn.Module):
         looked, asking = sight.rows(at).rows(keep), hidden[at][keep]
         attention = pointer.attention(asking, looked.patches, looked.image_index, looked.words)
         loss = -(target[keep] * attention.clamp_min(1e-9).log()).sum(-1).mean()
-        if pointer.half_side is None:
+        if not pointer.writes_box:
             return loss
         # Every told box also trains the pointer's own box: L1 in fractions of the image, x10 so that a
         # typical miss (~0.05) weighs about as much as the attention's cross-entropy above it. It trains the

@@ -111,9 +111,9 @@ class Trainer:
             groups or param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
         )
         self.backward = backward or (lambda out, scale: (out["loss"] * scale).backward())
-        named = list(model.named_parameters())
-        self.apart = [p for n, p in named if n.startswith(clip_apart)] if clip_apart else []
-        self.clipped = [p for n, p in named if not (clip_apart and n.startswith(clip_apart))]
+        named = list(model.named_parameters())  # startswith(()) is False: with no prefixes all are clipped together
+        self.apart = [p for n, p in named if n.startswith(clip_apart)]
+        self.clipped = [p for n, p in named if not n.startswith(clip_apart)]
         self.metrics_path = self.out_dir / "metrics.jsonl"
 
     def _progress(self, step: int, elapsed: float) -> float:
