@@ -1,7 +1,8 @@
 """What the demo's stage 1 learns of grounding, and what it costs reading: stage 1 trained again from a
 finished demo run's stage 0 (its tokenizer and CLIP tower, so every variant starts from the same tower),
 within the demo's stage-1 budget, with any config overrides; no visual decoder. Then held-out Shapes World
-(200 scenes, 40 videos, 40 binding prompts): grounding Acc@0.5 and centre miss, detection, captions, VQA.
+(200 scenes, 40 videos, 40 binding prompts): grounding Acc@0.5 and centre miss, detection, captions, VQA,
+binding.
 
 Usage: python benchmarks/stage1_grounding.py --run runs/demo --out runs/s1 [--set llm.pointer_roles=false ...]
 Prints one JSON object (and writes it to OUT/grounding.json)."""
@@ -17,7 +18,8 @@ from nextmm.eval.shapes import evaluate
 from nextmm.train.stages import train
 
 KEPT = ("caption_exact_match", "vqa_accuracy", "grounding_acc_at_0.5", "grounding_centre_miss_px", "detection_f1",
-        "itm_accuracy", "region_caption_exact_match", "video_direction_accuracy")
+        "itm_accuracy", "region_caption_exact_match", "video_direction_accuracy", "binding_2shot_choice_accuracy",
+        "binding_4shot_accuracy", "binding_4shot_choice_accuracy", "binding_4shot_chance")
 
 
 def main() -> None:

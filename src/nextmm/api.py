@@ -291,7 +291,7 @@ class NextMM:
 
 def build_model(config: Config, tokenizer: NextTokenizer) -> Emu:
     config.llm.vocab_size = tokenizer.vocab_size
-    return Emu(config, tokenizer.image_id, tokenizer.bin_ids)
+    return Emu(config, tokenizer.image_id, tokenizer.bin_ids, tokenizer.special_ids)
 
 
 def load(model_dir: str | Path, **kwargs) -> NextMM:

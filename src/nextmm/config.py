@@ -92,6 +92,10 @@ class LLMConfig:
     # With location_pointer: a box's x0 y0 x1 y1 start at the pointed place's x or y, moved out by half a
     # side, by their order in the box (models/emu.py, PatchPointer.half_side), rather than learned.
     pointer_roles: bool = True
+    # The next token may also be copied from the context: one that followed an earlier position like this one
+    # (models/emu.py, CopyHead, a pointer-generator). In-context binding needs it: 1200 steps of binding documents
+    # left the 4-layer LLM choosing a made-up word at chance (BENCHMARKS.md, session 13).
+    copy_head: bool = True
 
     @property
     def ffn_hidden(self) -> int:
@@ -208,6 +212,10 @@ class PretrainConfig(TrainConfig):
     # that object's patches at their last token (data/shapes.py, named_object), so it learns which object
     # words name from the many reading batches, not only from the few grounding ones.
     point_at_named: bool = True
+    # With pointer_weight > 0: every object of a one-image sample's scene (data/shapes.py, object_regions) also
+    # tells the pointer its patches and box, asked by the object's phrase alone (Emu.region_loss), with no
+    # LLM pass: dozens of region-phrase pairs a batch, where texts name one object in a few samples.
+    point_at_objects: bool = True
     regression_reaches_visual: bool = False  # true lets L2 train vision/resampler, which can collapse them
     target_ema: float = 0.0  # with the above true: targets from an EMA of the visual stack (e.g. 0.995)
     # The stage-0 tower is fine-tuned gently: at the full rate the first steps' gradients, sent back
@@ -467,7 +475,7 @@ def _check(config: Config) -> None:
 
 
 # Model parts added after models were first saved, on by default: a config.json without the key has no such part.
-ADDED_LATER = (("resampler", "region_coords"), ("llm", "location_head"), ("llm", "location_pointer"), ("llm", "pointer_words"), ("llm", "pointer_roles"))
+ADDED_LATER = (("resampler", "region_coords"), ("llm", "location_head"), ("llm", "location_pointer"), ("llm", "pointer_words"), ("llm", "pointer_roles"), ("llm", "copy_head"))
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -14,7 +14,7 @@ import torch
 from nextmm.constrained import Constraint
 from nextmm.data.sample import Segment
 from nextmm.data.sequence import SequenceBuilder, SequenceTooLong
-from nextmm.models.emu import Emu
+from nextmm.models.emu import Copying, Emu
 from nextmm.models.llm import KVCache
 from nextmm.precision import autocast, resolve
 
@@ -45,6 +45,9 @@ class Stepper:
         sight = model.sight_of(ids, self.patches)
         self.sight = sight.rows((slice(None), -1)) if sight is not None else None
         self.last_token = ids[:, -1]
+        # for the copy head: every position's key (filled by prefill) and the token that followed it
+        self.copy_keys = None
+        self.copy_sources = model.copy_sources(ids)
         self.keys_valid = torch.cat([valid, torch.zeros(b, new_positions, dtype=torch.bool)], dim=1)
         self.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -52,6 +55,7 @@ class Stepper:
         self.appended = 0
 
     def _run(self, step_embeds: torch.Tensor, step_positions: torch.Tensor) -> torch.Tensor:
+        """The hidden states of the new positions (B, new, width); the whole sequence's without a cache."""
         total = self.prompt_len + self.appended
         with autocast(self.precision):
             if self.use_cache:
@@ -60,21 +64,30 @@ class Stepper:
             else:
                 mask = _attention_mask(self.keys_valid[:, :total], total)
                 hidden = self.model.llm(self.embeds, self.positions, mask)
-        return hidden[:, -1]
+            if self.model.copy_head is not None:
+                keys = self.model.copy_head.key(hidden)
+                self.copy_keys = keys if self.copy_keys is None or not self.use_cache else torch.cat([self.copy_keys, keys], 1)
+        return hidden
 
     def prefill(self) -> torch.Tensor:
         """The last prompt position's hidden state (B, width)."""
-        return self._run(self.embeds, self.positions)
+        return self._run(self.embeds, self.positions)[:, -1]
 
-    def append(self, next_embeds: torch.Tensor) -> torch.Tensor:
-        """Append one input embedding per row (B, width); returns the hidden state it produces."""
+    def append(self, next_embeds: torch.Tensor, token: torch.Tensor | None = None) -> torch.Tensor:
+        """Append one input embedding per row (B, width) (`token` (B,), when it is a token's); returns the
+        hidden state it produces."""
         self.keys_valid[:, self.prompt_len + self.appended] = True
         self.appended += 1
         next_pos = self.positions[:, -1:] + 1
         next_embeds = next_embeds.unsqueeze(1).to(self.embeds.dtype)
         self.embeds = torch.cat([self.embeds, next_embeds], dim=1)
         self.positions = torch.cat([self.positions, next_pos], dim=1)
-        return self._run(next_embeds, next_pos)
+        # the previous last position is now followed by `token` (copyable unless a marker, a box or not a token)
+        followed = torch.full_like(self.last_token, -1) if token is None else token
+        copyable = ~torch.isin(followed, self.model.uncopyable) & (followed >= 0)
+        self.copy_sources[:, -1] = torch.where(copyable, followed, -1)
+        self.copy_sources = torch.cat([self.copy_sources, torch.full_like(self.copy_sources[:, :1], -1)], 1)
+        return self._run(next_embeds, next_pos)[:, -1]
 
     def append_token(self, token: torch.Tensor) -> torch.Tensor:
         """Append one token per row (B,), keeping the rows' word bags for the location head; as `append`."""
@@ -83,7 +96,15 @@ class Stepper:
                 self.sight.words = self.model.next_word_bags(self.sight.words, self.last_token, token)
             self.sight.roles = self.model.next_box_roles(self.sight.roles, token)
         self.last_token = token
-        return self.append(self.model.llm.embed_tokens(token))
+        return self.append(self.model.llm.embed_tokens(token), token)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The next token's logits (or, with a copy head, log-probabilities) at the last position's hidden state (B, width)."""
+        model, copying = self.model, None
+        if model.copy_head is not None:
+            allowed = (self.copy_sources >= 0)[:, None, :]
+            copying = Copying(model.copy_head.attend(hidden[:, None], self.copy_keys, allowed)[:, 0], self.copy_sources)
+        return model.logits(hidden.to(model.llm.lm_head.weight.dtype), self.sight, copying)
 
 
 @torch.no_grad()
@@ -116,7 +137,7 @@ def generate_ids(
     generated = torch.zeros(len(prompts), 0, dtype=torch.long)
     done = torch.zeros(len(prompts), dtype=torch.bool)
     for i in range(max_new_tokens):
-        logits = model.logits(hidden.to(model.llm.lm_head.weight.dtype), stepper.sight)
+        logits = stepper.logits(hidden)
         if answers is not None:
             logits = logits + answers.mask(generated, logits.shape[-1])
         token = logits.argmax(-1)

@@ -124,6 +124,11 @@ class NextTokenizer:
         return found
 
     @property
+    def special_ids(self) -> list[int]:
+        """The ids of [PAD], [BOS], [EOS], the image and turn markers."""
+        return [self.tok.token_to_id(t) for t in SPECIAL_TOKENS]
+
+    @property
     def bin_ids(self) -> list[int]:
         """The ids of `<bin_0>` ... `<bin_{B-1}>`, in order."""
         return [self.tok.token_to_id(location_token(k)) for k in range(self.location_bins)]

@@ -32,6 +32,7 @@ class Encoded:
     targets: list[bool] = field(default_factory=list)
     images: list[PILImage.Image] = field(default_factory=list)
     named: list[tuple[int, tuple[float, ...]]] = field(default_factory=list)  # (position, box) pairs, see encode
+    regions: list[tuple[int, list[int], tuple[float, ...]]] = field(default_factory=list)  # (image, phrase ids, box), see encode
 
     def add(self, ids: list[int], target: bool = False) -> None:
         self.ids.extend(ids)
@@ -66,12 +67,24 @@ class SequenceBuilder:
     def image_block(self) -> list[int]:
         return [self.tok.img_id] + [self.tok.image_id] * self.num_queries + [self.tok.img_end_id]
 
-    def encode(self, segments: list[Segment], close: bool = True, named: tuple[int, tuple[float, ...]] | None = None) -> Encoded:
+    def encode(
+        self,
+        segments: list[Segment],
+        close: bool = True,
+        named: tuple[int, tuple[float, ...]] | None = None,
+        regions: list[tuple[int, str, tuple[float, ...]]] = (),
+    ) -> Encoded:
         """close=True ends the sequence with [EOS] (learned when the last segment is a target);
         close=False leaves it open for the model to continue (an inference prompt). `named` (segment index,
         box in fractions of the image): that text segment names the object in the box, which its last
-        token's location pointer is told in training (Emu.pointer_loss)."""
+        token's location pointer is told in training (Emu.pointer_loss). `regions` (image segment index,
+        phrase, box): phrases of what those boxes of the pictures show, for Emu.region_loss."""
         out = Encoded()
+        pictures = [i for i, seg in enumerate(segments) if isinstance(seg, Image)]
+        for segment, phrase, box in regions:
+            if segment not in pictures:
+                raise ValueError(f"a region names segment {segment}, which is not an image")
+            out.regions.append((pictures.index(segment), self.tok.encode(phrase), tuple(box)))
         out.add([self.tok.bos_id])
         for i, seg in enumerate(segments):
             if isinstance(seg, Text):
@@ -116,4 +129,24 @@ class SequenceBuilder:
             for position, box in e.named:
                 named[row, shift + position] = torch.tensor(box)
         pixels = to_pixels([img for e in batch for img in e.images], self.image_size)
-        return {"input_ids": ids, "labels": labels, "valid": valid, "pixels": pixels, "named_boxes": named}
+        return {"input_ids": ids, "labels": labels, "valid": valid, "pixels": pixels, "named_boxes": named, **self.collate_regions(batch)}
+
+    @staticmethod
+    def collate_regions(batch: list[Encoded]) -> dict[str, torch.Tensor]:
+        """The batch's regions: `region_ids` (K, L) their phrases, padded with -1; `region_image` (K,) their
+        pictures among the batch's images, in reading order; `region_boxes` (K, 4) in fractions of the image."""
+        first_image = 0
+        images, phrases, boxes = [], [], []
+        for e in batch:
+            for image, phrase, box in e.regions:
+                images.append(first_image + image)
+                phrases.append(torch.tensor(phrase, dtype=torch.long))
+                boxes.append(box)
+            first_image += len(e.images)
+        if not phrases:
+            return {"region_ids": torch.full((0, 1), -1), "region_image": torch.zeros(0, dtype=torch.long), "region_boxes": torch.zeros(0, 4)}
+        return {
+            "region_ids": torch.nn.utils.rnn.pad_sequence(phrases, batch_first=True, padding_value=-1),
+            "region_image": torch.tensor(images, dtype=torch.long),
+            "region_boxes": torch.tensor(boxes, dtype=torch.float),
+        }

@@ -488,6 +488,18 @@ def named_object(sample: Sample) -> tuple[int, tuple[float, ...]] | None:
     return (1, tuple(v / CANVAS for v in named[0].box)) if len(named) == 1 else None
 
 
+def object_regions(sample: Sample) -> list[tuple[int, str, tuple[float, ...]]]:
+    """(image segment index, phrase, box in fractions of the image) for every object of a one-image
+    sample's scene whose phrase no other object there shares: region-phrase pairs that train the location
+    pointer on every object of every picture (pretrain.point_at_objects), not only on those a text names."""
+    pictures = [i for i, seg in enumerate(sample.segments) if isinstance(seg, Image)]
+    if len(pictures) != 1:
+        return []
+    objects = [Obj.from_dict(o) for o in sample.meta.get("objects", [])]
+    phrases = Counter(o.phrase for o in objects)
+    return [(pictures[0], o.phrase, tuple(v / CANVAS for v in o.box)) for o in objects if phrases[o.phrase] == 1]
+
+
 # ----------------------------------------------------------------------------- OFA-style instructions
 # Tasks as plain instructions (OFA): boxes are written as location text (tokenizer.loc_text), which the
 # tokenizer turns into <bin_k> tokens. Grounding follows the spec; the others are nextmm's.

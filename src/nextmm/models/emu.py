@@ -112,14 +112,21 @@ class PatchPointer(nn.Module):
         area = (down[:, :, None] * across[:, None, :]).flatten(1)
         return area / area.sum(-1, keepdim=True).clamp_min(1e-12)
 
-    def attention(self, hidden: torch.Tensor, patches: torch.Tensor, image_index: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
-        """(R, P) how much each row looks at each patch of its image (rows sum to 1)."""
-        keys = self.key(patches.to(hidden.dtype))[image_index]
-        query = self.query(hidden)
+    def attention(
+        self, hidden: torch.Tensor | None, patches: torch.Tensor, image_index: torch.Tensor, words: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(R, P) how much each row looks at each patch of its image (rows sum to 1). hidden None: the words
+        alone ask (a region's phrase, Emu.region_loss)."""
+        dtype = patches.dtype if hidden is None else hidden.dtype
+        keys = self.key(patches.to(dtype))[image_index]
+        query = None if hidden is None else self.query(hidden)
         if self.words is not None:
             if words is None:
                 raise ValueError("this pointer also reads the words that name the object: pass their bags (Emu.word_bags)")
-            query = query + self.words(words.to(query.dtype))
+            asked = self.words(words.to(dtype))
+            query = asked if query is None else query + asked
+        elif query is None:
+            raise ValueError("this pointer does not read words: pass the hidden states that ask")
         return torch.softmax(torch.einsum("rk,rpk->rp", query, keys).float() / keys.shape[-1] ** 0.5, -1)
 
 
@@ -184,13 +191,57 @@ def location_head_for(cfg: Config, bins: int) -> LocationHead | None:
     return LocationHead(cfg.llm.width, bins, pointer=pointer)
 
 
+class CopyHead(nn.Module):
+    """A pointer-generator over the context (See et al. 2017): the next token may be one that followed an
+    earlier position, chosen by attention from this position's hidden state to the earlier ones' keys, and
+    mixed into the LM head's distribution by a learned gate. In-context binding asks for exactly this (say
+    the made-up word that followed the earlier picture like this one), and the tiny LLM did not learn it from
+    binding documents on its own (BENCHMARKS.md, session 13). Written here, not taken from a library, because
+    it reads the same hidden states and KV-cached steps as the LLM."""
+
+    def __init__(self, width: int, key_width: int = 64):
+        super().__init__()
+        self.query = nn.Linear(width, key_width, bias=False)
+        self.key = nn.Linear(width, key_width, bias=False)
+        self.gate = nn.Linear(width, 1)
+        nn.init.constant_(self.gate.bias, -3.0)  # ~5% copying at first: the LM's own distribution until copying pays
+
+    def attend(self, hidden: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """hidden (B, Q, width) the asking positions; keys (B, L, key width) the earlier positions'
+        (`key(hidden)`); allowed (B, Q, L) -> (B, Q, L) attention, all zero in a row that may copy nothing."""
+        scores = torch.einsum("bqk,blk->bql", self.query(hidden).float(), keys.float()) / keys.shape[-1] ** 0.5
+        weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
+        return torch.nan_to_num(weights, nan=0.0)
+
+    def mix(self, logits: torch.Tensor, hidden: torch.Tensor, copying: "Copying") -> torch.Tensor:
+        """(R, V) the LM's logits -> (R, V) log-probabilities of (1 - g) LM + g copy, g the gate at `hidden`
+        (R, width); a row with nothing to copy keeps the LM's distribution."""
+        copied = torch.zeros_like(logits, dtype=torch.float).scatter_add(1, copying.sources.clamp_min(0), copying.weights.float() * (copying.sources >= 0))
+        can_copy = copied.sum(-1, keepdim=True) > 0
+        gate = torch.sigmoid(self.gate(hidden).float()) * can_copy
+        # clamped, so that the rows and tokens with nothing copied send no 0 x inf gradients back
+        return torch.logaddexp(F.log_softmax(logits.float(), -1) + torch.log1p(-gate), gate.clamp_min(1e-12).log() + copied.clamp_min(1e-12).log())
+
+
+@dataclass
+class Copying:
+    """What the copy head may copy, for each row asking: its attention over earlier positions (R, L) and the
+    token that followed each of them (R, L; -1 where none may be copied)."""
+
+    weights: torch.Tensor
+    sources: torch.Tensor
+
+
 class Emu(nn.Module):
-    def __init__(self, cfg: Config, image_token_id: int, location_ids: list[int] = ()):
+    def __init__(self, cfg: Config, image_token_id: int, location_ids: list[int] = (), special_ids: list[int] = ()):
         super().__init__()
         self.cfg = cfg
         self.image_token_id = image_token_id
         # <bin_0> ... <bin_{B-1}> in order, for the soft location targets of `loss`; not saved with the weights
         self.register_buffer("location_ids", torch.tensor(list(location_ids), dtype=torch.long), persistent=False)
+        # what the copy head never copies: markers and image slots (boxes come from the location head)
+        uncopyable = [image_token_id, *location_ids, *special_ids]
+        self.register_buffer("uncopyable", torch.tensor(uncopyable, dtype=torch.long), persistent=False)
         self.vision = VisionTransformer(cfg.vision)
         self.resampler = CausalResampler(cfg.resampler, cfg.vision.width)
         self.visual_proj = nn.Linear(cfg.resampler.width, cfg.llm.width)
@@ -198,6 +249,7 @@ class Emu(nn.Module):
         self.regression_head = nn.Linear(cfg.llm.width, cfg.resampler.width, bias=False)
         # OFA's location tokens get their logits from LocationHead (none when the tokenizer has no bins)
         self.location_head = location_head_for(cfg, len(location_ids))
+        self.copy_head = CopyHead(cfg.llm.width) if cfg.llm.copy_head else None
 
     @property
     def num_queries(self) -> int:
@@ -269,7 +321,9 @@ class Emu(nn.Module):
         return torch.where(restart[:, None], added, bags + added)
 
     def _weighed_words(self, ids: torch.Tensor, is_word: torch.Tensor) -> torch.Tensor:
-        embeds = self.llm.embed_tokens(ids)
+        return self._weighed(self.llm.embed_tokens(ids), is_word)
+
+    def _weighed(self, embeds: torch.Tensor, is_word: torch.Tensor) -> torch.Tensor:
         return (self.location_head.pointer.word_weight(embeds) * embeds.float()) * is_word[..., None]
 
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
@@ -284,14 +338,33 @@ class Emu(nn.Module):
             raise ValueError(f"{int(slots.sum())} <image> slots but {filled.shape[0]} visual embeddings")
         return embeds.masked_scatter(slots, filled)
 
-    def logits(self, hidden: torch.Tensor, sight: Sight | None = None) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, sight: Sight | None = None, copying: Copying | None = None) -> torch.Tensor:
         """Next-token logits (fp32) for hidden states (R, width): the LM head's, the location tokens' from
         the LocationHead, which points into each row's latest image when it has a pointer and `sight`
-        (`sight_of`) is given."""
+        (`sight_of`) is given. With a copy head and `copying`, log-probabilities with copied tokens mixed in."""
         logits = self.llm.lm_head(hidden).float()
-        if self.location_head is None:
+        if self.location_head is not None:
+            logits = logits.index_copy(-1, self.location_ids, self.location_head(hidden, sight))
+        if self.copy_head is None or copying is None:
             return logits
-        return logits.index_copy(-1, self.location_ids, self.location_head(hidden, sight))
+        return self.copy_head.mix(logits, hidden, copying)
+
+    def copy_sources(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T): the token that follows each position, where the copy head may copy it; else -1."""
+        following = F.pad(input_ids[:, 1:], (0, 1), value=-1)
+        return torch.where(torch.isin(following, self.uncopyable), -1, following)
+
+    def copying_of(self, input_ids: torch.Tensor, hidden: torch.Tensor, which: torch.Tensor) -> Copying | None:
+        """What the copy head may copy at the positions `which` (a (B, T) mask) of a whole sequence: every
+        earlier position's following token. None without a copy head."""
+        if self.copy_head is None:
+            return None
+        sources = self.copy_sources(input_ids)
+        steps = torch.arange(input_ids.shape[1], device=input_ids.device)
+        allowed = (sources >= 0)[:, None, :] & (steps[None, :] < steps[:, None])  # j < t: ids[j + 1] is known at t
+        weights = self.copy_head.attend(hidden, self.copy_head.key(hidden), allowed)
+        rows = which.nonzero()[:, 0]
+        return Copying(weights[which], sources[rows])
 
     def sight_of(self, input_ids: torch.Tensor, patches: torch.Tensor | None) -> Sight | None:
         """(B, T) ids and the batch's patch grids (from `see`) -> what the pointer sees at every position."""
@@ -319,11 +392,13 @@ class Emu(nn.Module):
         location_sigma: float = 0.0,
         pointer_weight: float = 0.0,
         named_boxes: torch.Tensor | None = None,
+        regions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Text CE on labelled positions + regression_weight x L2 to the next visual embedding (weight 1 in a
         batch with no labelled text). With `location_sigma` > 0, a location token's target spreads over its
         neighbouring bins (see `text_loss`); with `pointer_weight` > 0, the text loss also holds that weight x
-        `pointer_loss` where boxes are written ("text" in the result; "ce" stays the cross-entropy alone).
+        `pointer_loss` where boxes are written, and `region_loss` for `regions` (region_ids, region_image,
+        region_boxes) when given ("text" in the result; "ce" stays the cross-entropy alone).
 
         Targets are detached, as in Emu; `target_visual` lets training supply them from a slowly moving
         copy of the visual stack (train/targets.py)."""
@@ -331,12 +406,16 @@ class Emu(nn.Module):
         hidden = self(input_ids, visual)
         picked = labels != IGNORE
         sight = self.sight_of(input_ids, patches)
-        logits = self.logits(hidden[picked], sight.rows(picked) if sight is not None else None)
+        logits = self.logits(hidden[picked], sight.rows(picked) if sight is not None else None, self.copying_of(input_ids, hidden, picked))
         ce = self.text_loss(logits, labels[picked], location_sigma) if picked.any() else hidden.sum() * 0
         out = {"ce": ce, "text": ce}
-        pointer = self.pointer_loss(hidden, labels, sight, named_boxes) if pointer_weight > 0 else None
-        if pointer is not None:
-            out["pointer"], out["text"] = pointer, ce + pointer_weight * pointer
+        if pointer_weight > 0:
+            pointing = {"pointer": self.pointer_loss(hidden, labels, sight, named_boxes)}
+            if regions is not None:
+                pointing["regions"] = self.region_loss(patches, *regions)
+            out.update({k: v for k, v in pointing.items() if v is not None})
+            if any(v is not None for v in pointing.values()):
+                out["text"] = ce + pointer_weight * sum(v for v in pointing.values() if v is not None)
         loss = out["text"]
         if visual is not None:
             predicts_image = input_ids[:, 1:] == self.image_token_id
@@ -373,24 +452,50 @@ class Emu(nn.Module):
             rows, boxes = torch.cat([rows, told]), torch.cat([boxes, named_boxes[tuple(told.T)]])
         if not len(rows):
             return None
-        pointer = self.location_head.pointer
-        target = pointer.box_share(boxes)
         at = tuple(rows.T)
-        keep = (sight.image_index[at] >= 0) & (target.sum(-1) > 0)
+        keep = sight.image_index[at] >= 0
         if not keep.any():
             return None
-        looked, asking = sight.rows(at).rows(keep), hidden[at][keep]
+        return self._pointing(hidden[at][keep], sight.rows(at).rows(keep), boxes[keep])
+
+    def region_loss(
+        self, patches: torch.Tensor | None, region_ids: torch.Tensor, region_image: torch.Tensor, region_boxes: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The pointer's loss (as `pointer_loss`) for phrases of what boxes of the batch's pictures show
+        (SequenceBuilder.collate_regions), asked by the phrase's word bag alone, with no LLM pass: every
+        object of every picture teaches the pointer which words mean which patches. In the demo's stage 1,
+        texts tell it about one object in a few batches; most of what it must learn is to choose among
+        several. None without regions or without a pointer that reads words."""
+        if patches is None or not len(region_ids) or not self.reads_words:
+            return None
+        # Inputs detached: it trains the pointer alone. Reaching the towers and the embeddings as well, its
+        # dozens of rows a batch cost caption exact match 0.63 -> 0.40 (BENCHMARKS.md, session 17).
+        embeds = self.llm.embed_tokens(region_ids.clamp_min(0)).detach()
+        bags = self._weighed(embeds, region_ids >= 0).sum(1)
+        return self._pointing(None, Sight(patches.detach(), region_image, bags), region_boxes)
+
+    def _pointing(self, asking: torch.Tensor | None, looked: Sight, boxes: torch.Tensor) -> torch.Tensor | None:
+        """Cross-entropy of the pointer's attention against each box's share of each patch, plus (with roles)
+        the L1 of its own box; `asking` (R, width) the hidden states that ask, or None for the words alone."""
+        pointer = self.location_head.pointer
+        target = pointer.box_share(boxes)
+        keep = target.sum(-1) > 0
+        if not keep.any():
+            return None
+        looked, boxes, target = looked.rows(keep), boxes[keep], target[keep]
+        asking = asking[keep] if asking is not None else None
         attention = pointer.attention(asking, looked.patches, looked.image_index, looked.words)
-        loss = -(target[keep] * attention.clamp_min(1e-9).log()).sum(-1).mean()
+        loss = -(target * attention.clamp_min(1e-9).log()).sum(-1).mean()
         if not pointer.writes_box:
             return loss
         # Every told box also trains the pointer's own box: L1 in fractions of the image, x10 so that a
         # typical miss (~0.05) weighs about as much as the attention's cross-entropy above it. It trains the
         # pointer alone: reaching the LLM and the towers through its inputs, it cost caption exact match.
         patches, words = looked.patches.detach(), looked.words.detach() if looked.words is not None else None
-        alone = pointer.attention(asking.detach(), patches, looked.image_index, words)
-        own = pointer.box(pointer.read(patches, looked.image_index, alone), asking.detach(), words)
-        return loss + 10 * (own - (boxes[keep] - 0.5)).abs().mean()
+        asking = asking.detach() if asking is not None else None
+        alone = pointer.attention(asking, patches, looked.image_index, words)
+        own = pointer.box(pointer.read(patches, looked.image_index, alone), asking, words)
+        return loss + 10 * (own - (boxes - 0.5)).abs().mean()
 
     def _written_boxes(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(R, 2) the (batch row, position) of each labelled location token in a box, and (R, 4) its box in

@@ -27,7 +27,7 @@ from nextmm.data.loader import LeftOut, MixedStream, Prefetcher, discover_source
 from nextmm.data.sample import Image, Sample, Text
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError, read_shards
-from nextmm.data.shapes import named_object
+from nextmm.data.shapes import named_object, object_regions
 from nextmm.data.transforms import to_pixels
 from nextmm.models.clip import CLIP, text_batch
 from nextmm.models.emu import Emu
@@ -130,7 +130,10 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
     def loss_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         target_visual = target(batch["pixels"]) if target is not None and batch["pixels"].numel() else None
         named = batch.get("named_boxes") if p.point_at_named else None
-        return model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual, p.location_sigma, p.pointer_weight, named)
+        regions = (batch["region_ids"], batch["region_image"], batch["region_boxes"]) if p.point_at_objects and "region_ids" in batch else None
+        return model.loss(
+            batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual, p.location_sigma, p.pointer_weight, named, regions
+        )
 
     def backward(out: dict[str, torch.Tensor], scale: float) -> None:
         if p.regression_reaches_visual:
@@ -151,7 +154,7 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
     p = cfg.pretrain
     builder = SequenceBuilder.for_config(tok, cfg)
     stream = MixedStream(
-        sources, p.mix, lambda s: builder.encode(s.segments, named=named_object(s)), builder.collate, p.batch_size, cfg.seed,
+        sources, p.mix, lambda s: builder.encode(s.segments, named=named_object(s), regions=object_regions(s) if p.point_at_objects else ()), builder.collate, p.batch_size, cfg.seed,
         join_at=p.join_at, views=text_to_image_view(sources),
     )
     target, loss_fn, backward = pretrain_objective(model, p)
