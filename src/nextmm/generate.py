@@ -41,6 +41,8 @@ class Stepper:
         with autocast(precision):
             visual, self.patches = model.see(batch["pixels"])
             self.embeds = model.embed(ids, visual)
+        # every new position's latest picture is the prompt's last (new images end generate_ids)
+        self.pictures = model.pictures_at(ids, visual) if model.copy_head is not None else None
         # every new position follows the prompt's last image (new images end generate_ids)
         sight = model.sight_of(ids, self.patches)
         self.sight = sight.rows((slice(None), -1)) if sight is not None else None
@@ -65,7 +67,8 @@ class Stepper:
                 mask = _attention_mask(self.keys_valid[:, :total], total)
                 hidden = self.model.llm(self.embeds, self.positions, mask)
             if self.model.copy_head is not None:
-                keys = self.model.copy_head.key(hidden)
+                pictures = self.pictures[:, -hidden.shape[1] :]
+                keys = self.model.copy_head.keys(hidden, pictures)
                 self.copy_keys = keys if self.copy_keys is None or not self.use_cache else torch.cat([self.copy_keys, keys], 1)
         return hidden
 
@@ -87,6 +90,8 @@ class Stepper:
         copyable = ~torch.isin(followed, self.model.uncopyable) & (followed >= 0)
         self.copy_sources[:, -1] = torch.where(copyable, followed, -1)
         self.copy_sources = torch.cat([self.copy_sources, torch.full_like(self.copy_sources[:, :1], -1)], 1)
+        if self.pictures is not None:
+            self.pictures = torch.cat([self.pictures, self.pictures[:, -1:]], 1)
         return self._run(next_embeds, next_pos)[:, -1]
 
     def append_token(self, token: torch.Tensor) -> torch.Tensor:
@@ -103,7 +108,8 @@ class Stepper:
         model, copying = self.model, None
         if model.copy_head is not None:
             allowed = (self.copy_sources >= 0)[:, None, :]
-            copying = Copying(model.copy_head.attend(hidden[:, None], self.copy_keys, allowed)[:, 0], self.copy_sources)
+            weights = model.copy_head.attend(hidden[:, None], self.pictures[:, -1:], self.copy_keys, allowed)
+            copying = Copying(weights[:, 0], self.copy_sources)
         return model.logits(hidden.to(model.llm.lm_head.weight.dtype), self.sight, copying)
 
 

@@ -193,23 +193,32 @@ def location_head_for(cfg: Config, bins: int) -> LocationHead | None:
 
 class CopyHead(nn.Module):
     """A pointer-generator over the context (See et al. 2017): the next token may be one that followed an
-    earlier position, chosen by attention from this position's hidden state to the earlier ones' keys, and
-    mixed into the LM head's distribution by a learned gate. In-context binding asks for exactly this (say
-    the made-up word that followed the earlier picture like this one), and the tiny LLM did not learn it from
-    binding documents on its own (BENCHMARKS.md, session 13). Written here, not taken from a library, because
-    it reads the same hidden states and KV-cached steps as the LLM."""
+    earlier position, chosen by attention from this position to the earlier ones, and mixed into the LM
+    head's distribution by a learned gate. In-context binding asks for exactly this (say the made-up word
+    that followed the earlier picture like this one), and the tiny LLM did not learn it from binding
+    documents on its own (BENCHMARKS.md, session 13). A position asks and is found by its hidden state and
+    by the latest picture before it (its visual embeddings' mean, through one projection shared by both
+    sides, so that like pictures meet), since the tiny LLM's hidden state carries the picture only
+    faintly. Written here, not taken from a library, because it reads the LLM's KV-cached steps."""
 
-    def __init__(self, width: int, key_width: int = 64):
+    def __init__(self, width: int, picture_width: int, key_width: int = 64):
         super().__init__()
         self.query = nn.Linear(width, key_width, bias=False)
         self.key = nn.Linear(width, key_width, bias=False)
+        self.picture = nn.Linear(picture_width, key_width, bias=False)
         self.gate = nn.Linear(width, 1)
         nn.init.constant_(self.gate.bias, -3.0)  # ~5% copying at first: the LM's own distribution until copying pays
 
-    def attend(self, hidden: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """hidden (B, Q, width) the asking positions; keys (B, L, key width) the earlier positions'
-        (`key(hidden)`); allowed (B, Q, L) -> (B, Q, L) attention, all zero in a row that may copy nothing."""
-        scores = torch.einsum("bqk,blk->bql", self.query(hidden).float(), keys.float()) / keys.shape[-1] ** 0.5
+    def keys(self, hidden: torch.Tensor, pictures: torch.Tensor) -> torch.Tensor:
+        """(B, L, width) hidden states and (B, L, picture width) their latest pictures -> (B, L, key width)."""
+        return self.key(hidden).float() + self.picture(pictures.to(self.picture.weight.dtype)).float()
+
+    def attend(self, hidden: torch.Tensor, pictures: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """hidden (B, Q, width) and pictures (B, Q, picture width) at the asking positions; keys (B, L, key
+        width) the earlier positions' (`keys`); allowed (B, Q, L) -> (B, Q, L) attention, all zero in a row
+        that may copy nothing."""
+        query = self.query(hidden).float() + self.picture(pictures.to(self.picture.weight.dtype)).float()
+        scores = torch.einsum("bqk,blk->bql", query, keys.float()) / keys.shape[-1] ** 0.5
         weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
         return torch.nan_to_num(weights, nan=0.0)
 
@@ -249,7 +258,7 @@ class Emu(nn.Module):
         self.regression_head = nn.Linear(cfg.llm.width, cfg.resampler.width, bias=False)
         # OFA's location tokens get their logits from LocationHead (none when the tokenizer has no bins)
         self.location_head = location_head_for(cfg, len(location_ids))
-        self.copy_head = CopyHead(cfg.llm.width) if cfg.llm.copy_head else None
+        self.copy_head = CopyHead(cfg.llm.width, cfg.resampler.width) if cfg.llm.copy_head else None
 
     @property
     def num_queries(self) -> int:
@@ -354,7 +363,17 @@ class Emu(nn.Module):
         following = F.pad(input_ids[:, 1:], (0, 1), value=-1)
         return torch.where(torch.isin(following, self.uncopyable), -1, following)
 
-    def copying_of(self, input_ids: torch.Tensor, hidden: torch.Tensor, which: torch.Tensor) -> Copying | None:
+    def pictures_at(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) ids and the batch's visual embeddings (M, N, resampler width) -> (B, T, resampler width):
+        at each position, the mean visual embedding of the latest picture before it (zeros before any)."""
+        width = self.cfg.resampler.width
+        if visual is None or not visual.numel():
+            return torch.zeros(*input_ids.shape, width, device=input_ids.device)
+        latest = self.latest_image(input_ids)
+        pooled = F.pad(visual.float().mean(1), (0, 0, 0, 1))  # a last row of zeros for "no picture yet"
+        return pooled[torch.where(latest >= 0, latest, len(visual))]
+
+    def copying_of(self, input_ids: torch.Tensor, hidden: torch.Tensor, visual: torch.Tensor | None, which: torch.Tensor) -> Copying | None:
         """What the copy head may copy at the positions `which` (a (B, T) mask) of a whole sequence: every
         earlier position's following token. None without a copy head."""
         if self.copy_head is None:
@@ -362,7 +381,8 @@ class Emu(nn.Module):
         sources = self.copy_sources(input_ids)
         steps = torch.arange(input_ids.shape[1], device=input_ids.device)
         allowed = (sources >= 0)[:, None, :] & (steps[None, :] < steps[:, None])  # j < t: ids[j + 1] is known at t
-        weights = self.copy_head.attend(hidden, self.copy_head.key(hidden), allowed)
+        pictures = self.pictures_at(input_ids, visual)
+        weights = self.copy_head.attend(hidden, pictures, self.copy_head.keys(hidden, pictures), allowed)
         rows = which.nonzero()[:, 0]
         return Copying(weights[which], sources[rows])
 
@@ -406,7 +426,7 @@ class Emu(nn.Module):
         hidden = self(input_ids, visual)
         picked = labels != IGNORE
         sight = self.sight_of(input_ids, patches)
-        logits = self.logits(hidden[picked], sight.rows(picked) if sight is not None else None, self.copying_of(input_ids, hidden, picked))
+        logits = self.logits(hidden[picked], sight.rows(picked) if sight is not None else None, self.copying_of(input_ids, hidden, visual, picked))
         ce = self.text_loss(logits, labels[picked], location_sigma) if picked.any() else hidden.sum() * 0
         out = {"ce": ce, "text": ce}
         if pointer_weight > 0:
