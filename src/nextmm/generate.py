@@ -41,11 +41,10 @@ class Stepper:
         with autocast(precision):
             visual, self.patches = model.see(batch["pixels"])
             self.embeds = model.embed(ids, visual)
-        # every new position's latest picture is the prompt's last (new images end generate_ids)
-        self.pictures = model.pictures_at(ids, visual) if model.copy_head is not None else None
         # every new position follows the prompt's last image (new images end generate_ids)
         sight = model.sight_of(ids, self.patches)
         self.sight = sight.rows((slice(None), -1)) if sight is not None else None
+        self.pictures = model.pictures_at(ids, visual) if model.copy_head is not None else None
         self.last_token = ids[:, -1]
         # for the copy head: every position's key (filled by prefill) and the token that followed it
         self.copy_keys = None
