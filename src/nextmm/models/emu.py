@@ -365,12 +365,14 @@ class Emu(nn.Module):
 
     def pictures_at(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
         """(B, T) ids and the batch's visual embeddings (M, N, resampler width) -> (B, T, resampler width):
-        at each position, the mean visual embedding of the latest picture before it (zeros before any)."""
+        at each position, the mean visual embedding of the latest picture before it (zeros before any), detached."""
         width = self.cfg.resampler.width
         if visual is None or not visual.numel():
             return torch.zeros(*input_ids.shape, width, device=input_ids.device)
         latest = self.latest_image(input_ids)
-        pooled = F.pad(visual.float().mean(1), (0, 0, 0, 1))  # a last row of zeros for "no picture yet"
+        # Detached: the copy head reads the pictures and does not train the visual stack, which a pointer's
+        # gradient through a hidden layer collapsed within the demo's stage 1 (BENCHMARKS.md, session 17, R10).
+        pooled = F.pad(visual.detach().float().mean(1), (0, 0, 0, 1))  # a last row of zeros for "no picture yet"
         return pooled[torch.where(latest >= 0, latest, len(visual))]
 
     def copying_of(self, input_ids: torch.Tensor, hidden: torch.Tensor, visual: torch.Tensor | None, which: torch.Tensor) -> Copying | None:
