@@ -86,8 +86,7 @@ class Stepper:
         self.positions = torch.cat([self.positions, next_pos], dim=1)
         # the previous last position is now followed by `token` (copyable unless a marker, a box or not a token)
         followed = torch.full_like(self.last_token, -1) if token is None else token
-        copyable = ~torch.isin(followed, self.model.uncopyable) & (followed >= 0)
-        self.copy_sources[:, -1] = torch.where(copyable, followed, -1)
+        self.copy_sources[:, -1] = self.model.as_sources(followed)
         self.copy_sources = torch.cat([self.copy_sources, torch.full_like(self.copy_sources[:, :1], -1)], 1)
         if self.pictures is not None:
             self.pictures = torch.cat([self.pictures, self.pictures[:, -1:]], 1)

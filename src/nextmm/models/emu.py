@@ -211,13 +211,16 @@ class CopyHead(nn.Module):
 
     def keys(self, hidden: torch.Tensor, pictures: torch.Tensor) -> torch.Tensor:
         """(B, L, width) hidden states and (B, L, picture width) their latest pictures -> (B, L, key width)."""
-        return self.key(hidden).float() + self.picture(pictures.to(self.picture.weight.dtype)).float()
+        return self._with_picture(self.key, hidden, pictures)
+
+    def _with_picture(self, read: nn.Linear, hidden: torch.Tensor, pictures: torch.Tensor) -> torch.Tensor:
+        return read(hidden).float() + self.picture(pictures.to(self.picture.weight.dtype)).float()
 
     def attend(self, hidden: torch.Tensor, pictures: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """hidden (B, Q, width) and pictures (B, Q, picture width) at the asking positions; keys (B, L, key
         width) the earlier positions' (`keys`); allowed (B, Q, L) -> (B, Q, L) attention, all zero in a row
         that may copy nothing."""
-        query = self.query(hidden).float() + self.picture(pictures.to(self.picture.weight.dtype)).float()
+        query = self._with_picture(self.query, hidden, pictures)
         scores = torch.einsum("bqk,blk->bql", query, keys.float()) / keys.shape[-1] ** 0.5
         weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
         return torch.nan_to_num(weights, nan=0.0)
@@ -360,7 +363,10 @@ class Emu(nn.Module):
 
     def copy_sources(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T): the token that follows each position, where the copy head may copy it; else -1."""
-        following = F.pad(input_ids[:, 1:], (0, 1), value=-1)
+        return self.as_sources(F.pad(input_ids[:, 1:], (0, 1), value=-1))
+
+    def as_sources(self, following: torch.Tensor) -> torch.Tensor:
+        """Tokens that follow positions (-1: none yet) -> what the copy head may copy there: the token, or -1."""
         return torch.where(torch.isin(following, self.uncopyable), -1, following)
 
     def pictures_at(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
@@ -435,9 +441,10 @@ class Emu(nn.Module):
             pointing = {"pointer": self.pointer_loss(hidden, labels, sight, named_boxes)}
             if regions is not None:
                 pointing["regions"] = self.region_loss(patches, *regions)
-            out.update({k: v for k, v in pointing.items() if v is not None})
-            if any(v is not None for v in pointing.values()):
-                out["text"] = ce + pointer_weight * sum(v for v in pointing.values() if v is not None)
+            found = {k: v for k, v in pointing.items() if v is not None}
+            out.update(found)
+            if found:
+                out["text"] = ce + pointer_weight * sum(found.values())
         loss = out["text"]
         if visual is not None:
             predicts_image = input_ids[:, 1:] == self.image_token_id
