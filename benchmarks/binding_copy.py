@@ -1,10 +1,11 @@
-"""Where the copy head looks in the spec's binding test: on held-out 4-shot prompts, at the query's
+"""The spec's binding test on held-out 4-shot prompts (the word written, the word chosen among those
+shown, chance: `nextmm eval shapes`'s scores), and where the copy head looks there: at the query's
 `this is a`, which of the words the shots showed gets the most copy attention, which the LM head alone
 prefers, which the mixture prefers, and the gate's median. Beside them, an attribute matcher that knows
 every picture's colour and shape and picks the word of the shown picture sharing the most attributes with
 the query (ties split): what matching pictures can reach on these prompts.
 
-Usage: python benchmarks/binding_copy.py --model runs/demo/model [--prompts 120]
+Usage: python benchmarks/binding_copy.py --model runs/demo/model [--prompts 200]
 Prints one JSON object."""
 
 import argparse
@@ -16,9 +17,10 @@ import torch
 import nextmm
 from nextmm.data import shapes
 from nextmm.data.sample import Text
+from nextmm.eval.shapes import EVAL_SEED, evaluate_binding
 from nextmm.generate import Stepper
 
-SEED, SHOTS = 10007, 4
+SEED, SHOTS = EVAL_SEED, 4
 
 
 def episode(i: int):
@@ -42,7 +44,7 @@ def matcher_right(segments, answer, query, objects) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
-    parser.add_argument("--prompts", type=int, default=120)
+    parser.add_argument("--prompts", type=int, default=200)
     args = parser.parse_args()
     m = nextmm.load(args.model)
     model = m.model.eval()
@@ -58,11 +60,12 @@ def main() -> None:
         with torch.no_grad():
             stepper = Stepper(model, batch, 1, True, "fp32")
             hidden = stepper.prefill()
-            allowed = (stepper.copy_sources >= 0)[:, None, :]
-            attention = model.copy_head.attend(hidden[:, None], stepper.pictures[:, -1:], stepper.copy_keys, allowed)[0, 0]
+            copying = stepper.copying(hidden)
+            attention = copying.weights[0]
             lm = model.logits(hidden, stepper.sight)[0]
             mixed = stepper.logits(hidden)[0]
-            gate = torch.sigmoid(model.copy_head.gate(hidden)).item()
+            embeddings = model.llm.embed_tokens.weight
+            gate = model.copy_head.opening(hidden, model.copy_head.copied(copying, len(embeddings)), embeddings).item()
         first = {w: m.tokenizer.encode(w)[0] for w in words}
         on_word = {w: attention[stepper.copy_sources[0] == t].sum().item() for w, t in first.items()}
         scores["copy_attention_right"].append(max(on_word, key=on_word.get) == answer)
@@ -70,7 +73,8 @@ def main() -> None:
         scores["mixed_right"].append(max(first, key=lambda w: mixed[first[w]].item()) == answer)
         scores["gate"].append(gate)
         scores["attribute_matcher_right"].append(matcher_right(segments, answer, query, objects))
-    report = {"model": args.model, "prompts": len(scores["gate"]), "gate_median": round(float(np.median(scores.pop("gate"))), 3)}
+    report = {"model": args.model, **evaluate_binding(m, args.prompts, SEED, SHOTS)}
+    report.update({"prompts_with_the_answer_shown": len(scores["gate"]), "gate_median": round(float(np.median(scores.pop("gate"))), 3)})
     report.update({k: round(float(np.mean(v)), 3) for k, v in scores.items()})
     print(json.dumps(report))
 

@@ -44,11 +44,12 @@ class Stepper:
         # every new position follows the prompt's last image (new images end generate_ids)
         sight = model.sight_of(ids, self.patches)
         self.sight = sight.rows((slice(None), -1)) if sight is not None else None
-        self.pictures = model.pictures_at(ids, visual) if model.copy_head is not None else None
+        self.pictures = model.pictures_at(ids, self.patches) if model.copy_head is not None else None
         self.last_token = ids[:, -1]
         # for the copy head: every position's key (filled by prefill) and the token that followed it
         self.copy_keys = None
         self.copy_sources = model.copy_sources(ids)
+        self.read_ids = ids.clone()  # the token each position read (-1: an embedding no token gave)
         self.keys_valid = torch.cat([valid, torch.zeros(b, new_positions, dtype=torch.bool)], dim=1)
         self.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -66,8 +67,7 @@ class Stepper:
                 mask = _attention_mask(self.keys_valid[:, :total], total)
                 hidden = self.model.llm(self.embeds, self.positions, mask)
             if self.model.copy_head is not None:
-                pictures = self.pictures[:, -hidden.shape[1] :]
-                keys = self.model.copy_head.keys(hidden, pictures)
+                keys = self.model.copy_head.key(hidden)
                 self.copy_keys = keys if self.copy_keys is None or not self.use_cache else torch.cat([self.copy_keys, keys], 1)
         return hidden
 
@@ -88,6 +88,7 @@ class Stepper:
         followed = torch.full_like(self.last_token, -1) if token is None else token
         self.copy_sources[:, -1] = self.model.as_sources(followed)
         self.copy_sources = torch.cat([self.copy_sources, torch.full_like(self.copy_sources[:, :1], -1)], 1)
+        self.read_ids = torch.cat([self.read_ids, followed[:, None]], 1)
         if self.pictures is not None:
             self.pictures = torch.cat([self.pictures, self.pictures[:, -1:]], 1)
         return self._run(next_embeds, next_pos)[:, -1]
@@ -101,13 +102,20 @@ class Stepper:
         self.last_token = token
         return self.append(self.model.llm.embed_tokens(token), token)
 
+    def copying(self, hidden: torch.Tensor) -> Copying:
+        """Where the copy head looks from the last position (hidden state (B, width)): every earlier one."""
+        total = self.prompt_len + self.appended
+        allowed = self.keys_valid[:, :total].clone()
+        allowed[:, -1] = False  # the last position's follower is what is being chosen
+        same = (self.read_ids == self.read_ids[:, -1:]) & (self.read_ids >= 0)
+        like = self.pictures[:, -1:] @ self.pictures.transpose(1, 2)
+        weights = self.model.copy_head.attend(hidden[:, None], self.copy_keys, allowed[:, None], same[:, None], like)
+        return Copying(weights[:, 0], self.copy_sources)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The next token's logits (or, with a copy head, log-probabilities) at the last position's hidden state (B, width)."""
-        model, copying = self.model, None
-        if model.copy_head is not None:
-            allowed = (self.copy_sources >= 0)[:, None, :]
-            weights = model.copy_head.attend(hidden[:, None], self.pictures[:, -1:], self.copy_keys, allowed)
-            copying = Copying(weights[:, 0], self.copy_sources)
+        model = self.model
+        copying = self.copying(hidden) if model.copy_head is not None else None
         return model.logits(hidden.to(model.llm.lm_head.weight.dtype), self.sight, copying)
 
 

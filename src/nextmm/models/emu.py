@@ -195,44 +195,57 @@ class CopyHead(nn.Module):
     """A pointer-generator over the context (See et al. 2017): the next token may be one that followed an
     earlier position, chosen by attention from this position to the earlier ones, and mixed into the LM
     head's distribution by a learned gate. In-context binding asks for exactly this (say the made-up word
-    that followed the earlier picture like this one), and the tiny LLM did not learn it from binding
-    documents on its own (BENCHMARKS.md, session 13). A position asks and is found by its hidden state and
-    by the latest picture before it (its visual embeddings' mean, through one projection shared by both
-    sides, so that like pictures meet), since the tiny LLM's hidden state carries the picture only
-    faintly. Written here, not taken from a library, because it reads the LLM's KV-cached steps."""
+    that followed the earlier picture like this one, syllable by syllable), and the tiny LLM did not learn
+    it from binding documents on its own (BENCHMARKS.md, session 13). Attention looks at every earlier
+    position; the share on one whose follower may not be copied (a marker after a word's last token) goes
+    back to the LM. Written here, not taken from a library, because it reads the LLM's KV-cached steps."""
 
-    def __init__(self, width: int, picture_width: int, key_width: int = 64):
+    def __init__(self, width: int, key_width: int = 64):
         super().__init__()
         self.query = nn.Linear(width, key_width, bias=False)
         self.key = nn.Linear(width, key_width, bias=False)
-        self.picture = nn.Linear(picture_width, key_width, bias=False)
         self.gate = nn.Linear(width, 1)
         nn.init.constant_(self.gate.bias, -3.0)  # ~5% copying at first: the LM's own distribution until copying pays
+        # the gate also reads what the copy would say: a made-up word's syllables are copied, a known word's are not
+        self.gate_on_proposal = nn.Linear(width, 1, bias=False)
+        nn.init.zeros_(self.gate_on_proposal.weight)
+        # Two cues given rather than learned, each with a learned weight; the learned keys find too little to go
+        # on in the few binding documents of a demo. An earlier position that read the token this one reads is
+        # where its continuation was written (an induction head's cue: the rest of a many-token word). And
+        # the latest pictures' cosine: like pictures were followed by the same word.
+        self.same_token = nn.Parameter(torch.tensor(10.0))
+        self.like_pictures = nn.Parameter(torch.tensor(10.0))
 
-    def keys(self, hidden: torch.Tensor, pictures: torch.Tensor) -> torch.Tensor:
-        """(B, L, width) hidden states and (B, L, picture width) their latest pictures -> (B, L, key width)."""
-        return self._with_picture(self.key, hidden, pictures)
-
-    def _with_picture(self, read: nn.Linear, hidden: torch.Tensor, pictures: torch.Tensor) -> torch.Tensor:
-        return read(hidden).float() + self.picture(pictures.to(self.picture.weight.dtype)).float()
-
-    def attend(self, hidden: torch.Tensor, pictures: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """hidden (B, Q, width) and pictures (B, Q, picture width) at the asking positions; keys (B, L, key
-        width) the earlier positions' (`keys`); allowed (B, Q, L) -> (B, Q, L) attention, all zero in a row
-        that may copy nothing."""
-        query = self._with_picture(self.query, hidden, pictures)
-        scores = torch.einsum("bqk,blk->bql", query, keys.float()) / keys.shape[-1] ** 0.5
+    def attend(self, hidden: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, same_token: torch.Tensor, like_pictures: torch.Tensor) -> torch.Tensor:
+        """hidden (B, Q, width) at the asking positions, keys (B, L, key width) the earlier positions' (`key`
+        of their hidden states); for each pair (B, Q, L): allowed, where it may look; same_token, where the
+        earlier position read the token the asking one reads; like_pictures, their latest pictures' cosine
+        -> (B, Q, L) attention, all zero in a row that may look nowhere."""
+        scores = torch.einsum("bqk,blk->bql", self.query(hidden).float(), keys.float()) / keys.shape[-1] ** 0.5
+        scores = scores + self.same_token * same_token + self.like_pictures * like_pictures
         weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
         return torch.nan_to_num(weights, nan=0.0)
 
-    def mix(self, logits: torch.Tensor, hidden: torch.Tensor, copying: "Copying") -> torch.Tensor:
-        """(R, V) the LM's logits -> (R, V) log-probabilities of (1 - g) LM + g copy, g the gate at `hidden`
-        (R, width); a row with nothing to copy keeps the LM's distribution."""
-        copied = torch.zeros_like(logits, dtype=torch.float).scatter_add(1, copying.sources.clamp_min(0), copying.weights.float() * (copying.sources >= 0))
-        can_copy = copied.sum(-1, keepdim=True) > 0
-        gate = torch.sigmoid(self.gate(hidden).float()) * can_copy
+    def mix(self, logits: torch.Tensor, hidden: torch.Tensor, copying: "Copying", embeddings: torch.Tensor) -> torch.Tensor:
+        """(R, V) the LM's logits -> (R, V) log-probabilities of (1 - g m) LM + g copy: g the gate
+        (`opening`), m the attention's share on positions whose follower may be copied. The share on the
+        others (a word's last token, followed by a marker) goes back to the LM, which is how a copied word ends."""
+        copied = self.copied(copying, logits.shape[-1])
+        gate = self.opening(hidden, copied, embeddings)
+        share = gate * copied.sum(-1, keepdim=True)
         # clamped, so that the rows and tokens with nothing copied send no 0 x inf gradients back
-        return torch.logaddexp(F.log_softmax(logits.float(), -1) + torch.log1p(-gate), gate.clamp_min(1e-12).log() + copied.clamp_min(1e-12).log())
+        return torch.logaddexp(F.log_softmax(logits.float(), -1) + torch.log1p(-share.clamp_max(1 - 1e-6)), gate.clamp_min(1e-12).log() + copied.clamp_min(1e-12).log())
+
+    def copied(self, copying: "Copying", vocab_size: int) -> torch.Tensor:
+        """(R, V): the attention's share on each token it would copy."""
+        copyable = copying.weights.float() * (copying.sources >= 0)
+        return torch.zeros(len(copyable), vocab_size, device=copyable.device).scatter_add(1, copying.sources.clamp_min(0), copyable)
+
+    def opening(self, hidden: torch.Tensor, copied: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """(R, 1) the gate, at `hidden` (R, width) and at what the copy proposes (`copied` over the (V, width)
+        token `embeddings`)."""
+        proposal = (copied @ embeddings.detach().float()).to(self.gate_on_proposal.weight.dtype)
+        return torch.sigmoid(self.gate(hidden).float() + self.gate_on_proposal(proposal).float())
 
 
 @dataclass
@@ -261,7 +274,9 @@ class Emu(nn.Module):
         self.regression_head = nn.Linear(cfg.llm.width, cfg.resampler.width, bias=False)
         # OFA's location tokens get their logits from LocationHead (none when the tokenizer has no bins)
         self.location_head = location_head_for(cfg, len(location_ids))
-        self.copy_head = CopyHead(cfg.llm.width, cfg.resampler.width) if cfg.llm.copy_head else None
+        self.copy_head = CopyHead(cfg.llm.width) if cfg.llm.copy_head else None
+        # the mean picture (`pictures_at`), kept as training goes, like a batch norm's running mean
+        self.register_buffer("picture_mean", torch.zeros(cfg.vision.width) if cfg.llm.copy_head else None)
 
     @property
     def num_queries(self) -> int:
@@ -359,7 +374,7 @@ class Emu(nn.Module):
             logits = logits.index_copy(-1, self.location_ids, self.location_head(hidden, sight))
         if self.copy_head is None or copying is None:
             return logits
-        return self.copy_head.mix(logits, hidden, copying)
+        return self.copy_head.mix(logits, hidden, copying, self.llm.embed_tokens.weight)
 
     def copy_sources(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T): the token that follows each position, where the copy head may copy it; else -1."""
@@ -369,30 +384,36 @@ class Emu(nn.Module):
         """Tokens that follow positions (-1: none yet) -> what the copy head may copy there: the token, or -1."""
         return torch.where(torch.isin(following, self.uncopyable), -1, following)
 
-    def pictures_at(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
-        """(B, T) ids and the batch's visual embeddings (M, N, resampler width) -> (B, T, resampler width):
-        at each position, the mean visual embedding of the latest picture before it (zeros before any), detached."""
-        width = self.cfg.resampler.width
-        if visual is None or not visual.numel():
+    def pictures_at(self, input_ids: torch.Tensor, patches: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) ids and the batch's patch grids (M, P, vision width) -> (B, T, vision width): at each
+        position, the latest picture before it as its patches' maximum less the mean picture, at unit length
+        (zeros before any), detached. The maximum, as CLIP pools them: an object fills a few patches of a
+        blank canvas."""
+        width = self.cfg.vision.width
+        if patches is None or not patches.numel():
             return torch.zeros(*input_ids.shape, width, device=input_ids.device)
         latest = self.latest_image(input_ids)
-        # Detached: the copy head reads the pictures and does not train the visual stack, which a pointer's
-        # gradient through a hidden layer collapsed within the demo's stage 1 (BENCHMARKS.md, session 17, R10).
-        pooled = F.pad(visual.detach().float().mean(1), (0, 0, 0, 1))  # a last row of zeros for "no picture yet"
-        return pooled[torch.where(latest >= 0, latest, len(visual))]
+        # Detached: the copy head does not train the vision tower, which a pointer's gradient through a
+        # hidden layer collapsed within the demo's stage 1 (BENCHMARKS.md, session 17, R10).
+        pooled = patches.detach().float().amax(1)
+        if self.training:
+            self.picture_mean.lerp_(pooled.mean(0), 0.01)
+        # centred: every picture shares its blank canvas, and raw cosines all lie near 0.94 (BENCHMARKS.md, session 18)
+        pooled = F.pad(F.normalize(pooled - self.picture_mean, dim=-1), (0, 0, 0, 1))  # a last row of zeros: no picture yet
+        return pooled[torch.where(latest >= 0, latest, len(patches))]
 
-    def copying_of(self, input_ids: torch.Tensor, hidden: torch.Tensor, visual: torch.Tensor | None, which: torch.Tensor) -> Copying | None:
-        """What the copy head may copy at the positions `which` (a (B, T) mask) of a whole sequence: every
-        earlier position's following token. None without a copy head."""
+    def copying_of(self, input_ids: torch.Tensor, hidden: torch.Tensor, patches: torch.Tensor | None, which: torch.Tensor) -> Copying | None:
+        """What the copy head may copy at the positions `which` (a (B, T) mask) of a whole sequence: it looks
+        at every earlier position and copies the token that followed it. None without a copy head."""
         if self.copy_head is None:
             return None
-        sources = self.copy_sources(input_ids)
         steps = torch.arange(input_ids.shape[1], device=input_ids.device)
-        allowed = (sources >= 0)[:, None, :] & (steps[None, :] < steps[:, None])  # j < t: ids[j + 1] is known at t
-        pictures = self.pictures_at(input_ids, visual)
-        weights = self.copy_head.attend(hidden, pictures, self.copy_head.keys(hidden, pictures), allowed)
+        allowed = (steps[None, :] < steps[:, None]).expand(len(input_ids), -1, -1)  # j < t: ids[j + 1] is known at t
+        same = input_ids[:, :, None] == input_ids[:, None, :]
+        pictures = self.pictures_at(input_ids, patches)
+        weights = self.copy_head.attend(hidden, self.copy_head.key(hidden), allowed, same, pictures @ pictures.transpose(1, 2))
         rows = which.nonzero()[:, 0]
-        return Copying(weights[which], sources[rows])
+        return Copying(weights[which], self.copy_sources(input_ids)[rows])
 
     def sight_of(self, input_ids: torch.Tensor, patches: torch.Tensor | None) -> Sight | None:
         """(B, T) ids and the batch's patch grids (from `see`) -> what the pointer sees at every position."""
@@ -434,7 +455,7 @@ class Emu(nn.Module):
         hidden = self(input_ids, visual)
         picked = labels != IGNORE
         sight = self.sight_of(input_ids, patches)
-        logits = self.logits(hidden[picked], sight.rows(picked) if sight is not None else None, self.copying_of(input_ids, hidden, visual, picked))
+        logits = self.logits(hidden[picked], sight.rows(picked) if sight is not None else None, self.copying_of(input_ids, hidden, patches, picked))
         ce = self.text_loss(logits, labels[picked], location_sigma) if picked.any() else hidden.sum() * 0
         out = {"ce": ce, "text": ce}
         if pointer_weight > 0:
