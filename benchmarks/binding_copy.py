@@ -3,7 +3,12 @@ shown, chance: `nextmm eval shapes`'s scores), and where the copy head looks the
 `this is a`, which of the words the shots showed gets the most copy attention, which the LM head alone
 prefers, which the mixture prefers, and the gate's median. Beside them, an attribute matcher that knows
 every picture's colour and shape and picks the word of the shown picture sharing the most attributes with
-the query (ties split): what matching pictures can reach on these prompts.
+the query (ties split): what matching pictures can reach on these prompts. And how far pictures' cosines
+alone go (the word of the shown picture most like the query's): by the vision tower's patches' maximum
+(what the copy head reads), the same less these prompts' mean picture (the copy head centres on a mean
+kept in training), and the mean visual embedding (what session 17's copy head read); with the median gap
+between the answer's best cosine and the best other word's, which says how sharp a fixed weight on the
+cosine can be.
 
 Usage: python benchmarks/binding_copy.py --model runs/demo/model [--prompts 200]
 Prints one JSON object."""
@@ -13,6 +18,7 @@ import json
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import nextmm
 from nextmm.data import shapes
@@ -32,13 +38,36 @@ def episode(i: int):
     return segments, answer, query, objects
 
 
+def shown_words(segments, shots: int) -> list[str]:
+    return [s.text.rsplit(" ", 1)[1] for s in segments if isinstance(s, Text) and s.text.startswith("this is a ")][:shots]
+
+
 def matcher_right(segments, answer, query, objects) -> float:
-    shown = [s.text.rsplit(" ", 1)[1] for s in segments if isinstance(s, Text) and s.text.startswith("this is a ")][: len(objects)]
     shared = {}
-    for o, word in zip(objects, shown):
+    for o, word in zip(objects, shown_words(segments, len(objects))):
         shared[word] = max(shared.get(word, 0), (o.colour == query.colour) + (o.shape == query.shape))
     best = [w for w, v in shared.items() if v == max(shared.values())]
     return (answer in best) / len(best)
+
+
+def cosine_choice(features: torch.Tensor, words: list[str], answer: str) -> tuple[bool, float]:
+    """features (shots + 1, D), the query's last -> (the most alike shot's word is the answer, its margin)."""
+    unit = F.normalize(features.float(), dim=-1)
+    best: dict[str, float] = {}
+    for word, cosine in zip(words, (unit[:-1] @ unit[-1]).tolist()):
+        best[word] = max(best.get(word, -2.0), cosine)
+    others = [v for w, v in best.items() if w != answer]
+    return max(best, key=best.get) == answer, best[answer] - max(others) if others else float("nan")
+
+
+def cosine_scores(pictures: list[tuple[list[str], str, dict]]) -> dict[str, float]:
+    mean = torch.cat([features["patch_max"] for _, _, features in pictures]).mean(0)
+    report = {}
+    for name, source, centre in (("patch_max", "patch_max", 0), ("patch_max_centred", "patch_max", mean), ("visual_mean", "visual_mean", 0)):
+        chosen = [cosine_choice(features[source] - centre, words, answer) for words, answer, features in pictures]
+        report[f"cosine_{name}_right"] = round(float(np.mean([right for right, _ in chosen])), 3)
+        report[f"cosine_{name}_median_margin"] = round(float(np.nanmedian([margin for _, margin in chosen])), 3)
+    return report
 
 
 def main() -> None:
@@ -51,6 +80,7 @@ def main() -> None:
     if model.copy_head is None:
         raise SystemExit(f"{args.model} has no copy head (llm.copy_head)")
     scores = {"copy_attention_right": [], "lm_head_right": [], "mixed_right": [], "gate": [], "attribute_matcher_right": []}
+    pictures = []
     for i in range(args.prompts):
         segments, answer, query, objects = episode(i)
         words = shapes.binding_choices(segments)
@@ -66,6 +96,8 @@ def main() -> None:
             mixed = stepper.logits(hidden)[0]
             embeddings = model.llm.embed_tokens.weight
             gate = model.copy_head.opening(hidden, model.copy_head.copied(copying, len(embeddings)), embeddings).item()
+            visual, patches = model.see(batch["pixels"])
+        pictures.append((shown_words(segments, len(objects)), answer, {"patch_max": patches.amax(1), "visual_mean": visual.mean(1)}))
         first = {w: m.tokenizer.encode(w)[0] for w in words}
         on_word = {w: attention[stepper.copy_sources[0] == t].sum().item() for w, t in first.items()}
         scores["copy_attention_right"].append(max(on_word, key=on_word.get) == answer)
@@ -76,6 +108,7 @@ def main() -> None:
     report = {"model": args.model, **evaluate_binding(m, args.prompts, SEED, SHOTS)}
     report.update({"prompts_with_the_answer_shown": len(scores["gate"]), "gate_median": round(float(np.median(scores.pop("gate"))), 3)})
     report.update({k: round(float(np.mean(v)), 3) for k, v in scores.items()})
+    report.update(cosine_scores(pictures))
     print(json.dumps(report))
 
 

@@ -398,7 +398,7 @@ class Emu(nn.Module):
         pooled = patches.detach().float().amax(1)
         if self.training:
             self.picture_mean.lerp_(pooled.mean(0), 0.01)
-        # centred: every picture shares its blank canvas, and raw cosines all lie near 0.94 (BENCHMARKS.md, session 18)
+        # centred: every picture shares its blank canvas, and raw cosines part shots by ~0.04 (BENCHMARKS.md, session 18)
         pooled = F.pad(F.normalize(pooled - self.picture_mean, dim=-1), (0, 0, 0, 1))  # a last row of zeros: no picture yet
         return pooled[torch.where(latest >= 0, latest, len(patches))]
 
