@@ -551,7 +551,6 @@ def test_the_copy_head_mixes_a_distribution_that_copies_the_token_after_the_posi
 
     head = micro_model.copy_head
     torch.manual_seed(0)
-    hidden, logits = torch.randn(3, micro_model.cfg.llm.width), torch.randn(3, tokenizer.vocab_size)
     hidden, logits = torch.randn(4, micro_model.cfg.llm.width), torch.randn(4, tokenizer.vocab_size)
     sources = torch.tensor([[7, 9, -1], [7, 9, -1], [-1, -1, -1], [7, 9, -1]])
     weights = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.25, 0.75]])

@@ -46,10 +46,10 @@ class Stepper:
         self.sight = sight.rows((slice(None), -1)) if sight is not None else None
         self.pictures = model.pictures_at(ids, self.patches) if model.copy_head is not None else None
         self.last_token = ids[:, -1]
-        # for the copy head: every position's key (filled by prefill) and the token that followed it
+        # for the copy head: every position's key (filled by prefill) and the token it read (-1: an embedding
+        # no token gave), from which what followed it comes (`copy_sources`)
         self.copy_keys = None
-        self.copy_sources = model.copy_sources(ids)
-        self.read_ids = ids.clone()  # the token each position read (-1: an embedding no token gave)
+        self.read_ids = ids.clone()
         self.keys_valid = torch.cat([valid, torch.zeros(b, new_positions, dtype=torch.bool)], dim=1)
         self.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -84,11 +84,8 @@ class Stepper:
         next_embeds = next_embeds.unsqueeze(1).to(self.embeds.dtype)
         self.embeds = torch.cat([self.embeds, next_embeds], dim=1)
         self.positions = torch.cat([self.positions, next_pos], dim=1)
-        # the previous last position is now followed by `token` (copyable unless a marker, a box or not a token)
-        followed = torch.full_like(self.last_token, -1) if token is None else token
-        self.copy_sources[:, -1] = self.model.as_sources(followed)
-        self.copy_sources = torch.cat([self.copy_sources, torch.full_like(self.copy_sources[:, :1], -1)], 1)
-        self.read_ids = torch.cat([self.read_ids, followed[:, None]], 1)
+        read = torch.full_like(self.last_token, -1) if token is None else token
+        self.read_ids = torch.cat([self.read_ids, read[:, None]], 1)
         if self.pictures is not None:
             self.pictures = torch.cat([self.pictures, self.pictures[:, -1:]], 1)
         return self._run(next_embeds, next_pos)[:, -1]
@@ -101,6 +98,12 @@ class Stepper:
             self.sight.roles = self.model.next_box_roles(self.sight.roles, token)
         self.last_token = token
         return self.append(self.model.llm.embed_tokens(token), token)
+
+    @property
+    def copy_sources(self) -> torch.Tensor:
+        """(B, L) the token that followed each position, where the copy head may copy it; else -1 (the last
+        position's is not known yet)."""
+        return self.model.copy_sources(self.read_ids)
 
     def copying(self, hidden: torch.Tensor) -> Copying:
         """Where the copy head looks from the last position (hidden state (B, width)): every earlier one."""

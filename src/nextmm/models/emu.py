@@ -378,10 +378,7 @@ class Emu(nn.Module):
 
     def copy_sources(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T): the token that follows each position, where the copy head may copy it; else -1."""
-        return self.as_sources(F.pad(input_ids[:, 1:], (0, 1), value=-1))
-
-    def as_sources(self, following: torch.Tensor) -> torch.Tensor:
-        """Tokens that follow positions (-1: none yet) -> what the copy head may copy there: the token, or -1."""
+        following = F.pad(input_ids[:, 1:], (0, 1), value=-1)
         return torch.where(torch.isin(following, self.uncopyable), -1, following)
 
     def pictures_at(self, input_ids: torch.Tensor, patches: torch.Tensor | None) -> torch.Tensor:
