@@ -8,7 +8,9 @@ which object a question names, so only their one-object figures say what the emb
 With a location pointer (`llm.location_pointer`), also where it looks at that state: the miss of its
 attention-weighted patch position (median L1 to the centre, pixels) and its attention's share on the
 patches whose centre lies in the named object's box. And the model's own answers' Acc@0.5 on the 300
-held-out questions of each count.
+held-out questions of each count, beside the same answers read as before session 19, averaging the
+pointer's attention over the whole grid (`whole_grid_read`) rather than around its peak; and how often
+that peak lies in the named object's box.
 
 Usage: python benchmarks/grounding_probe.py --model runs/demo/model
 Prints one JSON object.
@@ -70,14 +72,26 @@ def features(m, prompts: list) -> tuple[dict[str, np.ndarray], np.ndarray | None
     return probed, torch.cat(looks).numpy() if looks else None
 
 
-def pointer_looks(m, attention: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per question: the L1 miss (pixels) of the attention-weighted patch centre, and the attention's share
-    on patches whose centre is inside the box."""
-    where = (m.model.location_head.pointer.where.numpy() + 0.5) * m.config.vision.image_size  # (P, 2) pixels
+def pointer_looks(m, attention: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per question: the L1 miss (pixels) of the attention-weighted patch centre, the attention's share on
+    patches whose centre is inside the box, and whether its peak (PatchPointer.around_peak) is inside."""
+    pointer = m.model.location_head.pointer
+    where = (pointer.where.numpy() + 0.5) * m.config.vision.image_size  # (P, 2) pixels
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     miss = np.abs(attention @ where - centres).sum(1)
     inside = ((where[None] >= boxes[:, None, :2]) & (where[None] <= boxes[:, None, 2:])).all(-1)
-    return miss, (attention * inside).sum(1)
+    peak = pointer.around_peak(torch.from_numpy(attention)).argmax(-1).numpy()
+    return miss, (attention * inside).sum(1), inside[np.arange(len(peak)), peak]
+
+
+def whole_grid_answers(m, images: list, phrases: list[str]) -> list:
+    """m.ground's boxes with the pointer reading its attention over the whole grid, as before session 19."""
+    pointer = m.model.location_head.pointer
+    pointer.around_peak = lambda attention: attention
+    try:
+        return m.ground(images, phrases)
+    finally:
+        del pointer.around_peak
 
 
 def probe_error(x: np.ndarray, y: np.ndarray, ridge: float = 1.0) -> np.ndarray:
@@ -101,11 +115,15 @@ def main() -> None:
         probed, attention = features(m, prompts)
         found = {"constant": guess, **{name: probe_error(x, centres) for name, x in probed.items()}}
         if attention is not None:
-            miss, share = pointer_looks(m, attention[TRAIN:], boxes[TRAIN:])
+            miss, share, peak_inside = pointer_looks(m, attention[TRAIN:], boxes[TRAIN:])
             found["pointer_looks"] = miss
             out.setdefault("pointer_share_on_object", {})[f"{objects}_objects"] = round(float(share.mean()), 3)
-        predicted = m.ground([p[0].image for p in prompts[TRAIN:]], phrases[TRAIN:])
-        out.setdefault("acc_at_0.5", {})[f"{objects}_objects"] = round(grounding_accuracy(predicted, boxes[TRAIN:].tolist()), 3)
+            out.setdefault("pointer_peak_on_object", {})[f"{objects}_objects"] = round(float(peak_inside.mean()), 3)
+        images, told = [p[0].image for p in prompts[TRAIN:]], boxes[TRAIN:].tolist()
+        out.setdefault("acc_at_0.5", {})[f"{objects}_objects"] = round(grounding_accuracy(m.ground(images, phrases[TRAIN:]), told), 3)
+        if attention is not None:
+            whole = whole_grid_answers(m, images, phrases[TRAIN:])
+            out.setdefault("acc_at_0.5_whole_grid_read", {})[f"{objects}_objects"] = round(grounding_accuracy(whole, told), 3)
         for name, errors in found.items():
             out.setdefault(name, {})[f"{objects}_objects"] = round(float(np.median(errors)), 1)
     print(json.dumps(out))

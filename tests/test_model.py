@@ -145,25 +145,29 @@ def test_patch_pointer_finds_the_named_object_where_the_hidden_state_does_not_sa
         cell = torch.where(axis == 0, spot % grid, spot // grid)  # column for x, row for y
         place = (cell * 16 + 8).clamp(max=63)  # the patch centre, in 64 bins
         noise = torch.randn(n, width) * 0.1
-        return names[named] + axes[axis] + noise, axes[axis] + noise, names[named], patches, place
+        return names[named] + axes[axis] + noise, axes[axis] + noise, names[named], patches, place, spot
 
     def miss_after_training(head: LocationHead, words_name_it: bool = False) -> float:
-        """With words_name_it the hidden state says only the axis, and the word bags name the object."""
+        """With words_name_it the hidden state says only the axis, and the word bags name the object. As in
+        Emu.pointer_loss, the pointer's attention is also told the named object's patch."""
 
-        def logits(n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-            hidden, axis_only, words, patches, place = batch(n)
-            if words_name_it:
-                return head(axis_only, Sight(patches, torch.arange(n), words)), place
-            return head(hidden, Sight(patches, torch.arange(n))), place
+        def logits(n: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            hidden, axis_only, words, patches, place, spot = batch(n)
+            asking, sight = (axis_only, Sight(patches, torch.arange(n), words)) if words_name_it else (hidden, Sight(patches, torch.arange(n)))
+            told = 0.0
+            if head.pointer is not None:
+                attention = head.pointer.attention(asking, patches, sight.image_index, sight.words)
+                told = -attention[torch.arange(n), spot].clamp_min(1e-9).log().mean()
+            return head(asking, sight), place, told
 
         optimizer = torch.optim.Adam(head.parameters(), lr=0.01)
         for _ in range(600):
-            predicted, place = logits()
-            loss = torch.nn.functional.cross_entropy(predicted, place)
+            predicted, place, told = logits()
+            loss = torch.nn.functional.cross_entropy(predicted, place) + told
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        predicted, place = logits(1000)
+        predicted, place, _ = logits(1000)
         return (predicted.argmax(-1) - place).abs().float().mean().item()
 
     pointed = miss_after_training(LocationHead(width, 64, pointer=PatchPointer(width, patch_width, grid, words=False, roles=False)))
@@ -514,6 +518,25 @@ def test_region_phrases_alone_teach_the_pointer_which_of_several_objects_a_phras
         loss.backward()
         optimizer.step()
     assert share_on_named() > 0.8 and before < 0.2  # three objects on 16 patches: a blind look gives ~1/16
+
+
+def test_the_pointer_reads_the_place_around_its_attentions_peak_not_between_objects():
+    from nextmm.models.emu import PatchPointer
+
+    pointer = PatchPointer(8, 8, grid=8, key_width=8, words=False)
+    attention = torch.zeros(2, 8, 8)
+    attention[0, 1:3, 1:3] = 0.7 / 4  # most of it on an object over four patches, rows and columns 1-2
+    attention[0, 7, 7] = 0.3  # the rest on another object, far away
+    attention[1] = 1 / 64  # and a row that looks everywhere alike
+    read = pointer.read(torch.zeros(1, 64, 8), torch.zeros(2, dtype=torch.long), attention.flatten(1))
+    object_centre = 2 / 8 - 0.5  # the patches' shared corner, from the image's centre
+    assert (read[0, :2] - object_centre).abs().max() < 0.1 / 8  # within a tenth of a patch
+    whole_grid_mean = 0.7 * object_centre + 0.3 * (7.5 / 8 - 0.5)
+    assert whole_grid_mean - object_centre > 1.5 / 8  # what the average over the whole grid read: 1.7 patches off
+    assert torch.isfinite(read).all() and (read[1, :2].abs() < 0.5).all()
+    local = pointer.around_peak(attention.flatten(1))
+    torch.testing.assert_close(local.sum(-1), torch.ones(2))
+    assert local[0, 63] < 1e-6
 
 
 def test_a_boxs_sides_start_at_the_pointed_place_by_their_order_in_the_box(micro_model, tokenizer):

@@ -191,3 +191,17 @@ def test_gradients_clipped_apart_do_not_shrink_everyone_elses_step(tmp_path):
     torch.testing.assert_close(together["quiet.weight"], x * 10 / 5000)  # clipped with the loud layer: shrunk 500-fold
     torch.testing.assert_close(apart["quiet.weight"], x)  # under the limit on its own: untouched
     assert apart["loud.weight"].norm() == pytest.approx(10.0, rel=1e-4)
+
+
+def test_stage1_trains_the_vision_tower_slower_and_the_copy_gate_faster(micro_model, micro_config):
+    from nextmm.train.stages import pretrain_groups
+
+    p = micro_config.pretrain
+    groups = pretrain_groups(micro_model, p)
+    lr_of = {id(param): g["lr"] for g in groups for param in g["params"]}
+    named = dict(micro_model.named_parameters())
+    assert lr_of[id(named["copy_head.gate.weight"])] == lr_of[id(named["copy_head.gate_on_proposal.weight"])] == p.lr * p.copy_gate_lr_scale
+    assert lr_of[id(named["copy_head.query.weight"])] == lr_of[id(named["llm.embed_tokens.weight"])] == p.lr
+    assert lr_of[id(next(v for k, v in named.items() if k.startswith("vision.")))] == p.lr * p.vision_lr_scale
+    assert p.copy_gate_lr_scale > 1 > p.vision_lr_scale
+    assert sorted(lr_of) == sorted(id(v) for v in micro_model.parameters() if v.requires_grad)  # every parameter, once

@@ -206,7 +206,8 @@ class PretrainConfig(TrainConfig):
     location_sigma: float = 1.5
     # Where a box is written, the location head's PatchPointer is also told which patches the box covers:
     # this weight x the cross-entropy of its attention against each patch's share of the box
-    # (models/emu.py, Emu.pointer_loss). 0 leaves the pointer to learn from the bins' loss alone.
+    # (models/emu.py, Emu.pointer_loss). At 0 the pointer learns only from the bins' loss, which reaches it
+    # through a read around its attention's peak: on tests/test_model.py's toy task it then never found the object.
     pointer_weight: float = 1.0
     # With pointer_weight > 0: a VQA question about one object, and a one-object caption, also tell the pointer
     # that object's patches at their last token (data/shapes.py, named_object), so it learns which object
@@ -222,6 +223,11 @@ class PretrainConfig(TrainConfig):
     # through an LLM that cannot read yet, wiped out shape it had learned (shape from captions 0.40 vs
     # 0.61 at x0.1 and 0.62 frozen, 240 steps, BENCHMARKS.md).
     vision_lr_scale: float = 0.1
+    # The copy head's gate (both its layers) learns this much faster. It must open where a binding answer
+    # starts, and a demo sees ~10-20 binding batches: at x1 a 580-step stage 1 (an fp32 CPU) left it at 0.12
+    # and wrote no bound word, where at x10 it opened to 0.6 and wrote 0.47 of them. The whole head at x10
+    # opened the gate as far but its attention lost the right picture (0.76 -> 0.40; BENCHMARKS.md, session 19).
+    copy_gate_lr_scale: float = 10.0
     # At 8 frames each a video batch costs several caption batches. Halving videos
     # (from 0.5 / 1.0) and raising captions (from 2.0) gave 490 stage-1 steps instead of ~380 and
     # caption exact match 0.28 instead of 0.14-0.17, video scores unchanged (BENCHMARKS.md, d4).
@@ -232,11 +238,12 @@ class PretrainConfig(TrainConfig):
     # ground, region_caption, itm, detect: OFA's tasks as instructions (data/shapes.py), boxes as <bin_k>.
     # At 1 / 1 / 0.5 / 0.5 (text_to_image 1.5) a demo run made ~19 grounding batches, wrote no box, and
     # captioned worse (exact match 0.24-0.37 against 0.42-0.49); so they come in lightly here, for longer
-    # runs to raise (BENCHMARKS.md, session 7).
+    # runs to raise (BENCHMARKS.md, session 7). binding at 0.5, from 0.3: a 580-step stage 1 wrote 66% of bound
+    # words where it wrote 46%, and its copy gate opened to 1.0 from 0.6 (BENCHMARKS.md, session 19).
     mix: dict[str, float] = field(
         default_factory=lambda: {
             "caption": 3.0, "vqa": 3.0, "video_caption": 0.25, "video_qa": 0.5,
-            "story": 0.3, "edit": 0.2, "binding": 0.3, "text_to_image": 1.5,
+            "story": 0.3, "edit": 0.2, "binding": 0.5, "text_to_image": 1.5,
             "ground": 0.25, "itm": 0.25, "region_caption": 0.25, "detect": 0.25,
         }
     )

@@ -144,6 +144,11 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
     return target, loss_fn, backward
 
 
+def pretrain_groups(model: Emu, p: PretrainConfig) -> list[dict]:
+    """Stage 1's optimizer groups: the vision tower slower, the copy head's gate faster (PretrainConfig)."""
+    return param_groups(model, p.lr, p.weight_decay, {"vision.": p.vision_lr_scale, "copy_head.gate": p.copy_gate_lr_scale})
+
+
 def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, clip: CLIP, resume: bool) -> Emu:
     torch.manual_seed(cfg.seed + 1)
     model = build_model(cfg, tok)
@@ -160,7 +165,7 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
     target, loss_fn, backward = pretrain_objective(model, p)
     trainer = Trainer(
         "pretrain", model, loss_fn, p, stage_dir,
-        groups=param_groups(model, p.lr, p.weight_decay, {"vision.": p.vision_lr_scale}),
+        groups=pretrain_groups(model, p),
         extra_modules={"target": target} if target is not None else None,
         after_step=(lambda: target.update(model)) if target is not None else None,
         backward=backward,
