@@ -9,8 +9,8 @@ With a location pointer (`llm.location_pointer`), also where it looks at that st
 attention-weighted patch position (median L1 to the centre, pixels) and its attention's share on the
 patches whose centre lies in the named object's box. And the model's own answers' Acc@0.5 on the 300
 held-out questions of each count, beside the same answers read as before session 19, averaging the
-pointer's attention over the whole grid (`whole_grid_read`) rather than around its peak; and how often
-that peak lies in the named object's box.
+pointer's attention over the whole grid (`whole_grid_read`) rather than around its peak; how often that
+peak lies in the named object's box, and both reads' Acc@0.5 on those questions (`..._peak_on_object`).
 
 Usage: python benchmarks/grounding_probe.py --model runs/demo/model
 Prints one JSON object.
@@ -120,10 +120,14 @@ def main() -> None:
             out.setdefault("pointer_share_on_object", {})[f"{objects}_objects"] = round(float(share.mean()), 3)
             out.setdefault("pointer_peak_on_object", {})[f"{objects}_objects"] = round(float(peak_inside.mean()), 3)
         images, told = [p[0].image for p in prompts[TRAIN:]], boxes[TRAIN:].tolist()
-        out.setdefault("acc_at_0.5", {})[f"{objects}_objects"] = round(grounding_accuracy(m.ground(images, phrases[TRAIN:]), told), 3)
+        answers = m.ground(images, phrases[TRAIN:])
+        out.setdefault("acc_at_0.5", {})[f"{objects}_objects"] = round(grounding_accuracy(answers, told), 3)
         if attention is not None:
             whole = whole_grid_answers(m, images, phrases[TRAIN:])
             out.setdefault("acc_at_0.5_whole_grid_read", {})[f"{objects}_objects"] = round(grounding_accuracy(whole, told), 3)
+            for name, read in (("acc_at_0.5_peak_on_object", answers), ("acc_at_0.5_whole_grid_read_peak_on_object", whole)):
+                on = [(a, b) for a, b, inside in zip(read, told, peak_inside) if inside]
+                out.setdefault(name, {})[f"{objects}_objects"] = round(grounding_accuracy(*map(list, zip(*on))), 3) if on else None
         for name, errors in found.items():
             out.setdefault(name, {})[f"{objects}_objects"] = round(float(np.median(errors)), 1)
     print(json.dumps(out))

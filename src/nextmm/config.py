@@ -225,7 +225,7 @@ class PretrainConfig(TrainConfig):
     vision_lr_scale: float = 0.1
     # The copy head's gate (both its layers) learns this much faster. It must open where a binding answer
     # starts, and a demo sees ~10-20 binding batches: at x1 a 580-step stage 1 (an fp32 CPU) left it at 0.12
-    # and wrote no bound word, where at x10 it opened to 0.6 and wrote 0.47 of them. The whole head at x10
+    # and wrote no bound word, where at x10 it opened to 0.6 and wrote 0.46 of them. The whole head at x10
     # opened the gate as far but its attention lost the right picture (0.76 -> 0.40; BENCHMARKS.md, session 19).
     copy_gate_lr_scale: float = 10.0
     # At 8 frames each a video batch costs several caption batches. Halving videos

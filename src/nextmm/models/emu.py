@@ -100,7 +100,7 @@ class PatchPointer(nn.Module):
         peak, and summed to 1 again. The peak is the patch whose 3 x 3 neighbourhood holds the most of it on
         average (a sum favoured the patch inside a corner's), placed at that neighbourhood's attended mean.
         Averaged over the whole grid, the share left on other objects pulled the place between them: a demo
-        model wrote 50% of two-object boxes and 32% of three-object ones right, and 78% and 62% read this way
+        model wrote 50% of two-object boxes and 28% of three-object ones right, and 80% and 60% read this way
         (BENCHMARKS.md, session 19)."""
         grid = attention.view(-1, 1, self.grid, self.grid)
         peak = F.avg_pool2d(grid, 3, stride=1, padding=1, count_include_pad=False).flatten(1).argmax(-1)
