@@ -1,12 +1,12 @@
 """How fast a trained stage-1 model learns a new output when it trains on it, and what that costs its
 reading: continues training the language side (or the regression head alone, or the whole model) on a
 chosen mix of Shapes World sources (the text-to-image view among them) and scores along the way the LLM's side of
-text-to-image (eval/images.regression_retrieval), grounding (Acc@0.5 on held-out expressions) or
-binding (4-shot accuracy), then captions and VQA at the end.
+text-to-image (eval/images.regression_retrieval), grounding (Acc@0.5 on held-out expressions),
+binding (4-shot accuracy) or image-text matching (accuracy), then captions and VQA at the end.
 
 Usage: python benchmarks/text_to_embedding.py --model runs/demo/model --data runs/demo/data
        [--mix '{"text_to_image": 1}'] [--lr 1e-3] [--steps 160] [--every 20] [--train all|head|everything]
-       [--score retrieval|grounding|binding] [--location-sigma S] [--location-head] [--location-pointer]
+       [--score retrieval|grounding|binding|itm] [--location-sigma S] [--location-head] [--location-pointer]
        [--pointer-weight W] [--pointer-lr X] [--seed S] [--anneal] [--save DIR]
 Prints JSON lines: one per scoring, then a summary with reading before and after.
 """
@@ -45,7 +45,16 @@ def binding(m, n: int = 100) -> dict:
     return evaluate_binding(m, n, EVAL_SEED, shots=4)
 
 
-SCORES = {"retrieval": regression_retrieval, "grounding": grounding, "binding": binding}
+def matching(m, n: int = 200) -> dict:
+    """Image-text matching accuracy on held-out samples (half the texts describe the image), and how often
+    the model said yes: a model that has not learned it says one answer to all."""
+    samples = list(islice(shapes.make_samples("itm", EVAL_SEED, n), n))
+    said = np.array(m.match([s.segments[0].image for s in samples], [s.meta["caption"] for s in samples]))
+    truth = np.array([s.meta["answer"] == "yes" for s in samples])
+    return {"itm_accuracy": float((said == truth).mean()), "said_yes": float(said.mean())}
+
+
+SCORES = {"retrieval": regression_retrieval, "grounding": grounding, "binding": binding, "itm": matching}
 
 
 def reading(m) -> dict:

@@ -27,8 +27,10 @@ PEAK_SIGMA = 1.0  # patches: PatchPointer.around_peak
 class PatchPointer(nn.Module):
     """A place in the picture read straight off its patch grid: the hidden state asks (attention) which
     patches of the latest image it means, and the answer is their average position around the attention's
-    peak (`around_peak`) plus a learned offset per patch: by the coordinate's order in the box (x or y, which edge; `box`, the default), or weighed
-    by what the hidden state wants (`readout`, models saved before session 16). The tiny LLM then only has to
+    peak (`around_peak`) plus a learned offset per patch: by the coordinate's order in the box (x or y,
+    which edge; `box`, the default), or weighed by what the hidden state wants (`readout`, models saved
+    before session 16). Models saved before session 19 averaged over the whole grid; they load and now read
+    around the peak too (an older demo model's boxes improved, BENCHMARKS.md). The tiny LLM then only has to
     say which object, not carry where it is: ridge probes read a lone object's centre from the visual
     embeddings to ~3 px but from the LLM's hidden state, where a box begins, only to ~7 px, and hardly at
     all in scenes of several objects (benchmarks/grounding_probe.py, BENCHMARKS.md session 8).
