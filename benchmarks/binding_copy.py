@@ -8,7 +8,9 @@ alone go (the word of the shown picture most like the query's): by the vision to
 (what the copy head reads), the same less these prompts' mean picture (the copy head centres on a mean
 kept in training), and the mean visual embedding (what session 17's copy head read); with the median gap
 between the answer's best cosine and the best other word's, which says how sharp a fixed weight on the
-cosine can be.
+cosine can be. And, with the answer's tokens given (as training sees them), per token of the answer:
+the gate's median and the median probability of the right token, since a word cut short after its
+second syllable is a gate closing there.
 
 Usage: python benchmarks/binding_copy.py --model runs/demo/model [--prompts 200]
 Prints one JSON object."""
@@ -70,6 +72,30 @@ def cosine_scores(pictures: list[tuple[list[str], str, dict]]) -> dict[str, floa
     return report
 
 
+@torch.no_grad()
+def by_answer_token(m, episodes: list) -> dict[str, list[float]]:
+    """For each token of the answer (first, second, ...): the gate's median and the median probability of
+    the right token, the answer's tokens given as training gives them."""
+    model, found = m.model, {}
+    for segments, answer, _, _ in episodes:
+        batch = m.builder.collate([m.builder.encode(segments, close=False)], left_pad=True)
+        written = m.tokenizer.encode(f"this is a {answer}")[len(m.tokenizer.encode("this is a")):]
+        ids = torch.cat([batch["input_ids"], torch.tensor([written])], 1)
+        visual, patches = model.see(batch["pixels"])
+        hidden = model(ids, visual)
+        asking = torch.zeros_like(ids, dtype=torch.bool)
+        asking[0, -len(written) - 1:-1] = True  # the positions that write each token of the answer
+        copying = model.copying_of(ids, hidden, patches, asking)
+        embeddings = model.llm.embed_tokens.weight
+        gate = model.copy_head.opening(hidden[asking], model.copy_head.copied(copying, len(embeddings)), embeddings)[:, 0]
+        right = model.logits(hidden[asking], model.sight_of(ids, patches).rows(asking), copying).softmax(-1)[torch.arange(len(written)), written]
+        for k, (g, p) in enumerate(zip(gate.tolist(), right.tolist())):
+            found.setdefault(k, []).append((g, p))
+    return {"gate_median_by_answer_token": [round(float(np.median([g for g, _ in v])), 3) for _, v in sorted(found.items())],
+            "p_right_median_by_answer_token": [round(float(np.median([p for _, p in v])), 3) for _, v in sorted(found.items())],
+            "answers_by_length": [len(v) for _, v in sorted(found.items())]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -80,12 +106,13 @@ def main() -> None:
     if model.copy_head is None:
         raise SystemExit(f"{args.model} has no copy head (llm.copy_head)")
     scores = {"copy_attention_right": [], "lm_head_right": [], "mixed_right": [], "gate": [], "attribute_matcher_right": []}
-    pictures = []
+    pictures, shown = [], []
     for i in range(args.prompts):
         segments, answer, query, objects = episode(i)
         words = shapes.binding_choices(segments)
         if answer not in words:
             continue
+        shown.append((segments, answer, query, objects))
         batch = m.builder.collate([m.builder.encode(segments, close=False)], left_pad=True)
         with torch.no_grad():
             stepper = Stepper(model, batch, 1, True, "fp32")
@@ -109,6 +136,7 @@ def main() -> None:
     report.update({"prompts_with_the_answer_shown": len(scores["gate"]), "gate_median": round(float(np.median(scores.pop("gate"))), 3)})
     report.update({k: round(float(np.mean(v)), 3) for k, v in scores.items()})
     report.update(cosine_scores(pictures))
+    report.update(by_answer_token(m, shown))
     print(json.dumps(report))
 
 
