@@ -87,7 +87,7 @@ def by_answer_token(m, episodes: list) -> dict[str, list[float]]:
         asking[0, -len(written) - 1:-1] = True  # the positions that write each token of the answer
         copying = model.copying_of(ids, hidden, patches, asking)
         embeddings = model.llm.embed_tokens.weight
-        gate = model.copy_head.opening(hidden[asking], model.copy_head.copied(copying, len(embeddings)), embeddings, copying.repeats)[:, 0]
+        gate = model.copy_head.opening(hidden[asking], model.copy_head.copied(copying, len(embeddings)), embeddings)[:, 0]
         right = model.logits(hidden[asking], model.sight_of(ids, patches).rows(asking), copying).softmax(-1)[torch.arange(len(written)), written]
         for k, (g, p) in enumerate(zip(gate.tolist(), right.tolist())):
             found.setdefault(k, []).append((g, p))
@@ -122,7 +122,7 @@ def main() -> None:
             lm = model.logits(hidden, stepper.sight)[0]
             mixed = stepper.logits(hidden)[0]
             embeddings = model.llm.embed_tokens.weight
-            gate = model.copy_head.opening(hidden, model.copy_head.copied(copying, len(embeddings)), embeddings, copying.repeats).item()
+            gate = model.copy_head.opening(hidden, model.copy_head.copied(copying, len(embeddings)), embeddings).item()
             visual, patches = model.see(batch["pixels"])
         pictures.append((shown_words(segments, len(objects)), answer, {"patch_max": patches.amax(1), "visual_mean": visual.mean(1)}))
         first = {w: m.tokenizer.encode(w)[0] for w in words}

@@ -96,10 +96,6 @@ class LLMConfig:
     # (models/emu.py, CopyHead, a pointer-generator). In-context binding needs it: 1200 steps of binding documents
     # left the 4-layer LLM choosing a made-up word at chance (BENCHMARKS.md, session 13).
     copy_head: bool = True
-    # With copy_head: the gate also reads whether the last two tokens read were read in that order before (a
-    # repeated bigram: inside a word being copied), with a learned weight (CopyHead.gate_on_repeat). Without
-    # it, a longer stage 1 half closed the gate at a three-syllable word's third syllable (BENCHMARKS.md, session 19).
-    copy_repeat_cue: bool = True
 
     @property
     def ffn_hidden(self) -> int:
@@ -486,7 +482,7 @@ def _check(config: Config) -> None:
 
 
 # Model parts added after models were first saved, on by default: a config.json without the key has no such part.
-ADDED_LATER = (("resampler", "region_coords"), ("llm", "location_head"), ("llm", "location_pointer"), ("llm", "pointer_words"), ("llm", "pointer_roles"), ("llm", "copy_head"), ("llm", "copy_repeat_cue"))
+ADDED_LATER = (("resampler", "region_coords"), ("llm", "location_head"), ("llm", "location_pointer"), ("llm", "pointer_words"), ("llm", "pointer_roles"), ("llm", "copy_head"))
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -10,7 +10,6 @@ input, which generic `generate()` helpers don't support.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from nextmm.constrained import Constraint
 from nextmm.data.sample import Segment
@@ -114,9 +113,7 @@ class Stepper:
         same = (self.read_ids == self.read_ids[:, -1:]) & (self.read_ids >= 0)
         like = self.pictures[:, -1:] @ self.pictures.transpose(1, 2)
         weights = self.model.copy_head.attend(hidden[:, None], self.copy_keys, allowed[:, None], same[:, None], like)
-        before = F.pad(self.read_ids[:, :-1] == self.read_ids[:, -2:-1], (1, 0), value=False) & (self.read_ids[:, -2:-1] >= 0)
-        repeats = (same & before & allowed)[:, :-1].any(-1) if total > 1 else torch.zeros_like(same[:, 0])
-        return Copying(weights[:, 0], self.copy_sources, repeats)
+        return Copying(weights[:, 0], self.copy_sources)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The next token's logits (or, with a copy head, log-probabilities) at the last position's hidden state (B, width)."""

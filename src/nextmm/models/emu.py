@@ -219,7 +219,7 @@ class CopyHead(nn.Module):
     position; the share on one whose follower may not be copied (a marker after a word's last token) goes
     back to the LM. Written here, not taken from a library, because it reads the LLM's KV-cached steps."""
 
-    def __init__(self, width: int, key_width: int = 64, repeat_cue: bool = True):
+    def __init__(self, width: int, key_width: int = 64):
         super().__init__()
         self.query = nn.Linear(width, key_width, bias=False)
         self.key = nn.Linear(width, key_width, bias=False)
@@ -234,9 +234,6 @@ class CopyHead(nn.Module):
         # the latest pictures' cosine: like pictures were followed by the same word.
         self.same_token = nn.Parameter(torch.tensor(10.0))
         self.like_pictures = nn.Parameter(torch.tensor(10.0))
-        # A cue for the gate: the last two tokens read were read in that order before, so a copied word goes on
-        # (the gate had half closed at a word's third syllable; BENCHMARKS.md, session 19). None: models saved before it.
-        self.gate_on_repeat = nn.Parameter(torch.tensor(2.0)) if repeat_cue else None
 
     def attend(self, hidden: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, same_token: torch.Tensor, like_pictures: torch.Tensor) -> torch.Tensor:
         """hidden (B, Q, width) at the asking positions, keys (B, L, key width) the earlier positions' (`key`
@@ -253,7 +250,7 @@ class CopyHead(nn.Module):
         (`opening`), m the attention's share on positions whose follower may be copied. The share on the
         others (a word's last token, followed by a marker) goes back to the LM, which is how a copied word ends."""
         copied = self.copied(copying, logits.shape[-1])
-        gate = self.opening(hidden, copied, embeddings, copying.repeats)
+        gate = self.opening(hidden, copied, embeddings)
         share = gate * copied.sum(-1, keepdim=True)
         # clamped, so that the rows and tokens with nothing copied send no 0 x inf gradients back
         return torch.logaddexp(F.log_softmax(logits.float(), -1) + torch.log1p(-share.clamp_max(1 - 1e-6)), gate.clamp_min(1e-12).log() + copied.clamp_min(1e-12).log())
@@ -263,24 +260,20 @@ class CopyHead(nn.Module):
         copyable = copying.weights.float() * (copying.sources >= 0)
         return torch.zeros(len(copyable), vocab_size, device=copyable.device).scatter_add(1, copying.sources.clamp_min(0), copyable)
 
-    def opening(self, hidden: torch.Tensor, copied: torch.Tensor, embeddings: torch.Tensor, repeats: torch.Tensor) -> torch.Tensor:
-        """(R, 1) the gate, at `hidden` (R, width), at what the copy proposes (`copied` over the (V, width)
-        token `embeddings`) and at whether each row's last two tokens were read in that order before (`repeats` (R,))."""
+    def opening(self, hidden: torch.Tensor, copied: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """(R, 1) the gate, at `hidden` (R, width) and at what the copy proposes (`copied` over the (V, width)
+        token `embeddings`)."""
         proposal = (copied @ embeddings.detach().float()).to(self.gate_on_proposal.weight.dtype)
-        logit = self.gate(hidden).float() + self.gate_on_proposal(proposal).float()
-        if self.gate_on_repeat is not None:
-            logit = logit + self.gate_on_repeat * repeats.float()[:, None]
-        return torch.sigmoid(logit)
+        return torch.sigmoid(self.gate(hidden).float() + self.gate_on_proposal(proposal).float())
 
 
 @dataclass
 class Copying:
     """What the copy head may copy, for each row asking: its attention over earlier positions (R, L) and the
-    token that followed each of them (R, L; -1 where none may be copied), and whether it is inside a repeat."""
+    token that followed each of them (R, L; -1 where none may be copied)."""
 
     weights: torch.Tensor
     sources: torch.Tensor
-    repeats: torch.Tensor  # (R,) whether the row's last two tokens were read in that order before (Emu.repeated_bigrams)
 
 
 class Emu(nn.Module):
@@ -300,7 +293,7 @@ class Emu(nn.Module):
         self.regression_head = nn.Linear(cfg.llm.width, cfg.resampler.width, bias=False)
         # OFA's location tokens get their logits from LocationHead (none when the tokenizer has no bins)
         self.location_head = location_head_for(cfg, len(location_ids))
-        self.copy_head = CopyHead(cfg.llm.width, repeat_cue=cfg.llm.copy_repeat_cue) if cfg.llm.copy_head else None
+        self.copy_head = CopyHead(cfg.llm.width) if cfg.llm.copy_head else None
         # the mean picture (`pictures_at`), kept as training goes, like a batch norm's running mean
         self.register_buffer("picture_mean", torch.zeros(cfg.vision.width) if cfg.llm.copy_head else None)
 
@@ -436,16 +429,7 @@ class Emu(nn.Module):
         pictures = self.pictures_at(input_ids, patches)
         weights = self.copy_head.attend(hidden, self.copy_head.key(hidden), allowed, same, pictures @ pictures.transpose(1, 2))
         rows = which.nonzero()[:, 0]
-        return Copying(weights[which], self.copy_sources(input_ids)[rows], self.repeated_bigrams(same, input_ids)[which])
-
-    @staticmethod
-    def repeated_bigrams(same: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """same (B, T, T): where two positions read one token; -> (B, T): whether the token read at each
-        position and the one before it were read in that order at earlier positions (ids -1, no token, never are)."""
-        read = (input_ids >= 0)[:, :, None] & (input_ids >= 0)[:, None, :]
-        both = (same & read)[:, 1:, 1:] & (same & read)[:, :-1, :-1]  # [t, j]: t + 1 and j + 1 as t and j
-        earlier = torch.ones(both.shape[1:], dtype=torch.bool, device=same.device).tril(-1)
-        return F.pad((both & earlier).any(-1), (1, 0), value=False)
+        return Copying(weights[which], self.copy_sources(input_ids)[rows])
 
     def sight_of(self, input_ids: torch.Tensor, patches: torch.Tensor | None) -> Sight | None:
         """(B, T) ids and the batch's patch grids (from `see`) -> what the pointer sees at every position."""
