@@ -25,7 +25,7 @@ from nextmm.data.loader import MixedStream, discover_sources
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.eval.images import regression_retrieval
 from nextmm.eval.metrics import box_misses, grounding_accuracy
-from nextmm.eval.shapes import EVAL_SEED, evaluate_binding, evaluate_captions, evaluate_vqa
+from nextmm.eval.shapes import EVAL_SEED, evaluate_binding, evaluate_captions, evaluate_vqa, matching_answers
 from nextmm.models.emu import location_head_for
 from nextmm.train import regression
 from nextmm.train.loop import lr_factor, param_groups
@@ -48,9 +48,7 @@ def binding(m, n: int = 100) -> dict:
 def matching(m, n: int = 200) -> dict:
     """Image-text matching accuracy on held-out samples (half the texts describe the image), and how often
     the model said yes: a model that has not learned it says one answer to all."""
-    samples = list(islice(shapes.make_samples("itm", EVAL_SEED, n), n))
-    said = np.array(m.match([s.segments[0].image for s in samples], [s.meta["caption"] for s in samples]))
-    truth = np.array([s.meta["answer"] == "yes" for s in samples])
+    said, truth = matching_answers(m, n, EVAL_SEED)
     return {"itm_accuracy": float((said == truth).mean()), "said_yes": float(said.mean())}
 
 

@@ -97,13 +97,20 @@ def evaluate_video(m: NextMM, n_videos: int, seed: int) -> tuple[dict[str, Any],
     }, examples
 
 
+def matching_answers(m: NextMM, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image-text matching on n held-out samples (half the texts describe the image): (n,) whether the model
+    said yes, and (n,) whether the text does describe its image."""
+    samples = list(shapes.make_samples("itm", seed, n))
+    said = m.match([_first(s, Image).image for s in samples], [s.meta["caption"] for s in samples])
+    return np.array(said, dtype=bool), np.array([s.meta["answer"] == "yes" for s in samples])
+
+
 def evaluate_instructions(m: NextMM, n: int, seed: int) -> dict[str, Any]:
     """OFA-style tasks on n held-out samples each: grounding (Acc@0.5), image-text matching (accuracy;
     half the texts describe the image), detection (F1) and region captioning (exact match)."""
     ground = list(itertools.islice(shapes.make_samples("ground", seed, n), n))
     boxes = m.ground([_first(s, Image).image for s in ground], [s.meta["phrase"] for s in ground])
-    itm = list(shapes.make_samples("itm", seed, n))
-    said = m.match([_first(s, Image).image for s in itm], [s.meta["caption"] for s in itm])
+    said, truth = matching_answers(m, n, seed)
     detect = list(shapes.make_samples("detect", seed, n))
     listed = m.detect([_first(s, Image).image for s in detect])
     regions = list(shapes.make_samples("region_caption", seed, n))
@@ -111,7 +118,7 @@ def evaluate_instructions(m: NextMM, n: int, seed: int) -> dict[str, Any]:
     return {
         "grounding_acc_at_0.5": round(grounding_accuracy(boxes, [s.meta["box"] for s in ground]), 4),
         "grounding_centre_miss_px": round(float(np.median([box_misses(b, s.meta["box"])[0] for b, s in zip(boxes, ground)])), 2),
-        "itm_accuracy": round(float(np.mean([y == (s.meta["answer"] == "yes") for y, s in zip(said, itm)])), 4),
+        "itm_accuracy": round(float(np.mean(said == truth)), 4),
         "region_caption_exact_match": round(_accuracy(phrases, [s.segments[2].text for s in regions]), 4),
         "detection_f1": round(detection_f1(listed, [s.meta["objects"] for s in detect]), 4),
     }
