@@ -4,7 +4,7 @@ the model ranks first), `--answers` in the CLI, and grounding's box constraint."
 import pytest
 import torch
 
-from nextmm.constrained import AnswerError, AnswerTrie, BoxConstraint, read_answers
+from nextmm.constrained import AnswerError, AnswerTrie, BoxConstraint, DetectionGrammar, read_answers
 from nextmm.data.sample import Image, Text
 from test_cli import assert_one_clear_line, image_file, model_dir, run  # noqa: F401  (fixtures)
 
@@ -95,6 +95,58 @@ def test_the_box_constraint_allows_four_location_tokens_in_order_then_eos(tokeni
     assert box.allowed([bins[5], bins[9], bins[7]]) == bins[10:]  # y1 > y0
     assert box.allowed([bins[-1], bins[0]]) == bins[-1:]  # nothing lies right of the last bin
     assert box.allowed(bins[:4]) == [tokenizer.eos_id] and box.allowed(bins[:4] + [tokenizer.eos_id]) == []
+
+
+def test_the_detection_grammar_ends_every_phrase_with_its_box_and_a_box_with_a_comma_or_the_end(tokenizer):
+    from conftest import shapes_texts
+
+    from nextmm.data import shapes
+    from nextmm.data.sample import Text
+    from nextmm.tokenizer import NextTokenizer
+
+    listed = [seg.text for s in shapes.make_samples("detect", 0, 50) for seg in s.segments if isinstance(seg, Text)]
+    tokenizer = NextTokenizer.train(shapes_texts() + listed, vocab_size=320, location_bins=64)
+    grammar, bins, eos = DetectionGrammar(tokenizer, depth=30), tokenizer.bin_ids, tokenizer.eos_id
+    comma, phrase = tokenizer.encode(","), tokenizer.encode("a small red circle")
+    vocab = tokenizer.vocab_size
+
+    def allowed(prefix: list[int], favourite: int) -> set[int]:
+        """What may follow `prefix` when the model likes `favourite` best."""
+        logits = torch.randn(1, vocab)
+        logits[0, favourite] = 100.0
+        return set(grammar.restrict(logits, torch.tensor([prefix])).isfinite().nonzero()[:, 1].tolist())
+
+    words = set(range(vocab)) - set(bins) - set(tokenizer.special_ids)
+    assert allowed([], eos) == words | {eos}  # a phrase first (or nothing at all), never a box
+    assert allowed(phrase, phrase[0]) == words | set(bins)  # more words, or the box
+    assert allowed(phrase, eos) == set(bins)  # where it would end, the phrase gets its box instead
+    assert allowed(phrase + bins[5:6], eos) == set(bins) and allowed(phrase + [bins[5], bins[9]], eos) == set(bins[6:])
+    assert allowed(phrase + [bins[5], bins[9], bins[7]], eos) == set(bins[10:])
+    assert allowed(phrase + bins[:4], phrase[0]) == {comma[0], eos}
+    assert len(comma) == 2 and allowed(phrase + bins[:4] + comma[:1], eos) == {comma[1]}  # its space, then itself
+    assert allowed(phrase + bins[:4] + comma, eos) == words  # after a comma, the next phrase
+    logits = torch.randn(2, vocab)
+    kept = grammar.restrict(logits, torch.tensor([phrase, phrase]))
+    assert torch.equal(kept[:, bins], logits[:, bins])  # what it allows keeps the model's own scores
+
+
+def test_detect_gives_a_phrase_its_box_where_the_model_would_end_after_it(micro_nextmm, tokenizer, scenes, monkeypatch):
+    from nextmm.generate import Stepper
+
+    said = tokenizer.encode("a red circle")
+    real_logits = Stepper.logits
+
+    def scripted(self, hidden):  # the model's own scores, but it likes the phrase's words in turn, then the end
+        logits = real_logits(self, hidden)
+        likes = said[self.appended] if self.appended < len(said) else tokenizer.eos_id
+        return logits.index_fill(1, torch.tensor([likes]), 1e4)
+
+    monkeypatch.setattr(Stepper, "logits", scripted)
+    found = micro_nextmm.detect([s.image() for s in scenes[:3]])
+    for objects, scene in zip(found, scenes):
+        assert [phrase for phrase, _ in objects] == ["a red circle"]  # one object, then the end
+        x0, y0, x1, y1 = objects[0][1]
+        assert 0 <= x0 < x1 <= scene.image().width and 0 <= y0 < y1 <= scene.image().height
 
 
 def test_ground_always_writes_a_box_inside_the_picture(micro_nextmm, scenes):

@@ -480,8 +480,10 @@ def test_every_object_of_a_picture_tells_the_pointer_its_patches_asked_by_its_ph
     expected = -(pointer.box_share(boxes) * attention.log()).sum(-1).mean() + 10 * (own - (boxes - 0.5)).abs().mean()
     torch.testing.assert_close(out["regions"], expected)
     plain = micro_model.loss(batch["input_ids"], batch["labels"], batch["pixels"], pointer_weight=1.0)
-    torch.testing.assert_close(out["text"], plain["text"] + expected)
-    assert "regions" not in plain
+    presence = micro_model.presence_loss(micro_model.see(batch["pixels"])[0], batch["region_ids"], batch["region_image"])  # its own test: test_presence.py
+    torch.testing.assert_close(out["presence"], presence)
+    torch.testing.assert_close(out["text"], plain["text"] + expected + presence)
+    assert "regions" not in plain and "presence" not in plain
 
 
 def test_region_phrases_alone_teach_the_pointer_which_of_several_objects_a_phrase_names(micro_model, tokenizer):

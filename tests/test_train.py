@@ -193,7 +193,7 @@ def test_gradients_clipped_apart_do_not_shrink_everyone_elses_step(tmp_path):
     assert apart["loud.weight"].norm() == pytest.approx(10.0, rel=1e-4)
 
 
-def test_stage1_trains_the_vision_tower_slower_and_the_copy_gate_faster(micro_model, micro_config):
+def test_stage1_trains_the_vision_tower_slower_and_the_copy_gate_and_presence_probe_faster(micro_model, micro_config):
     from nextmm.train.stages import pretrain_groups
 
     p = micro_config.pretrain
@@ -204,4 +204,6 @@ def test_stage1_trains_the_vision_tower_slower_and_the_copy_gate_faster(micro_mo
     assert lr_of[id(named["copy_head.query.weight"])] == lr_of[id(named["llm.embed_tokens.weight"])] == p.lr
     assert lr_of[id(next(v for k, v in named.items() if k.startswith("vision.")))] == p.lr * p.vision_lr_scale
     assert p.copy_gate_lr_scale > 1 > p.vision_lr_scale
+    probe = [lr_of[id(named[f"presence.{part}.weight"])] for part in ("query", "key", "calibrate")]
+    assert probe == [p.lr * p.presence_lr_scale] * 3 and lr_of[id(named["presence.found"])] == p.lr and p.presence_lr_scale > 1
     assert sorted(lr_of) == sorted(id(v) for v in micro_model.parameters() if v.requires_grad)  # every parameter, once

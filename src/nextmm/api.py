@@ -14,7 +14,7 @@ import torch
 from PIL import Image as PILImage
 
 from nextmm.config import NEGATIVES, Config, config_from_dict
-from nextmm.constrained import AnswerError, AnswerTrie, BoxConstraint, Constraint, RowAnswers
+from nextmm.constrained import AnswerError, AnswerTrie, BoxConstraint, Constraint, DetectionGrammar, RowAnswers
 from nextmm.data.formats import load_image
 from nextmm.data.sample import DETECT_QUESTION, Image, Segment, Text, Video, grounding_question, matching_question, vqa_prompt
 from nextmm.data.sequence import SequenceBuilder
@@ -140,9 +140,11 @@ class NextMM:
         return [self.tokenizer.box_from_ids(ids, p.size) for ids, p in zip(rows, pictures)]
 
     def detect(self, images: Sequence[Picture], max_new_tokens: int = 48) -> list[list[tuple[str, tuple[float, ...]]]]:
-        """Detection as an instruction: every object the model lists, as (phrase, pixel box) pairs."""
+        """Detection as an instruction: every object the model lists, as (phrase, pixel box) pairs; each phrase
+        ends with its box (constrained.DetectionGrammar)."""
         pictures = [_picture(img) for img in images]
-        rows = self.generate_ids([[Image(p), Text(DETECT_QUESTION, target=False)] for p in pictures], max_new_tokens=max_new_tokens)
+        prompts = [[Image(p), Text(DETECT_QUESTION, target=False)] for p in pictures]
+        rows = self.generate_ids(prompts, answers=DetectionGrammar(self.tokenizer, max_new_tokens))
         return [self.tokenizer.phrases_with_boxes(ids, p.size) for ids, p in zip(rows, pictures)]
 
     def match(self, images: Sequence[Visual], texts: Sequence[str]) -> list[bool]:

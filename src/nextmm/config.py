@@ -96,6 +96,10 @@ class LLMConfig:
     # (models/emu.py, CopyHead, a pointer-generator). In-context binding needs it: 1200 steps of binding documents
     # left the 4-layer LLM choosing a made-up word at chance (BENCHMARKS.md, session 13).
     copy_head: bool = True
+    # With pointer_words: whether the phrase just read is in the latest picture, read off the pointer's patch
+    # keys, joins each word's input (models/emu.py, PresenceProbe). Without it the LLM answered "is there a red
+    # square?" and image-text matching at chance (BENCHMARKS.md, session 19).
+    presence: bool = True
 
     @property
     def ffn_hidden(self) -> int:
@@ -228,6 +232,10 @@ class PretrainConfig(TrainConfig):
     # and wrote no bound word, where at x10 it opened to 0.6 and wrote 0.46 of them. The whole head at x10
     # opened the gate as far but its attention lost the right picture (0.76 -> 0.40; BENCHMARKS.md, session 19).
     copy_gate_lr_scale: float = 10.0
+    # The presence probe's query, keys and calibration (models/emu.py, PresenceProbe) learn this much faster; trained
+    # by their own loss alone, at x1 a 570-step stage 1 left them still short of telling any phrase apart
+    # (balanced cross-entropy 0.91 at step 200, where even odds give 0.69).
+    presence_lr_scale: float = 10.0
     # At 8 frames each a video batch costs several caption batches. Halving videos
     # (from 0.5 / 1.0) and raising captions (from 2.0) gave 490 stage-1 steps instead of ~380 and
     # caption exact match 0.28 instead of 0.14-0.17, video scores unchanged (BENCHMARKS.md, d4).
@@ -482,7 +490,7 @@ def _check(config: Config) -> None:
 
 
 # Model parts added after models were first saved, on by default: a config.json without the key has no such part.
-ADDED_LATER = (("resampler", "region_coords"), ("llm", "location_head"), ("llm", "location_pointer"), ("llm", "pointer_words"), ("llm", "pointer_roles"), ("llm", "copy_head"))
+ADDED_LATER = (("resampler", "region_coords"), ("llm", "location_head"), ("llm", "location_pointer"), ("llm", "pointer_words"), ("llm", "pointer_roles"), ("llm", "copy_head"), ("llm", "presence"))
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -10,6 +10,9 @@ binding episode may only answer with the made-up words its own shots showed).
 
 `BoxConstraint`: a grounding answer is exactly four location tokens x0 y0 x1 y1 with x1 > x0 and
 y1 > y0 (OFA restricts its grounding output to location tokens), too many answers for a trie.
+
+`DetectionGrammar`: a detection answer is "phrase box, phrase box, ...": the words are the model's own,
+but an object ends only with its box, a box is a box as above, and after a box comes a comma or the end.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ class Constraint:
 
     def allowed_in_row(self, row: int, prefix: Sequence[int]) -> list[int]:
         return self.allowed(prefix)
+
+    def restrict(self, logits: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+        """(B, vocab) next-token logits, and each row's tokens so far (B, steps) -> the logits, -inf wherever
+        the constraint forbids."""
+        return logits + self.mask(written, logits.shape[-1])
 
     def mask(self, written: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """(B, vocab) additive mask for the next token of each row of `written` (B, steps so far): 0 where
@@ -111,6 +119,44 @@ class BoxConstraint(Constraint):
             start = self.index[prefix[-2]]
             return list(self.bins[min(start + 1, len(self.bins) - 1):])
         return [self.eos] if len(prefix) == 4 else []
+
+
+class DetectionGrammar(BoxConstraint):
+    """Detection's answer (data/sample.py's DETECT_QUESTION): each object's phrase in the model's own words,
+    then its box (four location tokens, as BoxConstraint), then a comma and the next object, or the end.
+    Where a phrase is open and the model would end, it writes the phrase's box instead: a demo model named
+    an object and ended there, never opening a box (BENCHMARKS.md, session 20)."""
+
+    def __init__(self, tokenizer: NextTokenizer, depth: int):
+        super().__init__(tokenizer)
+        self.depth = depth
+        self.comma = tokenizer.encode(",")  # byte-level BPE may write it as two tokens, its space and itself
+        self.words = sorted(set(range(tokenizer.vocab_size)) - set(self.bins) - set(tokenizer.special_ids))
+
+    def restrict(self, logits: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+        would_end = logits.argmax(-1) == self.eos
+        out = torch.full_like(logits, float("-inf"))
+        for row, prefix in enumerate(written.tolist()):
+            out[row, self._allowed(prefix, bool(would_end[row]))] = 0.0
+        return logits + out
+
+    def _allowed(self, prefix: list[int], would_end: bool) -> list[int]:
+        in_box = 0  # location tokens at the end: at most four, as this grammar writes them
+        while in_box < len(prefix) and prefix[-1 - in_box] in self.index:
+            in_box += 1
+        last_box = max((i for i, t in enumerate(prefix) if t in self.index), default=None)
+        since_box = prefix[last_box + 1 :] if last_box is not None else None
+        if 0 < in_box < 4:
+            return BoxConstraint.allowed(self, prefix[-in_box:])
+        if in_box == 4:
+            return [self.comma[0], self.eos]
+        if not prefix:
+            return [*self.words, self.eos]  # an answer may list nothing
+        if since_box is not None and len(since_box) < len(self.comma) and since_box == self.comma[: len(since_box)]:
+            return [self.comma[len(since_box)]]
+        if since_box == self.comma:
+            return self.words  # the next phrase
+        return list(self.bins) if would_end else [*self.words, *self.bins]  # a phrase is open: more words, or its box
 
 
 def read_answers(spec: str) -> list[str]:

@@ -39,8 +39,13 @@ class Stepper:
         ids, valid = batch["input_ids"], batch["valid"]
         b, self.prompt_len = ids.shape
         with autocast(precision):
-            visual, self.patches = model.see(batch["pixels"])
-            self.embeds = model.embed(ids, visual)
+            self.visual, self.patches = model.see(batch["pixels"])
+            self.embeds = model.embed(ids, self.visual)
+        # the presence probe's reads join the prompt's words, and each appended word's (`append_token`)
+        self.phrases = None
+        if model.presence is not None and self.visual is not None:
+            self.embeds = self.embeds + model.presence_of(ids, self.visual).to(self.embeds.dtype)
+            self.phrases = model.phrase_bags(ids)[:, -1]
         # every new position follows the prompt's last image (new images end generate_ids)
         sight = model.sight_of(ids, self.patches)
         self.sight = sight.rows((slice(None), -1)) if sight is not None else None
@@ -91,13 +96,20 @@ class Stepper:
         return self._run(next_embeds, next_pos)[:, -1]
 
     def append_token(self, token: torch.Tensor) -> torch.Tensor:
-        """Append one token per row (B,), keeping the rows' word bags for the location head; as `append`."""
+        """Append one token per row (B,), keeping the rows' word bags for the location head and the presence
+        probe; as `append`."""
+        embeds = self.model.llm.embed_tokens(token)
+        if self.phrases is not None:
+            model = self.model
+            self.phrases = model.next_phrase_bags(self.phrases, self.last_token, token)
+            words = ~((token == model.image_token_id) | torch.isin(token, model.location_ids))
+            embeds = embeds + model.presence_input(self.phrases, words, self.sight.image_index, self.visual).to(embeds.dtype)
         if self.sight is not None:
             if self.sight.words is not None:
                 self.sight.words = self.model.next_word_bags(self.sight.words, self.last_token, token)
             self.sight.roles = self.model.next_box_roles(self.sight.roles, token)
         self.last_token = token
-        return self.append(self.model.llm.embed_tokens(token), token)
+        return self.append(embeds, token)
 
     @property
     def copy_sources(self) -> torch.Tensor:
@@ -154,7 +166,7 @@ def generate_ids(
     for i in range(max_new_tokens):
         logits = stepper.logits(hidden)
         if answers is not None:
-            logits = logits + answers.mask(generated, logits.shape[-1])
+            logits = answers.restrict(logits, generated)
         token = logits.argmax(-1)
         token = torch.where(done, torch.full_like(token, eos), token)
         generated = torch.cat([generated, token.unsqueeze(1)], dim=1)

@@ -22,6 +22,7 @@ from nextmm.models.vision import VisionTransformer
 
 IGNORE = -100
 PEAK_SIGMA = 1.0  # patches: PatchPointer.around_peak
+PHRASE_DECAY = 0.5  # Emu.phrase_bags: each earlier word counts half as much as the one after it
 
 
 class PatchPointer(nn.Module):
@@ -267,6 +268,36 @@ class CopyHead(nn.Module):
         return torch.sigmoid(self.gate(hidden).float() + self.gate_on_proposal(proposal).float())
 
 
+class PresenceProbe(nn.Module):
+    """Whether the phrase just read is in the latest picture, told to the LLM: at every word after a picture,
+    the words read so far (Emu.phrase_bags, the latest weighing most) ask that picture's visual embeddings
+    how well any of them answers (a log-sum-exp of their scores, calibrated), and the word's input embedding
+    gains (2 p - 1) x a learned direction. Trained on its own (Emu.presence_loss) on every phrase of the
+    batch against every picture whose objects are known. The LLM never learned to check a conjunction
+    itself: "is there a red square?" and whether a caption fits its image stayed at chance after thousands of
+    examples (BENCHMARKS.md, session 19). Asked of the visual embeddings, not of the pointer's patches: a patch
+    shows a colour but hardly a shape, and a probe trained on a demo model's patches told "a small red square"
+    from "a small red circle" at AUC 0.71 where on its visual embeddings 0.82 (BENCHMARKS.md, session 20)."""
+
+    def __init__(self, width: int, visual_width: int, key_width: int = 64):
+        super().__init__()
+        self.query = nn.Linear(width, key_width, bias=False)
+        self.key = nn.Linear(visual_width, key_width, bias=False)
+        self.calibrate = nn.Linear(1, 1)  # starts as the identity: even odds for every phrase at first
+        nn.init.ones_(self.calibrate.weight)
+        nn.init.zeros_(self.calibrate.bias)
+        # Zero: the LLM reads nothing from it until its loss finds what the answer is worth.
+        self.found = nn.Parameter(torch.zeros(width))
+
+    def logits(self, bags: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """bags (R, width) the phrases' mean word embeddings; visual (R, N, visual width) their pictures'
+        visual embeddings -> (R,) logits of the phrase being in the picture. Neither trains through it."""
+        keys = self.key(visual.detach().to(self.key.weight.dtype)).float()
+        scores = torch.einsum("rk,rnk->rn", self.query(bags.detach().to(self.query.weight.dtype)).float(), keys) / keys.shape[-1] ** 0.5
+        spread = torch.logsumexp(scores, -1, keepdim=True) - math.log(scores.shape[-1])  # 0 for a blind look
+        return self.calibrate(spread).squeeze(-1)
+
+
 @dataclass
 class Copying:
     """What the copy head may copy, for each row asking: its attention over earlier positions (R, L) and the
@@ -294,6 +325,7 @@ class Emu(nn.Module):
         # OFA's location tokens get their logits from LocationHead (none when the tokenizer has no bins)
         self.location_head = location_head_for(cfg, len(location_ids))
         self.copy_head = CopyHead(cfg.llm.width) if cfg.llm.copy_head else None
+        self.presence = PresenceProbe(cfg.llm.width, cfg.resampler.width) if cfg.llm.presence and self.reads_words else None
         # the mean picture (`pictures_at`), kept as training goes, like a batch norm's running mean
         self.register_buffer("picture_mean", torch.zeros(cfg.vision.width) if cfg.llm.copy_head else None)
 
@@ -372,6 +404,78 @@ class Emu(nn.Module):
     def _weighed(self, embeds: torch.Tensor, is_word: torch.Tensor) -> torch.Tensor:
         return (self.location_head.pointer.word_weight(embeds) * embeds.float()) * is_word[..., None]
 
+    @torch.no_grad()
+    def _phrase_terms(self, ids: torch.Tensor, is_word: torch.Tensor) -> torch.Tensor:
+        """(..., width + 1): each word's gated embedding and, last, its gate (zeros for other tokens)."""
+        embeds = self.llm.embed_tokens(ids.clamp_min(0)).float()
+        weight = self.location_head.pointer.word_weight(embeds) * is_word[..., None]
+        return torch.cat([weight * embeds, weight], -1)
+
+    def phrase_bags(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T, width + 1): at each position, the words since the latest image or box (as in
+        `word_bags`) summed with weights PHRASE_DECAY ** (how many tokens back), their gates summed last.
+        Its mean (`_bag_mean`) is mostly the phrase that just ended: "a large red circle above a small blue
+        square" at "square" is mostly "small blue square". Detached: the presence probe trains nothing else."""
+        is_image = input_ids == self.image_token_id
+        is_location = torch.isin(input_ids, self.location_ids)
+        is_word = ~(is_image | is_location)
+        restart = is_image | (is_word & F.pad(is_location[:, :-1], (1, 0)))
+        steps = torch.arange(input_ids.shape[1], device=input_ids.device)
+        start = torch.where(restart, steps, 0).cummax(1).values  # (B, T)
+        back = (steps[:, None] - steps[None, :]).clamp_min(0).float()  # (T, T): how far j is behind t
+        decay = torch.where((steps[None, :, None] >= steps[None, None, :]) & (steps[None, None, :] >= start[:, :, None]), PHRASE_DECAY**back, 0.0)
+        return decay @ self._phrase_terms(input_ids, is_word)
+
+    def next_phrase_bags(self, bags: torch.Tensor, previous: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """One more token per row, as `next_word_bags` for `phrase_bags`."""
+        is_image = tokens == self.image_token_id
+        is_word = ~(is_image | torch.isin(tokens, self.location_ids))
+        restart = is_image | (is_word & torch.isin(previous, self.location_ids))
+        added = self._phrase_terms(tokens, is_word)
+        return torch.where(restart[:, None], added, PHRASE_DECAY * bags + added)
+
+    @staticmethod
+    def _bag_mean(bags: torch.Tensor) -> torch.Tensor:
+        return bags[..., :-1] / bags[..., -1:].clamp_min(1e-6)
+
+    def presence_input(self, bags: torch.Tensor, words: torch.Tensor, image_index: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
+        """bags (..., width + 1) from `phrase_bags`, whether each position is a word (...,), its latest image
+        (..., -1 for none), the batch's visual embeddings (M, N, visual width) -> (..., width): what the
+        presence probe adds to those positions' input embeddings."""
+        out = torch.zeros(*bags.shape[:-1], self.cfg.llm.width, device=bags.device)
+        seen = words & (image_index >= 0)
+        if self.presence is None or visual is None or not bool(seen.any()):
+            return out
+        found = torch.sigmoid(self.presence.logits(self._bag_mean(bags[seen]), visual[image_index[seen]])).detach()
+        return out.index_put((seen,), (2 * found - 1)[:, None] * self.presence.found.float())
+
+    def presence_of(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) ids and the batch's visual embeddings -> (B, T, width), `presence_input` over whole sequences."""
+        if self.presence is None or visual is None:
+            return torch.zeros(*input_ids.shape, self.cfg.llm.width, device=input_ids.device)
+        words = ~((input_ids == self.image_token_id) | torch.isin(input_ids, self.location_ids))
+        return self.presence_input(self.phrase_bags(input_ids), words, self.latest_image(input_ids), visual)
+
+    def presence_loss(self, visual: torch.Tensor | None, region_ids: torch.Tensor, region_image: torch.Tensor) -> torch.Tensor | None:
+        """Binary cross-entropy of the presence probe for every phrase of the batch's regions (SequenceBuilder.
+        collate_regions) against every picture that has regions: in it when one of that picture's regions
+        reads the same words. Positives and negatives weigh half each. A picture's regions are all its objects
+        (Shapes World's object_regions; a scene never repeats a colour and shape). None without regions."""
+        if self.presence is None or visual is None or len(region_ids) < 2:
+            return None
+        is_word = region_ids >= 0
+        last = is_word.long().cumsum(1).argmax(1, keepdim=True)  # each phrase's last token
+        back = (last - torch.arange(region_ids.shape[1], device=region_ids.device)).clamp_min(0).float()
+        bags = ((PHRASE_DECAY**back)[..., None] * self._phrase_terms(region_ids, is_word)).sum(1)
+        pictures = region_image.unique()
+        same = (region_ids[:, None, :] == region_ids[None, :, :]).all(-1)  # (R, R) the same phrase
+        inside = (same.float() @ (region_image[:, None] == pictures[None, :]).float()) > 0  # (R, pictures)
+        mean = self._bag_mean(bags)
+        logits = self.presence.logits(mean.repeat_interleave(len(pictures), 0), visual[pictures].repeat(len(mean), 1, 1)).view(len(mean), -1)
+        losses = F.binary_cross_entropy_with_logits(logits, inside.float(), reduction="none")
+        parts = [losses[inside].mean() if inside.any() else None, losses[~inside].mean() if (~inside).any() else None]
+        return sum(p for p in parts if p is not None) / 2
+
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
         embeds = self.llm.embed_tokens(input_ids)
         slots = (input_ids == self.image_token_id).unsqueeze(-1)
@@ -445,7 +549,11 @@ class Emu(nn.Module):
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        return self.llm(self.embed(input_ids, visual), positions, mask, cache)
+        """The LLM's hidden states; the presence probe's reads join the words after a picture."""
+        embeds = self.embed(input_ids, visual)
+        if self.presence is not None and visual is not None:
+            embeds = embeds + self.presence_of(input_ids, visual).to(embeds.dtype)
+        return self.llm(embeds, positions, mask, cache)
 
     def loss(
         self,
@@ -478,6 +586,7 @@ class Emu(nn.Module):
             pointing = {"pointer": self.pointer_loss(hidden, labels, sight, named_boxes)}
             if regions is not None:
                 pointing["regions"] = self.region_loss(patches, *regions)
+                pointing["presence"] = self.presence_loss(visual, *regions[:2])
             found = {k: v for k, v in pointing.items() if v is not None}
             out.update(found)
             if found:

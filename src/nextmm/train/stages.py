@@ -145,8 +145,10 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
 
 
 def pretrain_groups(model: Emu, p: PretrainConfig) -> list[dict]:
-    """Stage 1's optimizer groups: the vision tower slower, the copy head's gate faster (PretrainConfig)."""
-    return param_groups(model, p.lr, p.weight_decay, {"vision.": p.vision_lr_scale, "copy_head.gate": p.copy_gate_lr_scale})
+    """Stage 1's optimizer groups: the vision tower slower, the copy head's gate and the presence probe
+    (but the direction it adds to the LLM's input) faster (PretrainConfig)."""
+    faster = {"copy_head.gate": p.copy_gate_lr_scale, **{f"presence.{part}": p.presence_lr_scale for part in ("query", "key", "calibrate")}}
+    return param_groups(model, p.lr, p.weight_decay, {"vision.": p.vision_lr_scale, **faster})
 
 
 def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, clip: CLIP, resume: bool) -> Emu:

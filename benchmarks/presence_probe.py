@@ -1,0 +1,95 @@
+"""Whether a model knows what is in a picture and what is not: its presence probe (models/emu.py,
+PresenceProbe) asked on held-out Shapes World scenes about a phrase of the picture ("a small red circle"),
+about that phrase with its colour or its shape changed to a pair the scene lacks (image-text matching's
+negatives), and, in scenes of two or more objects, about one object's colour with another's shape (both
+words are in the picture, not together); and how the model answers with it: image-text matching accuracy
+(and how often it said yes), and VQA's "is there a {colour} {shape}?" accuracy.
+
+Usage: python benchmarks/presence_probe.py --model runs/demo/model [--scenes 300]
+Prints one JSON object.
+"""
+
+import argparse
+import itertools
+import json
+
+import numpy as np
+import torch
+
+import nextmm
+from nextmm.data import shapes
+from nextmm.data.sample import Image
+from nextmm.eval.shapes import EVAL_SEED, matching_answers
+from nextmm.models.emu import PHRASE_DECAY
+
+
+def auc(scores: np.ndarray, truth: np.ndarray) -> float:
+    """The chance that a phrase in the picture scores above one that is not (ties count half)."""
+    pos, neg = scores[truth], scores[~truth]
+    return float(np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :]))
+
+
+def phrases(scenes: int, seed: int) -> list[tuple[object, str, str]]:
+    """(picture, phrase, kind): kind "present", "changed" (one word to a pair the scene lacks) or "swapped"."""
+    out = []
+    for i in range(scenes):
+        rng = np.random.default_rng([seed, i])
+        scene = shapes.sample_scene(rng)
+        picture, taken = scene.image(), {(o.colour, o.shape) for o in scene.objects}
+        first = scene.objects[0]
+        out.append((picture, first.phrase, "present"))
+        changed = shapes._mismatched(rng, shapes.Scene([first]))
+        if (changed.objects[0].colour, changed.objects[0].shape) not in taken:
+            out.append((picture, changed.objects[0].phrase, "changed"))
+        for a, b in itertools.permutations(scene.objects, 2):
+            if (a.colour, b.shape) not in taken:
+                out.append((picture, shapes.Obj(b.shape, a.colour, a.size, a.box).phrase, "swapped"))
+                break
+    return out
+
+
+@torch.no_grad()
+def presence(m, asked: list[tuple[object, str, str]]) -> np.ndarray:
+    """(n,) the probe's probability that each phrase is in its picture."""
+    model, out = m.model, []
+    for start in range(0, len(asked), 100):
+        part = asked[start:start + 100]
+        batch = m.builder.collate([m.builder.encode([Image(p)], close=False) for p, _, _ in part])
+        visual, _ = model.see(batch["pixels"])
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(m.tokenizer.encode(t)) for _, t, _ in part], batch_first=True, padding_value=-1)
+        is_word = ids >= 0
+        back = (is_word.long().cumsum(1).argmax(1, keepdim=True) - torch.arange(ids.shape[1])).clamp_min(0).float()
+        bags = ((PHRASE_DECAY**back)[..., None] * model._phrase_terms(ids, is_word)).sum(1)
+        out.append(torch.sigmoid(model.presence.logits(model._bag_mean(bags), visual)))
+    return torch.cat(out).numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--scenes", type=int, default=300)
+    args = parser.parse_args()
+    m = nextmm.load(args.model)
+    report: dict = {"scenes": args.scenes}
+    if m.model.presence is not None:
+        asked = phrases(args.scenes, seed=77)
+        p = presence(m, asked)
+        kinds = np.array([k for _, _, k in asked])
+        for kind in ("changed", "swapped"):
+            keep = (kinds == "present") | (kinds == kind)
+            truth = kinds[keep] == "present"
+            report[f"probe_auc_present_vs_{kind}"] = round(auc(p[keep], truth), 4)
+            report[f"probe_accuracy_present_vs_{kind}"] = round(float(np.mean((p[keep] > 0.5) == truth)), 4)
+        report["probe_phrases"] = {k: int((kinds == k).sum()) for k in ("present", "changed", "swapped")}
+    said, truth = matching_answers(m, 200, EVAL_SEED)
+    report["itm_accuracy"] = round(float(np.mean(said == truth)), 4)
+    report["itm_said_yes"] = round(float(np.mean(said)), 4)
+    exists = [s for s in shapes.make_samples("vqa", EVAL_SEED, 1600) if s.meta.get("template") == "exists"][:200]
+    answers = m.ask([s.segments[0].image for s in exists], [s.meta["question"] for s in exists], answers=["yes", "no"])
+    report["exists_accuracy"] = round(float(np.mean([a == s.segments[2].text for a, s in zip(answers, exists)])), 4)
+    report["exists_questions"] = len(exists)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
