@@ -3,7 +3,9 @@ PresenceProbe) asked on held-out Shapes World scenes about a phrase of the pictu
 about that phrase with its colour or its shape changed to a pair the scene lacks (image-text matching's
 negatives), and, in scenes of two or more objects, about one object's colour with another's shape (both
 words are in the picture, not together); and how the model answers with it: image-text matching accuracy
-(and how often it said yes), and VQA's "is there a {colour} {shape}?" accuracy.
+(and how often it said yes), and VQA's "is there a {colour} {shape}?" accuracy, each with the AUC of the
+model's yes-minus-no logit margin (what it knows, however its threshold lies). Models without a probe
+get the last four.
 
 Usage: python benchmarks/presence_probe.py --model runs/demo/model [--scenes 300]
 Prints one JSON object.
@@ -18,8 +20,9 @@ import torch
 
 import nextmm
 from nextmm.data import shapes
-from nextmm.data.sample import Image
+from nextmm.data.sample import Image, Text, matching_question, vqa_prompt
 from nextmm.eval.shapes import EVAL_SEED, matching_answers
+from nextmm.generate import Stepper
 from nextmm.models.emu import PHRASE_DECAY
 
 
@@ -60,8 +63,21 @@ def presence(m, asked: list[tuple[object, str, str]]) -> np.ndarray:
         is_word = ids >= 0
         back = (is_word.long().cumsum(1).argmax(1, keepdim=True) - torch.arange(ids.shape[1])).clamp_min(0).float()
         bags = ((PHRASE_DECAY**back)[..., None] * model._phrase_terms(ids, is_word)).sum(1)
-        out.append(torch.sigmoid(model.presence.logits(model._bag_mean(bags), visual)))
+        out.append(torch.sigmoid(model.presence.logits(model._bag_mean(bags), visual, torch.arange(len(part)))))
     return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def yes_margins(m, prompts: list) -> np.ndarray:
+    """(n,) the next token's yes-minus-no logit after each prompt."""
+    yes, no = m.tokenizer.encode("yes")[0], m.tokenizer.encode("no")[0]
+    out = []
+    for start in range(0, len(prompts), 100):
+        batch = m.builder.collate([m.builder.encode(p, close=False) for p in prompts[start:start + 100]], left_pad=True)
+        stepper = Stepper(m.model, batch, 1, True, "fp32")
+        logits = stepper.logits(stepper.prefill())
+        out.append((logits[:, yes] - logits[:, no]).numpy())
+    return np.concatenate(out)
 
 
 def main() -> None:
@@ -84,9 +100,15 @@ def main() -> None:
     said, truth = matching_answers(m, 200, EVAL_SEED)
     report["itm_accuracy"] = round(float(np.mean(said == truth)), 4)
     report["itm_said_yes"] = round(float(np.mean(said)), 4)
+    pairs = list(shapes.make_samples("itm", EVAL_SEED, 200))  # the pairs matching_answers asked
+    margins = yes_margins(m, [[s.segments[0], Text(matching_question(s.meta["caption"]), target=False)] for s in pairs])
+    report["itm_margin_auc"] = round(auc(margins, truth), 4)
     exists = [s for s in shapes.make_samples("vqa", EVAL_SEED, 1600) if s.meta.get("template") == "exists"][:200]
     answers = m.ask([s.segments[0].image for s in exists], [s.meta["question"] for s in exists], answers=["yes", "no"])
+    there = np.array([s.segments[2].text == "yes" for s in exists])
     report["exists_accuracy"] = round(float(np.mean([a == s.segments[2].text for a, s in zip(answers, exists)])), 4)
+    margins = yes_margins(m, [[s.segments[0], Text(vqa_prompt(s.meta["question"]), target=False)] for s in exists])
+    report["exists_margin_auc"] = round(auc(margins, there), 4)
     report["exists_questions"] = len(exists)
     print(json.dumps(report))
 

@@ -32,7 +32,7 @@ def test_the_presence_probe_learns_whether_a_picture_holds_a_colour_and_a_shape_
             for ids, truth in ((phrases[:, 0], True), (swapped, False)):  # the swapped one has both words, apart
                 terms = micro_model._phrase_terms(ids, ids >= 0)
                 bags = PHRASE_DECAY * terms[:, 0] + terms[:, 1]
-                said.append((micro_model.presence.logits(micro_model._bag_mean(bags), visual) > 0) == truth)
+                said.append((micro_model.presence.logits(micro_model._bag_mean(bags), visual, torch.arange(n)) > 0) == truth)
         return torch.cat(said).float().mean().item()
 
     before = accuracy()

@@ -100,6 +100,12 @@ class LLMConfig:
     # keys, joins each word's input (models/emu.py, PresenceProbe). Without it the LLM answered "is there a red
     # square?" and image-text matching at chance (BENCHMARKS.md, session 19).
     presence: bool = True
+    # With pointer_words: the prompt's words regress the image's N embeddings too, straight from their embeddings
+    # (models/emu.py, Emu.regress: the word bag at `[IMG]`, a linear map per embedding), beside the LLM's hidden
+    # state. Off by default: in one 570-step stage 1 it took one-object regression retrieval from 0.02 to 0.15,
+    # while ITM, detection and region captions came out lower than in the same run without it (0.475 against
+    # 0.76, 0.00 against 0.36, 0.15 against 0.40), which one run cannot tell from chance (BENCHMARKS.md, session 20).
+    regress_from_words: bool = False
 
     @property
     def ffn_hidden(self) -> int:
@@ -291,7 +297,10 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     clip: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(steps=1500, batch_size=64, lr=2e-3, time_budget_s=100))
-    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=3000, batch_size=32, lr=1.5e-3, time_budget_s=370))
+    # Stage 1 has 410 s (370 before session 20): on a slower AVX2 EPYC, 370 s made 474-483 steps, and three of
+    # four such runs lost their reading (caption exact match 0.08-0.11), where none of five 570-683-step runs
+    # did (0.39-0.52; BENCHMARKS.md, session 20). The demo stays within 15 minutes.
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=3000, batch_size=32, lr=1.5e-3, time_budget_s=410))
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     # Stage 2: the decoder's autoencoder on pixels, then its UNet on the frozen visual embeddings.
     # Small batches for the autoencoder: more steps in its minute, and its images are alike anyway.

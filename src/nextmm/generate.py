@@ -204,11 +204,13 @@ def generate_visual(
                 f"context is {builder.max_len}; use fewer images or shorter text"
             )
         encoded.append(e)
-    stepper = Stepper(model, builder.collate(encoded, left_pad=True), model.num_queries - 1, use_cache, resolve(precision))
+    batch = builder.collate(encoded, left_pad=True)
+    stepper = Stepper(model, batch, model.num_queries - 1, use_cache, resolve(precision))
+    bags = model.word_bags(batch["input_ids"])[:, -1] if model.words_to_visual is not None else None  # at [IMG]
     hidden = stepper.prefill()
     regressed = []
     for k in range(model.num_queries):
-        embedding = model.regression_head(hidden.to(model.regression_head.weight.dtype)).float()
+        embedding = model.regress(hidden, bags, torch.full((len(encoded),), k))
         regressed.append(embedding)
         if k < model.num_queries - 1:
             with autocast(stepper.precision):

@@ -275,9 +275,10 @@ class PresenceProbe(nn.Module):
     gains (2 p - 1) x a learned direction. Trained on its own (Emu.presence_loss) on every phrase of the
     batch against every picture whose objects are known. The LLM never learned to check a conjunction
     itself: "is there a red square?" and whether a caption fits its image stayed at chance after thousands of
-    examples (BENCHMARKS.md, session 19). Asked of the visual embeddings, not of the pointer's patches: a patch
-    shows a colour but hardly a shape, and a probe trained on a demo model's patches told "a small red square"
-    from "a small red circle" at AUC 0.71 where on its visual embeddings 0.82 (BENCHMARKS.md, session 20)."""
+    examples (BENCHMARKS.md, session 19). Asked of the visual embeddings through its own keys: a fresh probe on
+    a trained model's features told a picture's phrase from one object's colour with another's shape at AUC
+    0.69 on the location pointer's patch keys, 0.81 on the patches through its own keys and 0.79 on the N visual
+    embeddings, which are 8 a picture where the patches are 64 (BENCHMARKS.md, session 20)."""
 
     def __init__(self, width: int, visual_width: int, key_width: int = 64):
         super().__init__()
@@ -289,11 +290,13 @@ class PresenceProbe(nn.Module):
         # Zero: the LLM reads nothing from it until its loss finds what the answer is worth.
         self.found = nn.Parameter(torch.zeros(width))
 
-    def logits(self, bags: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-        """bags (R, width) the phrases' mean word embeddings; visual (R, N, visual width) their pictures'
-        visual embeddings -> (R,) logits of the phrase being in the picture. Neither trains through it."""
-        keys = self.key(visual.detach().to(self.key.weight.dtype)).float()
-        scores = torch.einsum("rk,rnk->rn", self.query(bags.detach().to(self.query.weight.dtype)).float(), keys) / keys.shape[-1] ** 0.5
+    def logits(self, bags: torch.Tensor, visual: torch.Tensor, pictures: torch.Tensor | None = None) -> torch.Tensor:
+        """bags (R, width) the phrases' mean word embeddings, visual (S, N, visual width) pictures' visual
+        embeddings -> logits of each phrase being in its picture `pictures` (R,) -> (R,), or, without
+        `pictures`, in every picture (R, S). Neither input trains through it."""
+        keys = self.key(visual.detach().to(self.query.weight.dtype)).float()  # once per picture
+        query = self.query(bags.detach().to(self.query.weight.dtype)).float() / keys.shape[-1] ** 0.5
+        scores = torch.einsum("rk,snk->rsn", query, keys) if pictures is None else torch.einsum("rk,rnk->rn", query, keys[pictures])
         spread = torch.logsumexp(scores, -1, keepdim=True) - math.log(scores.shape[-1])  # 0 for a blind look
         return self.calibrate(spread).squeeze(-1)
 
@@ -326,6 +329,11 @@ class Emu(nn.Module):
         self.location_head = location_head_for(cfg, len(location_ids))
         self.copy_head = CopyHead(cfg.llm.width) if cfg.llm.copy_head else None
         self.presence = PresenceProbe(cfg.llm.width, cfg.resampler.width) if cfg.llm.presence and self.reads_words else None
+        # The prompt's words regress the image too, straight from their embeddings (the bag at `[IMG]`, one map
+        # per embedding of the N): the LLM routes a prompt's content to `[IMG]` only after many text-to-image
+        # batches (BENCHMARKS.md, session 11). Zero: the LLM's regression alone until the L2 finds it worth more.
+        n, visual_width = cfg.resampler.num_queries, cfg.resampler.width
+        self.words_to_visual = nn.Parameter(torch.zeros(cfg.llm.width, n * visual_width)) if cfg.llm.regress_from_words and self.reads_words else None
         # the mean picture (`pictures_at`), kept as training goes, like a batch norm's running mean
         self.register_buffer("picture_mean", torch.zeros(cfg.vision.width) if cfg.llm.copy_head else None)
 
@@ -446,7 +454,7 @@ class Emu(nn.Module):
         seen = words & (image_index >= 0)
         if self.presence is None or visual is None or not bool(seen.any()):
             return out
-        found = torch.sigmoid(self.presence.logits(self._bag_mean(bags[seen]), visual[image_index[seen]])).detach()
+        found = torch.sigmoid(self.presence.logits(self._bag_mean(bags[seen]), visual, image_index[seen])).detach()
         return out.index_put((seen,), (2 * found - 1)[:, None] * self.presence.found.float())
 
     def presence_of(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
@@ -470,8 +478,7 @@ class Emu(nn.Module):
         pictures = region_image.unique()
         same = (region_ids[:, None, :] == region_ids[None, :, :]).all(-1)  # (R, R) the same phrase
         inside = (same.float() @ (region_image[:, None] == pictures[None, :]).float()) > 0  # (R, pictures)
-        mean = self._bag_mean(bags)
-        logits = self.presence.logits(mean.repeat_interleave(len(pictures), 0), visual[pictures].repeat(len(mean), 1, 1)).view(len(mean), -1)
+        logits = self.presence.logits(self._bag_mean(bags), visual[pictures])
         losses = F.binary_cross_entropy_with_logits(logits, inside.float(), reduction="none")
         parts = [losses[inside].mean() if inside.any() else None, losses[~inside].mean() if (~inside).any() else None]
         return sum(p for p in parts if p is not None) / 2
@@ -593,8 +600,8 @@ class Emu(nn.Module):
                 out["text"] = ce + pointer_weight * sum(found.values())
         loss = out["text"]
         if visual is not None:
-            predicts_image = input_ids[:, 1:] == self.image_token_id
-            predicted = self.regression_head(hidden[:, :-1][predicts_image])
+            at, bags, slots = self.regression_rows(input_ids)
+            predicted = self.regress(hidden[tuple(at.T)], bags, slots)
             target = (visual if target_visual is None else target_visual).detach()
             l2 = F.mse_loss(predicted.float(), target.reshape(predicted.shape).float())
             # regression_weight trades L2 against CE. A batch with no text target (text-to-image pairs) has no
@@ -604,6 +611,27 @@ class Emu(nn.Module):
             loss = loss + weight * l2
         out["loss"] = loss
         return out
+
+    def regress(self, hidden: torch.Tensor, bags: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """(R, width) hidden states where a visual embedding is regressed -> (R, visual width); with the word
+        bags at each row's `[IMG]` (R, width) and which of the N embeddings it is (R,), the words' part too."""
+        out = self.regression_head(hidden.to(self.regression_head.weight.dtype)).float()
+        if self.words_to_visual is None or bags is None:
+            return out
+        by_slot = (bags.detach().float() @ self.words_to_visual.float()).view(len(bags), self.num_queries, -1)
+        return out + by_slot[torch.arange(len(bags)), slots]
+
+    def regression_rows(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(B, T) -> where the next visual embedding is regressed (R, 2: row, position), the word bags at
+        those images' `[IMG]` (R, width; None without words_to_visual) and which of the N each is (R,)."""
+        predicts = F.pad(input_ids[:, 1:] == self.image_token_id, (0, 1))
+        steps = torch.arange(input_ids.shape[1], device=input_ids.device)
+        slots_before = steps - torch.where(input_ids != self.image_token_id, steps, -1).cummax(1).values  # 0 at [IMG]
+        at = predicts.nonzero()
+        slots = slots_before[tuple(at.T)]
+        if self.words_to_visual is None:
+            return at, None, slots
+        return at, self.word_bags(input_ids)[at[:, 0], at[:, 1] - slots], slots
 
     def bin_of(self, location_labels: torch.Tensor) -> torch.Tensor:
         """(R,) ids of location tokens -> (R,) their bin indices k, as floats."""
