@@ -57,6 +57,7 @@ def test_yaml_then_overrides_apply_in_order(tmp_path):
         (lambda: make_config("tiny", overrides=["decoder.semantic_grid=3"]), "'decoder.semantic_grid' is 3; set it to 0 (the whole picture alone. or a divisor of the vision tower's 8 patches a side"),
         (lambda: make_config("tiny", overrides=["decoder.semantic_pictures=4"]), "'decoder.semantic_pictures' is 4; fitting the semantic token's read-out needs 16"),
         (lambda: make_config("tiny", overrides=["pretrain.mix.ground.x=1"]), "'pretrain.mix' maps names to values; set one entry as pretrain.mix.NAME=VALUE"),
+        (lambda: make_config("tiny", overrides=["pretrain.presence_lr_scale=-10"]), "'pretrain.presence_lr_scale' is -10.0; set it to 0 (frozen. or a positive multiplier"),
     ],
 )
 def test_config_mistakes_are_explained(call, words):

@@ -387,15 +387,20 @@ def test_clip_cell_features_are_the_whole_pictures_then_each_cells_max_pooled(mi
         clip.encode_image_cells(pixels, side + 1)
 
 
-def test_word_bags_hold_the_words_since_the_latest_image_or_box_and_generation_keeps_them_step_by_step(micro_model, tokenizer):
+def bag_test_batch(model, tokenizer, other_kind: str) -> tuple[list, dict]:
+    """For the word bags' tests: a detection sample of two or more objects and one `other_kind` sample, and
+    their batch; the model in eval mode, its word gates made unequal."""
     from nextmm.data import shapes
 
-    micro_model.eval()
-    torch.nn.init.normal_(micro_model.location_head.pointer.word_gate.weight)  # words count unequally
-    b = builder_for(micro_model, tokenizer)
-    detection = next(s for s in shapes.make_samples("detect", 0, 50) if len(s.meta["objects"]) >= 2)
-    grounding = next(iter(shapes.make_samples("ground", 0, 1)))
-    batch = b.collate([b.encode(s.segments) for s in (detection, grounding)])
+    model.eval()
+    torch.nn.init.normal_(model.location_head.pointer.word_gate.weight)
+    b = builder_for(model, tokenizer)
+    samples = [next(s for s in shapes.make_samples("detect", 0, 50) if len(s.meta["objects"]) >= 2), next(iter(shapes.make_samples(other_kind, 0, 1)))]
+    return samples, b.collate([b.encode(s.segments) for s in samples])
+
+
+def test_word_bags_hold_the_words_since_the_latest_image_or_box_and_generation_keeps_them_step_by_step(micro_model, tokenizer):
+    (detection, grounding), batch = bag_test_batch(micro_model, tokenizer, "ground")
     ids, labels = batch["input_ids"], batch["labels"]
     with torch.no_grad():
         bags = micro_model.word_bags(ids)

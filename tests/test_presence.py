@@ -1,10 +1,9 @@
 import torch
 
-from nextmm.data import shapes
 from nextmm.data.sample import Image, Text
 from nextmm.generate import generate_ids
 from nextmm.models.emu import PHRASE_DECAY
-from test_model import builder_for, prompts_for
+from test_model import bag_test_batch, builder_for, prompts_for
 
 
 def test_the_presence_probe_learns_whether_a_picture_holds_a_colour_and_a_shape_together(micro_model, tokenizer):
@@ -47,12 +46,7 @@ def test_the_presence_probe_learns_whether_a_picture_holds_a_colour_and_a_shape_
 
 
 def test_phrase_bags_weigh_the_latest_words_most_restart_at_pictures_and_boxes_and_generation_keeps_them(micro_model, tokenizer):
-    micro_model.eval()
-    torch.nn.init.normal_(micro_model.location_head.pointer.word_gate.weight)  # words count unequally
-    b = builder_for(micro_model, tokenizer)
-    detection = next(s for s in shapes.make_samples("detect", 0, 50) if len(s.meta["objects"]) >= 2)
-    story = next(iter(shapes.make_samples("story", 0, 1)))
-    batch = b.collate([b.encode(s.segments) for s in (detection, story)])
+    _, batch = bag_test_batch(micro_model, tokenizer, "story")
     ids = batch["input_ids"]
     bags = micro_model.phrase_bags(ids)
     terms = micro_model._phrase_terms(ids, ~((ids == micro_model.image_token_id) | torch.isin(ids, micro_model.location_ids)))

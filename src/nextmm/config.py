@@ -487,6 +487,9 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config key 'decoder.snr_gamma' is {config.decoder.snr_gamma}; set it to 0 (off) or a positive number such as 5")
     if config.pretrain.pointer_weight < 0:
         raise ConfigError(f"config key 'pretrain.pointer_weight' is {config.pretrain.pointer_weight}; set it to 0 (off) or a positive weight such as 1")
+    for scale in ("vision_lr_scale", "copy_gate_lr_scale", "presence_lr_scale"):
+        if getattr(config.pretrain, scale) < 0:
+            raise ConfigError(f"config key 'pretrain.{scale}' is {getattr(config.pretrain, scale)}; set it to 0 (frozen) or a positive multiplier such as 10")
     if config.decoder.semantic_token and config.decoder.semantic_pictures < MIN_SEMANTIC_PICTURES:
         raise ConfigError(f"config key 'decoder.semantic_pictures' is {config.decoder.semantic_pictures}; fitting the semantic token's read-out needs {MIN_SEMANTIC_PICTURES} or more, such as 1024")
     side, grid = config.vision.image_size // config.vision.patch_size, config.decoder.semantic_grid
