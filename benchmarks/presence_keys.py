@@ -21,14 +21,12 @@ import nextmm
 from nextmm.data.loader import MixedStream, discover_sources
 from nextmm.data.sample import Image
 from nextmm.data.shapes import object_regions
-from nextmm.models.emu import PHRASE_DECAY, PresenceProbe
+from nextmm.models.emu import PresenceProbe
 
 
 def bags_of(model, ids: torch.Tensor) -> torch.Tensor:
     """(R, L) phrases padded with -1 -> (R, width) their decayed mean word embeddings, as Emu.presence_loss."""
-    is_word = ids >= 0
-    back = (is_word.long().cumsum(1).argmax(1, keepdim=True) - torch.arange(ids.shape[1])).clamp_min(0).float()
-    return model._bag_mean(((PHRASE_DECAY**back)[..., None] * model._phrase_terms(ids, is_word)).sum(1))
+    return model._bag_mean(model.phrase_bags_of(ids))
 
 
 def features(model, pixels: torch.Tensor, source: str) -> torch.Tensor:

@@ -23,7 +23,6 @@ from nextmm.data import shapes
 from nextmm.data.sample import Image, Text, matching_question, vqa_prompt
 from nextmm.eval.shapes import EVAL_SEED, matching_answers
 from nextmm.generate import Stepper
-from nextmm.models.emu import PHRASE_DECAY
 
 
 def auc(scores: np.ndarray, truth: np.ndarray) -> float:
@@ -60,10 +59,7 @@ def presence(m, asked: list[tuple[object, str, str]]) -> np.ndarray:
         batch = m.builder.collate([m.builder.encode([Image(p)], close=False) for p, _, _ in part])
         visual, _ = model.see(batch["pixels"])
         ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(m.tokenizer.encode(t)) for _, t, _ in part], batch_first=True, padding_value=-1)
-        is_word = ids >= 0
-        back = (is_word.long().cumsum(1).argmax(1, keepdim=True) - torch.arange(ids.shape[1])).clamp_min(0).float()
-        bags = ((PHRASE_DECAY**back)[..., None] * model._phrase_terms(ids, is_word)).sum(1)
-        out.append(torch.sigmoid(model.presence.logits(model._bag_mean(bags), visual, torch.arange(len(part)))))
+        out.append(torch.sigmoid(model.presence.logits(model._bag_mean(model.phrase_bags_of(ids)), visual, torch.arange(len(part)))))
     return torch.cat(out).numpy()
 
 

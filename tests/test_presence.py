@@ -63,6 +63,10 @@ def test_phrase_bags_weigh_the_latest_words_most_restart_at_pictures_and_boxes_a
     for t in range(1, ids.shape[1]):
         stepped = micro_model.next_phrase_bags(stepped, ids[:, t - 1], ids[:, t])
         torch.testing.assert_close(stepped, bags[:, t])
+    phrase = torch.tensor(tokenizer.encode("a small red circle"))
+    after_picture = micro_model.phrase_bags(torch.cat([torch.tensor([micro_model.image_token_id]), phrase])[None])[0, -1]
+    padded = torch.nn.functional.pad(phrase, (0, 3), value=-1)[None]
+    torch.testing.assert_close(micro_model.phrase_bags_of(padded)[0], after_picture)  # a phrase alone, as in a sequence
 
 
 def test_what_the_presence_probe_tells_reaches_words_after_a_picture_and_decodes_alike_with_a_cache(micro_model, tokenizer, scenes):

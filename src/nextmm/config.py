@@ -96,8 +96,8 @@ class LLMConfig:
     # (models/emu.py, CopyHead, a pointer-generator). In-context binding needs it: 1200 steps of binding documents
     # left the 4-layer LLM choosing a made-up word at chance (BENCHMARKS.md, session 13).
     copy_head: bool = True
-    # With pointer_words: whether the phrase just read is in the latest picture, read off the pointer's patch
-    # keys, joins each word's input (models/emu.py, PresenceProbe). Without it the LLM answered "is there a red
+    # With pointer_words: whether the phrase just read is in the latest picture, read off its visual embeddings,
+    # joins each word's input (models/emu.py, PresenceProbe). Without it the LLM answered "is there a red
     # square?" and image-text matching at chance (BENCHMARKS.md, session 19).
     presence: bool = True
     # With pointer_words: the prompt's words regress the image's N embeddings too, straight from their embeddings

@@ -442,6 +442,14 @@ class Emu(nn.Module):
         added = self._phrase_terms(tokens, is_word)
         return torch.where(restart[:, None], added, PHRASE_DECAY * bags + added)
 
+    def phrase_bags_of(self, phrases: torch.Tensor) -> torch.Tensor:
+        """(R, L) phrases padded with -1 -> (R, width + 1): each one's bag at its last word, as `phrase_bags`
+        gives it at that word of a sequence."""
+        is_word = phrases >= 0
+        last = is_word.long().cumsum(1).argmax(1, keepdim=True)
+        back = (last - torch.arange(phrases.shape[1], device=phrases.device)).clamp_min(0).float()
+        return ((PHRASE_DECAY**back)[..., None] * self._phrase_terms(phrases, is_word)).sum(1)
+
     @staticmethod
     def _bag_mean(bags: torch.Tensor) -> torch.Tensor:
         return bags[..., :-1] / bags[..., -1:].clamp_min(1e-6)
@@ -471,14 +479,10 @@ class Emu(nn.Module):
         (Shapes World's object_regions; a scene never repeats a colour and shape). None without regions."""
         if self.presence is None or visual is None or len(region_ids) < 2:
             return None
-        is_word = region_ids >= 0
-        last = is_word.long().cumsum(1).argmax(1, keepdim=True)  # each phrase's last token
-        back = (last - torch.arange(region_ids.shape[1], device=region_ids.device)).clamp_min(0).float()
-        bags = ((PHRASE_DECAY**back)[..., None] * self._phrase_terms(region_ids, is_word)).sum(1)
         pictures = region_image.unique()
         same = (region_ids[:, None, :] == region_ids[None, :, :]).all(-1)  # (R, R) the same phrase
         inside = (same.float() @ (region_image[:, None] == pictures[None, :]).float()) > 0  # (R, pictures)
-        logits = self.presence.logits(self._bag_mean(bags), visual[pictures])
+        logits = self.presence.logits(self._bag_mean(self.phrase_bags_of(region_ids)), visual[pictures])
         losses = F.binary_cross_entropy_with_logits(logits, inside.float(), reduction="none")
         parts = [losses[inside].mean() if inside.any() else None, losses[~inside].mean() if (~inside).any() else None]
         return sum(p for p in parts if p is not None) / 2
