@@ -4,8 +4,10 @@ about that phrase with its colour or its shape changed to a pair the scene lacks
 negatives), and, in scenes of two or more objects, about one object's colour with another's shape (both
 words are in the picture, not together); and how the model answers with it: image-text matching accuracy
 (and how often it said yes), and VQA's "is there a {colour} {shape}?" accuracy, each with the AUC of the
-model's yes-minus-no logit margin (what it knows, however its threshold lies). Models without a probe
-get the last four.
+model's yes-minus-no logit margin (what it knows, however its threshold lies); and, for a model with an
+agreement judge (models/agreement.py), its verdict's AUC and accuracy on the matching questions, beside the
+AUC of the lowest of the probe's reads at the questions' shape words (where a judge that knew where phrases
+end would look). Models without a probe get the matching and "is there" figures alone.
 
 Usage: python benchmarks/presence_probe.py --model runs/demo/model [--scenes 300]
 Prints one JSON object.
@@ -64,15 +66,35 @@ def presence(m, asked: list[tuple[object, str, str]]) -> np.ndarray:
 
 
 @torch.no_grad()
-def yes_margins(m, prompts: list) -> np.ndarray:
-    """(n,) the next token's yes-minus-no logit after each prompt."""
+def yes_margins(m, prompts: list) -> tuple[np.ndarray, np.ndarray | None]:
+    """(n,) the next token's yes-minus-no logit after each prompt, and (n,) the agreement judge's verdict there
+    (its logit that all said since the picture holds; None without a judge)."""
     yes, no = m.tokenizer.encode("yes")[0], m.tokenizer.encode("no")[0]
-    out = []
+    margins, verdicts = [], []
     for start in range(0, len(prompts), 100):
         batch = m.builder.collate([m.builder.encode(p, close=False) for p in prompts[start:start + 100]], left_pad=True)
         stepper = Stepper(m.model, batch, 1, True, "fp32")
         logits = stepper.logits(stepper.prefill())
-        out.append((logits[:, yes] - logits[:, no]).numpy())
+        margins.append((logits[:, yes] - logits[:, no]).numpy())
+        if stepper.agreed is not None:
+            verdicts.append(m.model.agreement.verdict(stepper.agreed).numpy())
+    return np.concatenate(margins), np.concatenate(verdicts) if verdicts else None
+
+
+@torch.no_grad()
+def lowest_read_at_shape_words(m, prompts: list) -> np.ndarray:
+    """(n,) the lowest of the probe's reads at the prompts' shape words (where Shapes World's phrases end): what
+    a judge that knew where phrases end would see."""
+    model = m.model
+    shape_ids = torch.tensor([m.tokenizer.encode(f" {shape}")[-1] for shape in shapes.SHAPES])
+    out = []
+    for start in range(0, len(prompts), 100):
+        batch = m.builder.collate([m.builder.encode(p, close=False) for p in prompts[start:start + 100]])
+        ids = batch["input_ids"]
+        visual, _ = model.see(batch["pixels"])
+        words = ~((ids == model.image_token_id) | torch.isin(ids, model.location_ids))
+        seen, reads = model.presence_reads(model.phrase_bags(ids), words, model.latest_image(ids), visual)
+        out.append(reads.masked_fill(~(seen & torch.isin(ids, shape_ids)), float("inf")).amin(1).numpy())
     return np.concatenate(out)
 
 
@@ -97,13 +119,19 @@ def main() -> None:
     report["itm_accuracy"] = round(float(np.mean(said == truth)), 4)
     report["itm_said_yes"] = round(float(np.mean(said)), 4)
     pairs = list(shapes.make_samples("itm", EVAL_SEED, 200))  # the pairs matching_answers asked
-    margins = yes_margins(m, [[s.segments[0], Text(matching_question(s.meta["caption"]), target=False)] for s in pairs])
+    questions = [[s.segments[0], Text(matching_question(s.meta["caption"]), target=False)] for s in pairs]
+    margins, verdicts = yes_margins(m, questions)
     report["itm_margin_auc"] = round(auc(margins, truth), 4)
+    if m.model.presence is not None:
+        report["itm_lowest_read_at_shape_words_auc"] = round(auc(lowest_read_at_shape_words(m, questions), truth), 4)
+    if verdicts is not None:
+        report["itm_judge_auc"] = round(auc(verdicts, truth), 4)
+        report["itm_judge_accuracy"] = round(float(np.mean((verdicts > 0) == truth)), 4)
     exists = [s for s in shapes.make_samples("vqa", EVAL_SEED, 1600) if s.meta.get("template") == "exists"][:200]
     answers = m.ask([s.segments[0].image for s in exists], [s.meta["question"] for s in exists], answers=["yes", "no"])
     there = np.array([s.segments[2].text == "yes" for s in exists])
     report["exists_accuracy"] = round(float(np.mean([a == s.segments[2].text for a, s in zip(answers, exists)])), 4)
-    margins = yes_margins(m, [[s.segments[0], Text(vqa_prompt(s.meta["question"]), target=False)] for s in exists])
+    margins, _ = yes_margins(m, [[s.segments[0], Text(vqa_prompt(s.meta["question"]), target=False)] for s in exists])
     report["exists_margin_auc"] = round(auc(margins, there), 4)
     report["exists_questions"] = len(exists)
     print(json.dumps(report))

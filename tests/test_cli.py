@@ -67,21 +67,25 @@ def test_weights_that_do_not_fit_the_config(capsys, model_dir, image_file):
     assert_one_clear_line(*run(capsys, "caption", "--model", model_dir, image_file)[::2], "model.safetensors", "do not fit", "retrain")
 
 
-@pytest.mark.parametrize("part, key, weights_prefix", [
+# in the order they were added: a model saved before one existed has none of the later ones either
+LATER_PARTS = [
     ("resampler", "region_coords", "resampler.coord_proj."), ("llm", "location_head", "location_head."),
-    ("llm", "location_pointer", "location_head.pointer."), ("llm", "presence", "presence."),
-])
-def test_a_model_saved_before_a_later_part_existed_still_loads(capsys, model_dir, image_file, part, key, weights_prefix):
+    ("llm", "location_pointer", "location_head.pointer."), ("llm", "presence", "presence."), ("llm", "agreement", "agreement."),
+]
+
+
+@pytest.mark.parametrize("added", range(len(LATER_PARTS)))
+def test_a_model_saved_before_a_later_part_existed_still_loads(capsys, model_dir, image_file, added):
     from safetensors.torch import load_file, save_file
 
-    # the presence probe came last: a model saved before any of these parts had none either
+    missing = LATER_PARTS[added:]
     weights = load_file(Path(model_dir) / "model.safetensors")
-    kept = {name: w for name, w in weights.items() if not name.startswith((weights_prefix, "presence."))}
+    kept = {name: w for name, w in weights.items() if not name.startswith(tuple(prefix for _, _, prefix in missing))}
     assert len(kept) < len(weights)
     save_file(kept, Path(model_dir) / "model.safetensors")
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    del config[part][key]
-    config["llm"].pop("presence", None)
+    for part, key, _ in missing:
+        del config[part][key]
     (Path(model_dir) / "config.json").write_text(json.dumps(config))
     code, out, _ = run(capsys, "caption", "--model", model_dir, image_file)
     assert code == 0 and image_file in out

@@ -78,7 +78,7 @@ def test_what_the_presence_probe_tells_reaches_words_after_a_picture_and_decodes
     batch = b.collate([b.encode(prompt, close=False)])
     ids = batch["input_ids"]
     visual, _ = micro_model.see(batch["pixels"])
-    told = micro_model.presence_of(ids, visual)[0].norm(dim=-1)
+    told = micro_model.presence_of(ids, visual)[0][0].norm(dim=-1)
     first_slot = int((ids[0] == micro_model.image_token_id).nonzero()[0])
     slots = ids[0] == micro_model.image_token_id
     assert (told[:first_slot] == 0).all() and (told[slots] == 0).all()  # nothing before a picture, nothing on its slots

@@ -193,7 +193,7 @@ def test_gradients_clipped_apart_do_not_shrink_everyone_elses_step(tmp_path):
     assert apart["loud.weight"].norm() == pytest.approx(10.0, rel=1e-4)
 
 
-def test_stage1_trains_the_vision_tower_slower_and_the_copy_gate_and_presence_probe_faster(micro_model, micro_config):
+def test_stage1_trains_the_vision_tower_slower_and_the_copy_gate_presence_probe_and_agreement_judge_faster(micro_model, micro_config):
     from nextmm.train.stages import pretrain_groups
 
     p = micro_config.pretrain
@@ -204,6 +204,7 @@ def test_stage1_trains_the_vision_tower_slower_and_the_copy_gate_and_presence_pr
     assert lr_of[id(named["copy_head.query.weight"])] == lr_of[id(named["llm.embed_tokens.weight"])] == p.lr
     assert lr_of[id(next(v for k, v in named.items() if k.startswith("vision.")))] == p.lr * p.vision_lr_scale
     assert p.copy_gate_lr_scale > 1 > p.vision_lr_scale
-    probe = [lr_of[id(named[f"presence.{part}.weight"])] for part in ("query", "key", "calibrate")]
-    assert probe == [p.lr * p.presence_lr_scale] * 3 and lr_of[id(named["presence.found"])] == p.lr and p.presence_lr_scale > 1
+    probe = [lr_of[id(named[f"{part}.weight"])] for part in ("presence.query", "presence.key", "presence.calibrate", "agreement.gate", "agreement.judge")]
+    assert probe == [p.lr * p.presence_lr_scale] * 5 and p.presence_lr_scale > 1
+    assert lr_of[id(named["presence.found"])] == lr_of[id(named["agreement.holds"])] == p.lr
     assert sorted(lr_of) == sorted(id(v) for v in micro_model.parameters() if v.requires_grad)  # every parameter, once

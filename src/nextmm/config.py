@@ -100,6 +100,11 @@ class LLMConfig:
     # joins each word's input (models/emu.py, PresenceProbe). Without it the LLM answered "is there a red
     # square?" and image-text matching at chance (BENCHMARKS.md, session 19).
     presence: bool = True
+    # With presence: a running soft minimum of the probe's reads since the latest picture, each weighed by a
+    # learned gate on its word, joins each word's input too: whether all that was said holds there (models/
+    # agreement.py). Asked whether a caption fits its picture, the LLM with the probe alone answered at chance in
+    # most runs (BENCHMARKS.md, session 20), though the probe's reads at the captions' last words told.
+    agreement: bool = True
     # With pointer_words: the prompt's words regress the image's N embeddings too, straight from their embeddings
     # (models/emu.py, Emu.regress: the word bag at `[IMG]`, a linear map per embedding), beside the LLM's hidden
     # state. Off by default: in one 570-step stage 1 it took one-object regression retrieval from 0.02 to 0.15,
@@ -240,8 +245,12 @@ class PretrainConfig(TrainConfig):
     copy_gate_lr_scale: float = 10.0
     # The presence probe's query, keys and calibration (models/emu.py, PresenceProbe) learn this much faster; trained
     # by their own loss alone, at x1 a 570-step stage 1 left them still short of telling any phrase apart
-    # (balanced cross-entropy 0.91 at step 200, where even odds give 0.69).
+    # (balanced cross-entropy 0.91 at step 200, where even odds give 0.69). The agreement judge's gate and
+    # calibration (models/agreement.py), trained by their own loss alone too, take the same.
     presence_lr_scale: float = 10.0
+    # The directions the presence probe and the agreement judge add to the LLM's input (presence.found,
+    # agreement.holds), which the text loss alone trains, learn this much faster.
+    told_lr_scale: float = 1.0
     # At 8 frames each a video batch costs several caption batches. Halving videos
     # (from 0.5 / 1.0) and raising captions (from 2.0) gave 490 stage-1 steps instead of ~380 and
     # caption exact match 0.28 instead of 0.14-0.17, video scores unchanged (BENCHMARKS.md, d4).
@@ -487,7 +496,7 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config key 'decoder.snr_gamma' is {config.decoder.snr_gamma}; set it to 0 (off) or a positive number such as 5")
     if config.pretrain.pointer_weight < 0:
         raise ConfigError(f"config key 'pretrain.pointer_weight' is {config.pretrain.pointer_weight}; set it to 0 (off) or a positive weight such as 1")
-    for scale in ("vision_lr_scale", "copy_gate_lr_scale", "presence_lr_scale"):
+    for scale in ("vision_lr_scale", "copy_gate_lr_scale", "presence_lr_scale", "told_lr_scale"):
         if getattr(config.pretrain, scale) < 0:
             raise ConfigError(f"config key 'pretrain.{scale}' is {getattr(config.pretrain, scale)}; set it to 0 (frozen) or a positive multiplier such as 10")
     if config.decoder.semantic_token and config.decoder.semantic_pictures < MIN_SEMANTIC_PICTURES:
@@ -502,7 +511,7 @@ def _check(config: Config) -> None:
 
 
 # Model parts added after models were first saved, on by default: a config.json without the key has no such part.
-ADDED_LATER = (("resampler", "region_coords"), ("llm", "location_head"), ("llm", "location_pointer"), ("llm", "pointer_words"), ("llm", "pointer_roles"), ("llm", "copy_head"), ("llm", "presence"))
+ADDED_LATER = (("resampler", "region_coords"), ("llm", "location_head"), ("llm", "location_pointer"), ("llm", "pointer_words"), ("llm", "pointer_roles"), ("llm", "copy_head"), ("llm", "presence"), ("llm", "agreement"))
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

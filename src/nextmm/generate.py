@@ -42,10 +42,14 @@ class Stepper:
             self.visual, self.patches = model.see(batch["pixels"])
             self.embeds = model.embed(ids, self.visual)
         # the presence probe's reads join the prompt's words, and each appended word's (`append_token`)
-        self.phrases = None
+        # and the agreement judge's verdict joins them and their final hidden states (`tops`, every position's)
+        self.phrases = self.agreed = self.tops = None
         if model.presence is not None and self.visual is not None:
-            self.embeds = self.embeds + model.presence_of(ids, self.visual).to(self.embeds.dtype)
+            told, agreed = model.presence_of(ids, self.visual)
+            self.embeds = self.embeds + told.to(self.embeds.dtype)
             self.phrases = model.phrase_bags(ids)[:, -1]
+            if agreed is not None:
+                self.agreed, self.tops = agreed[:, -1], model.agreement.told(agreed, at_top=True)
         # every new position follows the prompt's last image (new images end generate_ids)
         sight = model.sight_of(ids, self.patches)
         self.sight = sight.rows((slice(None), -1)) if sight is not None else None
@@ -71,6 +75,8 @@ class Stepper:
             else:
                 mask = _attention_mask(self.keys_valid[:, :total], total)
                 hidden = self.model.llm(self.embeds, self.positions, mask)
+            if self.tops is not None:
+                hidden = hidden + self.tops[:, -hidden.shape[1] :].to(hidden.dtype)
             if self.model.copy_head is not None:
                 keys = self.model.copy_head.key(hidden)
                 self.copy_keys = keys if self.copy_keys is None or not self.use_cache else torch.cat([self.copy_keys, keys], 1)
@@ -90,6 +96,10 @@ class Stepper:
         self.embeds = torch.cat([self.embeds, next_embeds], dim=1)
         self.positions = torch.cat([self.positions, next_pos], dim=1)
         read = torch.full_like(self.last_token, -1) if token is None else token
+        if self.tops is not None:
+            if token is None:  # an embedding (a regressed picture's) restarts what was said, as a picture's slot does
+                self.agreed = torch.full_like(self.agreed, float("-inf"))
+            self.tops = torch.cat([self.tops, self.model.agreement.told(self.agreed, at_top=True)[:, None]], 1)
         self.read_ids = torch.cat([self.read_ids, read[:, None]], 1)
         if self.pictures is not None:
             self.pictures = torch.cat([self.pictures, self.pictures[:, -1:]], 1)
@@ -97,13 +107,13 @@ class Stepper:
 
     def append_token(self, token: torch.Tensor) -> torch.Tensor:
         """Append one token per row (B,), keeping the rows' word bags for the location head and the presence
-        probe; as `append`."""
+        probe, and the agreement judge's log-sums; as `append`."""
         embeds = self.model.llm.embed_tokens(token)
         if self.phrases is not None:
             model = self.model
             self.phrases = model.next_phrase_bags(self.phrases, self.last_token, token)
-            words = ~((token == model.image_token_id) | torch.isin(token, model.location_ids))
-            embeds = embeds + model.presence_input(self.phrases, words, self.sight.image_index, self.visual).to(embeds.dtype)
+            told, self.agreed = model.presence_step(self.phrases, self.agreed, token, self.sight.image_index, self.visual)
+            embeds = embeds + told.to(embeds.dtype)
         if self.sight is not None:
             if self.sight.words is not None:
                 self.sight.words = self.model.next_word_bags(self.sight.words, self.last_token, token)

@@ -60,6 +60,15 @@ class Sample:
                 return seg.image, nxt.text
         return None
 
+    def claim(self) -> bool | None:
+        """Whether the text after the sample's picture holds in it (Emu.agreement_loss): True for an
+        image-caption pair, an image-text matching question's answer, None for every other sample."""
+        if self.kind == "caption" and len(self.segments) == 2 and isinstance(self.segments[0], Image):
+            return True
+        if self.kind == "itm" and self.meta.get("answer") in ("yes", "no"):
+            return self.meta["answer"] == "yes"
+        return None
+
 
 def vqa_prompt(question: str) -> str:
     return f"question: {question.strip()} answer:"

@@ -33,6 +33,7 @@ class Encoded:
     images: list[PILImage.Image] = field(default_factory=list)
     named: list[tuple[int, tuple[float, ...]]] = field(default_factory=list)  # (position, box) pairs, see encode
     regions: list[tuple[int, list[int], tuple[float, ...]]] = field(default_factory=list)  # (image, phrase ids, box), see encode
+    claim: int = -1  # 1: the text after the last picture holds in it, 0: it does not, -1: no claim (see encode)
 
     def add(self, ids: list[int], target: bool = False) -> None:
         self.ids.extend(ids)
@@ -73,13 +74,15 @@ class SequenceBuilder:
         close: bool = True,
         named: tuple[int, tuple[float, ...]] | None = None,
         regions: list[tuple[int, str, tuple[float, ...]]] = (),
+        claim: bool | None = None,
     ) -> Encoded:
         """close=True ends the sequence with [EOS] (learned when the last segment is a target);
         close=False leaves it open for the model to continue (an inference prompt). `named` (segment index,
         box in fractions of the image): that text segment names the object in the box, which its last
         token's location pointer is told in training (Emu.pointer_loss). `regions` (image segment index,
-        phrase, box): phrases of what those boxes of the pictures show, for Emu.region_loss."""
-        out = Encoded()
+        phrase, box): phrases of what those boxes of the pictures show, for Emu.region_loss. `claim`: whether the
+        text after the last picture holds in it (Sample.claim), for Emu.agreement_loss."""
+        out = Encoded(claim=-1 if claim is None else int(claim))
         pictures = [i for i, seg in enumerate(segments) if isinstance(seg, Image)]
         for segment, phrase, box in regions:
             if segment not in pictures:
@@ -129,7 +132,8 @@ class SequenceBuilder:
             for position, box in e.named:
                 named[row, shift + position] = torch.tensor(box)
         pixels = to_pixels([img for e in batch for img in e.images], self.image_size)
-        return {"input_ids": ids, "labels": labels, "valid": valid, "pixels": pixels, "named_boxes": named, **self.collate_regions(batch)}
+        claims = torch.tensor([e.claim for e in batch], dtype=torch.long)
+        return {"input_ids": ids, "labels": labels, "valid": valid, "pixels": pixels, "named_boxes": named, "claims": claims, **self.collate_regions(batch)}
 
     @staticmethod
     def collate_regions(batch: list[Encoded]) -> dict[str, torch.Tensor]:

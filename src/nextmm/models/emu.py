@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextmm.config import Config
+from nextmm.models.agreement import AgreementJudge
 from nextmm.models.llm import KVCache, LLaMA
 from nextmm.models.resampler import CausalResampler
 from nextmm.models.vision import VisionTransformer
@@ -301,6 +302,13 @@ class PresenceProbe(nn.Module):
         return self.calibrate(spread).squeeze(-1)
 
 
+def _balanced_bce(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with the true and the false cases weighing half each (or all, when one is missing)."""
+    losses = F.binary_cross_entropy_with_logits(logits, truth.float(), reduction="none")
+    parts = [losses[truth].mean() if truth.any() else None, losses[~truth].mean() if (~truth).any() else None]
+    return sum(p for p in parts if p is not None) / sum(p is not None for p in parts)
+
+
 @dataclass
 class Copying:
     """What the copy head may copy, for each row asking: its attention over earlier positions (R, L) and the
@@ -329,6 +337,7 @@ class Emu(nn.Module):
         self.location_head = location_head_for(cfg, len(location_ids))
         self.copy_head = CopyHead(cfg.llm.width) if cfg.llm.copy_head else None
         self.presence = PresenceProbe(cfg.llm.width, cfg.resampler.width) if cfg.llm.presence and self.reads_words else None
+        self.agreement = AgreementJudge(cfg.llm.width) if cfg.llm.agreement and self.presence is not None else None
         # The prompt's words regress the image too, straight from their embeddings (the bag at `[IMG]`, one map
         # per embedding of the N): the LLM routes a prompt's content to `[IMG]` only after many text-to-image
         # batches (BENCHMARKS.md, session 11). Zero: the LLM's regression alone until the L2 finds it worth more.
@@ -454,23 +463,57 @@ class Emu(nn.Module):
     def _bag_mean(bags: torch.Tensor) -> torch.Tensor:
         return bags[..., :-1] / bags[..., -1:].clamp_min(1e-6)
 
-    def presence_input(self, bags: torch.Tensor, words: torch.Tensor, image_index: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
+    def presence_reads(self, bags: torch.Tensor, words: torch.Tensor, image_index: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """bags (..., width + 1) from `phrase_bags`, whether each position is a word (...,), its latest image
-        (..., -1 for none), the batch's visual embeddings (M, N, visual width) -> (..., width): what the
-        presence probe adds to those positions' input embeddings."""
-        out = torch.zeros(*bags.shape[:-1], self.cfg.llm.width, device=bags.device)
+        (..., -1 for none), the batch's visual embeddings (M, N, visual width) -> which positions the presence
+        probe reads (words after a picture) (...,) and its logits there (...,; 0 elsewhere), detached."""
         seen = words & (image_index >= 0)
-        if self.presence is None or visual is None or not bool(seen.any()):
-            return out
-        found = torch.sigmoid(self.presence.logits(self._bag_mean(bags[seen]), visual, image_index[seen])).detach()
-        return out.index_put((seen,), (2 * found - 1)[:, None] * self.presence.found.float())
+        reads = torch.zeros(bags.shape[:-1], device=bags.device)
+        if bool(seen.any()):
+            reads = reads.index_put((seen,), self.presence.logits(self._bag_mean(bags[seen]), visual, image_index[seen]).detach())
+        return seen, reads
 
-    def presence_of(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
-        """(B, T) ids and the batch's visual embeddings -> (B, T, width), `presence_input` over whole sequences."""
+    def presence_told(self, seen: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
+        """What the probe's reads (...,) add to the input embeddings of the positions it read (...,): (..., width)."""
+        found = torch.where(seen, 2 * torch.sigmoid(reads) - 1, 0.0)
+        return found[..., None] * self.presence.found.float()
+
+    def presence_of(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) ids and the batch's visual embeddings -> what the presence probe and the agreement judge add
+        to the input embeddings (B, T, width), and the judge's log-sums at every position (B, T, 2) (None
+        without a judge)."""
+        told = torch.zeros(*input_ids.shape, self.cfg.llm.width, device=input_ids.device)
         if self.presence is None or visual is None:
-            return torch.zeros(*input_ids.shape, self.cfg.llm.width, device=input_ids.device)
+            return told, None
         words = ~((input_ids == self.image_token_id) | torch.isin(input_ids, self.location_ids))
-        return self.presence_input(self.phrase_bags(input_ids), words, self.latest_image(input_ids), visual)
+        seen, reads = self.presence_reads(self.phrase_bags(input_ids), words, self.latest_image(input_ids), visual)
+        told = self.presence_told(seen, reads)
+        if self.agreement is None:
+            return told, None
+        with torch.no_grad():  # the gate trains by agreement_loss alone
+            sums = self.agreement_sums(input_ids, self.agreement.terms(self.llm.embed_tokens(input_ids), reads, seen))
+        return told + self.agreement.told(sums), sums
+
+    def agreement_sums(self, input_ids: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and the judge's terms (B, T, 2) -> its log-sums at every position (B, T, 2), over the
+        positions since the latest picture (a picture's slots restart them)."""
+        steps = torch.arange(input_ids.shape[1], device=input_ids.device)
+        start = torch.where(input_ids == self.image_token_id, steps, 0).cummax(1).values
+        since = (steps[None, None, :] <= steps[None, :, None]) & (steps[None, None, :] >= start[:, :, None])  # (B, T, T)
+        return torch.logsumexp(terms[:, None].masked_fill(~since[..., None], float("-inf")), 2)
+
+    def presence_step(self, bags: torch.Tensor, sums: torch.Tensor | None, tokens: torch.Tensor, image_index: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One more token per row (B,), with the rows' phrase bags at it (B, width + 1) and the judge's log-sums
+        before it (B, 2) -> what joins its input embedding (B, width) and the log-sums after it, as
+        `presence_of` over the longer sequences would give."""
+        words = ~((tokens == self.image_token_id) | torch.isin(tokens, self.location_ids))
+        seen, reads = self.presence_reads(bags, words, image_index, visual)
+        told = self.presence_told(seen, reads)
+        if sums is None:
+            return told, None
+        terms = self.agreement.terms(self.llm.embed_tokens(tokens), reads, seen)
+        sums = self.agreement.extend(sums, terms, tokens == self.image_token_id)
+        return told + self.agreement.told(sums), sums
 
     def presence_loss(self, visual: torch.Tensor | None, region_ids: torch.Tensor, region_image: torch.Tensor) -> torch.Tensor | None:
         """Binary cross-entropy of the presence probe for every phrase of the batch's regions (SequenceBuilder.
@@ -483,9 +526,33 @@ class Emu(nn.Module):
         same = (region_ids[:, None, :] == region_ids[None, :, :]).all(-1)  # (R, R) the same phrase
         inside = (same.float() @ (region_image[:, None] == pictures[None, :]).float()) > 0  # (R, pictures)
         logits = self.presence.logits(self._bag_mean(self.phrase_bags_of(region_ids)), visual[pictures])
-        losses = F.binary_cross_entropy_with_logits(logits, inside.float(), reduction="none")
-        parts = [losses[inside].mean() if inside.any() else None, losses[~inside].mean() if (~inside).any() else None]
-        return sum(p for p in parts if p is not None) / 2
+        return _balanced_bce(logits, inside)
+
+    def agreement_loss(self, input_ids: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor | None, claims: torch.Tensor) -> torch.Tensor | None:
+        """Binary cross-entropy of the agreement judge's verdict at the end of every row that makes a claim
+        about its last picture (`claims` (B,): 1 the text after it holds, 0 it does not, -1 no claim), on that
+        picture and, as not holding, on every other picture of the batch; positives and negatives weigh half
+        each. The text is what follows the row's last picture. None when no row claims anything."""
+        if self.agreement is None or visual is None or not bool((claims >= 0).any()):
+            return None
+        rows = (claims >= 0).nonzero().squeeze(1)
+        image_index = self.latest_image(input_ids)[rows]
+        ids, valid = input_ids[rows], valid[rows]
+        last = valid.long().cumsum(1).argmax(1)
+        own = image_index[torch.arange(len(rows)), last]
+        words = ~((ids == self.image_token_id) | torch.isin(ids, self.location_ids))
+        said = words & valid & (image_index == own[:, None]) & (own[:, None] >= 0)
+        claimed = said.any(1)  # a row with no words after its picture has no verdict (nor a gradient through one)
+        if not bool(claimed.any()):
+            return None
+        rows, ids, own, said = rows[claimed], ids[claimed], own[claimed], said[claimed]
+        reads = self.presence.logits(self._bag_mean(self.phrase_bags(ids)[said]), visual)  # (P, pictures)
+        terms = self.agreement.terms(self.llm.embed_tokens(ids[said])[:, None], reads, torch.ones_like(reads, dtype=torch.bool))
+        member = said.nonzero()[:, 0][None, :] == torch.arange(len(rows), device=ids.device)[:, None]  # (R, P)
+        sums = torch.logsumexp(terms[None].masked_fill(~member[..., None, None], float("-inf")), 1)  # (R, pictures, 2)
+        holds = torch.zeros(sums.shape[:2], dtype=torch.bool, device=ids.device)
+        holds[torch.arange(len(rows)), own] = claims[rows] == 1
+        return _balanced_bce(self.agreement.verdict(sums), holds)
 
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
         embeds = self.llm.embed_tokens(input_ids)
@@ -560,11 +627,15 @@ class Emu(nn.Module):
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """The LLM's hidden states; the presence probe's reads join the words after a picture."""
+        """The LLM's hidden states; the presence probe's reads and the agreement judge's verdict join the words
+        after a picture (the verdict at the top too)."""
         embeds = self.embed(input_ids, visual)
+        sums = None
         if self.presence is not None and visual is not None:
-            embeds = embeds + self.presence_of(input_ids, visual).to(embeds.dtype)
-        return self.llm(embeds, positions, mask, cache)
+            told, sums = self.presence_of(input_ids, visual)
+            embeds = embeds + told.to(embeds.dtype)
+        hidden = self.llm(embeds, positions, mask, cache)
+        return hidden if sums is None else hidden + self.agreement.told(sums, at_top=True).to(hidden.dtype)
 
     def loss(
         self,
@@ -577,12 +648,16 @@ class Emu(nn.Module):
         pointer_weight: float = 0.0,
         named_boxes: torch.Tensor | None = None,
         regions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        claims: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Text CE on labelled positions + regression_weight x L2 to the next visual embedding (weight 1 in a
         batch with no labelled text). With `location_sigma` > 0, a location token's target spreads over its
         neighbouring bins (see `text_loss`); with `pointer_weight` > 0, the text loss also holds that weight x
         `pointer_loss` where boxes are written, and `region_loss` for `regions` (region_ids, region_image,
-        region_boxes) when given ("text" in the result; "ce" stays the cross-entropy alone).
+        region_boxes) when given ("text" in the result; "ce" stays the cross-entropy alone), and
+        `agreement_loss` for `claims` (B,) (which rows' text holds in their last picture; `valid` (B, T) the
+        rows' real tokens, all when not given).
 
         Targets are detached, as in Emu; `target_visual` lets training supply them from a slowly moving
         copy of the visual stack (train/targets.py)."""
@@ -598,6 +673,8 @@ class Emu(nn.Module):
             if regions is not None:
                 pointing["regions"] = self.region_loss(patches, *regions)
                 pointing["presence"] = self.presence_loss(visual, *regions[:2])
+            if claims is not None:
+                pointing["agreement"] = self.agreement_loss(input_ids, torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid, visual, claims)
             found = {k: v for k, v in pointing.items() if v is not None}
             out.update(found)
             if found:

@@ -132,7 +132,8 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
         named = batch.get("named_boxes") if p.point_at_named else None
         regions = (batch["region_ids"], batch["region_image"], batch["region_boxes"]) if p.point_at_objects and "region_ids" in batch else None
         return model.loss(
-            batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual, p.location_sigma, p.pointer_weight, named, regions
+            batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual, p.location_sigma, p.pointer_weight, named, regions,
+            batch.get("claims"), batch.get("valid"),
         )
 
     def backward(out: dict[str, torch.Tensor], scale: float) -> None:
@@ -145,9 +146,11 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
 
 
 def pretrain_groups(model: Emu, p: PretrainConfig) -> list[dict]:
-    """Stage 1's optimizer groups: the vision tower slower, the copy head's gate and the presence probe
-    (but the direction it adds to the LLM's input) faster (PretrainConfig)."""
-    faster = {"copy_head.gate": p.copy_gate_lr_scale, **{f"presence.{part}": p.presence_lr_scale for part in ("query", "key", "calibrate")}}
+    """Stage 1's optimizer groups: the vision tower slower, the copy head's gate, the presence probe and the
+    agreement judge faster, and the directions they add to the LLM's input at their own rate (PretrainConfig)."""
+    probes = [f"presence.{part}" for part in ("query", "key", "calibrate")] + ["agreement.gate", "agreement.judge"]
+    faster = {"copy_head.gate": p.copy_gate_lr_scale, **{part: p.presence_lr_scale for part in probes},
+              "presence.found": p.told_lr_scale, "agreement.holds": p.told_lr_scale}
     return param_groups(model, p.lr, p.weight_decay, {"vision.": p.vision_lr_scale, **faster})
 
 
@@ -161,7 +164,7 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
     p = cfg.pretrain
     builder = SequenceBuilder.for_config(tok, cfg)
     stream = MixedStream(
-        sources, p.mix, lambda s: builder.encode(s.segments, named=named_object(s), regions=object_regions(s) if p.point_at_objects else ()), builder.collate, p.batch_size, cfg.seed,
+        sources, p.mix, lambda s: builder.encode(s.segments, named=named_object(s), regions=object_regions(s) if p.point_at_objects else (), claim=s.claim()), builder.collate, p.batch_size, cfg.seed,
         join_at=p.join_at, views=text_to_image_view(sources),
     )
     target, loss_fn, backward = pretrain_objective(model, p)
