@@ -101,10 +101,12 @@ class LLMConfig:
     # square?" and image-text matching at chance (BENCHMARKS.md, session 19).
     presence: bool = True
     # With presence: a running soft minimum of the probe's reads since the latest picture, each weighed by a
-    # learned gate on its word, joins each word's input too: whether all that was said holds there (models/
-    # agreement.py). Asked whether a caption fits its picture, the LLM with the probe alone answered at chance in
-    # most runs (BENCHMARKS.md, session 20), though the probe's reads at the captions' last words told.
-    agreement: bool = True
+    # learned gate on its word, joins each word's input and final hidden state: whether all that was said holds
+    # there (models/agreement.py). In seven 570-step reruns it taught the LLM whether a caption fits (yes-no
+    # margin AUC 0.64-0.89, against 0.43-0.56 in three runs of four without it), but both fresh-clone demos
+    # with it lost their colour reading (caption exact match 0.145 and 0.075, binding 4-shot 0.36 and 0.48),
+    # which session 20's two demos without it kept: off until that is understood (BENCHMARKS.md, session 21).
+    agreement: bool = False
     # With pointer_words: the prompt's words regress the image's N embeddings too, straight from their embeddings
     # (models/emu.py, Emu.regress: the word bag at `[IMG]`, a linear map per embedding), beside the LLM's hidden
     # state. Off by default: in one 570-step stage 1 it took one-object regression retrieval from 0.02 to 0.15,
@@ -308,8 +310,8 @@ class Config:
     clip: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(steps=1500, batch_size=64, lr=2e-3, time_budget_s=100))
     # Stage 1 has 430 s (370 before session 20, 410 before session 21): on a slower AVX2 EPYC, 370 s made 474-483
     # steps, and three of four such runs lost their reading (caption exact match 0.08-0.11), where none of five
-    # 570-683-step runs did (0.39-0.52; BENCHMARKS.md, session 20); a 410-s demo that made 543 steps lost it too
-    # (0.145; session 21). The demo took 847 s with 410 s, so it stays within 15 minutes.
+    # 570-683-step runs did (0.39-0.52; BENCHMARKS.md, session 20). 410 s made 543-569 steps on that CPU, so
+    # 430 s for ~570 or more; the demo took 875 s with it (session 21), within 15 minutes.
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=3000, batch_size=32, lr=1.5e-3, time_budget_s=430))
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     # Stage 2: the decoder's autoencoder on pixels, then its UNet on the frozen visual embeddings.
