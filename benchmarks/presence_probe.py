@@ -92,8 +92,7 @@ def lowest_read_at_shape_words(m, prompts: list) -> np.ndarray:
         batch = m.builder.collate([m.builder.encode(p, close=False) for p in prompts[start:start + 100]])
         ids = batch["input_ids"]
         visual, _ = model.see(batch["pixels"])
-        words = ~((ids == model.image_token_id) | torch.isin(ids, model.location_ids))
-        seen, reads = model.presence_reads(model.phrase_bags(ids), words, model.latest_image(ids), visual)
+        seen, reads = model.presence_reads(model.phrase_bags(ids), model.is_word(ids), model.latest_image(ids), visual)
         out.append(reads.masked_fill(~(seen & torch.isin(ids, shape_ids)), float("inf")).amin(1).numpy())
     return np.concatenate(out)
 

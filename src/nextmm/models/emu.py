@@ -362,6 +362,10 @@ class Emu(nn.Module):
         features = self.vision(pixels)
         return self.resampler(features), features[:, 1:]
 
+    def is_word(self, ids: torch.Tensor) -> torch.Tensor:
+        """Which tokens are words: neither an image slot nor a location token."""
+        return ~((ids == self.image_token_id) | torch.isin(ids, self.location_ids))
+
     def latest_image(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) -> for each position, the index (among the batch's images, in reading order) of the last
         image whose slots it follows, or -1 when its row has none before it."""
@@ -482,11 +486,9 @@ class Emu(nn.Module):
         """(B, T) ids and the batch's visual embeddings -> what the presence probe and the agreement judge add
         to the input embeddings (B, T, width), and the judge's log-sums at every position (B, T, 2) (None
         without a judge)."""
-        told = torch.zeros(*input_ids.shape, self.cfg.llm.width, device=input_ids.device)
         if self.presence is None or visual is None:
-            return told, None
-        words = ~((input_ids == self.image_token_id) | torch.isin(input_ids, self.location_ids))
-        seen, reads = self.presence_reads(self.phrase_bags(input_ids), words, self.latest_image(input_ids), visual)
+            return torch.zeros(*input_ids.shape, self.cfg.llm.width, device=input_ids.device), None
+        seen, reads = self.presence_reads(self.phrase_bags(input_ids), self.is_word(input_ids), self.latest_image(input_ids), visual)
         told = self.presence_told(seen, reads)
         if self.agreement is None:
             return told, None
@@ -506,8 +508,7 @@ class Emu(nn.Module):
         """One more token per row (B,), with the rows' phrase bags at it (B, width + 1) and the judge's log-sums
         before it (B, 2) -> what joins its input embedding (B, width) and the log-sums after it, as
         `presence_of` over the longer sequences would give."""
-        words = ~((tokens == self.image_token_id) | torch.isin(tokens, self.location_ids))
-        seen, reads = self.presence_reads(bags, words, image_index, visual)
+        seen, reads = self.presence_reads(bags, self.is_word(tokens), image_index, visual)
         told = self.presence_told(seen, reads)
         if sums is None:
             return told, None
@@ -540,8 +541,7 @@ class Emu(nn.Module):
         ids, valid = input_ids[rows], valid[rows]
         last = valid.long().cumsum(1).argmax(1)
         own = image_index[torch.arange(len(rows)), last]
-        words = ~((ids == self.image_token_id) | torch.isin(ids, self.location_ids))
-        said = words & valid & (image_index == own[:, None]) & (own[:, None] >= 0)
+        said = self.is_word(ids) & valid & (image_index == own[:, None]) & (own[:, None] >= 0)
         claimed = said.any(1)  # a row with no words after its picture has no verdict (nor a gradient through one)
         if not bool(claimed.any()):
             return None
