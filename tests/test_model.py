@@ -457,6 +457,32 @@ def test_a_question_about_one_object_tells_the_pointer_that_objects_patches_at_i
     torch.testing.assert_close(out["pointer"], expected)
 
 
+def test_a_named_object_trains_the_pointer_alone_where_a_written_box_trains_the_llm_too(micro_model, tokenizer):
+    """A question's named object teaches the pointer only: its hidden state, word bag and patches are detached,
+    so the reading batches' named boxes do not hold off the LLM's learning to read (BENCHMARKS.md, session 22)."""
+    from nextmm.data import shapes
+
+    b = builder_for(micro_model, tokenizer)
+    asked = [s for s in shapes.make_samples("vqa", 0, 30) if shapes.named_object(s) is not None][:2]
+    grounded = list(shapes.make_samples("ground", 0, 2))
+    pointer = micro_model.location_head.pointer
+
+    def gradients(samples, named: bool) -> tuple[float, float, float]:
+        """The pointer loss's gradient norms on the pointer, the LLM (and its embeddings) and the vision tower."""
+        batch = b.collate([b.encode(s.segments, named=shapes.named_object(s) if named else None) for s in samples])
+        micro_model.zero_grad()
+        out = micro_model.loss(batch["input_ids"], batch["labels"], batch["pixels"], pointer_weight=1.0,
+                               named_boxes=batch["named_boxes"] if named else None)
+        out["pointer"].backward()
+        norm = lambda module: sum(float(p.grad.norm()) for p in module.parameters() if p.grad is not None)
+        return norm(pointer), norm(micro_model.llm), norm(micro_model.vision)
+
+    on_pointer, on_llm, on_vision = gradients(asked, named=True)
+    assert on_pointer > 0 and on_llm == 0 and on_vision == 0
+    on_pointer, on_llm, on_vision = gradients(grounded, named=False)
+    assert on_pointer > 0 and on_llm > 0 and on_vision > 0
+
+
 def test_every_object_of_a_picture_tells_the_pointer_its_patches_asked_by_its_phrase_alone(micro_model, tokenizer):
     from nextmm.data import shapes
 

@@ -228,7 +228,8 @@ class PretrainConfig(TrainConfig):
     pointer_weight: float = 1.0
     # With pointer_weight > 0: a VQA question about one object, and a one-object caption, also tell the pointer
     # that object's patches at their last token (data/shapes.py, named_object), so it learns which object
-    # words name from the many reading batches, not only from the few grounding ones.
+    # words name from the many reading batches, not only from the few grounding ones. They train the pointer
+    # alone (Emu.pointer_loss): reaching the LLM they held off its reading, which came by step 100 without.
     point_at_named: bool = True
     # With pointer_weight > 0: every object of a one-image sample's scene (data/shapes.py, object_regions) also
     # tells the pointer its patches and box, asked by the object's phrase alone (Emu.region_loss), with no

@@ -727,20 +727,32 @@ class Emu(nn.Module):
         location tokens (x0 y0 x1 y1). `named_boxes` (B, T, 4; NaN where none) adds the boxes of objects
         that texts name (SequenceBuilder.encode's `named`), told at the text's last token: a question
         about one object asks the pointer the same thing as a grounding question. `sight` is `sight_of`
-        the batch. None when the batch has no box after an image."""
+        the batch. A named box trains the pointer alone: its hidden state, words and patches are detached.
+        None when the batch has no box after an image."""
         if self.location_head is None or self.location_head.pointer is None or sight is None:
             return None
         rows, boxes = self._written_boxes(labels)
+        named = torch.zeros(len(rows), dtype=torch.bool, device=labels.device)
         if named_boxes is not None:
             told = named_boxes[..., 0].isfinite().nonzero()
             rows, boxes = torch.cat([rows, told]), torch.cat([boxes, named_boxes[tuple(told.T)]])
+            named = F.pad(named, (0, len(told)), value=True)
         if not len(rows):
             return None
         at = tuple(rows.T)
         keep = sight.image_index[at] >= 0
         if not keep.any():
             return None
-        return self._pointing(hidden[at][keep], sight.rows(at).rows(keep), boxes[keep])
+        # Reaching the LLM, the embeddings and the tower, the named boxes of the reading batches (dozens a batch
+        # from the first step) held off the LLM's reading its pictures: its caption cross-entropy at step 200 of
+        # a 570-step stage 1 was 0.64-0.67 with them, 0.28-0.35 without (BENCHMARKS.md, session 22).
+        asking, looked, named = hidden[at][keep], sight.rows(at).rows(keep), named[keep]
+        asking = torch.where(named[:, None], asking.detach(), asking)
+        words = torch.where(named[:, None], looked.words.detach(), looked.words) if looked.words is not None else None
+        # the patches twice, the second copy detached, which the named rows look at
+        patches = torch.cat([looked.patches, looked.patches.detach()])
+        image_index = torch.where(named, looked.image_index + len(looked.patches), looked.image_index)
+        return self._pointing(asking, Sight(patches, image_index, words, looked.roles), boxes[keep])
 
     def region_loss(
         self, patches: torch.Tensor | None, region_ids: torch.Tensor, region_image: torch.Tensor, region_boxes: torch.Tensor
