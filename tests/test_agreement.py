@@ -13,7 +13,7 @@ from test_model import bag_test_batch, builder_for
 
 @pytest.fixture()
 def judge_model(micro_config, tokenizer):
-    """The micro model with an agreement judge (llm.agreement is off by default)."""
+    """The micro model with an agreement judge."""
     micro_config.llm.agreement = True
     torch.manual_seed(0)
     return build_model(micro_config, tokenizer)

@@ -70,7 +70,7 @@ def test_weights_that_do_not_fit_the_config(capsys, model_dir, image_file):
 # in the order they were added: a model saved before one existed has none of the later ones either
 LATER_PARTS = [
     ("resampler", "region_coords", "resampler.coord_proj."), ("llm", "location_head", "location_head."),
-    ("llm", "location_pointer", "location_head.pointer."), ("llm", "presence", "presence."),
+    ("llm", "location_pointer", "location_head.pointer."), ("llm", "presence", "presence."), ("llm", "agreement", "agreement."),
 ]
 
 

@@ -197,7 +197,7 @@ def test_stage1_trains_the_vision_tower_slower_and_the_copy_gate_presence_probe_
     from nextmm.api import build_model
     from nextmm.train.stages import pretrain_groups
 
-    micro_config.llm.agreement = True  # off by default
+    micro_config.llm.agreement = True
     micro_model = build_model(micro_config, tokenizer)
 
     p = micro_config.pretrain

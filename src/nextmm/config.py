@@ -102,11 +102,11 @@ class LLMConfig:
     presence: bool = True
     # With presence: a running soft minimum of the probe's reads since the latest picture, each weighed by a
     # learned gate on its word, joins each word's input and final hidden state: whether all that was said holds
-    # there (models/agreement.py). In seven 570-step reruns it taught the LLM whether a caption fits (yes-no
-    # margin AUC 0.64-0.89, against 0.43-0.56 in three runs of four without it), but both fresh-clone demos
-    # with it lost their colour reading (caption exact match 0.145 and 0.075, binding 4-shot 0.36 and 0.48),
-    # which session 20's two demos without it kept: off until that is understood (BENCHMARKS.md, session 21).
-    agreement: bool = False
+    # there (models/agreement.py). With it the LLM answers `is there a {colour} {shape}?` from the picture (0.905
+    # against 0.56 in two 570-step runs alike but for it) and knows better whether a caption fits (yes-no margin
+    # AUC 0.64-0.89 in seven runs), though where it puts its yes-no threshold still varies by run. The two demos
+    # that lost their reading with it had lost it to the named boxes' pointer loss (BENCHMARKS.md, session 22).
+    agreement: bool = True
     # With pointer_words: the prompt's words regress the image's N embeddings too, straight from their embeddings
     # (models/emu.py, Emu.regress: the word bag at `[IMG]`, a linear map per embedding), beside the LLM's hidden
     # state. Off by default: in one 570-step stage 1 it took one-object regression retrieval from 0.02 to 0.15,
@@ -275,13 +275,15 @@ class PretrainConfig(TrainConfig):
     )
     # Sources held back until this many batches have been drawn: captions first, videos last. With VQA
     # from the first step the LLM never learned to read colour from its images (0.17 after 240 steps of
-    # captions + VQA); with VQA joining at batch 100 it had (1.0). Shape takes longer (0.83 at 100
-    # caption batches, 0.97 at 200): with the others joining at 100, one demo run in three never read
-    # shape (VQA shape 0.31); at 200, caption exact match 0.66 (BENCHMARKS.md). An 8-frame batch costs
-    # about 8 image batches, and motion cannot be learned before the images are read.
+    # captions + VQA); with VQA joining at batch 100 it had (1.0). Since the named boxes stopped reaching the
+    # LLM (PretrainConfig.point_at_named), it reads by batch 100 (caption cross-entropy 0.36-0.40, where it was
+    # 0.81-0.85 in the same seeds before): the others join at 120. Two 570-step runs so wrote 0.70 of bound
+    # words at 4 shots, where seed 2 joining at 200 wrote 0.325-0.40, and captioned a little worse (exact
+    # match 0.49-0.54 against 0.625-0.645; BENCHMARKS.md, session 22). An 8-frame batch costs about 8 image
+    # batches, and motion cannot be learned before the images are read.
     join_at: dict[str, int] = field(default_factory=lambda: {
-        "vqa": 200, "story": 200, "edit": 200, "binding": 200, "video_caption": 250, "video_qa": 250, "text_to_image": 200,
-        "ground": 200, "itm": 200, "region_caption": 200, "detect": 200,
+        "vqa": 120, "story": 120, "edit": 120, "binding": 120, "video_caption": 170, "video_qa": 170, "text_to_image": 120,
+        "ground": 120, "itm": 120, "region_caption": 120, "detect": 120,
     })
 
 

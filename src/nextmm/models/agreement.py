@@ -6,7 +6,7 @@ each weighed by a gate on its word (learned, so that reads after words that end 
 tells its verdict to the LLM's input and final hidden state. Asked whether a caption fits its picture, the LLM
 had to find and combine those reads itself and stayed at chance in most runs, though the lowest of the reads
 at the captions' shape words told fitting captions from one-word changes at AUC 0.82-0.91 (BENCHMARKS.md,
-session 21). Off by default (config.py, llm.agreement): both demos with it lost their colour reading.
+session 21). With it, `is there a {colour} {shape}?` is answered from the picture (config.py, llm.agreement).
 
 The soft minimum of reads l_j with gates g_j is -log(sum g_j exp(-l_j) / sum g_j); it is kept as the two
 log-sums, which one more word updates in place (`extend`) and a picture restarts.
