@@ -4,8 +4,8 @@ within the demo's stage-1 budget, with any config overrides; no visual decoder. 
 (200 scenes, 40 videos, 40 binding prompts): grounding Acc@0.5 and centre miss, detection, captions, VQA,
 binding. Also when the LLM learned to read its pictures: the logged caption cross-entropy at step 100 and over
 the last 20 steps before the other sources join (caption batches alone until then). Joining at 200, 0.51 or less
-there went with caption exact match 0.375 or more at the end, 0.62 or more with 0.275 or less (BENCHMARKS.md,
-session 22).
+there went with caption exact match 0.375 or more at the end, 0.67 or more with 0.275 or less (19 runs,
+BENCHMARKS.md, session 22).
 
 Usage: python benchmarks/stage1_grounding.py --run runs/demo --out runs/s1 [--set llm.pointer_roles=false ...]
        [--stop-after 200]  (the first N steps of the configured schedule, reading onset only, no evaluation)
@@ -24,7 +24,7 @@ from nextmm.eval.shapes import evaluate
 from nextmm.train.stages import train
 
 KEPT = ("caption_exact_match", "vqa_accuracy", "grounding_acc_at_0.5", "grounding_centre_miss_px", "detection_f1",
-        "itm_accuracy", "region_caption_exact_match", "video_direction_accuracy", "binding_2shot_choice_accuracy",
+        "itm_accuracy", "itm_uncalibrated_accuracy", "region_caption_exact_match", "video_direction_accuracy", "binding_2shot_choice_accuracy",
         "binding_4shot_accuracy", "binding_4shot_choice_accuracy", "binding_4shot_chance")
 
 

@@ -175,3 +175,32 @@ def test_match_is_a_yes_no_answer(micro_nextmm, scenes):
     assert len(said) == 3 and all(isinstance(x, bool) for x in said)
     with pytest.raises(ValueError, match="one text per image"):
         micro_nextmm.match([scenes[0].image()], [])
+
+
+def test_uncalibrated_match_answers_as_yes_no_constrained_decoding_does(micro_nextmm, scenes):
+    from nextmm.data.sample import Image, Text, matching_question
+
+    images, texts = [s.image() for s in scenes[:4]] * 2, [s.caption() for s in scenes[:8]]  # fitting, then not
+    answers = micro_nextmm.generate([[Image(i), Text(matching_question(t), target=False)] for i, t in zip(images, texts)], answers=["yes", "no"])
+    assert micro_nextmm.match(images, texts, calibrate=False) == [a == "yes" for a in answers]
+
+
+def test_calibrated_match_takes_away_a_bias_shared_by_the_question(micro_nextmm, scenes, monkeypatch):
+    """Contextual calibration: the yes-minus-no margin less the margin for the same picture and an empty text,
+    so a yes (or no) the model gives every pair alike does not decide its answers."""
+    import nextmm.api
+
+    images, texts = [s.image() for s in scenes[:4]] * 2, [s.caption() for s in scenes[:8]]  # fitting, then not
+    plain, calibrated = micro_nextmm.match(images, texts, calibrate=False), micro_nextmm.match(images, texts)
+    yes, no = micro_nextmm.tokenizer.encode("yes"), micro_nextmm.tokenizer.encode("no")
+    yes = next(a for a, b in zip(yes, no) if a != b)  # where the two answers part
+    unbiased = nextmm.api.next_token_logits
+
+    def biased(*args, **kwargs):
+        scores = unbiased(*args, **kwargs).clone()
+        scores[:, yes] += 100.0
+        return scores
+
+    monkeypatch.setattr(nextmm.api, "next_token_logits", biased)
+    assert micro_nextmm.match(images, texts, calibrate=False) == [True] * 8 != plain
+    assert micro_nextmm.match(images, texts) == calibrated != [True] * 8

@@ -9,6 +9,8 @@ input, which generic `generate()` helpers don't support.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from nextmm.constrained import Constraint
@@ -185,6 +187,20 @@ def generate_ids(
             break
         hidden = stepper.append_token(token)
     return [row[: row.index(eos)] if eos in row else row for row in generated.tolist()]
+
+
+@torch.no_grad()
+def next_token_logits(model: Emu, builder: SequenceBuilder, prompts: list[list[Segment]], precision: str = "fp32",
+                      then: Sequence[int] = ()) -> torch.Tensor:
+    """(prompts, vocabulary): the scores greedy decoding would compare for each prompt's next token (log-
+    probabilities with a copy head, else logits), once the tokens `then` have followed every prompt."""
+    model.eval()
+    batch = builder.collate([builder.encode(p, close=False) for p in prompts], left_pad=True)
+    stepper = Stepper(model, batch, 1 + len(then), True, resolve(precision))
+    hidden = stepper.prefill()
+    for token in then:
+        hidden = stepper.append_token(torch.full((len(prompts),), token, dtype=torch.long))
+    return stepper.logits(hidden)
 
 
 def generate_text(model: Emu, builder: SequenceBuilder, prompts: list[list[Segment]], **kwargs) -> list[str]:
