@@ -3,7 +3,7 @@ PresenceProbe) asked on held-out Shapes World scenes about a phrase of the pictu
 about that phrase with its colour or its shape changed to a pair the scene lacks (image-text matching's
 negatives), and, in scenes of two or more objects, about one object's colour with another's shape (both
 words are in the picture, not together); and how the model answers with it: image-text matching accuracy
-(and how often it said yes), calibrated (NextMM.match's default) and not, and VQA's "is there a {colour} {shape}?" accuracy, each with the AUC of the
+(and how often it said yes), uncalibrated and calibrated (NextMM.match), and VQA's "is there a {colour} {shape}?" accuracy, each with the AUC of the
 model's yes-minus-no logit margin (what it knows, however its threshold lies); and, for a model with an
 agreement judge (models/agreement.py), its verdict's AUC and accuracy on the matching questions, beside the
 AUC of the lowest of the probe's reads at the questions' shape words (where a judge that knew where phrases
@@ -117,9 +117,9 @@ def main() -> None:
     said, truth = matching_answers(m, 200, EVAL_SEED)
     report["itm_accuracy"] = round(float(np.mean(said == truth)), 4)
     report["itm_said_yes"] = round(float(np.mean(said)), 4)
-    said, _ = matching_answers(m, 200, EVAL_SEED, calibrate=False)
-    report["itm_uncalibrated_accuracy"] = round(float(np.mean(said == truth)), 4)
-    report["itm_uncalibrated_said_yes"] = round(float(np.mean(said)), 4)
+    said, _ = matching_answers(m, 200, EVAL_SEED, calibrate=True)
+    report["itm_calibrated_accuracy"] = round(float(np.mean(said == truth)), 4)
+    report["itm_calibrated_said_yes"] = round(float(np.mean(said)), 4)
     pairs = list(shapes.make_samples("itm", EVAL_SEED, 200))  # the pairs matching_answers asked
     questions = [[s.segments[0], Text(matching_question(s.meta["caption"]), target=False)] for s in pairs]
     margins, verdicts = yes_margins(m, questions)

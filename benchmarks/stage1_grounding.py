@@ -24,7 +24,7 @@ from nextmm.eval.shapes import evaluate
 from nextmm.train.stages import train
 
 KEPT = ("caption_exact_match", "vqa_accuracy", "grounding_acc_at_0.5", "grounding_centre_miss_px", "detection_f1",
-        "itm_accuracy", "itm_uncalibrated_accuracy", "region_caption_exact_match", "video_direction_accuracy", "binding_2shot_choice_accuracy",
+        "itm_accuracy", "itm_calibrated_accuracy", "region_caption_exact_match", "video_direction_accuracy", "binding_2shot_choice_accuracy",
         "binding_4shot_accuracy", "binding_4shot_choice_accuracy", "binding_4shot_chance")
 
 

@@ -182,7 +182,7 @@ def test_uncalibrated_match_answers_as_yes_no_constrained_decoding_does(micro_ne
 
     images, texts = [s.image() for s in scenes[:4]] * 2, [s.caption() for s in scenes[:8]]  # fitting, then not
     answers = micro_nextmm.generate([[Image(i), Text(matching_question(t), target=False)] for i, t in zip(images, texts)], answers=["yes", "no"])
-    assert micro_nextmm.match(images, texts, calibrate=False) == [a == "yes" for a in answers]
+    assert micro_nextmm.match(images, texts) == [a == "yes" for a in answers]
 
 
 def test_calibrated_match_takes_away_a_bias_shared_by_the_question(micro_nextmm, scenes, monkeypatch):
@@ -191,7 +191,7 @@ def test_calibrated_match_takes_away_a_bias_shared_by_the_question(micro_nextmm,
     import nextmm.api
 
     images, texts = [s.image() for s in scenes[:4]] * 2, [s.caption() for s in scenes[:8]]  # fitting, then not
-    plain, calibrated = micro_nextmm.match(images, texts, calibrate=False), micro_nextmm.match(images, texts)
+    plain, calibrated = micro_nextmm.match(images, texts), micro_nextmm.match(images, texts, calibrate=True)
     yes, no = micro_nextmm.tokenizer.encode("yes"), micro_nextmm.tokenizer.encode("no")
     yes = next(a for a, b in zip(yes, no) if a != b)  # where the two answers part
     unbiased = nextmm.api.next_token_logits
@@ -202,5 +202,5 @@ def test_calibrated_match_takes_away_a_bias_shared_by_the_question(micro_nextmm,
         return scores
 
     monkeypatch.setattr(nextmm.api, "next_token_logits", biased)
-    assert micro_nextmm.match(images, texts, calibrate=False) == [True] * 8 != plain
-    assert micro_nextmm.match(images, texts) == calibrated != [True] * 8
+    assert micro_nextmm.match(images, texts) == [True] * 8 != plain
+    assert micro_nextmm.match(images, texts, calibrate=True) == calibrated != [True] * 8

@@ -147,13 +147,14 @@ class NextMM:
         rows = self.generate_ids(prompts, answers=DetectionGrammar(self.tokenizer, max_new_tokens))
         return [self.tokenizer.phrases_with_boxes(ids, p.size) for ids, p in zip(rows, pictures)]
 
-    def match(self, images: Sequence[Visual], texts: Sequence[str], calibrate: bool = True) -> list[bool]:
+    def match(self, images: Sequence[Visual], texts: Sequence[str], calibrate: bool = False) -> list[bool]:
         """Image-text matching: whether the model says each text describes its image, yes or no: the sign of its
-        yes-minus-no margin. With `calibrate` (contextual calibration, Zhao et al. 2021), less the margin it
-        gives the same picture and an empty text, about which there is nothing to judge: its bias for the
-        question. Demo-sized models put that bias anywhere (two said yes to 98.5% and to 1% of held-out pairs,
-        though both ranked the fitting texts first, margin AUC 0.76 and 0.83); calibrated, they answered 0.705
-        and 0.715 right where they had answered 0.505 and 0.52 (BENCHMARKS.md, session 22)."""
+        yes-minus-no margin, as trie-constrained decoding to yes or no answers. With `calibrate` (contextual
+        calibration, Zhao et al. 2021), less the margin it gives the same picture and an empty text: its bias
+        for the question, if an empty text has nothing to judge. Demo-sized models put that bias anywhere (two
+        said yes to 98.5% and to 1% of held-out pairs, though both ranked the fitting texts first, margin AUC
+        0.76 and 0.83), and calibrated they answered 0.705 and 0.715 right, not 0.505 and 0.52; but another,
+        right at 0.79 as it was, fell to 0.535, its empty text taken for a fit (BENCHMARKS.md, session 22)."""
         if len(images) != len(texts):
             raise ValueError(f"match() got {len(images)} images but {len(texts)} texts; give one text per image")
         visuals = [_visual_segment(img) for img in images]
