@@ -3,11 +3,11 @@ PresenceProbe) asked on held-out Shapes World scenes about a phrase of the pictu
 about that phrase with its colour or its shape changed to a pair the scene lacks (image-text matching's
 negatives), and, in scenes of two or more objects, about one object's colour with another's shape (both
 words are in the picture, not together); and how the model answers with it: image-text matching accuracy
-(and how often it said yes), uncalibrated and calibrated (NextMM.match), and VQA's "is there a {colour} {shape}?" accuracy, each with the AUC of the
-model's yes-minus-no logit margin (what it knows, however its threshold lies); and, for a model with an
-agreement judge (models/agreement.py), its verdict's AUC and accuracy on the matching questions, beside the
-AUC of the lowest of the probe's reads at the questions' shape words (where a judge that knew where phrases
-end would look). Models without a probe get the matching and "is there" figures alone.
+(and how often it said yes), uncalibrated and calibrated (NextMM.match), and VQA's "is there a {colour}
+{shape}?" accuracy, each with the AUC of the model's yes-minus-no logit margin (what it knows, however its
+threshold lies); and, for a model with an agreement judge (models/agreement.py), its verdict's AUC and
+accuracy on the matching questions, beside the AUC of the lowest of the probe's reads at the questions' shape
+words (where a judge that knew where phrases end would look). Models without a probe get the matching and "is there" figures alone.
 
 Usage: python benchmarks/presence_probe.py --model runs/demo/model [--scenes 300]
 Prints one JSON object.

@@ -11,14 +11,6 @@ from nextmm.train.stages import text_first
 from test_model import bag_test_batch, builder_for
 
 
-@pytest.fixture()
-def judge_model(micro_config, tokenizer):
-    """The micro model with an agreement judge."""
-    micro_config.llm.agreement = True
-    torch.manual_seed(0)
-    return build_model(micro_config, tokenizer)
-
-
 def _scramble(model) -> None:
     """Probe, gate and both directions away from their starting values, so every part shows."""
     with torch.no_grad():
@@ -27,11 +19,11 @@ def _scramble(model) -> None:
         model.agreement.judge.weight.fill_(1.5)
 
 
-def test_the_agreement_judge_keeps_a_gated_soft_minimum_of_the_reads_since_the_latest_picture(judge_model, tokenizer):
-    model = judge_model
-    _, batch = bag_test_batch(model, tokenizer, "story")  # a detection sample and a story of several pictures
-    _scramble(model)
+def test_the_agreement_judge_keeps_a_gated_soft_minimum_of_the_reads_since_the_latest_picture(micro_model, tokenizer):
+    _, batch = bag_test_batch(micro_model, tokenizer, "story")  # a detection sample and a story of several pictures
+    _scramble(micro_model)
     ids = batch["input_ids"]
+    model = micro_model
     with torch.no_grad():
         visual, _ = model.see(batch["pixels"])
         told, sums = model.presence_of(ids, visual)
@@ -65,22 +57,21 @@ def test_the_agreement_judge_keeps_a_gated_soft_minimum_of_the_reads_since_the_l
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_generation_reads_the_verdict_as_training_does_word_by_word(judge_model, tokenizer, scenes, use_cache):
-    model = judge_model
-    _scramble(model)
-    model.eval()
-    b = builder_for(model, tokenizer)
+def test_generation_reads_the_verdict_as_training_does_word_by_word(micro_model, tokenizer, scenes, use_cache):
+    _scramble(micro_model)
+    micro_model.eval()
+    b = builder_for(micro_model, tokenizer)
     text = 'does the text "a large red circle above a small blue square" match the image? yes'
     whole = b.collate([b.encode([Image(scenes[0].image()), Text(text, target=False)], close=False)])
     ids = whole["input_ids"]
-    prompt_len = int((ids[0] == model.image_token_id).nonzero()[-1]) + 4  # the picture and a few words
+    prompt_len = int((ids[0] == micro_model.image_token_id).nonzero()[-1]) + 4  # the picture and a few words
     with torch.no_grad():
-        visual, _ = model.see(whole["pixels"])
-        trained = model(ids, visual)
-        at_top = model.agreement.told(model.presence_of(ids, visual)[1], at_top=True)
+        visual, _ = micro_model.see(whole["pixels"])
+        trained = micro_model(ids, visual)
+        at_top = micro_model.agreement.told(micro_model.presence_of(ids, visual)[1], at_top=True)
         assert (at_top[0, prompt_len - 1 :].norm(dim=-1) > 0).all()  # the verdict reaches every position compared
         prompt = {"input_ids": ids[:, :prompt_len], "valid": whole["valid"][:, :prompt_len], "pixels": whole["pixels"]}
-        stepper = Stepper(model, prompt, ids.shape[1] - prompt_len, use_cache, "fp32")
+        stepper = Stepper(micro_model, prompt, ids.shape[1] - prompt_len, use_cache, "fp32")
         torch.testing.assert_close(stepper.prefill()[0], trained[0, prompt_len - 1], atol=1e-4, rtol=1e-4)
         for t in range(prompt_len, ids.shape[1]):
             torch.testing.assert_close(stepper.append_token(ids[:, t])[0], trained[0, t], atol=1e-4, rtol=1e-4)
@@ -91,7 +82,7 @@ def test_the_agreement_judge_learns_to_count_the_reads_that_end_a_phrase_and_tel
     phrase wrong: trained by agreement_loss alone, the verdict tells them apart, where the soft minimum of all
     reads (every gate equal) could not, since most words end no phrase."""
     tokenizer = NextTokenizer.train(shapes_texts(), vocab_size=1000, location_bins=64)  # whole words: a gate per word
-    micro_config.llm.vocab_size, micro_config.llm.agreement = tokenizer.vocab_size, True
+    micro_config.llm.vocab_size = tokenizer.vocab_size
     torch.manual_seed(0)
     model = build_model(micro_config, tokenizer)
     slots, width = model.num_queries, model.cfg.resampler.width
@@ -154,9 +145,8 @@ def test_the_agreement_judge_learns_to_count_the_reads_that_end_a_phrase_and_tel
     assert after > 0.85 and after > before + 0.15, (before, after)
 
 
-def test_captions_and_matching_answers_make_claims_that_reach_the_loss(judge_model, tokenizer):
-    model = judge_model
-    b = builder_for(model, tokenizer)
+def test_captions_and_matching_answers_make_claims_that_reach_the_loss(micro_model, tokenizer):
+    b = builder_for(micro_model, tokenizer)
     caption = next(iter(shapes.make_samples("caption", 0, 1)))
     matching = list(shapes.make_samples("itm", 0, 12))
     vqa = next(iter(shapes.make_samples("vqa", 0, 1)))
@@ -165,12 +155,12 @@ def test_captions_and_matching_answers_make_claims_that_reach_the_loss(judge_mod
     said = [m.meta["answer"] == "yes" for m in matching]
     assert batch["claims"].tolist() == [1, *map(int, said), -1, -1] and 0 < sum(said) < len(said)
     args = (batch["input_ids"], batch["labels"], batch["pixels"])
-    out = model.loss(*args, pointer_weight=1.0, claims=batch["claims"], valid=batch["valid"])
-    plain = model.loss(*args, pointer_weight=1.0)
-    visual, _ = model.see(batch["pixels"])
-    agreement = model.agreement_loss(batch["input_ids"], batch["valid"], visual, batch["claims"])
+    out = micro_model.loss(*args, pointer_weight=1.0, claims=batch["claims"], valid=batch["valid"])
+    plain = micro_model.loss(*args, pointer_weight=1.0)
+    visual, _ = micro_model.see(batch["pixels"])
+    agreement = micro_model.agreement_loss(batch["input_ids"], batch["valid"], visual, batch["claims"])
     torch.testing.assert_close(out["agreement"], agreement)
     torch.testing.assert_close(out["text"], plain["text"] + agreement)
     assert "agreement" not in plain
     # nobody claims anything: no loss
-    assert model.agreement_loss(batch["input_ids"], batch["valid"], visual, torch.full_like(batch["claims"], -1)) is None
+    assert micro_model.agreement_loss(batch["input_ids"], batch["valid"], visual, torch.full_like(batch["claims"], -1)) is None

@@ -193,12 +193,8 @@ def test_gradients_clipped_apart_do_not_shrink_everyone_elses_step(tmp_path):
     assert apart["loud.weight"].norm() == pytest.approx(10.0, rel=1e-4)
 
 
-def test_stage1_trains_the_vision_tower_slower_and_the_copy_gate_presence_probe_and_agreement_judge_faster(micro_config, tokenizer):
-    from nextmm.api import build_model
+def test_stage1_trains_the_vision_tower_slower_and_the_copy_gate_presence_probe_and_agreement_judge_faster(micro_model, micro_config):
     from nextmm.train.stages import pretrain_groups
-
-    micro_config.llm.agreement = True
-    micro_model = build_model(micro_config, tokenizer)
 
     p = micro_config.pretrain
     groups = pretrain_groups(micro_model, p)

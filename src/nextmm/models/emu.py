@@ -744,8 +744,9 @@ class Emu(nn.Module):
         if not keep.any():
             return None
         # Reaching the LLM, the embeddings and the tower, the named boxes of the reading batches (one for each
-        # one-object caption or question, from the first step) held off the LLM's reading its pictures: its caption cross-entropy at step 200 of
-        # a 570-step stage 1 was 0.64-0.67 with them, 0.28-0.35 without (BENCHMARKS.md, session 22).
+        # one-object caption or question, from the first step) held off the LLM's reading its pictures: its
+        # caption cross-entropy at step 200 of a 570-step stage 1 was 0.64-0.67 with them, 0.28-0.35 without
+        # (BENCHMARKS.md, session 22).
         asking, looked, named = hidden[at][keep], sight.rows(at).rows(keep), named[keep]
         asking = torch.where(named[:, None], asking.detach(), asking)
         words = torch.where(named[:, None], looked.words.detach(), looked.words) if looked.words is not None else None
