@@ -20,9 +20,8 @@ import nextmm
 from nextmm.constrained import DetectionGrammar
 from nextmm.data import shapes
 from nextmm.data.sample import DETECT_QUESTION, Text
-from nextmm.data.sequence import SequenceBuilder
 from nextmm.eval.shapes import EVAL_SEED, detection_f1
-from nextmm.generate import next_token_logits
+from nextmm.generate import generate_ids, next_token_logits
 
 COUNTS = ("one", "two", "three")  # Shapes World scenes hold 1 to 3 objects
 
@@ -44,7 +43,7 @@ class CountedDetection(DetectionGrammar):
         return logits
 
 
-def comma_margins(m, builder, scenes, prompts) -> dict[str, float]:
+def comma_margins(m, scenes, prompts) -> dict[str, float]:
     """Teacher-forced: after the first j objects of each scene's answer, comma minus end, by object count."""
     grammar = DetectionGrammar(m.tokenizer, 1)
     out = {}
@@ -54,14 +53,17 @@ def comma_margins(m, builder, scenes, prompts) -> dict[str, float]:
             for scene, prompt in zip(scenes, prompts):
                 listed = scene.segments[2].text.split(", ")
                 if len(listed) == count:
-                    logits = next_token_logits(m.model, builder, [prompt], then=m.tokenizer.encode(", ".join(listed[:j])))[0]
+                    logits = next_token_logits(m.model, m.builder, [prompt], then=m.tokenizer.encode(", ".join(listed[:j])))[0]
                     margins.append(float(logits[grammar.comma[0]] - logits[grammar.eos]))
             out[f"comma_margin_{count}obj_after_{j}"] = round(float(np.mean(margins)), 3)
     return out
 
 
 def listing(m, prompts, truth, counts) -> dict[str, float]:
-    rows = [m.generate_ids([p], max_new_tokens=64, answers=CountedDetection(m.tokenizer, 64, [c]))[0] for p, c in zip(prompts, counts)]
+    rows = []
+    for start in range(0, len(prompts), m.batch_size):  # batched as NextMM.generate_ids does, each row with its count
+        part = slice(start, start + m.batch_size)
+        rows += generate_ids(m.model, m.builder, prompts[part], 64, precision=m.precision, answers=CountedDetection(m.tokenizer, 64, counts[part]))
     listed = [m.tokenizer.phrases_with_boxes(r, 64) for r in rows]
     return {"f1": round(detection_f1(listed, truth), 4), "listed_per_picture": round(float(np.mean([len(x) for x in listed])), 3)}
 
@@ -72,7 +74,6 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=80)
     args = parser.parse_args()
     m = nextmm.load(args.model)
-    builder = SequenceBuilder.for_config(m.tokenizer, m.config)
     scenes = list(shapes.make_samples("detect", EVAL_SEED, args.scenes))
     truth = [s.meta["objects"] for s in scenes]
     prompts = [[s.segments[0], Text(DETECT_QUESTION, target=False)] for s in scenes]
@@ -82,7 +83,7 @@ def main() -> None:
     true_counts, model_counts = [len(t) for t in truth], [COUNTS.index(a) + 1 for a in said]
     print(json.dumps({
         "model": args.model, "scenes": len(scenes), "objects_per_picture": round(float(np.mean(true_counts)), 3),
-        **comma_margins(m, builder, scenes, prompts),
+        **comma_margins(m, scenes, prompts),
         "own_f1": round(detection_f1(own, truth), 4), "own_listed_per_picture": round(float(np.mean([len(x) for x in own])), 3),
         "count_accuracy": round(float(np.mean(np.array(model_counts) == np.array(true_counts))), 3),
         **{f"true_count_{k}": v for k, v in listing(m, prompts, truth, true_counts).items()},
