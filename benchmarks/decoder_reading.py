@@ -3,7 +3,8 @@
 Trains the decoder afresh with stage 2's own functions (autoencoder, then diffusion; the model's config
 and budgets unless overridden with --set) on a Shapes World data directory, then measures on held-out
 scenes (seed 10007):
-- vae_round_trip: the pixel judge on decode(encode(image)), the autoencoder's ceiling;
+- vae_round_trip_{1,2}obj: the pixel judge on decode(encode(image)) of one- and two-object scenes, the
+  autoencoder's ceiling (alone, with `--autoencoder-only`: the UNet is neither trained nor scored);
 - denoise_mse_{own,other,null}: the UNet's loss with each image's own embeddings, another image's and the
   null condition, at the same noise and timesteps (all, and the noisier half: t >= 500). The gap between
   own and other is how much the condition tells the UNet;
@@ -14,6 +15,7 @@ images (`--set decoder.regressed_condition=0` is Emu's rule); the denoising loss
 
 Usage: python benchmarks/decoder_reading.py --model runs/demo/model --data runs/demo/data --out /tmp/dr
        [--set decoder.snr_gamma=5 ...] [--vae-from /tmp/dr-earlier] [--prompts 50] [--scenes 100]
+       [--autoencoder-only]
 `--vae-from` reuses the autoencoder an earlier run of this script trained, to compare UNet settings alone.
 Prints one JSON line; the trained decoder is saved to OUT/decoder.
 """
@@ -38,10 +40,14 @@ from nextmm.train.decoder_stage import autoencoder_stage, build_decoder, diffusi
 
 
 @torch.no_grad()
-def vae_round_trip(decoder, pairs) -> float:
-    pixels = to_pixels([img for _, img in pairs], decoder.image_size)
-    rebuilt = to_pil(decoder.decode(decoder.encode(pixels)))
-    return float(np.mean([score_prompt(img, objects_in_caption(c))["all_objects_right"] for img, (c, _) in zip(rebuilt, pairs)]))
+def vae_round_trip(decoder, scenes: int = 50) -> dict[str, float]:
+    out = {}
+    for count in (1, 2):
+        pairs = held_out_scenes(count, scenes)
+        rebuilt = to_pil(decoder.decode(decoder.encode(to_pixels([img for _, img in pairs], decoder.image_size))))
+        right = [score_prompt(img, objects_in_caption(c))["all_objects_right"] for img, (c, _) in zip(rebuilt, pairs)]
+        out[f"vae_round_trip_{count}obj"] = float(np.mean(right))
+    return out
 
 
 @torch.no_grad()
@@ -74,6 +80,7 @@ def main() -> None:
     parser.add_argument("--vae-from", default="")
     parser.add_argument("--prompts", type=int, default=50, help="text-to-image prompts of each kind (one-, two-object)")
     parser.add_argument("--scenes", type=int, default=100, help="held-out scenes to reconstruct")
+    parser.add_argument("--autoencoder-only", action="store_true", help="train and score the autoencoder alone")
     args = parser.parse_args()
 
     m = nextmm.load(args.model)
@@ -87,6 +94,11 @@ def main() -> None:
     decoder = build_decoder(cfg)
     start = time.perf_counter()
     autoencoder_stage(cfg, sources, out, decoder, resume=bool(args.vae_from))
+    if args.autoencoder_only:
+        steps = json.loads((out / "autoencoder" / "done.json").read_text())["step"]
+        print(json.dumps({"overrides": args.overrides, "train_s": round(time.perf_counter() - start, 1),
+                          "autoencoder_steps": steps, **vae_round_trip(decoder)}))
+        return
     diffusion_stage(cfg, sources, out, decoder, m.model, m.require_clip(), m.tokenizer, resume=False)
     train_s = time.perf_counter() - start
     decoder.save(out / "decoder")
@@ -98,7 +110,7 @@ def main() -> None:
     scores.pop("examples")
     print(json.dumps({
         "overrides": args.overrides, "vae_from": args.vae_from, "train_s": round(train_s, 1),
-        "diffusion_steps": steps, "vae_round_trip": vae_round_trip(decoder, pairs),
+        "diffusion_steps": steps, **vae_round_trip(decoder),
         **denoising_losses(m, decoder, pairs[:64]), **scores,
     }))
 

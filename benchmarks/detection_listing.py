@@ -2,10 +2,12 @@
 scenes (seed 10007), the margin of a comma (go on) over the end after each true object's phrase and box,
 teacher-forced, by how many objects the scene has; then detection F1 and objects listed per picture as
 `m.detect` decodes (the model ends where it likes), with the list held to the true count, and held to
-the count the model itself answers to `how many objects are there?`.
+the count the model itself answers to `how many objects are there?`, each also with repeats forbidden
+(`distinct_`: no object named twice, as Shapes World never holds two of one colour and shape).
 
 A model that ends after its first box whatever the count has a negative margin everywhere; one that
-repeats its first object when made to go on gains nothing from a count, even the true one.
+repeats its first object when made to go on gains nothing from a count, even the true one; one that,
+kept from repeating, still gains nothing does not know what else the picture holds.
 
 Usage: python benchmarks/detection_listing.py --model runs/demo/model [--scenes 80]
 Prints one JSON object."""
@@ -27,11 +29,12 @@ COUNTS = ("one", "two", "three")  # Shapes World scenes hold 1 to 3 objects
 
 
 class CountedDetection(DetectionGrammar):
-    """The detection grammar, but each row goes on after a box until it has listed its given count."""
+    """The detection grammar, but each row goes on after a box until it has listed its given count; with
+    `distinct`, a phrase may not be written again (its last word, or its box after it, is masked)."""
 
-    def __init__(self, tokenizer, depth: int, counts: list[int]):
+    def __init__(self, tokenizer, depth: int, counts: list[int], distinct: bool = False):
         super().__init__(tokenizer, depth)
-        self.counts = counts
+        self.counts, self.distinct = counts, distinct
 
     def restrict(self, logits: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
         logits = super().restrict(logits, written)
@@ -40,7 +43,25 @@ class CountedDetection(DetectionGrammar):
             if boxes and boxes % 4 == 0 and prefix[-1] in self.index:  # a box just closed: a comma or the end, as counted
                 keep = self.comma[0] if boxes // 4 < self.counts[row] else self.eos
                 logits[row, [t for t in (self.comma[0], self.eos) if t != keep]] = float("-inf")
+            elif self.distinct and boxes % 4 == 0:
+                kept = logits[row].clone()
+                kept[self._repeating(prefix)] = float("-inf")
+                if torch.isfinite(kept).any():  # a phrase the grammar can only close stays as it is
+                    logits[row] = kept
         return logits
+
+    def _repeating(self, prefix: list[int]) -> list[int]:
+        """The tokens that would end, with the open phrase, a phrase already listed."""
+        listed, words = [], []
+        for t in prefix:
+            if t not in self.index:
+                words.append(t)
+            elif words:
+                listed.append(tuple(words[len(self.comma) :] if listed else words))  # past the comma before it
+                words = []
+        open_phrase = tuple(words[len(self.comma) :] if listed else words)
+        last_words = [p[-1] for p in listed if p[:-1] == open_phrase]
+        return last_words + (list(self.bins) if open_phrase in listed else [])
 
 
 def comma_margins(m, scenes, prompts) -> dict[str, float]:
@@ -59,11 +80,12 @@ def comma_margins(m, scenes, prompts) -> dict[str, float]:
     return out
 
 
-def listing(m, prompts, truth, counts) -> dict[str, float]:
+def listing(m, prompts, truth, counts, distinct: bool = False) -> dict[str, float]:
     rows = []
     for start in range(0, len(prompts), m.batch_size):  # batched as NextMM.generate_ids does, each row with its count
         part = slice(start, start + m.batch_size)
-        rows += generate_ids(m.model, m.builder, prompts[part], 64, precision=m.precision, answers=CountedDetection(m.tokenizer, 64, counts[part]))
+        grammar = CountedDetection(m.tokenizer, 64, counts[part], distinct)
+        rows += generate_ids(m.model, m.builder, prompts[part], 64, precision=m.precision, answers=grammar)
     listed = [m.tokenizer.phrases_with_boxes(r, 64) for r in rows]
     return {"f1": round(detection_f1(listed, truth), 4), "listed_per_picture": round(float(np.mean([len(x) for x in listed])), 3)}
 
@@ -88,6 +110,8 @@ def main() -> None:
         "count_accuracy": round(float(np.mean(np.array(model_counts) == np.array(true_counts))), 3),
         **{f"true_count_{k}": v for k, v in listing(m, prompts, truth, true_counts).items()},
         **{f"model_count_{k}": v for k, v in listing(m, prompts, truth, model_counts).items()},
+        **{f"distinct_true_count_{k}": v for k, v in listing(m, prompts, truth, true_counts, distinct=True).items()},
+        **{f"distinct_model_count_{k}": v for k, v in listing(m, prompts, truth, model_counts, distinct=True).items()},
     }))
 
 
