@@ -93,6 +93,25 @@ def test_a_run_killed_in_stage_2_resumes_to_the_same_decoder(tmp_path, data_dir,
         torch.testing.assert_close(a[name], b[name], msg=name)
 
 
+def test_a_stage_trained_further_on_resume_restarts_the_stages_built_on_it(tmp_path, data_dir):
+    train(micro_cfg(steps=2), data_dir, tmp_path)
+    first_unet = load_file(str(latest_checkpoint(tmp_path / "diffusion" / "checkpoints") / "model.safetensors"))
+    again = train(micro_cfg(steps=2), data_dir, tmp_path, resume=True)  # nothing raised: every stage is loaded
+    assert not (tmp_path / "diffusion.old").exists()
+    for name, value in api.load(again["model"]).decoder.state_dict().items():
+        if name in first_unet:
+            torch.testing.assert_close(value, first_unet[name], msg=name)
+
+    cfg = micro_cfg(steps=2)
+    cfg.autoencoder.steps, cfg.diffusion.log_every = 5, 1  # the VAE trains 2 more steps, so the UNet, fitted to its old latents, starts afresh
+    train(cfg, data_dir, tmp_path, resume=True)
+    assert json.loads((tmp_path / "autoencoder" / "done.json").read_text())["step"] == 5
+    assert (tmp_path / "diffusion.old" / "done.json").is_file()  # the earlier UNet, kept aside
+    steps = [json.loads(line)["step"] for line in (tmp_path / "diffusion" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # trained from its first step, not continued
+    assert not (tmp_path / "pretrain.old").exists()  # stage 1 is not built on the VAE
+
+
 def test_corrupt_samples_are_skipped_counted_and_training_goes_on(tmp_path, data_dir):
     bad = tmp_path / "data"
     shutil.copytree(data_dir, bad)

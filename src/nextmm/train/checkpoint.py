@@ -149,22 +149,41 @@ def mark_stage_done(stage_dir: Path, result: Any, **extra: Any) -> None:
     (stage_dir / "done.json").write_text(json.dumps({**record, **extra}, indent=2))
 
 
-def finished_stage(module: nn.Module, stage_dir: Path, resume: bool, limits: Any) -> dict[str, Any] | None:
-    """When resuming and the stage in `stage_dir` finished: load its final weights into `module` and
-    return its done.json record. None means the stage must (still) run: it never finished, or `limits`
-    (the stage's TrainConfig) now allows more steps and more time than it stopped at, so it continues
-    from its last checkpoint (extending a finished run: raise its steps or time_budget_s and resume)."""
+def stage_trains(stage_dir: Path, resume: bool, limits: Any) -> bool:
+    """Whether the stage in `stage_dir` trains in this run rather than being loaded: it never finished, or
+    `limits` (the stage's TrainConfig) now allows more steps and more time than it stopped at, so it
+    continues from its last checkpoint (extending a finished run: raise its steps or time_budget_s and resume)."""
     done = stage_dir / "done.json"
     if not (resume and done.is_file()):
-        return None
+        return True
     record = json.loads(done.read_text())
     more_time = limits.time_budget_s <= 0 or record["elapsed_s"] < limits.time_budget_s
-    if record["step"] < limits.steps and more_time:
-        tqdm.write(
-            f"[{stage_dir.name}] finished at step {record['step']} after {record['elapsed_s']:.0f}s; continuing to "
-            f"steps={limits.steps}, time_budget_s={limits.time_budget_s:g}"
-        )
+    return record["step"] < limits.steps and more_time
+
+
+def set_aside(stage_dir: Path, reason: str) -> None:
+    """Move an earlier run of a stage that must start afresh to `<stage>.old`, where nothing resumes it by
+    mistake (an older `<stage>.old` is replaced)."""
+    if not stage_dir.exists():
+        return
+    old = stage_dir.with_name(stage_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    stage_dir.rename(old)
+    tqdm.write(f"[{stage_dir.name}] starts afresh, since {reason}; its earlier run is in {old}")
+
+
+def finished_stage(module: nn.Module, stage_dir: Path, resume: bool, limits: Any) -> dict[str, Any] | None:
+    """When resuming and the stage in `stage_dir` finished: load its final weights into `module` and
+    return its done.json record. None means the stage must (still) run (`stage_trains`)."""
+    if stage_trains(stage_dir, resume, limits):
+        if resume and (stage_dir / "done.json").is_file():
+            record = json.loads((stage_dir / "done.json").read_text())
+            tqdm.write(
+                f"[{stage_dir.name}] finished at step {record['step']} after {record['elapsed_s']:.0f}s; continuing to "
+                f"steps={limits.steps}, time_budget_s={limits.time_budget_s:g}"
+            )
         return None
+    record = json.loads((stage_dir / "done.json").read_text())
     resume_module(module, latest_checkpoint(stage_dir / "checkpoints") / "model.safetensors")
     tqdm.write(f"[{stage_dir.name}] already finished in {stage_dir}; loaded it")
     return record

@@ -8,7 +8,7 @@ Output layout of `nextmm train --out RUN`:
   RUN/autoencoder/, RUN/diffusion/   stage 2, the visual decoder (train/decoder_stage.py)
   RUN/model/     the exported model (`nextmm.load(RUN/model)`)
 With `resume=True` a finished stage is loaded rather than re-run and an unfinished one continues from
-its last checkpoint.
+its last checkpoint; a stage built on one that trains in that run starts afresh (BUILT_ON).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from nextmm.data.transforms import to_pixels
 from nextmm.models.clip import CLIP, text_batch
 from nextmm.models.emu import Emu
 from nextmm.tokenizer import LOC_SPAN, NextTokenizer
-from nextmm.train.checkpoint import finished_stage, mark_stage_done
+from nextmm.train.checkpoint import finished_stage, mark_stage_done, set_aside, stage_trains
 from nextmm.train.decoder_stage import autoencoder_stage, build_decoder, diffusion_stage
 from nextmm.train import regression
 from nextmm.train.loop import Trainer, param_groups
@@ -182,6 +182,27 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
     return model
 
 
+# The stages each stage is trained on top of. A stage that trains in a resumed run (it had not finished, or
+# its limits were raised) changes what those after it were fitted to, so they start afresh rather than
+# being loaded or continued: a UNet continued on a VAE trained further would denoise latents it never saw.
+BUILT_ON = {"clip": (), "pretrain": ("clip",), "autoencoder": (), "diffusion": ("clip", "pretrain", "autoencoder")}
+
+
+def resume_plan(cfg: Config, out: Path, resume: bool, stages: list[str]) -> dict[str, bool]:
+    """Per stage, whether it may resume; a stage built on one that trains now is set aside (checkpoint.set_aside)."""
+    plan: dict[str, bool] = {}
+    training: list[str] = []
+    for stage in stages:
+        changed = [s for s in BUILT_ON[stage] if s in training]
+        plan[stage] = resume and not changed
+        if resume and changed:
+            set_aside(out / stage, f"{' and '.join(changed)} trained further in this run")
+        frozen = stage == "autoencoder" and bool(cfg.decoder.pretrained)  # a pretrained VAE is kept as it is
+        if not frozen and stage_trains(out / stage, plan[stage], getattr(cfg, stage)):
+            training.append(stage)
+    return plan
+
+
 def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,10 +217,11 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
     (out / "config.json").write_text(cfg.to_json())
     # Built first, so that a bad decoder.pretrained fails now rather than after stages 0 and 1.
     decoder = build_decoder(cfg) if cfg.diffusion.steps > 0 else None  # diffusion.steps=0: no decoder trained
-    clip = clip_stage(cfg, sources, out, tok, resume)
-    model = pretrain_stage(cfg, sources, out, tok, clip, resume)
+    plan = resume_plan(cfg, out, resume, list(BUILT_ON) if decoder is not None else ["clip", "pretrain"])
+    clip = clip_stage(cfg, sources, out, tok, plan["clip"])
+    model = pretrain_stage(cfg, sources, out, tok, clip, plan["pretrain"])
     if decoder is not None:
-        autoencoder_stage(cfg, sources, out, decoder, resume)
-        diffusion_stage(cfg, sources, out, decoder, model, clip, tok, resume)
+        autoencoder_stage(cfg, sources, out, decoder, plan["autoencoder"])
+        diffusion_stage(cfg, sources, out, decoder, model, clip, tok, plan["diffusion"])
     model_dir = NextMM(model, tok, cfg, decoder=decoder, clip=clip).save(out / "model")
     return {"model": str(model_dir), "run": str(out), "sources": {k: str(v) for k, v in sources.items()}}
