@@ -48,7 +48,7 @@ def binding(m, n: int = 100) -> dict:
 def matching(m, n: int = 200) -> dict:
     """Image-text matching accuracy on held-out samples (half the texts describe the image), and how often
     the model said yes: a model that has not learned it says one answer to all."""
-    said, truth = matching_answers(m, n, EVAL_SEED)
+    said, _, truth = matching_answers(m, n, EVAL_SEED)
     return {"itm_accuracy": float((said == truth).mean()), "said_yes": float(said.mean())}
 
 

@@ -204,3 +204,15 @@ def test_calibrated_match_takes_away_a_bias_shared_by_the_question(micro_nextmm,
     monkeypatch.setattr(nextmm.api, "next_token_logits", biased)
     assert micro_nextmm.match(images, texts) == [True] * 8 != plain
     assert micro_nextmm.match(images, texts, calibrate=True) == calibrated != [True] * 8
+
+
+def test_the_evals_matching_answers_are_what_match_says(micro_nextmm):
+    from nextmm.data import shapes
+    from nextmm.eval.shapes import matching_answers
+
+    said, said_calibrated, truth = matching_answers(micro_nextmm, 12, seed=5)
+    samples = list(shapes.make_samples("itm", 5, 12))
+    images, texts = [s.segments[0].image for s in samples], [s.meta["caption"] for s in samples]
+    assert said.tolist() == micro_nextmm.match(images, texts)
+    assert said_calibrated.tolist() == micro_nextmm.match(images, texts, calibrate=True)
+    assert truth.tolist() == [s.meta["answer"] == "yes" for s in samples] and 0 < truth.sum() < 12

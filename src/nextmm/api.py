@@ -155,13 +155,17 @@ class NextMM:
         said yes to 98.5% and to 1% of held-out pairs, though both ranked the fitting texts first, margin AUC
         0.76 and 0.83), and calibrated they answered 0.705 and 0.715 right, not 0.505 and 0.52; but another,
         right at 0.79 as it was, fell to 0.535, its empty text taken for a fit (BENCHMARKS.md, session 22)."""
+        margins = self.match_margins(images, texts)
+        if calibrate:
+            margins = margins - self.match_margins(images, [""] * len(texts))
+        return (margins > 0).tolist()
+
+    def match_margins(self, images: Sequence[Visual], texts: Sequence[str]) -> torch.Tensor:
+        """(n,) the yes-minus-no margin the model gives each text as a description of its image: `match` says yes
+        where it is positive, and with `calibrate` first takes away the margin for an empty text ("")."""
         if len(images) != len(texts):
             raise ValueError(f"match() got {len(images)} images but {len(texts)} texts; give one text per image")
-        visuals = [_visual_segment(img) for img in images]
-        margins = self._yes_margins([[v, Text(matching_question(t), target=False)] for v, t in zip(visuals, texts)])
-        if calibrate:
-            margins = margins - self._yes_margins([[v, Text(matching_question(""), target=False)] for v in visuals])
-        return (margins > 0).tolist()
+        return self._yes_margins([[_visual_segment(img), Text(matching_question(t), target=False)] for img, t in zip(images, texts)])
 
     def _yes_margins(self, prompts: list[list[Segment]]) -> torch.Tensor:
         """(prompts,) yes-minus-no score where the two answers' tokens first differ: what trie-constrained

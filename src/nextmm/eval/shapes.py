@@ -97,12 +97,15 @@ def evaluate_video(m: NextMM, n_videos: int, seed: int) -> tuple[dict[str, Any],
     }, examples
 
 
-def matching_answers(m: NextMM, n: int, seed: int, calibrate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def matching_answers(m: NextMM, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Image-text matching on n held-out samples (half the texts describe the image): (n,) whether the model
-    said yes (`NextMM.match`), and (n,) whether the text does describe its image."""
+    said yes as `NextMM.match` does, (n,) whether it said yes calibrated, and (n,) whether the text does
+    describe its image. Each pair's margin is computed once for both."""
     samples = list(shapes.make_samples("itm", seed, n))
-    said = m.match([_first(s, Image).image for s in samples], [s.meta["caption"] for s in samples], calibrate)
-    return np.array(said, dtype=bool), np.array([s.meta["answer"] == "yes" for s in samples])
+    images = [_first(s, Image).image for s in samples]
+    margins = m.match_margins(images, [s.meta["caption"] for s in samples])
+    bias = m.match_margins(images, [""] * len(samples))
+    return (margins > 0).numpy(), (margins - bias > 0).numpy(), np.array([s.meta["answer"] == "yes" for s in samples])
 
 
 def evaluate_instructions(m: NextMM, n: int, seed: int) -> dict[str, Any]:
@@ -110,8 +113,7 @@ def evaluate_instructions(m: NextMM, n: int, seed: int) -> dict[str, Any]:
     half the texts describe the image), detection (F1) and region captioning (exact match)."""
     ground = list(itertools.islice(shapes.make_samples("ground", seed, n), n))
     boxes = m.ground([_first(s, Image).image for s in ground], [s.meta["phrase"] for s in ground])
-    said, truth = matching_answers(m, n, seed)
-    said_calibrated, _ = matching_answers(m, n, seed, calibrate=True)
+    said, said_calibrated, truth = matching_answers(m, n, seed)
     detect = list(shapes.make_samples("detect", seed, n))
     listed = m.detect([_first(s, Image).image for s in detect])
     regions = list(shapes.make_samples("region_caption", seed, n))
