@@ -164,7 +164,7 @@ class NextMM:
         """(n,) the yes-minus-no margin the model gives each text as a description of its image: `match` says yes
         where it is positive, and with `calibrate` first takes away the margin for an empty text ("")."""
         if len(images) != len(texts):
-            raise ValueError(f"match() got {len(images)} images but {len(texts)} texts; give one text per image")
+            raise ValueError(f"matching got {len(images)} images but {len(texts)} texts; give one text per image")
         return self._yes_margins([[_visual_segment(img), Text(matching_question(t), target=False)] for img, t in zip(images, texts)])
 
     def _yes_margins(self, prompts: list[list[Segment]]) -> torch.Tensor:
