@@ -382,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config (may name a preset)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. pretrain.lr=3e-4")
     t.add_argument("--resume", action="store_true",
-                   help="continue from the last checkpoints in --out; a finished stage whose limits --set raised continues too")
+                   help="continue from the last checkpoints in --out; a finished stage whose limits --set raised continues too, "
+                        "and the stages built on it start afresh (their earlier runs moved to <stage>.old)")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("caption", help="caption images")
