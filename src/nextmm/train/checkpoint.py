@@ -149,16 +149,24 @@ def mark_stage_done(stage_dir: Path, result: Any, **extra: Any) -> None:
     (stage_dir / "done.json").write_text(json.dumps({**record, **extra}, indent=2))
 
 
-def stage_trains(stage_dir: Path, resume: bool, limits: Any) -> bool:
-    """Whether the stage in `stage_dir` trains in this run rather than being loaded: it never finished, or
-    `limits` (the stage's TrainConfig) now allows more steps and more time than it stopped at, so it
-    continues from its last checkpoint (extending a finished run: raise its steps or time_budget_s and resume)."""
+def _done_record(stage_dir: Path, resume: bool) -> dict[str, Any] | None:
+    """The stage's done.json record when resuming a stage that finished, else None."""
     done = stage_dir / "done.json"
-    if not (resume and done.is_file()):
-        return True
-    record = json.loads(done.read_text())
+    return json.loads(done.read_text()) if resume and done.is_file() else None
+
+
+def _allows_more(record: dict[str, Any], limits: Any) -> bool:
+    """Whether `limits` (the stage's TrainConfig) allow more steps and more time than the stage stopped at."""
     more_time = limits.time_budget_s <= 0 or record["elapsed_s"] < limits.time_budget_s
     return record["step"] < limits.steps and more_time
+
+
+def stage_trains(stage_dir: Path, resume: bool, limits: Any) -> bool:
+    """Whether the stage in `stage_dir` trains in this run rather than being loaded: it never finished, or
+    its limits now allow more than it stopped at, so it continues from its last checkpoint (extending a
+    finished run: raise its steps or time_budget_s and resume)."""
+    record = _done_record(stage_dir, resume)
+    return record is None or _allows_more(record, limits)
 
 
 def set_aside(stage_dir: Path, reason: str) -> None:
@@ -175,15 +183,15 @@ def set_aside(stage_dir: Path, reason: str) -> None:
 def finished_stage(module: nn.Module, stage_dir: Path, resume: bool, limits: Any) -> dict[str, Any] | None:
     """When resuming and the stage in `stage_dir` finished: load its final weights into `module` and
     return its done.json record. None means the stage must (still) run (`stage_trains`)."""
-    if stage_trains(stage_dir, resume, limits):
-        if resume and (stage_dir / "done.json").is_file():
-            record = json.loads((stage_dir / "done.json").read_text())
-            tqdm.write(
-                f"[{stage_dir.name}] finished at step {record['step']} after {record['elapsed_s']:.0f}s; continuing to "
-                f"steps={limits.steps}, time_budget_s={limits.time_budget_s:g}"
-            )
+    record = _done_record(stage_dir, resume)
+    if record is None:
         return None
-    record = json.loads((stage_dir / "done.json").read_text())
+    if _allows_more(record, limits):
+        tqdm.write(
+            f"[{stage_dir.name}] finished at step {record['step']} after {record['elapsed_s']:.0f}s; continuing to "
+            f"steps={limits.steps}, time_budget_s={limits.time_budget_s:g}"
+        )
+        return None
     resume_module(module, latest_checkpoint(stage_dir / "checkpoints") / "model.safetensors")
     tqdm.write(f"[{stage_dir.name}] already finished in {stage_dir}; loaded it")
     return record
