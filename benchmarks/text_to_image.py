@@ -3,8 +3,10 @@ Shapes World prompts scored by the pixel judge, reconstruction through the decod
 speed at batch 1 and 8, and the decoder's training step times at its stages' batch size.
 
 Usage: python benchmarks/text_to_image.py --model runs/demo/model [--prompts 200] [--guidance 3 --steps 25]
-[--negative empty|null] [--seed 10007] [--sweep]. `--seed` picks another set of held-out prompts. `--sweep` also scores 50 prompts of each kind for guidance 1, 2, 3, 5
-and both negatives. Prints JSON lines.
+[--negative empty|null] [--seed 10007] [--candidates 2,4,8] [--sweep]. `--seed` picks another set of held-out prompts.
+`--candidates` also scores drawing each prompt from K noises and keeping the one the model judges to fit
+best (`draw(candidates=K)`), a line per K. `--sweep` also scores 50 prompts of each kind for guidance 1, 2,
+3, 5 and both negatives. Prints JSON lines.
 """
 
 import argparse
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--negative", help="null or empty; default: the model's decoder.negative")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="the held-out scenes' seed (default: the eval's)")
+    parser.add_argument("--candidates", default="", help="comma-separated K: also score the best of K drawings per prompt")
     parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
     m = nextmm.load(args.model)
@@ -63,6 +66,11 @@ def main() -> None:
     print(json.dumps({"model": args.model, **options, "seed": args.seed, **scores, "threads": torch.get_num_threads()}))
     print(json.dumps({"images_per_s_batch1": drawing_speed(m, 1), "images_per_s_batch8": drawing_speed(m, 8),
                       **step_times(m, m.config.diffusion.batch_size)}))
+    for k in (int(c) for c in args.candidates.split(",") if c):
+        start = time.perf_counter()
+        s = evaluate_drawing(m, one=args.prompts, two=args.prompts, reconstruct=0, seed=args.seed, candidates=k, **options)
+        print(json.dumps({"candidates": k, "seconds": round(time.perf_counter() - start, 1),
+                          **{key: v for key, v in s.items() if key.startswith("t2i_") and "obj_" in key}}))
     if args.sweep:
         for negative in ("empty", "null"):
             for guidance in (1.0, 2.0, 3.0, 5.0):

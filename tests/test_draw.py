@@ -54,9 +54,29 @@ def test_draw_makes_one_image_per_prompt_each_depending_only_on_its_prompt_seed_
     assert drawer.reconstruct(scene_images)[0].size == (64, 64)
 
 
-def test_bad_drawing_options_are_refused_before_any_work(drawer):
+def test_draw_keeps_the_candidate_the_model_judges_to_fit_its_text_best(drawer, monkeypatch):
+    prompts = ["a large red circle", "a small blue square above a large green triangle"]
+    singles = [drawer.draw(prompts, seed=5 + k) for k in range(3)]  # what candidate k is drawn from
+    judged = []
+
+    def brightness(self, images, texts):  # a stand-in judge whose favourite is easy to compute
+        judged.append(list(texts))
+        return torch.tensor([float(np.asarray(img, dtype=float).mean()) for img in images])
+
+    monkeypatch.setattr(NextMM, "match_margins", brightness)
+    chosen = drawer.draw(prompts, seed=5, candidates=3)
+    assert judged == [prompts * 3]
+    for i, image in enumerate(chosen):
+        brightest = max((row[i] for row in singles), key=lambda img: np.asarray(img, dtype=float).mean())
+        assert pixel_gap(image, brightest) == 0
+    assert len({np.asarray(row[0]).tobytes() for row in singles}) == 3  # the candidates differ
+
+
+def test_bad_drawing_options_are_refused_before_any_work(drawer, scene_images):
     for kwargs, words in [
         ({"prompts": [""]}, "prompt 1 is empty"),
+        ({"prompts": ["a red circle"], "candidates": 0}, "candidates 0 is out of range"),
+        ({"prompts": ["a red circle", [scene_images[0], "make it blue"]], "candidates": 2}, "prompt 2 holds pictures"),
         ({"prompts": ["a red circle"], "guidance": 0.5}, "guidance 0.5 is out of range"),
         ({"prompts": ["a red circle"], "steps": 0}, "steps 0 is out of range"),
         ({"prompts": ["a red circle"], "negative": "nothing"}, "negative is 'nothing'"),
@@ -107,6 +127,7 @@ def test_cli_draw_bad_inputs_are_one_sentence_and_leave_no_files(capsys, tmp_pat
         (["draw", "--model", model, "--out", str(out), "--image", str(tmp_path / "missing.png")], "missing.png"),
         (["draw", "--model", model, "--out", str(out), "--guidance", "100", "a red circle"], "guidance 100.0 is out of range"),
         (["draw", "--model", model, "--out", str(out), "--steps", "0", "a red circle"], "steps 0 is out of range"),
+        (["draw", "--model", model, "--out", str(out), "--candidates", "100", "a red circle"], "candidates 100 is out of range"),
     ]
     for argv, words in cases:
         code, _, err = run(capsys, *argv)

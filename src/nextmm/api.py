@@ -40,7 +40,7 @@ class DrawError(UserError):
     pass
 
 
-MAX_GUIDANCE, MAX_STEPS = 50.0, 1000
+MAX_GUIDANCE, MAX_STEPS, MAX_CANDIDATES = 50.0, 1000, 64
 
 
 def _picture(item: Picture) -> PILImage.Image:
@@ -192,7 +192,7 @@ class NextMM:
         return out
 
     def draw(self, prompts: Sequence[str | Sequence[PromptPart]], guidance: float | None = None, steps: int | None = None,
-             seed: int = 0, negative: str | None = None) -> list[PILImage.Image]:
+             seed: int = 0, negative: str | None = None, candidates: int = 1) -> list[PILImage.Image]:
         """One image per prompt. A prompt is text (`"a large red circle above a small blue square"`) or an
         interleaved list of text and pictures: in-context generation, blending (two images, no text), an
         edit (`[image, "make the red circle blue"]`). The LLM regresses the image's N embeddings and the
@@ -200,7 +200,11 @@ class NextMM:
         config's by default) against `negative` (the config's `decoder.negative` by default): "null", the
         decoder's learned no-condition, or "empty", Emu's choice, the embeddings regressed from an empty
         prompt in the same batch. Image k of a call depends only on its prompt, `seed` and k, not on the
-        other prompts."""
+        other prompts. With `candidates` K > 1 (text prompts only), each prompt is drawn from K noises, those
+        `draw` would use with seeds `seed` to `seed + K - 1`, and the one the model itself judges to fit its
+        text best is kept (its yes-minus-no margin, `match_margins`): on Shapes World a model whose single
+        drawings get both objects of a two-object prompt right ~30% of the time then gets ~45% (BENCHMARKS.md,
+        session 25)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         segments = []
@@ -209,7 +213,7 @@ class NextMM:
             if not any(not isinstance(p, Text) or p.text.strip() for p in parts):
                 raise DrawError(f"prompt {k + 1} is empty; give it text or pictures to draw from")
             segments.append(parts)
-        return self._draw(segments, guidance, steps, seed, negative)
+        return self._draw(segments, guidance, steps, seed, negative, candidates)
 
     def reconstruct(self, images: Sequence[Picture], guidance: float | None = None, steps: int | None = None, seed: int = 0) -> list[PILImage.Image]:
         """Image -> its N visual embeddings -> image: what the decoder makes of what the model sees."""
@@ -263,9 +267,11 @@ class NextMM:
             )
         return self.decoder
 
-    def _draw(self, segments: list[list[Segment]], guidance=None, steps=None, seed: int = 0, negative: str | None = None) -> list[PILImage.Image]:
+    def _draw(self, segments: list[list[Segment]], guidance=None, steps=None, seed: int = 0, negative: str | None = None,
+              candidates: int = 1) -> list[PILImage.Image]:
         decoder = self._decoder()
         guidance, steps = self._sampling(guidance, steps)
+        texts = self._judged_texts(segments, candidates)
         negative = self.config.decoder.negative if negative is None else negative
         if negative not in NEGATIVES:
             raise DrawError(f"negative is '{negative}'; use 'empty' (an empty prompt's embeddings) or 'null' (the decoder's no-condition)")
@@ -276,7 +282,24 @@ class NextMM:
             if empty:  # Emu's negative: the empty prompt, regressed in the same batch (the same in every chunk)
                 regressed, negative_embeddings = regressed[:-1], regressed[-1:]
             conditions.append(regressed)
-        return self._render(decoder, torch.cat(conditions), negative_embeddings, guidance, steps, seed)
+        condition = torch.cat(conditions)  # regressed once: the candidates differ only in their noise
+        drawn = [self._render(decoder, condition, negative_embeddings, guidance, steps, seed + k) for k in range(candidates)]
+        if candidates == 1:
+            return drawn[0]
+        margins = self.match_margins([image for row in drawn for image in row], texts * candidates).view(candidates, -1)
+        return [drawn[k][i] for i, k in enumerate(margins.argmax(0).tolist())]
+
+    @staticmethod
+    def _judged_texts(segments: list[list[Segment]], candidates: int) -> list[str]:
+        """The text each prompt's candidates are matched against, checked before any work."""
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES:
+            raise DrawError(f"candidates {candidates} is out of range; use a whole number of drawings to choose among, from 1 to {MAX_CANDIDATES}")
+        if candidates == 1:
+            return []
+        for k, parts in enumerate(segments):
+            if not all(isinstance(p, Text) for p in parts):
+                raise DrawError(f"prompt {k + 1} holds pictures, and candidates are chosen by how well they match a text; draw it with candidates=1")
+        return [" ".join(p.text.strip() for p in parts) for parts in segments]
 
     def _sampling(self, guidance: float | None, steps: int | None) -> tuple[float, int]:
         """The sampling options, checked before any work: the config's when not given."""

@@ -131,7 +131,8 @@ def cmd_draw(args: argparse.Namespace) -> None:
     if args.num < 1:
         raise UserError(f"--num {args.num} must be at least 1")
     m = _load(args.model)
-    images = m.draw([prompt] * args.num, guidance=args.guidance, steps=args.steps, seed=args.seed, negative=args.negative)
+    images = m.draw([prompt] * args.num, guidance=args.guidance, steps=args.steps, seed=args.seed, negative=args.negative,
+                    candidates=args.candidates)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for k, image in enumerate(images):  # written only once every image is made: a failed run leaves no partial files
@@ -233,7 +234,8 @@ def cmd_eval_images(args: argparse.Namespace) -> None:
     from nextmm.eval.visual import eval_images
 
     m = _load(args.model)
-    results = eval_images(m, args.prompts, args.reference, args.save_images, args.features, args.guidance, args.steps, args.seed)
+    results = eval_images(m, args.prompts, args.reference, args.save_images, args.features, args.guidance, args.steps, args.seed,
+                          args.candidates)
     _write_results(results, args.out)
 
 
@@ -340,6 +342,7 @@ def add_eval_parsers(esub) -> None:
     i.add_argument("--guidance", type=float, default=None)
     i.add_argument("--steps", type=int, default=None)
     i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--candidates", type=int, default=1, help="draw each prompt from this many noises and keep the one the model judges best")
     i.add_argument("--save-images", help="save each drawing here as it is made")
     r = _benchmark(esub, "retrieval", "COCO captions -> image-text Recall@1/5/10 both ways (the CLIP stage)", cmd_eval_retrieval)
     r.add_argument("--annotations", required=True, help="COCO captions JSON")
@@ -416,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (1 = none; default: the config's)")
     w.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--candidates", type=int, default=1,
+                   help="draw each image from this many noises and keep the one the model judges to fit the text best (text prompts only)")
     w.add_argument("--negative", choices=NEGATIVES, help="guide away from the decoder's no-condition (null) or an empty prompt's image (empty, Emu's); default: the model's decoder.negative")
     w.add_argument("--name", default="draw", help="file name prefix: NAME-000.png, ...")
     w.add_argument("prompt", nargs="?", help='text, with <image> placeholders for the --image files if wanted')

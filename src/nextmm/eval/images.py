@@ -82,7 +82,7 @@ def evaluate_drawing(
     results["t2i_regression_retrieval"] = round(regression_retrieval(m, prompts=one, seed=seed), 4)
     if reconstruct:
         pairs = held_out_scenes(1, reconstruct // 2, seed) + held_out_scenes(2, reconstruct - reconstruct // 2, seed)
-        rebuilt = m.reconstruct([img for _, img in pairs], **{k: v for k, v in draw_options.items() if k != "negative"})
+        rebuilt = m.reconstruct([img for _, img in pairs], **{k: v for k, v in draw_options.items() if k in ("guidance", "steps")})
         results["reconstruction_all_objects_right"] = round(_scores(rebuilt, [c for c, _ in pairs])["all_objects_right"], 4)
         examples += [(f"reconstruction of: {c}", img) for (c, _), img in itertools.islice(zip(pairs, rebuilt), 4)]
     return {**results, "t2i_prompts": {"one_object": one, "two_objects": two}, "examples": examples}

@@ -177,9 +177,10 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def eval_images(
     m, prompts_file: str | Path, reference_dir: str | Path, out_dir: str | Path | None = None, features: str = "clip",
-    guidance: float | None = None, steps: int | None = None, seed: int = 0,
+    guidance: float | None = None, steps: int | None = None, seed: int = 0, candidates: int = 1,
 ) -> dict[str, Any]:
-    """Text-to-image quality: one image drawn per prompt, then the Frechet distance (FID's, on `features`)
+    """Text-to-image quality: one image drawn per prompt (the best of `candidates` by the model's own
+    judgement, as `draw` chooses), then the Frechet distance (FID's, on `features`)
     between them and the reference images, the CLIP score of each drawing against its prompt (when the
     model has a CLIP stage) and, for Shapes World prompts, the pixel judge's share of drawings with every
     named object right. With out_dir, each drawing is saved there as it is made."""
@@ -194,14 +195,15 @@ def eval_images(
         saved.mkdir(parents=True, exist_ok=True)
     drawn: list = []
     for batch in tqdm(list(batched(iter(prompts), m.batch_size)), desc="drawing", unit="batch"):
-        images = m.draw(batch, guidance=guidance, steps=steps, seed=seed + len(drawn))
+        images = m.draw(batch, guidance=guidance, steps=steps, seed=seed + len(drawn), candidates=candidates)
         if saved is not None:
             for k, image in enumerate(images):
                 image.save(saved / f"{len(drawn) + k:05d}.png")
         drawn += images
     stats = ReadStats()
     real = [img for _, img in load_all(m, references, stats, "reading references")]
-    results: dict[str, Any] = {"fid": frechet_distance(extract(drawn), extract(real)), "features": features, "images": len(drawn), "references": len(real)}
+    results: dict[str, Any] = {"fid": frechet_distance(extract(drawn), extract(real)), "features": features, "images": len(drawn),
+                               "references": len(real), "candidates": candidates}
     if m.clip is not None:
         results["clip_score"] = clip_score(m.clip_image_features(drawn), m.clip_text_features(prompts))
     wanted = [objects_in_caption(p) for p in prompts]
