@@ -326,6 +326,12 @@ def test_images_eval_fid_clip_score_and_judge(capsys, micro_model, tokenizer, mi
 
     expected = frechet_distance(mean_colour([PILImage.open(p).convert("RGB") for p in drawn]), mean_colour([s.image() for s in SCENES]))
     assert scores["fid"] == pytest.approx(expected, rel=1e-6) and len(drawn) == 3 and m.decoder is not None
+    code, printed, _ = run(capsys, *base, "--candidates", "2", "--save-images", str(tmp_path / "best"))
+    assert code == 0 and json.loads(printed)["candidates"] == 2
+    captions = prompts.read_text().split("\n")[:3]
+    for k, (single, other) in enumerate(zip(drawn, m.draw(captions, seed=1))):  # the two noises each prompt was drawn from
+        best = np.asarray(PILImage.open(tmp_path / "best" / f"{k:05d}.png").convert("RGB"))
+        assert any(np.array_equal(best, np.asarray(c)) for c in (PILImage.open(single).convert("RGB"), other))
     assert_one_clear_line(*run(capsys, *base, "--features", "no_such_module:f")[::2], "no_such_module:f")
     prompts.write_text("\n")
     assert_one_clear_line(*run(capsys, *base)[::2], "no prompts")
