@@ -298,7 +298,7 @@ class NextMM:
             return []
         for k, parts in enumerate(segments):
             if not all(isinstance(p, Text) for p in parts):
-                raise DrawError(f"prompt {k + 1} holds pictures, and candidates are chosen by how well they match a text; draw it with candidates=1")
+                raise DrawError(f"prompt {k + 1} holds pictures, and candidates are chosen by how well they match a text; draw it with a single candidate")
         return [" ".join(p.text.strip() for p in parts) for parts in segments]
 
     def _sampling(self, guidance: float | None, steps: int | None) -> tuple[float, int]:
