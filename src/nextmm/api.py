@@ -1,5 +1,8 @@
 """The Python API: `m = nextmm.load(model_dir)`, then `m.caption`, `m.ask`, `m.complete`, `m.draw`.
 
+The model runs on its device (`load(..., device=)`, `m.to(device)`); what the API returns (features,
+embeddings, margins) comes back on the CPU.
+
 A model directory holds `config.json`, `model.safetensors` and `tokenizer.json`, and `decoder/` (the
 visual decoder in diffusers' format, models/decoder.py) when it can draw.
 """
@@ -20,6 +23,7 @@ from nextmm.data.sample import DETECT_QUESTION, Image, Segment, Text, Video, gro
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.errors import UserError
 from nextmm.data.transforms import to_pixels
+from nextmm.device import device_of, pick_device
 from nextmm.generate import generate_ids, generate_visual, next_token_logits
 from nextmm.models.clip import CLIP, text_batch
 from nextmm.models.decoder import VisualDecoder
@@ -86,6 +90,19 @@ class NextMM:
         self.batch_size = batch_size
         self.precision = precision
         self.builder = SequenceBuilder.for_config(tokenizer, config)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs; inputs are moved there."""
+        return device_of(self.model)
+
+    def to(self, device: str | torch.device) -> "NextMM":
+        """Move the model, its decoder and its CLIP stage to `device` (a name is checked, device.pick_device)."""
+        where = pick_device(device) if isinstance(device, str) else device
+        for part in (self.model, self.decoder, self.clip):
+            if part is not None:
+                part.to(where)
+        return self
 
     def _chunks(self, items):
         """Prompts (or a tensor of pixels) in slices of batch_size."""
@@ -173,7 +190,7 @@ class NextMM:
         yes, no = (self.tokenizer.encode(answer) for answer in ("yes", "no"))
         shared = next(i for i, (a, b) in enumerate(zip(yes, no)) if a != b)
         scores = torch.cat([next_token_logits(self.model, self.builder, chunk, self.precision, then=yes[:shared]) for chunk in self._chunks(prompts)])
-        return scores[:, yes[shared]] - scores[:, no[shared]]
+        return (scores[:, yes[shared]] - scores[:, no[shared]]).cpu()
 
     def complete(self, prompts: Sequence[Sequence[PromptPart]], max_new_tokens: int = 32, answers: Sequence[str] | None = None, **draw_options) -> list:
         """Continue interleaved prompts, e.g. [img1, "this is a blicket", img2, "this is a"]. Each result is
@@ -224,14 +241,14 @@ class NextMM:
     @torch.no_grad()
     def embed_images(self, images: Sequence[Picture]) -> torch.Tensor:
         """The (B, N, width) visual embeddings the vision tower and causal resampler make of each image."""
-        pixels = to_pixels([_picture(img) for img in images], self.config.vision.image_size)
-        return torch.cat([self.model.encode_images(chunk) for chunk in self._chunks(pixels)]).float()
+        pixels = to_pixels([_picture(img) for img in images], self.config.vision.image_size).to(self.device)
+        return torch.cat([self.model.encode_images(chunk) for chunk in self._chunks(pixels)]).float().cpu()
 
     def regress(self, prompts: Sequence[str | Sequence[PromptPart]]) -> torch.Tensor:
         """The (B, N, width) visual embeddings the LLM regresses after each prompt and `[IMG]`: what `draw`
         renders, comparable with `embed_images` of a picture."""
         segments = [to_segments(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
-        return torch.cat([generate_visual(self.model, self.builder, chunk, precision=self.precision) for chunk in self._chunks(segments)])
+        return torch.cat([generate_visual(self.model, self.builder, chunk, precision=self.precision) for chunk in self._chunks(segments)]).cpu()
 
     def require_clip(self) -> CLIP:
         """The CLIP stage, or a clear error when the model directory has none."""
@@ -243,15 +260,16 @@ class NextMM:
     def clip_image_features(self, images: Sequence[Picture]) -> torch.Tensor:
         """(B, d) unit-length CLIP image features."""
         clip = self.require_clip()
-        pixels = to_pixels([_picture(img) for img in images], self.config.vision.image_size)
-        return torch.cat([clip.encode_image(chunk) for chunk in self._chunks(pixels)]).float()
+        pixels = to_pixels([_picture(img) for img in images], self.config.vision.image_size).to(device_of(clip))
+        return torch.cat([clip.encode_image(chunk) for chunk in self._chunks(pixels)]).float().cpu()
 
     @torch.no_grad()
     def clip_text_features(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, d) unit-length CLIP text features."""
         clip = self.require_clip()
-        feats = [clip.encode_text(*text_batch(self.tokenizer, list(chunk), self.config.clip_text.max_len)) for chunk in self._chunks(list(texts))]
-        return torch.cat(feats).float()
+        feats = [clip.encode_text(*(t.to(device_of(clip)) for t in text_batch(self.tokenizer, list(chunk), self.config.clip_text.max_len)))
+                 for chunk in self._chunks(list(texts))]
+        return torch.cat(feats).float().cpu()
 
     def classify(self, images: Sequence[Picture], labels: Sequence[str], template: str = "{}") -> list[str]:
         """Zero-shot classification with the CLIP stage: each image's label is the one whose prompt
@@ -340,7 +358,9 @@ def build_model(config: Config, tokenizer: NextTokenizer) -> Emu:
     return Emu(config, tokenizer.image_id, tokenizer.bin_ids, tokenizer.special_ids)
 
 
-def load(model_dir: str | Path, **kwargs) -> NextMM:
+def load(model_dir: str | Path, device: str = "auto", **kwargs) -> NextMM:
+    """A saved model directory, on `device` (`auto`: a GPU when there is one, else the CPU)."""
+    where = pick_device(device)  # checked before anything is read
     root = Path(model_dir)
     needed = ["config.json", "model.safetensors", "tokenizer.json"]
     missing = [name for name in needed if not (root / name).is_file()]
@@ -355,7 +375,7 @@ def load(model_dir: str | Path, **kwargs) -> NextMM:
     clip = None
     if (root / "clip.safetensors").is_file():
         clip = _weights(CLIP(config.vision, config.clip_text, tokenizer.vocab_size), root / "clip.safetensors")
-    return NextMM(model, tokenizer, config, decoder=_load_decoder(root, config), clip=clip, **kwargs)
+    return NextMM(model, tokenizer, config, decoder=_load_decoder(root, config), clip=clip, **kwargs).to(where)
 
 
 def _weights(module: torch.nn.Module, path: Path) -> torch.nn.Module:

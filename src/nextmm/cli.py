@@ -43,14 +43,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from nextmm.train.stages import train
 
     cfg = make_config(args.preset, args.config, args.set or [])
-    result = train(cfg, args.data, args.out, resume=args.resume)
+    result = train(cfg, args.data, args.out, resume=args.resume, device=args.device)
     print(f"model written to {result['model']} (each stage's metrics.jsonl in {args.out}/<stage>/)")
 
 
-def _load(model_dir: str):
+def _load(args: argparse.Namespace):
     from nextmm import api
 
-    return api.load(model_dir)
+    return api.load(args.model, device=args.device)
 
 
 def _answers(args: argparse.Namespace) -> list[str] | None:
@@ -61,14 +61,14 @@ def _answers(args: argparse.Namespace) -> list[str] | None:
 
 def cmd_caption(args: argparse.Namespace) -> None:
     answers = _answers(args)
-    m = _load(args.model)
+    m = _load(args)
     for path, caption in zip(args.images, m.caption(args.images, answers=answers)):
         print(f"{path}\t{caption}")
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
     answers = _answers(args)
-    m = _load(args.model)
+    m = _load(args)
     visual = args.image[0] if len(args.image) == 1 else args.image
     print(m.ask([visual], [args.question], answers=answers)[0])
 
@@ -109,7 +109,7 @@ def parse_prompt(text: str, images: list[str], videos: list[str]) -> list:
 def cmd_complete(args: argparse.Namespace) -> None:
     prompt = parse_prompt(args.prompt, args.image or [], args.video or [])
     answers = _answers(args)
-    m = _load(args.model)
+    m = _load(args)
     print(m.complete([prompt], max_new_tokens=args.max_new_tokens, answers=answers)[0])
 
 
@@ -130,7 +130,7 @@ def cmd_draw(args: argparse.Namespace) -> None:
     prompt = draw_prompt(args.prompt, args.image or [])
     if args.num < 1:
         raise UserError(f"--num {args.num} must be at least 1")
-    m = _load(args.model)
+    m = _load(args)
     images = m.draw([prompt] * args.num, guidance=args.guidance, steps=args.steps, seed=args.seed, negative=args.negative,
                     candidates=args.candidates)
     out = Path(args.out)
@@ -152,7 +152,7 @@ def _write_results(results: dict, out: str | None) -> None:
 def cmd_eval_shapes(args: argparse.Namespace) -> None:
     from nextmm.eval.shapes import evaluate, results_table
 
-    results = evaluate(_load(args.model), scenes=args.scenes, videos=args.videos, binding=args.binding, seed=args.seed)
+    results = evaluate(_load(args), scenes=args.scenes, videos=args.videos, binding=args.binding, seed=args.seed)
     results.pop("examples")
     _write_results(results, args.out)
     if args.out:
@@ -166,7 +166,7 @@ def _model_unless_scoring(args: argparse.Namespace):
         return None
     if not args.model:
         raise UserError("give --model to make predictions, or --predictions to score a results file")
-    return _load(args.model)
+    return _load(args)
 
 
 def _logged(args: argparse.Namespace, run) -> None:
@@ -218,7 +218,7 @@ def cmd_eval_videoqa(args: argparse.Namespace) -> None:
     if bool(args.root) == bool(args.qa and args.frames):
         raise UserError("give either --root (one folder per video with qa.json) or --qa and --frames (MSRVTT-QA style)")
     questions = video_questions(args.root) if args.root else video_questions_json(args.qa, args.frames)  # checked before the model loads
-    m = _load(args.model)
+    m = _load(args)
     _logged(args, lambda: eval_video_qa(m, questions, args.out, args.limit, answers))
 
 
@@ -226,14 +226,14 @@ def cmd_eval_grounding(args: argparse.Namespace) -> None:
     from nextmm.eval.visual import eval_grounding, grounding_records
 
     expressions = grounding_records(args.refs, args.images)  # checked before the model loads
-    m = _load(args.model)
+    m = _load(args)
     _logged(args, lambda: eval_grounding(m, expressions, args.out, args.limit))
 
 
 def cmd_eval_images(args: argparse.Namespace) -> None:
     from nextmm.eval.visual import eval_images
 
-    m = _load(args.model)
+    m = _load(args)
     results = eval_images(m, args.prompts, args.reference, args.save_images, args.features, args.guidance, args.steps, args.seed,
                           args.candidates)
     _write_results(results, args.out)
@@ -242,13 +242,13 @@ def cmd_eval_images(args: argparse.Namespace) -> None:
 def cmd_eval_retrieval(args: argparse.Namespace) -> None:
     from nextmm.eval.visual import eval_retrieval
 
-    _write_results(eval_retrieval(_load(args.model), args.annotations, args.images, args.limit), args.out)
+    _write_results(eval_retrieval(_load(args), args.annotations, args.images, args.limit), args.out)
 
 
 def cmd_eval_classify(args: argparse.Namespace) -> None:
     from nextmm.eval.visual import eval_classification
 
-    _write_results(eval_classification(_load(args.model), args.images, args.template, args.method, args.limit), args.out)
+    _write_results(eval_classification(_load(args), args.images, args.template, args.method, args.limit), args.out)
 
 
 def cmd_eval_fewshot(args: argparse.Namespace) -> None:
@@ -261,7 +261,7 @@ def cmd_eval_fewshot(args: argparse.Namespace) -> None:
         raise UserError(f"--select '{args.select}' names no known selection; use {', '.join(SELECTIONS)} (comma-separated)")
     if any(k < 0 or k > 8 for k in shots):
         raise UserError(f"--shots '{args.shots}' must be whole numbers from 0 to 8 (the context holds eight examples)")
-    m = _load(args.model)
+    m = _load(args)
     results = evaluate_fewshot(m, args.n, shots, selections, args.seed, progress=lambda what: print(f"[fewshot] {what}", file=sys.stderr))
     _write_results(results, args.out)
 
@@ -276,7 +276,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 def cmd_demo(args: argparse.Namespace) -> None:
     from nextmm.demo import run_demo
 
-    result = run_demo(args.out, args.preset, args.set or [], resume=args.resume)
+    result = run_demo(args.out, args.preset, args.set or [], resume=args.resume, device=args.device)
     headline = {k: result[k] for k in result if k.endswith(("match", "accuracy", "chance", "all_objects_right", "_s", "acc_at_0.5", "f1", "cider")) and not isinstance(result[k], dict)}
     _print_json(headline)
     print(f"model:   {result['model']}\nmetrics: {result['metrics']}\nreport:  {result['report']}")
@@ -290,6 +290,7 @@ def _benchmark(esub, name: str, help_text: str, func, logged: bool = False, mode
     b = esub.add_parser(name, help=help_text)
     b.add_argument("--model", required=model_required, help="the model directory" + ("" if model_required else " (not needed with --predictions)"))
     b.add_argument("--out", help="write the scores here too" + (", and each prediction as made to OUT.predictions.jsonl" if logged else ""))
+    add_device_flag(b)
     b.set_defaults(func=func, predictions=None)
     return b
 
@@ -355,6 +356,10 @@ def add_eval_parsers(esub) -> None:
     z.add_argument("--limit", type=int, help="at most N images per class")
 
 
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="where to run: auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nextmm", description="Generative pretraining in multimodality (Emu-style).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -387,12 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoints in --out; a finished stage whose limits --set raised continues too, "
                         "and the stages built on it start afresh (their earlier runs moved to <stage>.old)")
+    add_device_flag(t)
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("caption", help="caption images")
     c.add_argument("--model", required=True)
     c.add_argument("images", nargs="+")
     c.add_argument("--answers", help=ANSWERS_HELP)
+    add_device_flag(c)
     c.set_defaults(func=cmd_caption)
 
     a = sub.add_parser("ask", help="answer a question about an image (several --image: a video)")
@@ -400,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--image", action="append", required=True)
     a.add_argument("question")
     a.add_argument("--answers", help=ANSWERS_HELP)
+    add_device_flag(a)
     a.set_defaults(func=cmd_ask)
 
     k = sub.add_parser("complete", help="continue an interleaved prompt: text with <image>/<video> placeholders")
@@ -409,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--max-new-tokens", type=int, default=32)
     k.add_argument("--answers", help=ANSWERS_HELP)
     k.add_argument("prompt")
+    add_device_flag(k)
     k.set_defaults(func=cmd_complete)
 
     w = sub.add_parser("draw", help="draw images: from text, an interleaved prompt, two images to blend, or an image to edit")
@@ -424,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--negative", choices=NEGATIVES, help="guide away from the decoder's no-condition (null) or an empty prompt's image (empty, Emu's); default: the model's decoder.negative")
     w.add_argument("--name", default="draw", help="file name prefix: NAME-000.png, ...")
     w.add_argument("prompt", nargs="?", help='text, with <image> placeholders for the --image files if wanted')
+    add_device_flag(w)
     w.set_defaults(func=cmd_draw)
 
     e = sub.add_parser("eval", help="evaluate a model")
@@ -434,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="tiny")
     m.add_argument("--set", action="append", metavar="KEY=VALUE")
     m.add_argument("--resume", action="store_true", help="as for train: continue a killed demo, or extend a stage whose limits --set raised")
+    add_device_flag(m)
     m.set_defaults(func=cmd_demo)
     return p
 

@@ -50,7 +50,7 @@ class Constraint:
         """(B, vocab) additive mask for the next token of each row of `written` (B, steps so far): 0 where
         allowed, -inf elsewhere. A row with nothing left to write may only repeat its last token (the
         caller has marked it done)."""
-        out = torch.full((written.shape[0], vocab_size), float("-inf"))
+        out = torch.full((written.shape[0], vocab_size), float("-inf"), device=written.device)
         for row, prefix in enumerate(written.tolist()):
             out[row, self.allowed_in_row(row, prefix) or prefix[-1:]] = 0.0
         return out

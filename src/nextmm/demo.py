@@ -29,7 +29,8 @@ DRAW_SIZES = {"micro": (4, 4, 4)}  # one-object prompts, two-object prompts, rec
 FULL_DRAW = (40, 40, 20)
 
 
-def run_demo(out_dir: str | Path = "runs/demo", preset: str = "tiny", overrides: list[str] = (), resume: bool = False) -> dict[str, Any]:
+def run_demo(out_dir: str | Path = "runs/demo", preset: str = "tiny", overrides: list[str] = (), resume: bool = False,
+             device: str = "auto") -> dict[str, Any]:
     start = time.perf_counter()
     cfg = make_config(preset, overrides=list(overrides))
     out = Path(out_dir)
@@ -44,12 +45,12 @@ def run_demo(out_dir: str | Path = "runs/demo", preset: str = "tiny", overrides:
     timings["data_s"] = time.perf_counter() - start
 
     t = time.perf_counter()
-    paths = train(cfg, data_dir, out, resume=resume)
+    paths = train(cfg, data_dir, out, resume=resume, device=device)
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     print("[eval] scoring held-out Shapes World")
-    model = api.load(paths["model"])
+    model = api.load(paths["model"], device=device)
     scenes, videos, binding = EVAL_SIZES.get(cfg.preset, FULL_EVAL)
     results = evaluate(model, scenes=scenes, videos=videos, binding=binding)
     examples = results.pop("examples")

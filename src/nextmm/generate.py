@@ -16,6 +16,7 @@ import torch
 from nextmm.constrained import Constraint
 from nextmm.data.sample import Segment
 from nextmm.data.sequence import SequenceBuilder, SequenceTooLong
+from nextmm.device import device_of, to_device
 from nextmm.models.emu import Copying, Emu
 from nextmm.models.llm import KVCache
 from nextmm.precision import autocast, resolve
@@ -25,10 +26,11 @@ def _attention_mask(keys_valid: torch.Tensor, queries: int) -> torch.Tensor:
     """(B, K) valid keys -> (B, 1, queries, K) causal mask for the last `queries` positions. A padded
     query may see itself, so no row of the softmax is empty (its output is never used)."""
     total = keys_valid.shape[1]
-    rows = torch.arange(total - queries, total).unsqueeze(1)
-    causal = torch.arange(total).unsqueeze(0) <= rows
+    steps = torch.arange(total, device=keys_valid.device)
+    rows = steps[total - queries :].unsqueeze(1)
+    causal = steps.unsqueeze(0) <= rows
     mask = causal.unsqueeze(0) & keys_valid.unsqueeze(1)
-    mask |= torch.arange(total).unsqueeze(0) == rows
+    mask |= steps.unsqueeze(0) == rows
     return mask.unsqueeze(1)
 
 
@@ -38,9 +40,11 @@ class Stepper:
 
     def __init__(self, model: Emu, batch: dict[str, torch.Tensor], new_positions: int, use_cache: bool, precision: str):
         self.model, self.use_cache, self.precision = model, use_cache, precision
+        self.device = device_of(model)
+        batch = to_device(batch, self.device)
         ids, valid = batch["input_ids"], batch["valid"]
         b, self.prompt_len = ids.shape
-        with autocast(precision):
+        with autocast(precision, self.device.type):
             self.visual, self.patches = model.see(batch["pixels"])
             self.embeds = model.embed(ids, self.visual)
         # the presence probe's reads join the prompt's words, and each appended word's (`append_token`)
@@ -61,16 +65,16 @@ class Stepper:
         # no token gave), from which what followed it comes (`copy_sources`)
         self.copy_keys = None
         self.read_ids = ids.clone()
-        self.keys_valid = torch.cat([valid, torch.zeros(b, new_positions, dtype=torch.bool)], dim=1)
+        self.keys_valid = torch.cat([valid, torch.zeros(b, new_positions, dtype=torch.bool, device=self.device)], dim=1)
         self.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.cache = KVCache(model.cfg.llm, b, self.prompt_len + new_positions, dtype) if use_cache else None
+        self.cache = KVCache(model.cfg.llm, b, self.prompt_len + new_positions, dtype, self.device) if use_cache else None
         self.appended = 0
 
     def _run(self, step_embeds: torch.Tensor, step_positions: torch.Tensor) -> torch.Tensor:
         """The hidden states of the new positions (B, new, width); the whole sequence's without a cache."""
         total = self.prompt_len + self.appended
-        with autocast(self.precision):
+        with autocast(self.precision, self.device.type):
             if self.use_cache:
                 mask = _attention_mask(self.keys_valid[:, :total], step_embeds.shape[1])
                 hidden = self.model.llm(step_embeds, step_positions, mask, self.cache)
@@ -171,10 +175,10 @@ def generate_ids(
             )
     max_new_tokens = min(max_new_tokens, builder.max_len - longest)
     eos = builder.tok.eos_id
-    stepper = Stepper(model, batch, max_new_tokens, use_cache, resolve(precision))
+    stepper = Stepper(model, batch, max_new_tokens, use_cache, resolve(precision, device_of(model).type))
     hidden = stepper.prefill()
-    generated = torch.zeros(len(prompts), 0, dtype=torch.long)
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    generated = torch.zeros(len(prompts), 0, dtype=torch.long, device=stepper.device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=stepper.device)
     for i in range(max_new_tokens):
         logits = stepper.logits(hidden)
         if answers is not None:
@@ -196,10 +200,10 @@ def next_token_logits(model: Emu, builder: SequenceBuilder, prompts: list[list[S
     probabilities with a copy head, else logits), once the tokens `then` have followed every prompt."""
     model.eval()
     batch = builder.collate([builder.encode(p, close=False) for p in prompts], left_pad=True)
-    stepper = Stepper(model, batch, 1 + len(then), True, resolve(precision))
+    stepper = Stepper(model, batch, 1 + len(then), True, resolve(precision, device_of(model).type))
     hidden = stepper.prefill()
     for token in then:
-        hidden = stepper.append_token(torch.full((len(prompts),), token, dtype=torch.long))
+        hidden = stepper.append_token(torch.full((len(prompts),), token, dtype=torch.long, device=stepper.device))
     return stepper.logits(hidden)
 
 
@@ -231,14 +235,14 @@ def generate_visual(
             )
         encoded.append(e)
     batch = builder.collate(encoded, left_pad=True)
-    stepper = Stepper(model, batch, model.num_queries - 1, use_cache, resolve(precision))
-    bags = model.word_bags(batch["input_ids"])[:, -1] if model.words_to_visual is not None else None  # at [IMG]
+    stepper = Stepper(model, batch, model.num_queries - 1, use_cache, resolve(precision, device_of(model).type))
+    bags = model.word_bags(batch["input_ids"].to(stepper.device))[:, -1] if model.words_to_visual is not None else None  # at [IMG]
     hidden = stepper.prefill()
     regressed = []
     for k in range(model.num_queries):
-        embedding = model.regress(hidden, bags, torch.full((len(encoded),), k))
+        embedding = model.regress(hidden, bags, torch.full((len(encoded),), k, device=stepper.device))
         regressed.append(embedding)
         if k < model.num_queries - 1:
-            with autocast(stepper.precision):
+            with autocast(stepper.precision, stepper.device.type):
                 hidden = stepper.append(model.visual_proj(embedding))
     return torch.stack(regressed, dim=1)

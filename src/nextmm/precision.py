@@ -21,8 +21,10 @@ from nextmm.errors import UserError
 @functools.cache
 def bf16_is_faster(device_type: str = "cpu") -> bool:
     """Time a training-sized matmul in both dtypes (a few tens of milliseconds, once per process)."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()  # Ampere and newer; older GPUs would emulate it
     if device_type != "cpu":
-        return True  # every accelerator PyTorch trains on has native bf16 matmuls
+        return False  # MPS and others: fp32, whose support is complete
     a, b = torch.randn(512, 512), torch.randn(512, 512)
 
     def seconds(dtype: torch.dtype) -> float:

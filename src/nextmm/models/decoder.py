@@ -53,7 +53,8 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, ridge: float = 1.0) -> tuple[tor
     and (D,) bias of the map on raw x, the standardisation folded in. Solved in whichever of the primal
     (F x F) or dual (S x S) form is smaller: the same solution, and a real Emu's 64 x 4096 features would
     need a 262k-square primal system."""
-    x, y = x.double(), y.double()
+    device = x.device
+    x, y = x.double().cpu(), y.double().cpu()  # float64 on the CPU: not every accelerator has it
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     z = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], 1)
     eye = lambda n: ridge * torch.eye(n, dtype=x.dtype)  # noqa: E731
@@ -63,7 +64,7 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, ridge: float = 1.0) -> tuple[tor
         solution = z.T @ torch.linalg.solve(z @ z.T + eye(z.shape[0]), y)
     weight = (solution[:-1] / std[:, None]).T
     bias = solution[-1] - (mean / std) @ solution[:-1]
-    return weight.float().contiguous(), bias.float().contiguous()
+    return weight.float().contiguous().to(device), bias.float().contiguous().to(device)
 
 
 class DecoderSamplingError(UserError):

@@ -22,6 +22,7 @@ from nextmm.data.sample import Image, Sample, Text, Video
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError
 from nextmm.data.transforms import to_pixels
+from nextmm.device import device_of
 from nextmm.generate import generate_visual
 from nextmm.models.clip import CLIP
 from nextmm.models.decoder import VisualDecoder
@@ -86,7 +87,7 @@ def autoencoder_stage(cfg: Config, sources: dict[str, Path], out: Path, decoder:
     trainer = Trainer("autoencoder", decoder.vae, lambda b: decoder.autoencoder_loss(b["target"]), cfg.autoencoder, stage_dir)
     result = trainer.run(stream, resume)
     # A VAE trained from scratch has latents of no particular scale; diffusion assumes about unit variance.
-    calibration = torch.cat([stream.next_batch()["target"] for _ in range(CALIBRATION_BATCHES)])
+    calibration = torch.cat([stream.next_batch()["target"] for _ in range(CALIBRATION_BATCHES)]).to(device_of(decoder.vae))
     scale = decoder.calibrate_latent_scale(calibration)
     tqdm.write(f"[autoencoder] latent scaling factor {scale:.4f}")
     mark_stage_done(stage_dir, result, latent_scale=scale)
@@ -113,7 +114,7 @@ def training_condition(model: Emu, builder: SequenceBuilder, batch: dict, share:
             condition[kept] = model.encode_images(pixels[kept]).float()
         if picked:
             condition[picked] = regress_captions(model, builder, [captions[i] for i in picked], precision)
-    seen = torch.ones(len(captions), dtype=torch.bool)
+    seen = torch.ones(len(captions), dtype=torch.bool, device=pixels.device)
     seen[picked] = False
     return condition, seen
 
@@ -140,7 +141,7 @@ def fit_semantic_readouts(
             f"the data has {len(captions)} captioned pictures among the first {looked} looked at, too few to fit the "
             "decoder's semantic token; add captioned images or set decoder.semantic_token=false"
         )
-    pixels, captions = torch.cat(pixels)[:wanted], captions[:wanted]
+    pixels, captions = torch.cat(pixels)[:wanted].to(device_of(model)), captions[:wanted]
     seen, regressed, features = [], [], []
     for start in range(0, len(captions), cfg.diffusion.batch_size):
         part = slice(start, start + cfg.diffusion.batch_size)

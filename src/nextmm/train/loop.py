@@ -1,5 +1,6 @@
 """One training loop for every stage: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast where faster,
-JSON-lines metrics, a progress bar, atomic checkpoints and `--resume`.
+JSON-lines metrics, a progress bar, atomic checkpoints and `--resume`. It trains on whichever device the
+model is on, and moves each batch there.
 
 A stage supplies its modules, a loss function over a batch, and a batch stream that can report and
 restore its position, so a resumed run sees exactly the batches it would have seen.
@@ -19,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nextmm.config import TrainConfig
+from nextmm.device import device_of, to_device
 from nextmm.precision import autocast, resolve
 from nextmm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -146,8 +148,9 @@ class Trainer:
             step, samples, elapsed_before = state["step"], state["samples"], state["elapsed_s"]
             stream.load_state_dict(state["data"])
             tqdm.write(f"[{self.name}] resumed from {path} at step {step}")
-        precision = resolve(self.cfg.precision)
-        tqdm.write(f"[{self.name}] computing in {precision} (precision={self.cfg.precision})")
+        device = device_of(self.model)
+        precision = resolve(self.cfg.precision, device.type)
+        tqdm.write(f"[{self.name}] computing in {precision} on {device} (precision={self.cfg.precision})")
         start = time.perf_counter()
         window = {"t": start, "tokens": 0, "images": 0, "samples": 0}
         last: dict[str, float] = {}
@@ -162,8 +165,8 @@ class Trainer:
             lr = self._set_lr(self._progress(step, elapsed))
             sums: dict[str, float] = {}
             for _ in range(self.cfg.grad_accum):
-                batch = stream.next_batch()
-                with autocast(precision):
+                batch = to_device(stream.next_batch(), device)
+                with autocast(precision, device.type):
                     out = self.loss_fn(batch)
                 self.backward(out, 1.0 / self.cfg.grad_accum)
                 for k, v in out.items():

@@ -29,6 +29,7 @@ from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError, read_shards
 from nextmm.data.shapes import named_object, object_regions
 from nextmm.data.transforms import to_pixels
+from nextmm.device import device_of, pick_device
 from nextmm.models.clip import CLIP, text_batch
 from nextmm.models.emu import Emu
 from nextmm.tokenizer import LOC_SPAN, NextTokenizer
@@ -93,9 +94,9 @@ class ClipBatches:
         return {"input_ids": ids, "lengths": lengths, "valid": valid, "pixels": to_pixels([i for i, _ in items], self.size)}
 
 
-def clip_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, resume: bool) -> CLIP:
+def clip_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, resume: bool, device: torch.device | None = None) -> CLIP:
     torch.manual_seed(cfg.seed)
-    clip = CLIP(cfg.vision, cfg.clip_text, tok.vocab_size)
+    clip = CLIP(cfg.vision, cfg.clip_text, tok.vocab_size).to(device or pick_device())
     stage_dir = out / "clip"
     if finished_stage(clip, stage_dir, resume, cfg.clip) is not None:
         return clip
@@ -156,7 +157,7 @@ def pretrain_groups(model: Emu, p: PretrainConfig) -> list[dict]:
 
 def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, clip: CLIP, resume: bool) -> Emu:
     torch.manual_seed(cfg.seed + 1)
-    model = build_model(cfg, tok)
+    model = build_model(cfg, tok).to(device_of(clip))
     model.vision.load_state_dict(clip.visual.state_dict())
     stage_dir = out / "pretrain"
     if finished_stage(model, stage_dir, resume, cfg.pretrain) is not None:
@@ -203,7 +204,9 @@ def resume_plan(cfg: Config, out: Path, resume: bool, stages: list[str]) -> dict
     return plan
 
 
-def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False, device: str = "auto") -> dict[str, Any]:
+    """Every stage on `device` (`auto`: the best one present, device.pick_device)."""
+    where = pick_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sources = discover_sources(data_dir)
@@ -216,9 +219,9 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool =
     cfg.llm.vocab_size = tok.vocab_size
     (out / "config.json").write_text(cfg.to_json())
     # Built first, so that a bad decoder.pretrained fails now rather than after stages 0 and 1.
-    decoder = build_decoder(cfg) if cfg.diffusion.steps > 0 else None  # diffusion.steps=0: no decoder trained
+    decoder = build_decoder(cfg).to(where) if cfg.diffusion.steps > 0 else None  # diffusion.steps=0: no decoder trained
     plan = resume_plan(cfg, out, resume, list(BUILT_ON) if decoder is not None else ["clip", "pretrain"])
-    clip = clip_stage(cfg, sources, out, tok, plan["clip"])
+    clip = clip_stage(cfg, sources, out, tok, plan["clip"], where)
     model = pretrain_stage(cfg, sources, out, tok, clip, plan["pretrain"])
     if decoder is not None:
         autoencoder_stage(cfg, sources, out, decoder, plan["autoencoder"])
