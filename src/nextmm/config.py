@@ -59,6 +59,15 @@ class ResamplerConfig:
     region_coords: bool = True
     heads: int = 4
     mlp_ratio: float = 4.0
+    # Which causal transformer (nextmm.models.resampler_t5.resampler_for): "causal", nextmm's own pre-norm
+    # blocks (models/resampler.py); "t5", a T5 decoder stack like the official Emu1 checkpoint's cformer
+    # (models/resampler_t5.py), which reads its learned queries alone and so needs seed=none.
+    kind: str = "causal"
+    # kind=t5 only. The width of each attention head (T5's d_kv); 0 means width // heads.
+    head_width: int = 0
+    # kind=t5 only: T5's relative position buckets and the distance from which all share the last bucket.
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
 
 
 @dataclass
