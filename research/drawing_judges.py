@@ -9,7 +9,7 @@ least one right drawing (what a perfect judge would reach); and the share right 
 - caption_logp: the log-likelihood of the prompt as the drawing's caption;
 - clip: the CLIP stage's image-text similarity.
 
-Usage: python benchmarks/drawing_judges.py --model M [--candidates 4] [--prompts 100]. Prints JSON lines.
+Usage: python research/drawing_judges.py --model M [--candidates 4] [--prompts 100]. Prints JSON lines.
 """
 
 import argparse

@@ -9,7 +9,7 @@ A model that ends after its first box whatever the count has a negative margin e
 repeats its first object when made to go on gains nothing from a count, even the true one; one that,
 kept from repeating, still gains nothing does not know what else the picture holds.
 
-Usage: python benchmarks/detection_listing.py --model runs/demo/model [--scenes 80]
+Usage: python research/detection_listing.py --model runs/demo/model [--scenes 80]
 Prints one JSON object."""
 
 import argparse

@@ -2,7 +2,7 @@
 the colour, shape and size words of held-out one-object captions scored along the way (chance 1/8, 1/4,
 1/2) and whole-caption exact match on held-out 1-3-object scenes. First, what the stage-0 tower holds:
 held-out accuracy of linear probes for shape and colour on its max-pooled features of one-object scenes.
-Usage: python benchmarks/stage1_reading.py [--steps 400] [--clip-seconds 100] [--set resampler.seed=none ...]
+Usage: python research/stage1_reading.py [--steps 400] [--clip-seconds 100] [--set resampler.seed=none ...]
 Makes its own Shapes World captions and stage-0 tower in a temporary folder. Prints JSON lines."""
 
 import argparse

@@ -10,7 +10,7 @@ placements of its objects that keep its caption (the conditional mean an L2 regr
 aims at), given to the decoder as the LLM's regression is; with the distance of the LLM's regression to
 it, and of one caption's mean to another's.
 
-Usage: python benchmarks/two_object_drawing.py --model runs/demo/model [--scenes 100] [--guidance 3]
+Usage: python research/two_object_drawing.py --model runs/demo/model [--scenes 100] [--guidance 3]
        [--placements 32]
 Prints one JSON line per source (reconstruction, drawing, conditional_mean).
 """

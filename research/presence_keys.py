@@ -1,11 +1,11 @@
 """What a presence probe can read whether a picture holds a phrase from: a fresh probe (models/emu.py's
 PresenceProbe: a query from the phrase's decayed word bag, a log-sum-exp of its scores, a calibration) is
 trained on a finished model's frozen features, on caption batches' region phrases against every picture
-of the batch (Emu.presence_loss's pairs), and scored as benchmarks/presence_probe.py scores a model's own
+of the batch (Emu.presence_loss's pairs), and scored as research/presence_probe.py scores a model's own
 probe. Keys from: `pointer`, the location pointer's patch keys (as trained); `patches`, the patch grid
 through the probe's own key layer; `visual`, the N visual embeddings through it (what llm.presence reads).
 
-Usage: python benchmarks/presence_keys.py --model runs/demo/model --data runs/demo/data [--steps 300]
+Usage: python research/presence_keys.py --model runs/demo/model --data runs/demo/data [--steps 300]
 Prints one JSON object per key source.
 """
 

@@ -2,7 +2,7 @@
 for a fixed wall-clock budget, from scratch, read out (a) from the image tower max-pooled, and (b) through
 the causal resampler (all N embeddings into a linear head) with Emu's plain queries or with queries
 seeded by the max over their region of the patch grid, at 1 and 2 blocks. Held-out accuracy, chance 0.25.
-Usage: python benchmarks/shape_learning.py [--seconds 20]. Prints JSON."""
+Usage: python research/shape_learning.py [--seconds 20]. Prints JSON."""
 
 import argparse
 import json

@@ -9,7 +9,7 @@ threshold lies); and, for a model with an agreement judge (models/agreement.py),
 accuracy on the matching questions, beside the AUC of the lowest of the probe's reads at the questions' shape
 words (where a judge that knew where phrases end would look). Models without a probe get the matching and "is there" figures alone.
 
-Usage: python benchmarks/presence_probe.py --model runs/demo/model [--scenes 300]
+Usage: python research/presence_probe.py --model runs/demo/model [--scenes 300]
 Prints one JSON object.
 """
 

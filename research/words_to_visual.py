@@ -5,7 +5,7 @@ picture the prompt describes, fitted on 1500 training-seed scenes, against the m
 eval/images.regression_retrieval: for 200 held-out prompts, is the regression nearest (L2) to a picture
 of the prompt's objects (colour and shape, in order) among 300 held-out pictures?
 
-Usage: python benchmarks/words_to_visual.py --model runs/demo/model
+Usage: python research/words_to_visual.py --model runs/demo/model
 Prints one JSON object per object count (1, 2).
 """
 

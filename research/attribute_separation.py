@@ -10,7 +10,7 @@ picture's token, and the grid cells' tokens when the decoder has them) moves whe
 are swapped, against when one colour (shape) is replaced by a third; `*_ratio` is swap / third. A ratio
 near 0 means only the bag of words is read, not which colour goes with which shape.
 
-Usage: python benchmarks/attribute_separation.py --model runs/demo/model [--pictures 2000]
+Usage: python research/attribute_separation.py --model runs/demo/model [--pictures 2000]
 Prints one JSON line.
 """
 

@@ -13,7 +13,7 @@ scenes (seed 10007):
 The UNet trains on the LLM's regressions from captions for a share `decoder.regressed_condition` of its
 images (`--set decoder.regressed_condition=0` is Emu's rule); the denoising losses use real embeddings.
 
-Usage: python benchmarks/decoder_reading.py --model runs/demo/model --data runs/demo/data --out /tmp/dr
+Usage: python research/decoder_reading.py --model runs/demo/model --data runs/demo/data --out /tmp/dr
        [--set decoder.snr_gamma=5 ...] [--vae-from /tmp/dr-earlier] [--prompts 50] [--scenes 100]
        [--autoencoder-only]
 `--vae-from` reuses the autoencoder an earlier run of this script trained, to compare UNet settings alone.

@@ -2,7 +2,7 @@
 source alone, the way stage 1 draws them (one source per batch). Tells which source makes the loss
 spikes in stage 1's progress bar.
 
-Usage: python benchmarks/source_loss.py --model runs/demo/model --data runs/demo/data [--batches 3]
+Usage: python research/source_loss.py --model runs/demo/model --data runs/demo/data [--batches 3]
 Prints one JSON object: per source, the mean CE and L2 over its batches.
 """
 

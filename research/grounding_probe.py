@@ -12,7 +12,7 @@ held-out questions of each count, beside the same answers read as before session
 pointer's attention over the whole grid (`whole_grid_read`) rather than around its peak; how often that
 peak lies in the named object's box, and both reads' Acc@0.5 on those questions (`..._peak_on_object`).
 
-Usage: python benchmarks/grounding_probe.py --model runs/demo/model
+Usage: python research/grounding_probe.py --model runs/demo/model
 Prints one JSON object.
 """
 

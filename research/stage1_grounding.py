@@ -7,7 +7,7 @@ the last 20 steps before the other sources join (caption batches alone until the
 there went with caption exact match 0.375 or more at the end, 0.67 or more with 0.275 or less (19 runs,
 BENCHMARKS.md, session 22).
 
-Usage: python benchmarks/stage1_grounding.py --run runs/demo --out runs/s1 [--set llm.pointer_roles=false ...]
+Usage: python research/stage1_grounding.py --run runs/demo --out runs/s1 [--set llm.pointer_roles=false ...]
        [--stop-after 200]  (the first N steps of the configured schedule, reading onset only, no evaluation)
 Prints one JSON object (and writes it to OUT/grounding.json)."""
 

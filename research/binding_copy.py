@@ -12,7 +12,7 @@ cosine can be. And, with the answer's tokens given (as training sees them), per 
 the gate's median and the median probability of the right token, since a word cut short after its
 second syllable is a gate closing there.
 
-Usage: python benchmarks/binding_copy.py --model runs/demo/model [--prompts 200]
+Usage: python research/binding_copy.py --model runs/demo/model [--prompts 200]
 Prints one JSON object."""
 
 import argparse

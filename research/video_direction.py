@@ -2,7 +2,7 @@
 probe for the direction on the visual embeddings of a clip's first and last frames)? Then, does the LLM
 learn to answer it: the model trained further on video QA alone, direction / mover colour / mover shape
 scored on 100 held-out clips before and after every third of the steps.
-Usage: python benchmarks/video_direction.py --model runs/demo/model --data runs/demo/data
+Usage: python research/video_direction.py --model runs/demo/model --data runs/demo/data
 [--steps 300] [--frames 2]. `--frames` sets vision.video_frames for the continuation and its scoring.
 Prints JSON lines."""
 

@@ -4,7 +4,7 @@ chosen mix of Shapes World sources (the text-to-image view among them) and score
 text-to-image (eval/images.regression_retrieval), grounding (Acc@0.5 on held-out expressions),
 binding (4-shot accuracy) or image-text matching (accuracy), then captions and VQA at the end.
 
-Usage: python benchmarks/text_to_embedding.py --model runs/demo/model --data runs/demo/data
+Usage: python research/text_to_embedding.py --model runs/demo/model --data runs/demo/data
        [--mix '{"text_to_image": 1}'] [--lr 1e-3] [--steps 160] [--every 20] [--train all|head|everything]
        [--score retrieval|grounding|binding|itm] [--location-sigma S] [--location-head] [--location-pointer]
        [--pointer-weight W] [--pointer-lr X] [--seed S] [--anneal] [--save DIR]

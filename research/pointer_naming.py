@@ -10,7 +10,7 @@ on the named object's patches for held-out questions, with the query read from:
 and the key read from the patch grid by a linear map (as PatchPointer's) or through a hidden layer
 (`_mlp`). Beside them, the model's own pointer on the same questions.
 
-Usage: python benchmarks/pointer_naming.py --model runs/demo/model [--objects 2]
+Usage: python research/pointer_naming.py --model runs/demo/model [--objects 2]
 Prints one JSON object.
 """
 

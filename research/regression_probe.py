@@ -5,7 +5,7 @@ visual stack makes of the captions' own pictures. A probe near 1 on the regresse
 still near chance puts the fault in the decoder, not in the LLM. Also the regressed embeddings' spread
 across prompts (the mean per-dimension standard deviation) beside the real pictures'.
 
-Usage: python benchmarks/regression_probe.py --model runs/demo/model [--train 1500] [--test 400]
+Usage: python research/regression_probe.py --model runs/demo/model [--train 1500] [--test 400]
 Prints one JSON line.
 """
 
