@@ -40,3 +40,20 @@ def test_a_model_moved_with_to_keeps_its_answers(micro_nextmm, scenes):
     micro_nextmm.to("cpu")
     assert device_of(micro_nextmm.model) == torch.device("cpu") == micro_nextmm.device
     assert micro_nextmm.caption([s.image() for s in scenes[:2]], max_new_tokens=4) == before
+
+
+def test_every_head_trains_and_decodes_under_bf16_autocast(micro_nextmm, micro_config, tokenizer, scenes):
+    """CPUs with native bf16 (and GPUs) compute in it by default (precision=auto): every head must take it."""
+    from nextmm.data.sample import Image, Text
+    from nextmm.data.sequence import SequenceBuilder
+    from nextmm.precision import autocast
+
+    builder = SequenceBuilder.for_config(tokenizer, micro_config)
+    batch = builder.collate([builder.encode([Image(s.image()), Text(s.caption(), target=True)], claim=True) for s in scenes[:4]])
+    model = micro_nextmm.model.train()
+    with autocast("bf16"):
+        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], pointer_weight=1.0, claims=batch["claims"])
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and "agreement" in out
+    micro_nextmm.precision = "bf16"
+    assert len(micro_nextmm.caption([s.image() for s in scenes[:2]], max_new_tokens=4)) == 2

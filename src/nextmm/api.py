@@ -358,18 +358,24 @@ def build_model(config: Config, tokenizer: NextTokenizer) -> Emu:
     return Emu(config, tokenizer.image_id, tokenizer.bin_ids, tokenizer.special_ids)
 
 
-def load(model_dir: str | Path, device: str = "auto", **kwargs) -> NextMM:
-    """A saved model directory, on `device` (`auto`: a GPU when there is one, else the CPU)."""
-    where = pick_device(device)  # checked before anything is read
+def saved_config(model_dir: str | Path) -> Config:
+    """The config of a saved model directory, checked to hold a whole model."""
     root = Path(model_dir)
     needed = ["config.json", "model.safetensors", "tokenizer.json"]
     missing = [name for name in needed if not (root / name).is_file()]
     if missing:
         raise ModelDirError(
             f"'{root}' is not a nextmm model directory (missing {', '.join(missing)}); "
-            "point --model at the model/ folder that `nextmm train` or `nextmm demo` wrote"
+            "point --model at the model/ folder that `nextmm train`, `nextmm demo` or `nextmm init` wrote"
         )
-    config = config_from_dict(json.loads((root / "config.json").read_text()))
+    return config_from_dict(json.loads((root / "config.json").read_text()))
+
+
+def load(model_dir: str | Path, device: str = "auto", **kwargs) -> NextMM:
+    """A saved model directory, on `device` (`auto`: a GPU when there is one, else the CPU)."""
+    where = pick_device(device)  # checked before anything is read
+    root = Path(model_dir)
+    config = saved_config(root)
     tokenizer = NextTokenizer.load(root / "tokenizer.json")
     model = _weights(build_model(config, tokenizer), root / "model.safetensors")
     clip = None
@@ -390,7 +396,7 @@ def _weights(module: torch.nn.Module, path: Path) -> torch.nn.Module:
 
 
 def _load_decoder(root: Path, config: Config) -> VisualDecoder | None:
-    width, n = config.resampler.width, config.resampler.num_queries
+    width, n = config.visual_width, config.resampler.num_queries
     if (root / "decoder").is_dir():
         return VisualDecoder.load(root / "decoder", config.decoder, width, n)
     if config.decoder.pretrained:

@@ -39,12 +39,43 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from nextmm.config import make_config
+    from nextmm.config import apply_overrides, make_config
     from nextmm.train.stages import train
 
-    cfg = make_config(args.preset, args.config, args.set or [])
-    result = train(cfg, args.data, args.out, resume=args.resume, device=args.device)
+    if args.init:
+        from nextmm.api import saved_config
+
+        if args.config or args.preset != "tiny":
+            raise UserError("--init trains the model directory's own architecture; drop --config and --preset, and change settings with --set")
+
+        cfg = apply_overrides(saved_config(args.init), args.set or [])
+    else:
+        cfg = make_config(args.preset, args.config, args.set or [])
+    result = train(cfg, args.data, args.out, resume=args.resume, device=args.device, init=args.init)
     print(f"model written to {result['model']} (each stage's metrics.jsonl in {args.out}/<stage>/)")
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from nextmm.convert.parts import init_model
+
+    out = init_model(args.llm, args.vision, args.out, args.decoder, args.preset, args.set or [], args.vision_layer)
+    print(f"model written to {out}; train it with: nextmm train --init {out} --data DIR --out RUN")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from nextmm import api
+    from nextmm.convert.hf_llm import export_hf_llm
+    from nextmm.convert.parts import llm_architecture
+
+    if not (args.llm_out or args.out):
+        raise UserError("nothing to export; give --llm-out DIR (the LLM as a Hugging Face model) and/or --out DIR (the whole model)")
+    m = api.load(args.model, device="cpu")
+    if args.llm_out:
+        llm = m.model.llm
+        written = export_hf_llm(llm, llm.cfg, m.tokenizer, args.llm_out, args.architecture or llm_architecture(llm.cfg))
+        print(f"LLM written to {written} (transformers: AutoModelForCausalLM.from_pretrained('{written}'))")
+    if args.out:
+        print(f"model written to {m.save(args.out)}")
 
 
 def _load(args: argparse.Namespace):
@@ -385,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train stage 0 (CLIP), stage 1 (Emu pretraining) and stage 2 (the visual decoder)")
     t.add_argument("--data", required=True, help="a shard folder, or a folder of shard folders (one source each)")
+    t.add_argument("--init", help="start from this model directory (nextmm init, or an earlier run's model/) instead of from scratch")
     t.add_argument("--out", required=True)
     t.add_argument("--preset", default="tiny")
     t.add_argument("--config", help="YAML config (may name a preset)")
@@ -394,6 +426,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the stages built on it start afresh (their earlier runs moved to <stage>.old)")
     add_device_flag(t)
     t.set_defaults(func=cmd_train)
+
+    n = sub.add_parser("init", help="build a model from pretrained parts in local folders: an LLM, a vision tower, a decoder")
+    n.add_argument("--llm", required=True, help="a Hugging Face causal LM directory (Llama, Qwen2, Qwen3, Mistral) with its tokenizer.json")
+    n.add_argument("--vision", required=True, help="a Hugging Face CLIP or SigLIP vision directory, or an EVA-CLIP state dict (file or directory)")
+    n.add_argument("--decoder", help="a diffusers Stable Diffusion directory with vae/ and unet/")
+    n.add_argument("--out", required=True, help="the model directory to write")
+    n.add_argument("--preset", default="emu-14b", help="whose causal transformer and settings go around the parts (default: the paper's)")
+    n.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. resampler.layers=6")
+    n.add_argument("--vision-layer", type=int, help="which block's tokens Emu reads, as HF hidden_states index (default -2 for CLIP/SigLIP)")
+    n.set_defaults(func=cmd_init)
+
+    x = sub.add_parser("export", help="export a model: its LLM as a Hugging Face model directory, or the whole model again")
+    x.add_argument("--model", required=True)
+    x.add_argument("--llm-out", help="write the LLM (with Emu's added tokens) here as a Hugging Face model directory")
+    x.add_argument("--architecture", choices=("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"),
+                   help="the Hugging Face class to write (default: the one the LLM's options need)")
+    x.add_argument("--out", help="write the whole model here as a nextmm model directory")
+    x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("caption", help="caption images")
     c.add_argument("--model", required=True)

@@ -1,6 +1,6 @@
-"""Dataclass configs, named presets, YAML files and dotted overrides.
+"""Dataclass configs, named presets (YAML files in model_configs/), YAML files and dotted overrides.
 
-Fields are grouped by the part they configure (`vision`, `resampler`, `llm`, `clip_text`, then one
+Fields are grouped by the part they configure (`vision`, `resampler`, `emu`, `llm`, `clip_text`, then one
 training config per stage) so that an override such as `pretrain.lr=3e-4` reads like a path.
 """
 
@@ -19,6 +19,8 @@ from nextmm.errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp32")
 RESAMPLER_SEEDS = ("regions", "none")
+RESAMPLER_KINDS = ("causal", "t5")
+REGRESSION_SPACES = ("resampler", "llm")
 SAMPLERS = ("ddim", "dpm")
 NEGATIVES = ("null", "empty")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -128,6 +130,18 @@ class LLMConfig:
         if self.mlp_hidden:
             return self.mlp_hidden
         return -(-int(8 * self.width / 3) // 64) * 64
+
+
+@dataclass
+class EmuConfig:
+    """How the parts join. `regress_in`: the space the LLM regresses and the visual decoder reads — the causal
+    transformer's output (`resampler`), or that output projected to the LLM's width (`llm`, the official Emu1
+    checkpoint's layout: its regression head maps the LLM's width onto itself). `visual_norm`: a LayerNorm on
+    the tower's tokens before the causal transformer (Emu1's `ln_visual`), for towers read before their own
+    final norm."""
+
+    regress_in: str = "resampler"
+    visual_norm: bool = False
 
 
 @dataclass
@@ -250,6 +264,10 @@ class PretrainConfig(TrainConfig):
     # through an LLM that cannot read yet, wiped out shape it had learned (shape from captions 0.40 vs
     # 0.61 at x0.1 and 0.62 frozen, 240 steps, BENCHMARKS.md).
     vision_lr_scale: float = 0.1
+    # The causal transformer (with the projection) and the LLM at their own rates too: a pretrained LLM is
+    # usually fine-tuned gently while the fresh causal transformer learns at the full rate. 0 freezes a part.
+    resampler_lr_scale: float = 1.0
+    llm_lr_scale: float = 1.0
     # The copy head's gate (both its layers) learns this much faster. It must open where a binding answer
     # starts, and a demo sees ~10-20 binding batches: at x1 a 580-step stage 1 (an fp32 CPU) left it at 0.12
     # and wrote no bound word, where at x10 it opened to 0.6 and wrote 0.46 of them. The whole head at x10
@@ -316,6 +334,7 @@ class Config:
     vision: VisionConfig = field(default_factory=VisionConfig)
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    emu: EmuConfig = field(default_factory=EmuConfig)
     clip_text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -334,6 +353,11 @@ class Config:
     diffusion: TrainConfig = field(default_factory=lambda: TrainConfig(steps=6000, batch_size=32, lr=2e-3, time_budget_s=150))
     seed: int = 0
 
+    @property
+    def visual_width(self) -> int:
+        """The width of the visual embeddings the LLM regresses and the visual decoder reads."""
+        return self.llm.width if self.emu.regress_in == "llm" else self.resampler.width
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -341,54 +365,19 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # < 1M parameters: unit tests and a one-minute smoke run of the whole pipeline.
-    "micro": {
-        "vision": {"width": 32, "layers": 1, "heads": 2, "patch_size": 16},
-        "resampler": {"num_queries": 4, "width": 32, "layers": 1, "heads": 2},
-        "llm": {"width": 64, "layers": 2, "heads": 2, "max_seq_len": 128, "tie_embeddings": True},
-        "clip_text": {"width": 32, "layers": 1, "heads": 2, "embed_dim": 32},
-        "tokenizer": {"vocab_size": 320},
-        "data": {"counts": {"caption": 300, "vqa": 150, "video_caption": 40, "video_qa": 40,
-                            "story": 30, "edit": 30, "binding": 40, "ground": 40, "itm": 40, "region_caption": 30,
-                            "detect": 30}, "shard_size": 200},
-        # Step caps far above what the budgets allow, so the budgets decide how long it learns.
-        "clip": {"steps": 300, "batch_size": 32, "time_budget_s": 10, "warmup_steps": 10, "max_caption_words": 4},
-        "pretrain": {"steps": 1000, "batch_size": 16, "time_budget_s": 20, "warmup_steps": 20,
-                     "join_at": {"vqa": 60, "story": 60, "edit": 60, "binding": 60, "video_caption": 100, "video_qa": 100,
-                                "text_to_image": 60, "ground": 60, "itm": 60, "region_caption": 60, "detect": 60}},
-        "decoder": {"vae_channels": [16, 16, 16], "unet_channels": [16, 32], "unet_head_dim": 8, "sample_steps": 10,
-                    "semantic_pictures": 64},
-        "autoencoder": {"steps": 200, "batch_size": 16, "time_budget_s": 4, "warmup_steps": 5},
-        "diffusion": {"steps": 400, "batch_size": 16, "time_budget_s": 8, "warmup_steps": 5},
-    },
-    # The demo: learns Shapes World on 2 CPU cores within the demo's ten minutes.
-    # Stage 0 on Shapes World's one-object captions (ClipTrainConfig.max_caption_words).
-    # Tied embeddings for every LLM trained from scratch here (LLMConfig.tie_embeddings).
-    "tiny": {"clip": {"max_caption_words": 4}, "llm": {"tie_embeddings": True}},
-    "small": {
-        "vision": {"width": 256, "layers": 6, "heads": 8},
-        "resampler": {"num_queries": 16, "width": 256, "layers": 3, "heads": 8},
-        "llm": {"width": 512, "layers": 8, "heads": 8, "max_seq_len": 512, "tie_embeddings": True},
-        "clip_text": {"width": 256, "layers": 4, "heads": 8, "embed_dim": 256},
-        "tokenizer": {"vocab_size": 2048},
-        "clip": {"time_budget_s": 0},
-        "pretrain": {"time_budget_s": 0, "lr": 6e-4},
-        "decoder": {"vae_channels": [64, 128, 128], "unet_channels": [128, 256]},
-        "autoencoder": {"time_budget_s": 0},
-        "diffusion": {"time_budget_s": 0, "steps": 20000},
-    },
-    # The paper's shapes (EVA-CLIP ViT-g/14 at 224 px, 12-block causal transformer with 32 queries,
-    # LLaMA-13B): for shape and memory checks, not for training on this machine.
-    "emu-14b": {
-        "vision": {"image_size": 224, "patch_size": 14, "width": 1408, "layers": 40, "heads": 16,
-                   "mlp_ratio": 6144 / 1408, "stem": "patch"},
-        "resampler": {"num_queries": 32, "width": 1024, "layers": 12, "heads": 16},
-        "llm": {"width": 5120, "layers": 40, "heads": 40, "mlp_hidden": 13824, "max_seq_len": 2048},
-        "clip_text": {"width": 768, "layers": 12, "heads": 12, "max_len": 77, "embed_dim": 1024},
-        "tokenizer": {"vocab_size": 32000, "location_bins": 1000},
-    },
-}
+PRESET_DIR = Path(__file__).parent / "model_configs"
+
+
+def presets() -> list[str]:
+    """The named architectures: one YAML file each in model_configs/."""
+    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(presets())}")
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def _merge(target: Any, updates: dict[str, Any], path: str = "") -> None:
@@ -461,10 +450,8 @@ def make_config(preset: str = "tiny", yaml_path: str | Path | None = None, overr
         if not isinstance(file_values, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(file_values).__name__}")
         base = file_values.pop("preset", preset)
-    if base not in PRESETS:
-        raise ConfigError(f"unknown preset '{base}'; choose one of: {', '.join(PRESETS)}")
     config = Config(preset=base)
-    _merge(config, PRESETS[base])
+    _merge(config, preset_values(base))
     _merge(config, file_values)
     return apply_overrides(config, overrides)
 
@@ -495,7 +482,7 @@ def _into_mapping(config: Config, text: str) -> dict[str, Any]:
 
 
 CHOICES = {
-    "resampler.seed": RESAMPLER_SEEDS, "decoder.sampler": SAMPLERS, "decoder.negative": NEGATIVES,
+    "resampler.seed": RESAMPLER_SEEDS, "resampler.kind": RESAMPLER_KINDS, "emu.regress_in": REGRESSION_SPACES, "decoder.sampler": SAMPLERS, "decoder.negative": NEGATIVES,
     "decoder.prediction_type": PREDICTION_TYPES, **{f"{stage}.precision": PRECISIONS for stage in ("clip", "pretrain", "autoencoder", "diffusion")},
 }
 
@@ -513,7 +500,7 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config key 'decoder.snr_gamma' is {config.decoder.snr_gamma}; set it to 0 (off) or a positive number such as 5")
     if config.pretrain.pointer_weight < 0:
         raise ConfigError(f"config key 'pretrain.pointer_weight' is {config.pretrain.pointer_weight}; set it to 0 (off) or a positive weight such as 1")
-    for scale in ("vision_lr_scale", "copy_gate_lr_scale", "presence_lr_scale", "told_lr_scale"):
+    for scale in ("vision_lr_scale", "resampler_lr_scale", "llm_lr_scale", "copy_gate_lr_scale", "presence_lr_scale", "told_lr_scale"):
         if getattr(config.pretrain, scale) < 0:
             raise ConfigError(f"config key 'pretrain.{scale}' is {getattr(config.pretrain, scale)}; set it to 0 (frozen) or a positive multiplier such as 10")
     if config.decoder.semantic_token and config.decoder.semantic_pictures < MIN_SEMANTIC_PICTURES:

@@ -222,7 +222,7 @@ def generate_visual(
 ) -> torch.Tensor:
     """Emu's image generation: append `[IMG]` to each prompt, then regress the N visual embeddings one
     at a time, each fed back (through the same projection as an encoded image's) as the next input.
-    Returns (B, N, resampler width) in fp32."""
+    Returns (B, N, cfg.visual_width) in fp32."""
     model.eval()
     encoded = []
     for prompt in prompts:
@@ -244,5 +244,5 @@ def generate_visual(
         regressed.append(embedding)
         if k < model.num_queries - 1:
             with autocast(stepper.precision, stepper.device.type):
-                hidden = stepper.append(model.visual_proj(embedding))
+                hidden = stepper.append(model.to_llm(embedding))
     return torch.stack(regressed, dim=1)

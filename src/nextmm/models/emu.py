@@ -18,7 +18,7 @@ from torch import nn
 from nextmm.config import Config
 from nextmm.models.agreement import AgreementJudge
 from nextmm.models.llm import KVCache, LLaMA
-from nextmm.models.resampler import CausalResampler
+from nextmm.models.resampler_t5 import resampler_for
 from nextmm.models.vision import VisionTransformer
 
 IGNORE = -100
@@ -329,19 +329,20 @@ class Emu(nn.Module):
         uncopyable = [image_token_id, *location_ids, *special_ids]
         self.register_buffer("uncopyable", torch.tensor(uncopyable, dtype=torch.long), persistent=False)
         self.vision = VisionTransformer(cfg.vision)
-        self.resampler = CausalResampler(cfg.resampler, cfg.vision.width)
+        self.ln_visual = nn.LayerNorm(cfg.vision.width, eps=1e-6) if cfg.emu.visual_norm else None
+        self.resampler = resampler_for(cfg.resampler, cfg.vision.width)
         self.visual_proj = nn.Linear(cfg.resampler.width, cfg.llm.width)
         self.llm = LLaMA(cfg.llm)
-        self.regression_head = nn.Linear(cfg.llm.width, cfg.resampler.width, bias=False)
+        self.regression_head = nn.Linear(cfg.llm.width, cfg.visual_width, bias=False)
         # OFA's location tokens get their logits from LocationHead (none when the tokenizer has no bins)
         self.location_head = location_head_for(cfg, len(location_ids))
         self.copy_head = CopyHead(cfg.llm.width) if cfg.llm.copy_head else None
-        self.presence = PresenceProbe(cfg.llm.width, cfg.resampler.width) if cfg.llm.presence and self.reads_words else None
+        self.presence = PresenceProbe(cfg.llm.width, cfg.visual_width) if cfg.llm.presence and self.reads_words else None
         self.agreement = AgreementJudge(cfg.llm.width) if cfg.llm.agreement and self.presence is not None else None
         # The prompt's words regress the image too, straight from their embeddings (the bag at `[IMG]`, one map
         # per embedding of the N): the LLM routes a prompt's content to `[IMG]` only after many text-to-image
         # batches (BENCHMARKS.md, session 11). Zero: the LLM's regression alone until the L2 finds it worth more.
-        n, visual_width = cfg.resampler.num_queries, cfg.resampler.width
+        n, visual_width = cfg.resampler.num_queries, cfg.visual_width
         self.words_to_visual = nn.Parameter(torch.zeros(cfg.llm.width, n * visual_width)) if cfg.llm.regress_from_words and self.reads_words else None
         # the mean picture (`pictures_at`), kept as training goes, like a batch norm's running mean
         self.register_buffer("picture_mean", torch.zeros(cfg.vision.width) if cfg.llm.copy_head else None)
@@ -350,17 +351,31 @@ class Emu(nn.Module):
     def num_queries(self) -> int:
         return self.cfg.resampler.num_queries
 
+    @property
+    def regresses_in_llm_width(self) -> bool:
+        return self.cfg.emu.regress_in == "llm"
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(M, 3, H, W) -> visual embeddings (M, N, resampler width)."""
-        return self.resampler(self.vision(pixels))
+        """(M, 3, H, W) -> visual embeddings (M, N, cfg.visual_width): what the LLM regresses."""
+        return self.see(pixels)[0]
+
+    def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(M, 3, H, W) -> the tower's tokens (M, T, vision width) as the causal transformer reads them."""
+        features = self.vision(pixels)
+        return self.ln_visual(features) if self.ln_visual is not None else features
 
     def see(self, pixels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(M, 3, H, W) -> the visual embeddings and the encoder's patch grid (M, patches, vision width),
         which the location head points into; (None, None) for no images."""
         if not pixels.numel():
             return None, None
-        features = self.vision(pixels)
-        return self.resampler(features), features[:, 1:]
+        features = self.visual_tokens(pixels)
+        visual = self.resampler(features)
+        return self.visual_proj(visual) if self.regresses_in_llm_width else visual, features[:, 1:]
+
+    def to_llm(self, visual: torch.Tensor) -> torch.Tensor:
+        """Visual embeddings (..., cfg.visual_width) -> the LLM's input embeddings (..., LLM width)."""
+        return visual if self.regresses_in_llm_width else self.visual_proj(visual)
 
     def is_word(self, ids: torch.Tensor) -> torch.Tensor:
         """Which tokens are words: neither an image slot nor a location token."""
@@ -474,7 +489,7 @@ class Emu(nn.Module):
         seen = words & (image_index >= 0)
         reads = torch.zeros(bags.shape[:-1], device=bags.device)
         if bool(seen.any()):
-            reads = reads.index_put((seen,), self.presence.logits(self._bag_mean(bags[seen]), visual, image_index[seen]).detach())
+            reads = reads.index_put((seen,), self.presence.logits(self._bag_mean(bags[seen]), visual, image_index[seen]).detach().float())
         return seen, reads
 
     def presence_told(self, seen: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
@@ -561,7 +576,7 @@ class Emu(nn.Module):
             if slots.any():
                 raise ValueError("the sequence has <image> slots but no images were given")
             return embeds
-        filled = self.visual_proj(visual).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        filled = self.to_llm(visual).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         if int(slots.sum()) != filled.shape[0]:
             raise ValueError(f"{int(slots.sum())} <image> slots but {filled.shape[0]} visual embeddings")
         return embeds.masked_scatter(slots, filled)

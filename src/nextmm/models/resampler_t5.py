@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nextmm.config import ConfigError, ResamplerConfig
+from nextmm.config import RESAMPLER_KINDS, ConfigError, ResamplerConfig
 from nextmm.models.resampler import CausalResampler, RMSNorm
 
-RESAMPLER_KINDS = ("causal", "t5")
 
 
 def relative_bucket(back: torch.Tensor, buckets: int, max_distance: int) -> torch.Tensor:

@@ -36,7 +36,7 @@ CALIBRATION_BATCHES = 4  # batches whose latents set the VAE's scaling factor af
 
 def build_decoder(cfg: Config) -> VisualDecoder:
     torch.manual_seed(cfg.seed + 2)
-    width, n = cfg.resampler.width, cfg.resampler.num_queries
+    width, n = cfg.visual_width, cfg.resampler.num_queries
     semantic = cfg.clip_text.embed_dim if cfg.decoder.semantic_token else 0
     grid = cfg.decoder.semantic_grid
     if cfg.decoder.pretrained:
@@ -108,7 +108,7 @@ def training_condition(model: Emu, builder: SequenceBuilder, batch: dict, share:
     captions, pixels = batch["captions"], batch["pixels"]
     picked = [i for i, caption in enumerate(captions) if caption is not None and torch.rand(()) < share]
     kept = sorted(set(range(len(captions))) - set(picked))  # only these images are encoded
-    condition = torch.empty(len(captions), model.num_queries, model.cfg.resampler.width, device=pixels.device)
+    condition = torch.empty(len(captions), model.num_queries, model.cfg.visual_width, device=pixels.device)
     with torch.no_grad():
         if kept:
             condition[kept] = model.encode_images(pixels[kept]).float()
@@ -153,17 +153,18 @@ def fit_semantic_readouts(
 
 
 def diffusion_stage(
-    cfg: Config, sources: dict[str, Path], out: Path, decoder: VisualDecoder, model: Emu, clip: CLIP, tok: NextTokenizer, resume: bool
+    cfg: Config, sources: dict[str, Path], out: Path, decoder: VisualDecoder, model: Emu, clip: CLIP | None, tok: NextTokenizer, resume: bool
 ) -> None:
     stage_dir = out / "diffusion"
     if finished_stage(decoder, stage_dir, resume, cfg.diffusion) is not None:
         return
     decoder.vae.requires_grad_(False)  # frozen: kept out of the optimizer
     model.eval()
-    clip.eval()
     builder = SequenceBuilder.for_config(tok, cfg)
     if decoder.semantic_width:  # before any checkpoint is resumed, which then brings back the same fit
-        fit_semantic_readouts(cfg, sources, decoder, model, clip, builder)
+        if clip is None:
+            raise DataError("decoder.semantic_token reads the CLIP stage's features, and this run trains no CLIP stage; set decoder.semantic_token=false")
+        fit_semantic_readouts(cfg, sources, decoder, model, clip.eval(), builder)
 
     def loss_fn(batch: dict) -> dict[str, torch.Tensor]:
         condition, seen = training_condition(model, builder, batch, cfg.decoder.regressed_condition, cfg.diffusion.precision)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import load_file
 
 from nextmm.api import NextMM, build_model
 from nextmm.config import Config, PretrainConfig
@@ -33,7 +34,8 @@ from nextmm.device import device_of, pick_device
 from nextmm.models.clip import CLIP, text_batch
 from nextmm.models.emu import Emu
 from nextmm.tokenizer import LOC_SPAN, NextTokenizer
-from nextmm.train.checkpoint import finished_stage, mark_stage_done, set_aside, stage_trains
+from nextmm.models.decoder import VisualDecoder
+from nextmm.train.checkpoint import finished_stage, load_module, mark_stage_done, set_aside, stage_trains
 from nextmm.train.decoder_stage import autoencoder_stage, build_decoder, diffusion_stage
 from nextmm.train import regression
 from nextmm.train.loop import Trainer, param_groups
@@ -94,9 +96,15 @@ class ClipBatches:
         return {"input_ids": ids, "lengths": lengths, "valid": valid, "pixels": to_pixels([i for i, _ in items], self.size)}
 
 
-def clip_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, resume: bool, device: torch.device | None = None) -> CLIP:
+def clip_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, resume: bool, device: torch.device | None = None,
+               init: Path | None = None) -> CLIP:
+    """Stage 0; its image tower starts from `init`'s (a model directory) when given, else from scratch."""
     torch.manual_seed(cfg.seed)
-    clip = CLIP(cfg.vision, cfg.clip_text, tok.vocab_size).to(device or pick_device())
+    clip = CLIP(cfg.vision, cfg.clip_text, tok.vocab_size)
+    if init is not None:
+        tower = {k.removeprefix("vision."): v for k, v in load_file(str(init / "model.safetensors")).items() if k.startswith("vision.")}
+        clip.visual.load_state_dict(tower)
+    clip.to(device or pick_device())
     stage_dir = out / "clip"
     if finished_stage(clip, stage_dir, resume, cfg.clip) is not None:
         return clip
@@ -152,13 +160,27 @@ def pretrain_groups(model: Emu, p: PretrainConfig) -> list[dict]:
     probes = [f"presence.{part}" for part in ("query", "key", "calibrate")] + ["agreement.gate", "agreement.judge"]
     faster = {"copy_head.gate": p.copy_gate_lr_scale, **{part: p.presence_lr_scale for part in probes},
               "presence.found": p.told_lr_scale, "agreement.holds": p.told_lr_scale}
-    return param_groups(model, p.lr, p.weight_decay, {"vision.": p.vision_lr_scale, **faster})
+    parts = {"vision.": p.vision_lr_scale, "ln_visual.": p.resampler_lr_scale, "resampler.": p.resampler_lr_scale,
+             "visual_proj.": p.resampler_lr_scale, "llm.": p.llm_lr_scale}
+    for prefix, scale in parts.items():  # a part at rate 0 is frozen: no gradient is computed for it
+        if scale == 0:
+            for name, param in model.named_parameters():
+                if name.startswith(prefix):
+                    param.requires_grad_(False)
+    return param_groups(model, p.lr, p.weight_decay, {**faster, **parts})
 
 
-def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, clip: CLIP, resume: bool) -> Emu:
+def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, clip: CLIP | None, resume: bool,
+                   device: torch.device, init: Path | None = None) -> Emu:
+    """Stage 1 from `init`'s weights (a model directory) or from scratch, the stage-0 CLIP tower taking the
+    vision tower's place when there is one."""
     torch.manual_seed(cfg.seed + 1)
-    model = build_model(cfg, tok).to(device_of(clip))
-    model.vision.load_state_dict(clip.visual.state_dict())
+    model = build_model(cfg, tok)
+    if init is not None:
+        load_module(model, init / "model.safetensors")
+    if clip is not None:
+        model.vision.load_state_dict(clip.visual.state_dict())
+    model.to(device)
     stage_dir = out / "pretrain"
     if finished_stage(model, stage_dir, resume, cfg.pretrain) is not None:
         return model
@@ -204,25 +226,50 @@ def resume_plan(cfg: Config, out: Path, resume: bool, stages: list[str]) -> dict
     return plan
 
 
-def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False, device: str = "auto") -> dict[str, Any]:
-    """Every stage on `device` (`auto`: the best one present, device.pick_device)."""
+def run_tokenizer(cfg: Config, sources: dict[str, Path], out: Path, resume: bool, init: Path | None) -> NextTokenizer:
+    """The run's tokenizer, saved in it: the initial model's (a pretrained LLM's own), the resumed run's, or
+    one trained on the data."""
+    path = out / "tokenizer.json"
+    if init is not None:
+        tok = NextTokenizer.load(init / "tokenizer.json")
+    elif resume and path.is_file():
+        return NextTokenizer.load(path)
+    else:
+        tok = train_tokenizer(sources, cfg)
+    tok.save(path)
+    return tok
+
+
+def run_decoder(cfg: Config, init: Path | None) -> VisualDecoder | None:
+    """The decoder stage 2 trains: the initial model's, else one built from the config; None with
+    diffusion.steps=0. Built first, so that a bad decoder.pretrained fails before stages 0 and 1."""
+    if cfg.diffusion.steps <= 0:
+        return None
+    if init is not None and (init / "decoder").is_dir():
+        return VisualDecoder.load(init / "decoder", cfg.decoder, cfg.visual_width, cfg.resampler.num_queries)
+    return build_decoder(cfg)
+
+
+def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False, device: str = "auto",
+          init: str | Path | None = None) -> dict[str, Any]:
+    """Every stage on `device` (`auto`: the best one present, device.pick_device). With `init`, a model
+    directory (`nextmm init`, an earlier run's model/), stage 1 starts from its weights, its
+    tokenizer is the run's, and stage 0 runs only when clip.steps asks for it."""
     where = pick_device(device)
+    init = Path(init) if init is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sources = discover_sources(data_dir)
-    tok_path = out / "tokenizer.json"
-    if resume and tok_path.is_file():
-        tok = NextTokenizer.load(tok_path)
-    else:
-        tok = train_tokenizer(sources, cfg)
-        tok.save(tok_path)
+    tok = run_tokenizer(cfg, sources, out, resume, init)
     cfg.llm.vocab_size = tok.vocab_size
     (out / "config.json").write_text(cfg.to_json())
-    # Built first, so that a bad decoder.pretrained fails now rather than after stages 0 and 1.
-    decoder = build_decoder(cfg).to(where) if cfg.diffusion.steps > 0 else None  # diffusion.steps=0: no decoder trained
-    plan = resume_plan(cfg, out, resume, list(BUILT_ON) if decoder is not None else ["clip", "pretrain"])
-    clip = clip_stage(cfg, sources, out, tok, plan["clip"], where)
-    model = pretrain_stage(cfg, sources, out, tok, clip, plan["pretrain"])
+    decoder = run_decoder(cfg, init)
+    if decoder is not None:
+        decoder.to(where)
+    stages = (["clip"] if cfg.clip.steps > 0 else []) + ["pretrain"] + (["autoencoder", "diffusion"] if decoder is not None else [])
+    plan = resume_plan(cfg, out, resume, stages)
+    clip = clip_stage(cfg, sources, out, tok, plan["clip"], where, init) if "clip" in plan else None
+    model = pretrain_stage(cfg, sources, out, tok, clip, plan["pretrain"], where, init)
     if decoder is not None:
         autoencoder_stage(cfg, sources, out, decoder, plan["autoencoder"])
         diffusion_stage(cfg, sources, out, decoder, model, clip, tok, plan["diffusion"])

@@ -39,4 +39,6 @@ def make_target(model: Emu, decay: float) -> VisualTarget | None:
     embeddings, as in Emu) for 0."""
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"pretrain.target_ema is {decay}; use 0 (online targets) or a decay in (0, 1) such as 0.995")
+    if decay > 0 and (model.ln_visual is not None or model.regresses_in_llm_width):
+        raise ValueError("pretrain.target_ema copies the tower and causal transformer alone; set it to 0 with emu.visual_norm or emu.regress_in=llm")
     return VisualTarget(model, decay) if decay > 0 else None

@@ -1,0 +1,88 @@
+"""A nextmm model built from pretrained parts in local folders: an LLM (a Hugging Face causal LM directory),
+a vision tower (a Hugging Face CLIP or SigLIP vision directory, or an EVA-CLIP state dict) and, optionally, a
+Stable Diffusion decoder (a diffusers directory with vae/ and unet/). The causal transformer, the projection
+and the regression head start fresh; the LLM's vocabulary grows by Emu's tokens (`[IMG]`, `[/IMG]`,
+`<image>`, ...), their rows the mean of the old ones. The result is an ordinary model directory that
+`nextmm.load` reads and `nextmm train --init` trains from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from nextmm.config import Config, apply_overrides, make_config
+from nextmm.convert.common import ConvertError
+from nextmm.convert.eva_clip import load_eva_vision
+from nextmm.convert.hf_llm import grow_vocabulary, load_hf_llm
+from nextmm.convert.hf_vision import load_hf_vision
+from nextmm.models.decoder import VisualDecoder
+from nextmm.tokenizer import NextTokenizer
+
+# What a pretrained LLM brings is the LLM alone: the optional heads stay as the preset sets them.
+HEAD_SWITCHES = ("location_head", "location_pointer", "pointer_words", "pointer_roles", "copy_head", "presence", "agreement", "regress_from_words")
+BASE_PRESET = "emu-14b"  # the paper's composition: T5-style causal transformer, regression in the LLM's width
+
+
+def load_tower(path: str | Path, feature_layer: int | None = None):
+    """(tower, VisionConfig) from a Hugging Face vision directory (config.json) or an EVA-CLIP state dict.
+    Emu reads EVA's last block before its final norm; a CLIP or SigLIP tower is read, as LLaVA reads it, at
+    its penultimate block. Either way Emu's own LayerNorm (`emu.visual_norm`) follows."""
+    root = Path(path)
+    if (root / "config.json").is_file():
+        return load_hf_vision(root, feature_layer=-2 if feature_layer is None else feature_layer, final_norm=False)
+    if feature_layer not in (None, -1):
+        raise ConvertError(f"--vision-layer {feature_layer} is for Hugging Face towers; an EVA-CLIP tower is read at its last block")
+    tower = load_eva_vision(root)
+    return tower, tower.cfg
+
+
+def config_from_parts(llm_cfg, vision_cfg, vocab_size: int, preset: str, overrides: Sequence[str]) -> Config:
+    """The preset's causal transformer, composition and training settings around the parts' own configs."""
+    cfg = make_config(preset)
+    for switch in HEAD_SWITCHES:
+        setattr(llm_cfg, switch, getattr(cfg.llm, switch))
+    llm_cfg.vocab_size = vocab_size
+    cfg.llm, cfg.vision = llm_cfg, vision_cfg
+    cfg.emu.visual_norm = not vision_cfg.final_norm
+    cfg.tokenizer.vocab_size = vocab_size
+    cfg.decoder.semantic_token = False  # it reads the CLIP stage's features, and a pretrained tower has no CLIP stage
+    cfg.clip.steps = 0  # stage 0 trains a tower from scratch: a pretrained one is kept
+    return apply_overrides(cfg, list(overrides))
+
+
+def init_model(llm_dir: str | Path, vision_dir: str | Path, out: str | Path, decoder_dir: str | Path | None = None,
+               preset: str = BASE_PRESET, overrides: Sequence[str] = (), vision_layer: int | None = None) -> Path:
+    """Build and save a model directory from the parts; nothing is written unless every part loads."""
+    from nextmm.api import NextMM, build_model
+
+    tokenizer, added = NextTokenizer.from_llm(llm_dir, location_bins=make_config(preset, overrides=list(overrides)).tokenizer.location_bins)
+    llm, llm_cfg = load_hf_llm(llm_dir)
+    grow_vocabulary(llm, added)
+    tower, vision_cfg = load_tower(vision_dir, vision_layer)
+    cfg = config_from_parts(llm_cfg, vision_cfg, llm.cfg.vocab_size, preset, overrides)
+    if tokenizer.vocab_size != cfg.llm.vocab_size:
+        raise ConvertError(f"the tokenizer in '{llm_dir}' has {tokenizer.vocab_size} tokens but its model {cfg.llm.vocab_size} embedding rows; give the tokenizer.json saved with the model")
+    decoder = None
+    if decoder_dir is not None:
+        cfg.decoder.pretrained = str(decoder_dir)
+        decoder = VisualDecoder.from_pretrained_dir(decoder_dir, cfg.decoder, cfg.visual_width, cfg.resampler.num_queries)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, tokenizer)
+    model.llm.load_state_dict(llm.state_dict())
+    model.vision.load_state_dict(tower.state_dict())
+    return NextMM(model, tokenizer, cfg, decoder=decoder).save(out)
+
+
+def llm_architecture(cfg) -> str:
+    """The Hugging Face architecture that computes what an LLMConfig does (the one it was most likely read from)."""
+    if cfg.qk_norm:
+        return "Qwen3ForCausalLM"
+    if cfg.qkv_bias:
+        return "Qwen2ForCausalLM"
+    if cfg.sliding_window:
+        return "MistralForCausalLM"
+    return "LlamaForCausalLM"
+
