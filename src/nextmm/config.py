@@ -40,10 +40,32 @@ class VisionConfig:
     mlp_ratio: float = 4.0
     stem: str = "conv"  # conv: hybrid-ViT convolutional stem (learns fast from scratch); patch: linear, as EVA-CLIP
     video_frames: int = 0  # frames of a video the model sees: 0 = all, else this many evenly spaced from first to last
+    # The tower's family (models/vision.VISION_KINDS): nextmm's own `vit`, trained from scratch, or the layout
+    # of a pretrained tower that convert/ loads: `clip` (HF CLIPVisionModel), `siglip` (HF SiglipVisionModel),
+    # `eva` (EVA-CLIP, Emu's tower), whose patch embedding is always linear (`stem` is vit's). The converters
+    # (convert/hf_vision.py, convert/eva_clip.py) fill in every field below from the checkpoint.
+    kind: str = "vit"
+    # Which tokens the tower returns, indexed as HF's `hidden_states`: 0 the embeddings, i the output of block
+    # i, -1 the last block's, -2 the penultimate (LLaVA's read of CLIP). Blocks after it are not built.
+    feature_layer: int = -1
+    # Whether the tower's own final LayerNorm (CLIP's and SigLIP's post_layernorm, EVA's `norm`) follows the
+    # read tokens. Emu reads EVA's tokens without it and applies its own `ln_visual`.
+    final_norm: bool = True
+    eps: float = 1e-5  # every LayerNorm's epsilon
+    act: str = "gelu"  # the MLP's activation (models/vision.ACTIVATIONS): gelu, gelu_tanh or quick_gelu
+    # The tower reads ((pixels + 1) / 2 - mean) / std per channel from nextmm's [-1, 1] pixels: its own
+    # training normalisation. 0.5 and 0.5 leave [-1, 1] as it is.
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    @property
+    def cls_tokens(self) -> int:
+        """How many tokens precede the patch grid in the tower's output: SigLIP has no CLS token."""
+        return 0 if self.kind == "siglip" else 1
 
     @property
     def num_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + 1
+        return (self.image_size // self.patch_size) ** 2 + self.cls_tokens
 
 
 @dataclass
