@@ -20,6 +20,8 @@ from nextmm.errors import UserError
 PRECISIONS = ("auto", "bf16", "fp32")
 RESAMPLER_SEEDS = ("regions", "none")
 RESAMPLER_KINDS = ("causal", "t5")
+VISION_KINDS = ("vit", "clip", "siglip", "eva")
+VISION_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 REGRESSION_SPACES = ("resampler", "llm")
 SAMPLERS = ("ddim", "dpm")
 NEGATIVES = ("null", "empty")
@@ -504,7 +506,7 @@ def _into_mapping(config: Config, text: str) -> dict[str, Any]:
 
 
 CHOICES = {
-    "resampler.seed": RESAMPLER_SEEDS, "resampler.kind": RESAMPLER_KINDS, "emu.regress_in": REGRESSION_SPACES, "decoder.sampler": SAMPLERS, "decoder.negative": NEGATIVES,
+    "vision.kind": VISION_KINDS, "vision.act": VISION_ACTIVATIONS, "resampler.seed": RESAMPLER_SEEDS, "resampler.kind": RESAMPLER_KINDS, "emu.regress_in": REGRESSION_SPACES, "decoder.sampler": SAMPLERS, "decoder.negative": NEGATIVES,
     "decoder.prediction_type": PREDICTION_TYPES, **{f"{stage}.precision": PRECISIONS for stage in ("clip", "pretrain", "autoencoder", "diffusion")},
 }
 

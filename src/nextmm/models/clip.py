@@ -58,7 +58,7 @@ class CLIP(nn.Module):
         cell's of a grid x grid split of the patches (none for grid 0), row by row, max-pooled the same
         way. A pooled feature cannot say which colour goes with which shape; a cell's mostly holds one object."""
         tokens = self.visual(pixels)
-        patches = tokens[:, 1:]
+        patches = tokens[:, self.visual.cls_tokens :]
         side = math.isqrt(patches.shape[1])
         if grid < 0 or (grid and side % grid):
             raise ValueError(f"a {grid} x {grid} grid does not split the vision tower's {side} x {side} patches evenly")

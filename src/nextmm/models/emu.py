@@ -371,7 +371,7 @@ class Emu(nn.Module):
             return None, None
         features = self.visual_tokens(pixels)
         visual = self.resampler(features)
-        return self.visual_proj(visual) if self.regresses_in_llm_width else visual, features[:, 1:]
+        return self.visual_proj(visual) if self.regresses_in_llm_width else visual, features[:, self.vision.cls_tokens :]
 
     def to_llm(self, visual: torch.Tensor) -> torch.Tensor:
         """Visual embeddings (..., cfg.visual_width) -> the LLM's input embeddings (..., LLM width)."""

@@ -18,6 +18,8 @@ match 0.75 instead of 0.68 at 400 steps, benchmarks/stage1_reading.py)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,9 +97,11 @@ class CausalResampler(nn.Module):
         patches = self.patch_proj(patch_features)
         x = self.queries.expand(patches.shape[0], -1, -1)
         if self.cfg.seed == "regions":
-            x = x + region_max(patches[:, 1:], self.cfg.num_queries)
+            # the square patch grid follows the tower's leading tokens (a CLS token, or none for SigLIP)
+            leading = patches.shape[1] - math.isqrt(patches.shape[1]) ** 2
+            x = x + region_max(patches[:, leading:], self.cfg.num_queries)
             if self.cfg.region_coords:
-                x = x + self.coord_proj(region_coordinates(patch_features[:, 1:], self.cfg.num_queries))
+                x = x + self.coord_proj(region_coordinates(patch_features[:, leading:], self.cfg.num_queries))
         for block in self.blocks:
             x = block(x, patches)
         return self.norm(x)

@@ -18,11 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nextmm.config import ConfigError, VisionConfig
+from nextmm.config import VISION_KINDS, ConfigError, VisionConfig
 from nextmm.models.attention import attend
-
-VISION_KINDS = ("vit", "clip", "siglip", "eva")
-
 
 class QuickGELU(nn.Module):
     """OpenAI CLIP's sigmoid approximation of GELU, which its weights were trained with."""
