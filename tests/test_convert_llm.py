@@ -317,3 +317,12 @@ def test_llm_tokenizer_roles_survive_save_and_load(tmp_path):
     roles = ("bos_id", "eos_id", "pad_id", "add_bos", "img_id", "location_bins", "vocab_size", "start_ids")
     assert [getattr(again, r) for r in roles] == [getattr(tok, r) for r in roles]
     assert again.bos_id is None and again.start_ids == []
+
+
+def test_a_tokenizer_saved_without_roles_loads_with_nextmm_own(tmp_path):
+    tok = NextTokenizer.train(TEXTS, vocab_size=100, location_bins=4)
+    tok.save(tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").unlink()  # a tokenizer.json alone: nextmm's own roles apply
+    again = NextTokenizer.load(tmp_path / "tokenizer.json")
+    assert (again.bos_id, again.eos_id, again.pad_id, again.start_ids) == (tok.bos_id, tok.eos_id, tok.pad_id, [tok.bos_id])
+    assert [again.tok.id_to_token(i) for i in (again.bos_id, again.eos_id, again.pad_id)] == ["[BOS]", "[EOS]", "[PAD]"]

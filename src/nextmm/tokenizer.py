@@ -127,7 +127,7 @@ class NextTokenizer:
         if not roles:
             return cls(tok)
         named = {role: _content(roles.get(f"{role}_token")) for role in ("bos", "eos", "pad")}
-        return cls(tok, named["bos"], named["eos"], named["pad"], roles.get("add_bos_token", True))
+        return cls(tok, named["bos"], named["eos"] or EOS, named["pad"] or PAD, roles.get("add_bos_token", True))
 
     def save(self, path: str | Path) -> None:
         """tokenizer.json at `path` and the roles beside it, in a tokenizer_config.json that Hugging Face's

@@ -17,7 +17,7 @@ from torch import nn
 
 from nextmm.config import LLMConfig
 from nextmm.convert.common import ConvertError, copy_into, read_json, read_state_dict
-from nextmm.models.llm import ROPE_TYPES, LLaMA, rope_type
+from nextmm.models.llm import ROPE_SCALING_KEYS, ROPE_TYPES, LLaMA, rope_type
 from nextmm.tokenizer import NextTokenizer
 from nextmm.train.checkpoint import write_atomically
 
@@ -28,11 +28,7 @@ MODEL_TYPES = {
     "MistralForCausalLM": "mistral",
 }
 SUPPORTED = tuple(MODEL_TYPES)
-ROPE_KEYS = {
-    "default": (),
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
+DEFAULT_HEAD_DIM = {"Qwen3ForCausalLM": 128}  # transformers' value where config.json omits head_dim; else width / heads
 
 
 def _architecture(hf_config: dict) -> str:
@@ -53,12 +49,13 @@ def _rope(hf_config: dict) -> tuple[float, dict]:
     params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
     theta = params.pop("rope_theta", hf_config.get("rope_theta", 10000.0))
     kind = rope_type(params)
-    if kind not in ROPE_KEYS:
+    if kind not in ROPE_SCALING_KEYS:
         raise ConvertError(f"config.json asks for rope type '{kind}', which nextmm does not implement; it supports {', '.join(ROPE_TYPES)}")
-    missing = [k for k in ROPE_KEYS[kind] if k not in params]
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if k not in params]
     if missing:
         raise ConvertError(f"config.json's '{kind}' rope scaling lacks {', '.join(missing)}; restore the file from the model's source")
-    return float(theta), ({"rope_type": kind, **{k: params[k] for k in ROPE_KEYS[kind]}} if ROPE_KEYS[kind] else {})
+    scaling = {"rope_type": kind, **{k: params[k] for k in ROPE_SCALING_KEYS[kind]}}
+    return float(theta), scaling if kind != "default" else {}
 
 
 def _refuse_unsupported(hf_config: dict, architecture: str) -> None:
@@ -87,7 +84,7 @@ def llm_config_from_hf(hf_config: dict) -> LLMConfig:
         layers=_required(hf_config, "num_hidden_layers"),
         heads=heads,
         kv_heads=hf_config.get("num_key_value_heads") or heads,
-        head_dim=hf_config.get("head_dim") or 0,
+        head_dim=hf_config.get("head_dim") or DEFAULT_HEAD_DIM.get(architecture, 0),
         mlp_hidden=_required(hf_config, "intermediate_size"),
         max_seq_len=_required(hf_config, "max_position_embeddings"),
         rope_theta=theta,

@@ -21,7 +21,13 @@ from nextmm.config import ConfigError, LLMConfig
 from nextmm.models.attention import attend
 from nextmm.models.resampler import RMSNorm
 
-ROPE_TYPES = ("default", "linear", "llama3")
+# The rotary scalings nextmm implements, each with the settings it reads from LLMConfig.rope_scaling.
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+ROPE_TYPES = tuple(ROPE_SCALING_KEYS)
 
 
 def rope_type(scaling: dict) -> str:
@@ -45,8 +51,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor
     if kind == "linear":
         return freqs / scaling["factor"]
     if kind == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        return llama3_frequencies(freqs, **{k: scaling[k] for k in keys})
+        return llama3_frequencies(freqs, **{k: scaling[k] for k in ROPE_SCALING_KEYS["llama3"]})
     if kind != "default":
         raise ConfigError(f"llm.rope_scaling has rope type '{kind}', which nextmm does not implement; use one of {', '.join(ROPE_TYPES)}")
     return freqs
