@@ -112,6 +112,15 @@ class LLMConfig:
     # lift is not established (BENCHMARKS.md); it costs nothing and saves the output matrix.
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
+    # The fields below describe pretrained LLMs (convert/hf_llm.py); their defaults are the plain LLaMA above.
+    head_dim: int = 0  # 0 means width // heads; Qwen3 sets its own
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each head's q and k before the rotation (Qwen3)
+    # Rotary frequency scaling for long contexts, as Hugging Face writes it: {} (none), {"rope_type": "linear",
+    # "factor": F} or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"} (models/llm.py, ROPE_TYPES).
+    rope_scaling: dict = field(default_factory=dict)
+    sliding_window: int = 0  # each query sees the latest this many keys, itself included (Mistral); 0: all
     # The location tokens' logits come from models/emu.py's LocationHead (a parabola over the bins, peaked
     # where one linear read of the hidden state points); false: from their lm_head rows, like any token.
     # Continuing a demo model on grounding for 300 steps, box centres missed by 19 px with it, 24 px without
@@ -148,6 +157,10 @@ class LLMConfig:
     # while ITM, detection and region captions came out lower than in the same run without it (0.475 against
     # 0.76, 0.00 against 0.36, 0.15 against 0.40), which one run cannot tell from chance (BENCHMARKS.md, session 20).
     regress_from_words: bool = False
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.width // self.heads
 
     @property
     def ffn_hidden(self) -> int:

@@ -1,4 +1,8 @@
-"""A LLaMA-style decoder: RMSNorm, rotary positions, SwiGLU, grouped-query SDPA attention, and a KV cache.
+"""A LLaMA-style decoder: RMSNorm, rotary positions, SwiGLU, grouped-query attention, and a KV cache.
+
+One model, set by its config, serves nextmm's own small LLMs and the Hugging Face families that
+convert/hf_llm.py loads: Llama 2 and 3 (rotary scaling), Qwen2 (biases on q, k and v), Qwen3 (RMSNorm
+on each head's q and k, a head width of its own) and Mistral (sliding-window attention).
 
 It reads embeddings rather than ids so that visual embeddings can stand in the sequence beside words.
 Positions are given per row, so left-padded batches (batched generation) get the same rotary phases
@@ -7,18 +11,54 @@ as an unpadded sequence.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nextmm.config import LLMConfig
+from nextmm.config import ConfigError, LLMConfig
 from nextmm.models.attention import attend
 from nextmm.models.resampler import RMSNorm
 
+# The rotary scalings nextmm implements, each with the settings it reads from LLMConfig.rope_scaling.
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+ROPE_TYPES = tuple(ROPE_SCALING_KEYS)
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+
+def rope_type(scaling: dict) -> str:
+    """The kind of rotary scaling a config asks for; Hugging Face spells the key `rope_type` or, older, `type`."""
+    return scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+
+
+def llama3_frequencies(freqs: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                       original_max_position_embeddings: int) -> torch.Tensor:
+    """Llama 3.1's context extension: a frequency whose wavelength is short next to the original context
+    (under context / high_freq_factor) keeps its value, one whose wavelength is long (over context /
+    low_freq_factor) is divided by `factor`, and those between blend the two linearly in context / wavelength."""
+    wavelength = 2 * math.pi / freqs
+    kept = ((original_max_position_embeddings / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    return kept * freqs + (1 - kept) * freqs / factor
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), freqs)
+    kind = rope_type(scaling)
+    if kind == "linear":
+        return freqs / scaling["factor"]
+    if kind == "llama3":
+        return llama3_frequencies(freqs, **{k: scaling[k] for k in ROPE_SCALING_KEYS["llama3"]})
+    if kind != "default":
+        raise ConfigError(f"llm.rope_scaling has rope type '{kind}', which nextmm does not implement; use one of {', '.join(ROPE_TYPES)}")
+    return freqs
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), rope_frequencies(head_dim, theta, scaling or {}))
     return angles.cos().float(), angles.sin().float()
 
 
@@ -28,13 +68,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
+def sliding_window(mask: torch.Tensor | None, queries: int, offset: int, window: int, device: torch.device) -> torch.Tensor:
+    """`mask` (or plain causal attention) narrowed so that each query sees only the latest `window` keys,
+    itself included. Queries are the cache slots offset..offset+queries-1; left padding sits before every
+    real token, so slot distance is token distance."""
+    q = torch.arange(offset, offset + queries, device=device).unsqueeze(1)
+    k = torch.arange(offset + queries, device=device).unsqueeze(0)
+    band = (k <= q) & (q - k < window)
+    return band if mask is None else mask & band
+
+
 class KVCache:
     """Preallocated keys/values for every layer. All rows write at the same offset, which holds because
     batched prompts are left-padded to one length."""
 
     def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         kv_heads = cfg.kv_heads or cfg.heads
-        shape = (batch, kv_heads, max_len, cfg.width // cfg.heads)
+        shape = (batch, kv_heads, max_len, cfg.head_size)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
         self.length = 0
@@ -54,16 +104,19 @@ class DecoderAttention(nn.Module):
         super().__init__()
         self.heads = cfg.heads
         self.kv_heads = cfg.kv_heads or cfg.heads
-        self.head_dim = cfg.width // cfg.heads
-        self.q_proj = nn.Linear(cfg.width, cfg.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.width, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.width, self.kv_heads * self.head_dim, bias=False)
+        self.head_dim = cfg.head_size
+        self.q_proj = nn.Linear(cfg.width, cfg.heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.width, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.width, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.heads * self.head_dim, cfg.width, bias=False)
+        # Qwen3 normalises each head's query and key, which keeps attention logits bounded without biases.
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -104,8 +157,8 @@ class LLaMA(nn.Module):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("llm.vocab_size must be set (it comes from the tokenizer)")
-        if cfg.width % cfg.heads or cfg.heads % (cfg.kv_heads or cfg.heads):
-            raise ValueError("llm.width must divide by llm.heads, and llm.heads by llm.kv_heads")
+        if (not cfg.head_dim and cfg.width % cfg.heads) or cfg.heads % (cfg.kv_heads or cfg.heads):
+            raise ValueError("llm.width must divide by llm.heads (unless llm.head_dim is set), and llm.heads by llm.kv_heads")
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.width)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.layers))
@@ -113,19 +166,21 @@ class LLaMA(nn.Module):
         self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(cfg.width // cfg.heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        """GPT-2's initialisation: every matrix N(0, std), the projections that write into the residual
-        stream scaled by 1/sqrt(2 x layers). With PyTorch's defaults (embeddings N(0, 1)) the tiny
-        model learned to read its images about twice as slowly in stage 1 (BENCHMARKS.md)."""
+        """GPT-2's initialisation for training from scratch: every matrix N(0, std), the projections that
+        write into the residual stream scaled by 1/sqrt(2 x layers). PyTorch's defaults (embeddings N(0, 1))
+        leave a small model slow to learn to read its images."""
         residual_std = std / (2 * self.cfg.layers) ** 0.5
         for name, param in self.named_parameters():
             if param.ndim == 2:
                 nn.init.normal_(param, 0.0, residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(param)
 
     def forward(
         self,
@@ -136,16 +191,19 @@ class LLaMA(nn.Module):
     ) -> torch.Tensor:
         """embeds (B, T, width) -> final-normed hidden states (B, T, width).
 
-        positions: (B, T) rotary positions (default 0..T-1). mask: (B, 1, T, T_keys) bool, True where a
-        query may attend; None means plain causal attention over the given tokens.
+        positions: (B, T) rotary positions (default: consecutive, after what the cache holds). mask:
+        (B, 1, T, T_keys) bool, True where a query may attend; None means plain causal attention.
         """
         b, t, _ = embeds.shape
+        offset = cache.length if cache is not None else 0
         if positions is None:
-            positions = torch.arange(t, device=embeds.device).expand(b, t)
+            positions = torch.arange(offset, offset + t, device=embeds.device).expand(b, t)
         if int(positions.max()) >= self.cfg.max_seq_len:
             raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds the model's context of {self.cfg.max_seq_len}")
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
+        if self.cfg.sliding_window and offset + t > self.cfg.sliding_window:
+            mask = sliding_window(mask, t, offset, self.cfg.sliding_window, embeds.device)
         x = embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
