@@ -14,9 +14,9 @@ from typing import Sequence
 import torch
 
 from nextmm.config import Config, apply_overrides, make_config
-from nextmm.convert.common import ConvertError
+from nextmm.convert.common import ConvertError, copy_into, read_json, read_state_dict
 from nextmm.convert.eva_clip import load_eva_vision
-from nextmm.convert.hf_llm import grow_vocabulary, load_hf_llm
+from nextmm.convert.hf_llm import grow_vocabulary, llm_config_from_hf, llm_state_from_hf
 from nextmm.convert.hf_vision import load_hf_vision
 from nextmm.models.decoder import VisualDecoder
 from nextmm.tokenizer import NextTokenizer
@@ -39,15 +39,16 @@ def load_tower(path: str | Path, feature_layer: int | None = None):
     return tower, tower.cfg
 
 
-def config_from_parts(llm_cfg, vision_cfg, vocab_size: int, preset: str, overrides: Sequence[str]) -> Config:
-    """The preset's causal transformer, composition and training settings around the parts' own configs."""
+def config_from_parts(llm_cfg, vision_cfg, preset: str, overrides: Sequence[str], decoder: bool) -> Config:
+    """The preset's causal transformer, composition and training settings around the parts' own configs.
+    Without a pretrained decoder, stage 2 trains none unless the overrides ask for one."""
     cfg = make_config(preset)
     for switch in HEAD_SWITCHES:
         setattr(llm_cfg, switch, getattr(cfg.llm, switch))
-    llm_cfg.vocab_size = vocab_size
     cfg.llm, cfg.vision = llm_cfg, vision_cfg
+    if not decoder:
+        cfg.diffusion.steps = 0
     cfg.emu.visual_norm = not vision_cfg.final_norm
-    cfg.tokenizer.vocab_size = vocab_size
     cfg.decoder.semantic_token = False  # it reads the CLIP stage's features, and a pretrained tower has no CLIP stage
     cfg.clip.steps = 0  # stage 0 trains a tower from scratch: a pretrained one is kept
     return apply_overrides(cfg, list(overrides))
@@ -55,24 +56,29 @@ def config_from_parts(llm_cfg, vision_cfg, vocab_size: int, preset: str, overrid
 
 def init_model(llm_dir: str | Path, vision_dir: str | Path, out: str | Path, decoder_dir: str | Path | None = None,
                preset: str = BASE_PRESET, overrides: Sequence[str] = (), vision_layer: int | None = None) -> Path:
-    """Build and save a model directory from the parts; nothing is written unless every part loads."""
-    from nextmm.api import NextMM, build_model
+    """Build and save a model directory from the parts; nothing is written unless every part loads. The
+    LLM's checkpoint is copied straight into the built model, so memory holds it and the model, not a
+    separate LLM as well."""
+    from nextmm.api import NextMM
+    from nextmm.models.emu import Emu
 
-    tokenizer, added = NextTokenizer.from_llm(llm_dir, location_bins=make_config(preset, overrides=list(overrides)).tokenizer.location_bins)
-    llm, llm_cfg = load_hf_llm(llm_dir)
-    grow_vocabulary(llm, added)
+    llm_root = Path(llm_dir)
+    tokenizer, added = NextTokenizer.from_llm(llm_root, location_bins=make_config(preset, overrides=list(overrides)).tokenizer.location_bins)
     tower, vision_cfg = load_tower(vision_dir, vision_layer)
-    cfg = config_from_parts(llm_cfg, vision_cfg, llm.cfg.vocab_size, preset, overrides)
-    if tokenizer.vocab_size != cfg.llm.vocab_size:
-        raise ConvertError(f"the tokenizer in '{llm_dir}' has {tokenizer.vocab_size} tokens but its model {cfg.llm.vocab_size} embedding rows; give the tokenizer.json saved with the model")
+    llm_cfg = llm_config_from_hf(read_json(llm_root / "config.json"))
+    cfg = config_from_parts(llm_cfg, vision_cfg, preset, overrides, decoder_dir is not None)
     decoder = None
     if decoder_dir is not None:
         cfg.decoder.pretrained = str(decoder_dir)
         decoder = VisualDecoder.from_pretrained_dir(decoder_dir, cfg.decoder, cfg.visual_width, cfg.resampler.num_queries)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, tokenizer)
-    model.llm.load_state_dict(llm.state_dict())
+    model = Emu(cfg, tokenizer.image_id, tokenizer.bin_ids, tokenizer.special_ids)
+    copy_into(model.llm, llm_state_from_hf(read_state_dict(llm_root), cfg.llm), str(llm_root))
+    grow_vocabulary(model.llm, added)  # cfg.llm.vocab_size follows
     model.vision.load_state_dict(tower.state_dict())
+    if tokenizer.vocab_size != cfg.llm.vocab_size:
+        raise ConvertError(f"the tokenizer in '{llm_root}' has {tokenizer.vocab_size} tokens but its model {cfg.llm.vocab_size} embedding rows; give the tokenizer.json saved with the model")
+    cfg.tokenizer.vocab_size = cfg.llm.vocab_size
     return NextMM(model, tokenizer, cfg, decoder=decoder).save(out)
 
 

@@ -88,7 +88,7 @@ class SequenceBuilder:
             if segment not in pictures:
                 raise ValueError(f"a region names segment {segment}, which is not an image")
             out.regions.append((pictures.index(segment), self.tok.encode(phrase), tuple(box)))
-        out.add([self.tok.bos_id])
+        out.add(self.tok.start_ids)
         for i, seg in enumerate(segments):
             if isinstance(seg, Text):
                 out.add(self.tok.encode(seg.text), seg.target)
