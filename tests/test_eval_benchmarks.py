@@ -71,6 +71,74 @@ def test_perfect_captions_score_bleu_1(capsys, coco, tmp_path):
     assert code == 0 and json.loads(printed)["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
 
 
+# image id -> (its reference captions, a predicted caption); plain lower-case words, which every tokenizer
+# leaves as they are, so pycocoevalcap's scorers can read them directly. Each prediction is nearer its
+# image's later references than its first.
+SEVERAL_REFERENCES = {
+    100: (["a red circle", "a large red circle on the left", "one red circle beside a blue square"], "a large red circle beside a blue square"),
+    101: (["two shapes", "a small green triangle above a yellow square", "a green triangle and a yellow square"], "a green triangle above a yellow square"),
+    102: (["a blue square", "a big blue square in the middle", "one blue square in the centre"], "a big blue square in the centre"),
+}
+
+
+def cocoevalcap_scores(references: dict, predictions: dict) -> dict:
+    """BLEU-1..4, ROUGE-L and CIDEr from pycocoevalcap's scorers, called here without nextmm."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    res = {k: [c] for k, c in predictions.items()}
+    bleu, _ = Bleu(4).compute_score(references, res, verbose=0)
+    return {**{f"BLEU-{n + 1}": b for n, b in enumerate(bleu)},
+            "ROUGE-L": Rouge().compute_score(references, res)[0], "CIDEr": Cider().compute_score(references, res)[0]}
+
+
+def test_captions_are_scored_against_every_reference_caption(capsys, tmp_path):
+    images = tmp_path / "val2014"
+    images.mkdir()
+    entries, anns = [], []
+    for i, (image_id, (refs, _)) in enumerate(SEVERAL_REFERENCES.items()):
+        SCENES[i].image().save(images / f"{image_id}.jpg")
+        entries.append({"id": image_id, "file_name": f"{image_id}.jpg"})
+        anns += [{"id": 10 * image_id + k, "image_id": image_id, "caption": c} for k, c in enumerate(refs)]
+    ann = tmp_path / "captions.json"
+    ann.write_text(json.dumps({"images": entries, "annotations": anns}))
+    predicted = {image_id: caption for image_id, (_, caption) in SEVERAL_REFERENCES.items()}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": k, "caption": c} for k, c in predicted.items()]))
+    code, printed, _ = run(capsys, "eval", "captions", "--annotations", str(ann), "--images", str(images),
+                           "--predictions", str(results), "--tokenizer", "simple", "--no-meteor")
+    assert code == 0
+    scores = json.loads(printed)
+    expected = cocoevalcap_scores({k: refs for k, (refs, _) in SEVERAL_REFERENCES.items()}, predicted)
+    first_only = cocoevalcap_scores({k: refs[:1] for k, (refs, _) in SEVERAL_REFERENCES.items()}, predicted)
+    assert all(first_only[name] != pytest.approx(value) for name, value in expected.items())  # the test can tell them apart
+    assert {name: scores[name] for name in expected} == pytest.approx(expected, abs=1e-9)
+
+
+def test_vqa_scores_every_human_answer_rather_than_the_multiple_choice_answer(capsys, vqa, tmp_path):
+    questions, annotations, images = vqa
+    humans = {0: ["two"] * 4 + ["2"] * 2 + ["3"] * 4, 1: ["yes"] * 7 + ["no"] * 3}  # question 0 is an "is", 1 a "how"
+
+    def answered_so(data):
+        for ann in data["annotations"]:
+            if ann["question_id"] in humans:
+                said = humans[ann["question_id"]]
+                ann["answers"] = [{"answer": a, "answer_id": j + 1} for j, a in enumerate(said)]
+                ann["multiple_choice_answer"] = said[0]
+
+    _rewrite(annotations, answered_so)
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps([{"question_id": 0, "answer": "2"}, {"question_id": 1, "answer": "no"}]))
+    code, printed, _ = run(capsys, "eval", "vqa", "--questions", str(questions), "--annotations", str(annotations),
+                           "--images", str(images), "--predictions", str(answers))
+    # by hand, as the official evaluation scores them: "2" matches the 2 humans who typed "2" ("two" stays as
+    # typed on their side): (2 x 1/3 + 8 x 2/3) / 10 = 0.6; "no" matches 3 humans: (3 x 2/3 + 7 x 1) / 10 = 0.9.
+    # Against the multiple-choice answers ("two", "yes") both would score 0.
+    scores = json.loads(printed)
+    assert code == 0 and scores["overall"] == 75.0 and scores["per_question_type"] == {"how": 90.0, "is": 60.0}
+
+
 def test_an_eval_stopped_half_way_keeps_its_predictions(micro_nextmm, coco, tmp_path, monkeypatch):
     ann, images = coco
     micro_nextmm.batch_size = 2
@@ -158,21 +226,25 @@ def clip_model_dir(tmp_path, micro_model, tokenizer, micro_config):
 
 def test_retrieval_with_the_clip_stage(capsys, clip_model_dir, coco):
     import nextmm
-    from nextmm.eval.visual import eval_retrieval
-    from nextmm.eval.metrics import owners_to_relevant, retrieval_recall
 
     ann, images = coco
     code, printed, _ = run(capsys, "eval", "retrieval", "--model", clip_model_dir, "--annotations", str(ann), "--images", str(images))
     assert code == 0
     scores = json.loads(printed)
     assert scores["images"] == 5 and scores["texts"] == 10
-    # the same ranking from the API's features
+    # Recall@K by hand from the API's features: image i's captions are texts 2i and 2i + 1; a query counts
+    # when one of its own is among the K most similar
     m = nextmm.load(clip_model_dir)
     pics = [str(images / f"COCO_val2014_{100 + i:012d}.jpg") for i in range(5)]
     texts = [c for s in SCENES for c in (s.caption(), f"a picture. {s.caption()}")]
-    expected = retrieval_recall(m.clip_image_features(pics) @ m.clip_text_features(texts).T, owners_to_relevant([i // 2 for i in range(10)], 5))
-    assert {k: scores[k] for k in expected} == pytest.approx(expected, abs=1e-6)
-    assert scores == eval_retrieval(m, ann, images)
+    similarity = (m.clip_image_features(pics) @ m.clip_text_features(texts).T).numpy()
+    image_rank = [min(list(np.argsort(-similarity[i])).index(j) for j in (2 * i, 2 * i + 1)) for i in range(5)]
+    text_rank = [list(np.argsort(-similarity[:, j])).index(j // 2) for j in range(10)]
+    expected = {}
+    for k in (1, 5, 10):
+        expected[f"image_to_text_R@{k}"] = np.mean([r < k for r in image_rank])
+        expected[f"text_to_image_R@{k}"] = np.mean([r < k for r in text_rank])
+    assert {name: scores[name] for name in expected} == pytest.approx(expected)
 
 
 def test_zero_shot_classification_both_ways(capsys, clip_model_dir, tmp_path):
@@ -296,10 +368,23 @@ def mean_colour(images):
     return np.stack([np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(0) for img in images])
 
 
+def psd_root(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh(matrix)
+    return vectors @ np.diag(np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def fid_by_hand(a: np.ndarray, b: np.ndarray) -> float:
+    """FID as Heusel et al. define it: |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2), with tr (S_a S_b)^1/2
+    taken as tr (S_a^1/2 S_b S_a^1/2)^1/2, whose roots are of symmetric matrices (numpy's eigh)."""
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root_a = psd_root(cov_a)
+    cross = np.trace(psd_root(root_a @ cov_b @ root_a))
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+
+
 def test_images_eval_fid_clip_score_and_judge(capsys, micro_model, tokenizer, micro_config, tmp_path):
     import nextmm
     from nextmm.api import NextMM
-    from nextmm.eval.metrics import frechet_distance
     from nextmm.models.clip import CLIP
     from nextmm.models.decoder import VisualDecoder
 
@@ -324,7 +409,7 @@ def test_images_eval_fid_clip_score_and_judge(capsys, micro_model, tokenizer, mi
     m = nextmm.load(model_dir)
     from PIL import Image as PILImage
 
-    expected = frechet_distance(mean_colour([PILImage.open(p).convert("RGB") for p in drawn]), mean_colour([s.image() for s in SCENES]))
+    expected = fid_by_hand(mean_colour([PILImage.open(p).convert("RGB") for p in drawn]), mean_colour([s.image() for s in SCENES]))
     assert scores["fid"] == pytest.approx(expected, rel=1e-6) and len(drawn) == 3 and m.decoder is not None
     code, printed, _ = run(capsys, *base, "--candidates", "2", "--save-images", str(tmp_path / "best"))
     assert code == 0 and json.loads(printed)["candidates"] == 2

@@ -6,8 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image as PILImage
 
 from nextmm.data import shapes
+from nextmm.data.sample import Image, Text
 from nextmm.eval.fewshot import binding_scores, choose_shots
 from test_cli import assert_one_clear_line, run
 from test_eval_benchmarks import clip_model_dir  # noqa: F401  (fixture)
@@ -55,16 +57,31 @@ def test_eval_fewshot_cli(capsys, clip_model_dir, tmp_path):  # noqa: F811
     assert_one_clear_line(*run(capsys, "eval", "fewshot", "--model", clip_model_dir, "--select", "best")[::2], "--select")
 
 
-def test_binding_choices_come_from_each_prompts_own_shots_and_chance_counts_a_missing_word(micro_nextmm):
-    prompts, answers = [], []
-    for i in range(4):
-        segments, answer = shapes.binding_fewshot(np.random.default_rng([3, i]), 3)
-        prompts.append(segments)
-        answers.append(answer)
-    answers[3] = "notshown"  # a query whose word no shot shows: no choice can be right, and chance is 0
-    scores = binding_scores(micro_nextmm, prompts, answers)
-    sizes = [len(shapes.binding_choices(p)) for p in prompts]
-    assert scores["chance"] == pytest.approx(np.mean([1 / k for k in sizes[:3]] + [0]))
-    chosen = micro_nextmm.generate(prompts, answers=[shapes.binding_choices(p) for p in prompts])
-    assert all(c in shapes.binding_choices(p) for c, p in zip(chosen, prompts))
-    assert scores["choice_accuracy"] == np.mean([c == a for c, a in zip(chosen, answers)])
+class ScriptedModel:
+    """Writes `written` when writing freely and `chosen` when choosing among offered answers, which it keeps."""
+
+    def __init__(self, written: list[str], chosen: list[str]):
+        self.written, self.chosen, self.offered = written, chosen, None
+
+    def generate(self, prompts, max_new_tokens=32, answers=None):
+        if answers is None:
+            return self.written
+        self.offered = answers
+        return self.chosen
+
+
+def binding_prompt(*words: str) -> list:
+    picture = PILImage.new("RGB", (8, 8))
+    shots = [segment for word in words for segment in (Image(picture), Text(f"this is a {word}"))]
+    return [*shots, Image(picture), Text("this is a", target=False)]
+
+
+def test_binding_choices_come_from_each_prompts_own_shots_and_chance_counts_a_missing_word():
+    prompts = [binding_prompt("dabota", "rozu", "dabota"), binding_prompt("kimi", "lopa", "sefu"), binding_prompt("kimi", "lopa")]
+    answers = ["rozu", "kimi", "notshown"]  # the last query's word no shot shows: no choice can be right
+    m = ScriptedModel(written=["rozu is", "lopa", "kimi"], chosen=["rozu", "kimi", "kimi"])
+    scores = binding_scores(m, prompts, answers)
+    assert m.offered == [["dabota", "rozu"], ["kimi", "lopa", "sefu"], ["kimi", "lopa"]]  # each prompt's words, first shown first
+    # by hand: the first word written is right for the first prompt only, the choice for the first two;
+    # a uniform guess is right 1/2, 1/3 and 0 of the time: (1/2 + 1/3 + 0) / 3 = 5/18
+    assert scores == pytest.approx({"accuracy": 1 / 3, "choice_accuracy": 2 / 3, "chance": 5 / 18})

@@ -35,6 +35,30 @@ def test_vqa_accuracy_is_min_1_of_matches_over_3_averaged_over_leave_one_out_sub
     assert vqa_accuracy("dark red", ["dark-red"] * 10) == 0.0
 
 
+# Each expected value by hand from the official VQAv2 evaluation (vqaEval.py): the prediction goes through
+# processPunctuation then processDigitArticle; the human answers, only when they disagree, through
+# processPunctuation alone; each of the 10 leave-one-out subsets scores min(1, matches / 3); the mean.
+@pytest.mark.parametrize("prediction, humans, expected", [
+    # "two" -> "2" on the prediction's side only: 2 humans match; leaving out one of them (2 subsets) leaves
+    # 1 match (1/3), any other (8 subsets) leaves 2 (2/3): (2/3 + 16/3) / 10 = 0.6
+    ("2", ["two"] * 4 + ["2"] * 2 + ["3"] * 4, 0.6),
+    # articles likewise: "a cat" stays as typed, so only the 2 bare "cat"s match: 0.6 as above
+    ("the cat", ["a cat"] * 8 + ["cat"] * 2, 0.6),
+    # contractions likewise: "dont" -> "don't" for the prediction, while "dont" typed by 8 humans stays
+    ("dont", ["dont"] * 8 + ["don't"] * 2, 0.6),
+    # the period pattern "(?!<=\d)(\.)(?!\d)" misspells its lookbehind as a lookahead, so only "not before a
+    # digit" holds it back: "2." loses its period and matches all 10 agreeing "2"s
+    ("2.", ["2"] * 10, 1.0),
+    # on disagreeing human answers too: the 3 "2."s become "2"; leaving out one of them (3 subsets) leaves 2
+    # matches (2/3), any other (7 subsets) 3 (1): (2 + 7) / 10 = 0.9
+    ("2", ["2."] * 3 + ["3"] * 7, 0.9),
+    # a period before a digit stays: "2.5" is not "25"
+    ("2.5", ["25"] * 10, 0.0),
+])
+def test_vqa_accuracy_follows_the_official_evaluation(prediction, humans, expected):
+    assert vqa_accuracy(prediction, humans) == pytest.approx(expected)
+
+
 def test_vqa_scores_per_question_and_answer_type():
     questions = {
         1: {"answers": ["yes"] * 10, "question_type": "is the", "answer_type": "yes/no"},
