@@ -21,7 +21,7 @@ import nextmm
 from nextmm.data.loader import MixedStream, discover_sources
 from nextmm.data.sample import Image
 from nextmm.data.shapes import object_regions
-from nextmm.models.emu import PresenceProbe
+from nextmm.heads.presence import PresenceProbe
 
 
 def bags_of(model, ids: torch.Tensor) -> torch.Tensor:

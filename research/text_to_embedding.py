@@ -26,7 +26,7 @@ from nextmm.data.sequence import SequenceBuilder
 from nextmm.eval.images import regression_retrieval
 from nextmm.eval.metrics import box_misses, grounding_accuracy
 from nextmm.eval.shapes import EVAL_SEED, evaluate_binding, evaluate_captions, evaluate_vqa, matching_answers
-from nextmm.models.emu import location_head_for
+from nextmm.heads.location import location_head_for
 from nextmm.train import regression
 from nextmm.train.loop import lr_factor, param_groups
 from nextmm.train.stages import text_to_image_view

@@ -98,7 +98,7 @@ def test_soft_location_targets_reward_near_misses_and_leave_words_alone(micro_mo
 
 
 def test_location_head_reads_a_place_off_one_direction_of_the_hidden_state(micro_model, tokenizer):
-    from nextmm.models.emu import LocationHead
+    from nextmm.heads.location import LocationHead
 
     torch.manual_seed(0)
     direction = torch.randn(32)
@@ -129,7 +129,7 @@ def test_location_head_reads_a_place_off_one_direction_of_the_hidden_state(micro
 
 
 def test_patch_pointer_finds_the_named_object_where_the_hidden_state_does_not_say_where(micro_model, tokenizer):
-    from nextmm.models.emu import LocationHead, PatchPointer, Sight
+    from nextmm.heads.location import LocationHead, PatchPointer, Sight
 
     torch.manual_seed(0)
     grid, width, patch_width = 4, 32, 16
@@ -537,7 +537,7 @@ def test_region_phrases_alone_teach_the_pointer_which_of_several_objects_a_phras
 
 
 def test_the_pointer_reads_the_place_around_its_attentions_peak_not_between_objects():
-    from nextmm.models.emu import PatchPointer
+    from nextmm.heads.location import PatchPointer
 
     pointer = PatchPointer(8, 8, grid=8, key_width=8, words=False)
     attention = torch.zeros(2, 8, 8)
@@ -555,7 +555,7 @@ def test_the_pointer_reads_the_place_around_its_attentions_peak_not_between_obje
 
 def test_a_boxs_sides_start_at_the_pointed_place_by_their_order_in_the_box(micro_model, tokenizer):
     from nextmm.data import shapes
-    from nextmm.models.emu import PatchPointer
+    from nextmm.heads.location import PatchPointer
 
     pointer = PatchPointer(8, 8, grid=4, key_width=8, words=False)
     with torch.no_grad():
@@ -584,7 +584,7 @@ def test_a_boxs_sides_start_at_the_pointed_place_by_their_order_in_the_box(micro
 
 def test_the_copy_head_mixes_a_distribution_that_copies_the_token_after_the_position_it_looks_at(micro_model, tokenizer):
     from nextmm.data import shapes
-    from nextmm.models.emu import Copying
+    from nextmm.heads.copy import Copying
 
     head = micro_model.copy_head
     torch.manual_seed(0)

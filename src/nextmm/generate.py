@@ -17,7 +17,8 @@ from nextmm.constrained import Constraint
 from nextmm.data.sample import Segment
 from nextmm.data.sequence import SequenceBuilder, SequenceTooLong
 from nextmm.device import device_of, to_device
-from nextmm.models.emu import Copying, Emu
+from nextmm.heads.copy import Copying
+from nextmm.models.emu import Emu
 from nextmm.models.llm import KVCache
 from nextmm.precision import autocast, resolve
 

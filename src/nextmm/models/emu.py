@@ -8,314 +8,21 @@ but the last regresses the next visual embedding.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nextmm.config import Config
-from nextmm.models.agreement import AgreementJudge
+from nextmm.heads.agreement import AgreementJudge
+from nextmm.heads.copy import Copying, CopyHead
+from nextmm.heads.location import Sight, location_head_for
+from nextmm.heads.presence import PresenceProbe, balanced_bce
 from nextmm.models.llm import KVCache, LLaMA
 from nextmm.models.resampler_t5 import resampler_for
 from nextmm.models.vision import VisionTransformer
 
 IGNORE = -100
-PEAK_SIGMA = 1.0  # patches: PatchPointer.around_peak
 PHRASE_DECAY = 0.5  # Emu.phrase_bags: each earlier word counts half as much as the one after it
-
-
-class PatchPointer(nn.Module):
-    """A place in the picture read straight off its patch grid: the hidden state asks (attention) which
-    patches of the latest image it means, and the answer is their average position around the attention's
-    peak (`around_peak`) plus a learned offset per patch: by the coordinate's order in the box (x or y,
-    which edge; `box`, the default), or weighed by what the hidden state wants (`readout`, models saved
-    before session 16). Models saved before session 19 averaged over the whole grid; they load and now read
-    around the peak too (an older demo model's boxes improved, BENCHMARKS.md). The tiny LLM then only has to
-    say which object, not carry where it is: ridge probes read a lone object's centre from the visual
-    embeddings to ~3 px but from the LLM's hidden state, where a box begins, only to ~7 px, and hardly at
-    all in scenes of several objects (benchmarks/grounding_probe.py, BENCHMARKS.md session 8).
-
-    An average position, not a mixture of one answer per patch: with a mixture, a fixed patch near the
-    boxes' mean answered every box early on, and the attention never left it (BENCHMARKS.md session 9)."""
-
-    def __init__(
-        self, width: int, patch_width: int, grid: int, key_width: int = 64, offset_width: int = 16, words: bool = True, roles: bool = True
-    ):
-        super().__init__()
-        self.query = nn.Linear(width, key_width, bias=False)
-        # The words that name the object ask too, straight from their embeddings (a gated sum, Emu.word_bags):
-        # the hidden state where a box starts carried the quoted phrase only after thousands of grounding
-        # steps, where the phrase itself let a linear key find the named object of two at 0.82 (BENCHMARKS.md).
-        self.words = nn.Linear(width, key_width, bias=False) if words else None
-        self.word_gate = nn.Linear(width, 1) if words else None
-        self.key = nn.Linear(patch_width, key_width, bias=False)
-        self.offset = nn.Linear(patch_width, offset_width, bias=False)
-        # Zero: the pointer moves no box until training finds what its answer is worth. With roles the
-        # pointer's own box is the place, and no read of the hidden state moves it.
-        self.readout = None if roles else nn.Linear(width, 2 + offset_width)
-        if self.readout is not None:
-            nn.init.zeros_(self.readout.weight)
-            nn.init.zeros_(self.readout.bias)
-        centres = (torch.arange(grid, dtype=torch.float) + 0.5) / grid - 0.5
-        y, x = torch.meshgrid(centres, centres, indexing="ij")
-        self.register_buffer("where", torch.stack([x.flatten(), y.flatten()], -1), persistent=False)  # (P, 2)
-        self.grid = grid
-        # A box is written x0 y0 x1 y1, so a place's axis and its side of the object follow from how many
-        # location tokens came before it (Emu.box_roles): the pointer's own box (`box`) is the pointed place's
-        # x or y, moved out by half a side read from the words (or the hidden state) and from the attended
-        # patches, and Emu.pointer_loss trains it on every told box. Learned through the hidden state instead,
-        # from the demo's few grounding batches, it wrote no right box while pointing within 1.6 px of a lone
-        # object; added to such reads, it still wrote boxes tenths of the image off (BENCHMARKS.md, session 16).
-        self.half_side = nn.Linear(width, 1) if roles else None
-        self.side_from_patches = nn.Parameter(torch.zeros(4, offset_width)) if roles else None
-        if roles:
-            nn.init.zeros_(self.half_side.weight)
-            nn.init.constant_(self.half_side.bias, 0.15)  # about half of Shapes World's mean side
-        self.register_buffer("side_of_role", torch.tensor([-1.0, -1.0, 1.0, 1.0]), persistent=False)
-
-    def forward(
-        self, hidden: torch.Tensor, patches: torch.Tensor, image_index: torch.Tensor, words: torch.Tensor | None = None, roles: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """hidden (R, width); patches (M, P, patch_width), the grids of a batch's M images; image_index (R,),
-        each row's image; words (R, width), each row's bag from Emu.word_bags; roles (R,), from Emu.box_roles
-        -> (R,) a move of the place, in fractions of the image."""
-        read = self.read(patches, image_index, self.attention(hidden, patches, image_index, words))
-        if not self.writes_box:
-            return (self.readout(hidden).float() * read).sum(-1)
-        if roles is None:
-            raise ValueError("this pointer places a box's sides by their order: pass each row's role (Emu.box_roles)")
-        return self.box(read, hidden, words).gather(1, roles[:, None]).squeeze(1)
-
-    @property
-    def writes_box(self) -> bool:
-        """Whether the place after an image is this pointer's own box (made with roles), not a move of the head's."""
-        return self.half_side is not None
-
-    def read(self, patches: torch.Tensor, image_index: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """(R, 2 + offset width): the place attended around the attention's peak (x, y, from the image's
-        centre, in fractions of it) and the learned offsets of the patches there."""
-        answers = torch.cat([self.where.expand(len(patches), -1, -1), self.offset(patches.to(self.offset.weight.dtype)).float()], -1)
-        return torch.einsum("rp,rpv->rv", self.around_peak(attention), answers[image_index])
-
-    def around_peak(self, attention: torch.Tensor) -> torch.Tensor:
-        """(R, P) attention -> (R, P) the same, weighed by a Gaussian (sigma PEAK_SIGMA patches) around its
-        peak, and summed to 1 again. The peak is the patch whose 3 x 3 neighbourhood holds the most of it on
-        average (a sum favoured the patch inside a corner's), placed at that neighbourhood's attended mean.
-        Averaged over the whole grid, the share left on other objects pulled the place between them: a demo
-        model wrote 50% of two-object boxes and 28% of three-object ones right, and 80% and 60% read this way
-        (BENCHMARKS.md, session 19)."""
-        grid = attention.view(-1, 1, self.grid, self.grid)
-        peak = F.avg_pool2d(grid, 3, stride=1, padding=1, count_include_pad=False).flatten(1).argmax(-1)
-        near = (self.where - self.where[peak][:, None]).abs().amax(-1) * self.grid < 1.5  # (R, P): the 3 x 3 block
-        held = attention * near
-        centre = held @ self.where / held.sum(-1, keepdim=True)
-        apart = (self.where - centre[:, None]) * self.grid  # (R, P, 2), in patches
-        local = attention * torch.exp(-apart.square().sum(-1) / (2 * PEAK_SIGMA**2))
-        return local / local.sum(-1, keepdim=True)
-
-    def box(self, read: torch.Tensor, hidden: torch.Tensor, words: torch.Tensor | None) -> torch.Tensor:
-        """(R, 4) the pointer's own box x0 y0 x1 y1, from the image's centre in fractions of it (needs roles)."""
-        half = self.half_side(words if words is not None else hidden).float()
-        return read[:, [0, 1, 0, 1]] + self.side_of_role * half + read[:, 2:] @ self.side_from_patches.T
-
-    def word_weight(self, embeds: torch.Tensor) -> torch.Tensor:
-        """(..., width) token embeddings -> (..., 1) how much each word counts in a bag (0 to 1)."""
-        return torch.sigmoid(self.word_gate(embeds).float())
-
-    def box_share(self, boxes: torch.Tensor) -> torch.Tensor:
-        """(S, 4) boxes x0 y0 x1 y1 as fractions of the image -> (S, P) each patch's share of the box's area."""
-        low = torch.arange(self.grid, device=boxes.device) / self.grid  # the patches' left (= top) edges
-        high = low + 1 / self.grid
-        across = (torch.minimum(boxes[:, None, 2], high) - torch.maximum(boxes[:, None, 0], low)).clamp_min(0)
-        down = (torch.minimum(boxes[:, None, 3], high) - torch.maximum(boxes[:, None, 1], low)).clamp_min(0)
-        area = (down[:, :, None] * across[:, None, :]).flatten(1)
-        return area / area.sum(-1, keepdim=True).clamp_min(1e-12)
-
-    def attention(
-        self, hidden: torch.Tensor | None, patches: torch.Tensor, image_index: torch.Tensor, words: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(R, P) how much each row looks at each patch of its image (rows sum to 1). hidden None: the words
-        alone ask (a region's phrase, Emu.region_loss)."""
-        dtype = patches.dtype if hidden is None else hidden.dtype
-        keys = self.key(patches.to(dtype))[image_index]
-        query = None if hidden is None else self.query(hidden)
-        if self.words is not None:
-            if words is None:
-                raise ValueError("this pointer also reads the words that name the object: pass their bags (Emu.word_bags)")
-            asked = self.words(words.to(dtype))
-            query = asked if query is None else query + asked
-        elif query is None:
-            raise ValueError("this pointer does not read words: pass the hidden states that ask")
-        return torch.softmax(torch.einsum("rk,rpk->rp", query, keys).float() / keys.shape[-1] ** 0.5, -1)
-
-
-@dataclass
-class Sight:
-    """What the location pointer sees for each row: the batch's patch grids (M, P, patch width; Emu.see),
-    each row's latest image (-1 for none; Emu.latest_image) and, when the pointer reads them, each row's
-    word bag (Emu.word_bags) and box role (Emu.box_roles)."""
-
-    patches: torch.Tensor
-    image_index: torch.Tensor
-    words: torch.Tensor | None = None
-    roles: torch.Tensor | None = None
-
-    def rows(self, which: torch.Tensor) -> "Sight":
-        words, roles = (t[which] if t is not None else None for t in (self.words, self.roles))
-        return Sight(self.patches, self.image_index[which], words, roles)
-
-
-class LocationHead(nn.Module):
-    """The logits of <bin_0> ... <bin_{B-1}> as a parabola over the bin index k:
-    gate(h) - sharpness x (k - place(h))^2, so the most likely bin is wherever one linear read of the
-    hidden state points, and near bins are nearly as likely. A row per bin has to learn how the bins are
-    ordered before a box comes out near its object: reading a place off one direction of the hidden
-    state, rows still missed by ~5 bins after 150 steps where the head missed by 1 (tests/test_model.py);
-    continuing a demo model on grounding for 300 steps, box centres missed by 24 px and sides by 19 with
-    rows, by 19 px and 6 with the head (BENCHMARKS.md, session 8)."""
-
-    def __init__(self, width: int, bins: int, start_width: float = 4.0, pointer: PatchPointer | None = None):
-        super().__init__()
-        # place(h) is a fraction of the image, from the centre (0) out: in bins, its weights would have to
-        # grow to tens and took hundreds of steps to (tests/test_model.py). Zero: every box starts centred.
-        self.place = nn.Linear(width, 1)
-        nn.init.zeros_(self.place.weight)
-        nn.init.zeros_(self.place.bias)
-        self.gate = nn.Linear(width, 1)
-        # Wide at first (a Gaussian of sigma start_width bins): a far miss moves place by a bounded step.
-        self.log_sharpness = nn.Parameter(torch.tensor(-math.log(2 * start_width**2)))
-        self.register_buffer("bins", torch.arange(bins, dtype=torch.float), persistent=False)
-        self.pointer = pointer
-
-    def forward(self, hidden: torch.Tensor, sight: Sight | None = None) -> torch.Tensor:
-        """(R, width) -> (R, bins) logits. With a pointer and each row's `sight`, a row that follows an
-        image points into its patches."""
-        fraction = self.place(hidden).float()
-        seen = sight.image_index >= 0 if self.pointer is not None and sight is not None else None
-        if seen is not None and bool(seen.any()):
-            looked = sight.rows(seen)
-            pointed = self.pointer(hidden[seen], looked.patches, looked.image_index, looked.words, looked.roles)
-            # the pointer's own box is the place; a pointer without one moves the head's
-            fraction = fraction.masked_scatter(seen[:, None], pointed if self.pointer.writes_box else fraction[seen, 0] + pointed)
-        place = (len(self.bins) - 1) * (0.5 + fraction)
-        return self.gate(hidden).float() - self.log_sharpness.exp() * (self.bins - place) ** 2
-
-
-def location_head_for(cfg: Config, bins: int) -> LocationHead | None:
-    """The LocationHead (with a PatchPointer) that `cfg.llm` asks for; None without one or without bins."""
-    if not (cfg.llm.location_head and bins):
-        return None
-    grid = cfg.vision.image_size // cfg.vision.patch_size
-    pointer = PatchPointer(cfg.llm.width, cfg.vision.width, grid, words=cfg.llm.pointer_words, roles=cfg.llm.pointer_roles) if cfg.llm.location_pointer else None
-    return LocationHead(cfg.llm.width, bins, pointer=pointer)
-
-
-class CopyHead(nn.Module):
-    """A pointer-generator over the context (See et al. 2017): the next token may be one that followed an
-    earlier position, chosen by attention from this position to the earlier ones, and mixed into the LM
-    head's distribution by a learned gate. In-context binding asks for exactly this (say the made-up word
-    that followed the earlier picture like this one, syllable by syllable), and the tiny LLM did not learn
-    it from binding documents on its own (BENCHMARKS.md, session 13). Attention looks at every earlier
-    position; the share on one whose follower may not be copied (a marker after a word's last token) goes
-    back to the LM. Written here, not taken from a library, because it reads the LLM's KV-cached steps."""
-
-    def __init__(self, width: int, key_width: int = 64):
-        super().__init__()
-        self.query = nn.Linear(width, key_width, bias=False)
-        self.key = nn.Linear(width, key_width, bias=False)
-        self.gate = nn.Linear(width, 1)
-        nn.init.constant_(self.gate.bias, -3.0)  # ~5% copying at first: the LM's own distribution until copying pays
-        # the gate also reads what the copy would say: a made-up word's syllables are copied, a known word's are not
-        self.gate_on_proposal = nn.Linear(width, 1, bias=False)
-        nn.init.zeros_(self.gate_on_proposal.weight)
-        # Two cues given rather than learned, each with a learned weight; the learned keys find too little to go
-        # on in the few binding documents of a demo. An earlier position that read the token this one reads is
-        # where its continuation was written (an induction head's cue: the rest of a many-token word). And
-        # the latest pictures' cosine: like pictures were followed by the same word.
-        self.same_token = nn.Parameter(torch.tensor(10.0))
-        self.like_pictures = nn.Parameter(torch.tensor(10.0))
-
-    def attend(self, hidden: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, same_token: torch.Tensor, like_pictures: torch.Tensor) -> torch.Tensor:
-        """hidden (B, Q, width) at the asking positions, keys (B, L, key width) the earlier positions' (`key`
-        of their hidden states); for each pair (B, Q, L): allowed, where it may look; same_token, where the
-        earlier position read the token the asking one reads; like_pictures, their latest pictures' cosine
-        -> (B, Q, L) attention, all zero in a row that may look nowhere."""
-        scores = torch.einsum("bqk,blk->bql", self.query(hidden).float(), keys.float()) / keys.shape[-1] ** 0.5
-        scores = scores + self.same_token * same_token + self.like_pictures * like_pictures
-        weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
-        return torch.nan_to_num(weights, nan=0.0)
-
-    def mix(self, logits: torch.Tensor, hidden: torch.Tensor, copying: "Copying", embeddings: torch.Tensor) -> torch.Tensor:
-        """(R, V) the LM's logits -> (R, V) log-probabilities of (1 - g m) LM + g copy: g the gate
-        (`opening`), m the attention's share on positions whose follower may be copied. The share on the
-        others (a word's last token, followed by a marker) goes back to the LM, which is how a copied word ends."""
-        copied = self.copied(copying, logits.shape[-1])
-        gate = self.opening(hidden, copied, embeddings)
-        share = gate * copied.sum(-1, keepdim=True)
-        # clamped, so that the rows and tokens with nothing copied send no 0 x inf gradients back
-        return torch.logaddexp(F.log_softmax(logits.float(), -1) + torch.log1p(-share.clamp_max(1 - 1e-6)), gate.clamp_min(1e-12).log() + copied.clamp_min(1e-12).log())
-
-    def copied(self, copying: "Copying", vocab_size: int) -> torch.Tensor:
-        """(R, V): the attention's share on each token it would copy."""
-        copyable = copying.weights.float() * (copying.sources >= 0)
-        return torch.zeros(len(copyable), vocab_size, device=copyable.device).scatter_add(1, copying.sources.clamp_min(0), copyable)
-
-    def opening(self, hidden: torch.Tensor, copied: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        """(R, 1) the gate, at `hidden` (R, width) and at what the copy proposes (`copied` over the (V, width)
-        token `embeddings`)."""
-        proposal = (copied @ embeddings.detach().float()).to(self.gate_on_proposal.weight.dtype)
-        return torch.sigmoid(self.gate(hidden).float() + self.gate_on_proposal(proposal).float())
-
-
-class PresenceProbe(nn.Module):
-    """Whether the phrase just read is in the latest picture, told to the LLM: at every word after a picture,
-    the words read so far (Emu.phrase_bags, the latest weighing most) ask that picture's visual embeddings
-    how well any of them answers (a log-sum-exp of their scores, calibrated), and the word's input embedding
-    gains (2 p - 1) x a learned direction. Trained on its own (Emu.presence_loss) on every phrase of the
-    batch against every picture whose objects are known. The LLM never learned to check a conjunction
-    itself: "is there a red square?" and whether a caption fits its image stayed at chance after thousands of
-    examples (BENCHMARKS.md, session 19). Asked of the visual embeddings through its own keys: a fresh probe on
-    a trained model's features told a picture's phrase from one object's colour with another's shape at AUC
-    0.69 on the location pointer's patch keys, 0.81 on the patches through its own keys and 0.79 on the N visual
-    embeddings, which are 8 a picture where the patches are 64 (BENCHMARKS.md, session 20)."""
-
-    def __init__(self, width: int, visual_width: int, key_width: int = 64):
-        super().__init__()
-        self.query = nn.Linear(width, key_width, bias=False)
-        self.key = nn.Linear(visual_width, key_width, bias=False)
-        self.calibrate = nn.Linear(1, 1)  # starts as the identity: even odds for every phrase at first
-        nn.init.ones_(self.calibrate.weight)
-        nn.init.zeros_(self.calibrate.bias)
-        # Zero: the LLM reads nothing from it until its loss finds what the answer is worth.
-        self.found = nn.Parameter(torch.zeros(width))
-
-    def logits(self, bags: torch.Tensor, visual: torch.Tensor, pictures: torch.Tensor | None = None) -> torch.Tensor:
-        """bags (R, width) the phrases' mean word embeddings, visual (S, N, visual width) pictures' visual
-        embeddings -> logits of each phrase being in its picture `pictures` (R,) -> (R,), or, without
-        `pictures`, in every picture (R, S). Neither input trains through it."""
-        keys = self.key(visual.detach().to(self.query.weight.dtype)).float()  # once per picture
-        query = self.query(bags.detach().to(self.query.weight.dtype)).float() / keys.shape[-1] ** 0.5
-        scores = torch.einsum("rk,snk->rsn", query, keys) if pictures is None else torch.einsum("rk,rnk->rn", query, keys[pictures])
-        spread = torch.logsumexp(scores, -1, keepdim=True) - math.log(scores.shape[-1])  # 0 for a blind look
-        return self.calibrate(spread).squeeze(-1)
-
-
-def _balanced_bce(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with the true and the false cases weighing half each (or all, when one is missing)."""
-    losses = F.binary_cross_entropy_with_logits(logits, truth.float(), reduction="none")
-    parts = [losses[truth].mean() if truth.any() else None, losses[~truth].mean() if (~truth).any() else None]
-    return sum(p for p in parts if p is not None) / sum(p is not None for p in parts)
-
-
-@dataclass
-class Copying:
-    """What the copy head may copy, for each row asking: its attention over earlier positions (R, L) and the
-    token that followed each of them (R, L; -1 where none may be copied)."""
-
-    weights: torch.Tensor
-    sources: torch.Tensor
 
 
 class Emu(nn.Module):
@@ -542,7 +249,7 @@ class Emu(nn.Module):
         same = (region_ids[:, None, :] == region_ids[None, :, :]).all(-1)  # (R, R) the same phrase
         inside = (same.float() @ (region_image[:, None] == pictures[None, :]).float()) > 0  # (R, pictures)
         logits = self.presence.logits(self._bag_mean(self.phrase_bags_of(region_ids)), visual[pictures])
-        return _balanced_bce(logits, inside)
+        return balanced_bce(logits, inside)
 
     def agreement_loss(self, input_ids: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor | None, claims: torch.Tensor) -> torch.Tensor | None:
         """Binary cross-entropy of the agreement judge's verdict at the end of every row that makes a claim
@@ -567,7 +274,7 @@ class Emu(nn.Module):
         sums = torch.logsumexp(terms[None].masked_fill(~member[..., None, None], float("-inf")), 1)  # (R, pictures, 2)
         holds = torch.zeros(sums.shape[:2], dtype=torch.bool, device=ids.device)
         holds[torch.arange(len(rows)), own] = claims[rows] == 1
-        return _balanced_bce(self.agreement.verdict(sums), holds)
+        return balanced_bce(self.agreement.verdict(sums), holds)
 
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> torch.Tensor:
         embeds = self.llm.embed_tokens(input_ids)
