@@ -62,6 +62,13 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(f"model written to {out}; train it with: nextmm train --init {out} --data DIR --out RUN")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from nextmm.convert.emu1 import convert_emu1
+
+    out = convert_emu1(args.checkpoint, args.out, args.tokenizer, args.set or [])
+    print(f"model written to {out} (Emu1's unet/ and vae/ are not converted, so it draws no images); train it with: nextmm train --init {out} --data DIR --out RUN")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from nextmm import api
     from nextmm.convert.hf_llm import export_hf_llm
@@ -436,6 +443,18 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. resampler.layers=6")
     n.add_argument("--vision-layer", type=int, help="which block's tokens Emu reads, as HF hidden_states index (default -2 for CLIP/SigLIP)")
     n.set_defaults(func=cmd_init)
+
+    v = sub.add_parser("convert", help="convert a released checkpoint into a nextmm model directory")
+    vsub = v.add_subparsers(dest="source", required=True)
+    e1 = vsub.add_parser("emu1", help="the official Emu1 or Emu-I checkpoint (baaivision/Emu); its diffusers unet/, vae/ and scheduler/ are not converted",
+                         description="The official Emu1 or Emu-I checkpoint (baaivision/Emu) as a nextmm model of the emu-14b preset. Its diffusers "
+                                     "unet/, vae/ and scheduler/ are not converted: nextmm's decoder reads the visual embeddings through a condition "
+                                     "projection that Emu1's UNet lacks.")
+    e1.add_argument("checkpoint", help="the checkpoint folder (holding multimodal_encoder/), its pytorch_model.bin, or one .bin/.pt/.safetensors file (Emu-instruct.pt)")
+    e1.add_argument("--tokenizer", required=True, help="a folder with LLaMA's tokenizer.json (fast format), e.g. Emu1's models/llama_config")
+    e1.add_argument("--out", required=True, help="the model directory to write")
+    e1.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override of the emu-14b preset, e.g. training settings")
+    v.set_defaults(func=cmd_convert)
 
     x = sub.add_parser("export", help="export a model: its LLM as a Hugging Face model directory, or the whole model again")
     x.add_argument("--model", required=True)
