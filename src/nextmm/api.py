@@ -168,10 +168,9 @@ class NextMM:
         """Image-text matching: whether the model says each text describes its image, yes or no: the sign of its
         yes-minus-no margin, as trie-constrained decoding to yes or no answers. With `calibrate` (contextual
         calibration, Zhao et al. 2021), less the margin it gives the same picture and an empty text: its bias
-        for the question, if an empty text has nothing to judge. Demo-sized models put that bias anywhere (two
-        said yes to 98.5% and to 1% of held-out pairs, though both ranked the fitting texts first, margin AUC
-        0.76 and 0.83), and calibrated they answered 0.705 and 0.715 right, not 0.505 and 0.52; but another,
-        right at 0.79 as it was, fell to 0.535, its empty text taken for a fit (BENCHMARKS.md, session 22)."""
+        for the question, if an empty text has nothing to judge. Demo-sized models put that bias anywhere, even
+        while ranking the fitting texts first, and calibration then helps them much; but it can hurt a model
+        that was right as it was, its empty text taken for a fit."""
         margins = self.match_margins(images, texts)
         if calibrate:
             margins = margins - self.match_margins(images, [""] * len(texts))
@@ -219,9 +218,8 @@ class NextMM:
         prompt in the same batch. Image k of a call depends only on its prompt, `seed` and k, not on the
         other prompts. With `candidates` K > 1 (text prompts only), each prompt is drawn from K noises, those
         `draw` would use with seeds `seed` to `seed + K - 1`, and the one the model itself judges to fit its
-        text best is kept (its yes-minus-no margin, `match_margins`): on Shapes World, with four, two models
-        whose single drawings got both objects of a two-object prompt right 30.5% and 21.5% of the time got
-        41.5% and 40.5% (BENCHMARKS.md, session 25)."""
+        text best is kept (its yes-minus-no margin, `match_margins`): on Shapes World, four candidates get
+        both objects of a two-object prompt right markedly more often than a single drawing."""
         if isinstance(prompts, str):
             prompts = [prompts]
         segments = []

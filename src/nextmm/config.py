@@ -37,7 +37,7 @@ class VisionConfig:
     image_size: int = 64
     patch_size: int = 8
     width: int = 128
-    layers: int = 2  # on the conv stem; 4 cost ~6x the stem per step and learned shape slower (BENCHMARKS.md)
+    layers: int = 2  # on the conv stem; 4 cost several times the stem per step and learn shape slower
     heads: int = 4
     mlp_ratio: float = 4.0
     stem: str = "conv"  # conv: hybrid-ViT convolutional stem (learns fast from scratch); patch: linear, as EVA-CLIP
@@ -77,7 +77,7 @@ class ResamplerConfig:
 
     num_queries: int = 8
     width: int = 128
-    layers: int = 1  # a second block slowed shape learning a lot, even identity-initialised (BENCHMARKS.md)
+    layers: int = 1  # a second block slows shape learning a lot, even identity-initialised
     # One of RESAMPLER_SEEDS. regions: each query starts from the max over its own region of the patch
     # grid (see models/resampler.py); none: Emu's plain learned queries, as its released weights expect.
     seed: str = "regions"
@@ -107,9 +107,8 @@ class LLMConfig:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     # The output layer shares the input embeddings (GPT-2); LLaMA's are separate. Tied, caption training
-    # aligns an image token's state with the word it names, where a question's word can find it: one demo
-    # run read "what shape is the {colour} object" at 0.92 (untied 0.62-0.79), the next at 0.62, so the
-    # lift is not established (BENCHMARKS.md); it costs nothing and saves the output matrix.
+    # aligns an image token's state with the word it names, where a question's word can find it, though
+    # whether that helps reading is not established; it costs nothing and saves the output matrix.
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     # The fields below describe pretrained LLMs (convert/hf_llm.py); their defaults are the plain LLaMA above.
@@ -121,41 +120,37 @@ class LLMConfig:
     # "original_max_position_embeddings"} (models/llm.py, ROPE_TYPES).
     rope_scaling: dict = field(default_factory=dict)
     sliding_window: int = 0  # each query sees the latest this many keys, itself included (Mistral); 0: all
-    # The location tokens' logits come from models/emu.py's LocationHead (a parabola over the bins, peaked
+    # The location tokens' logits come from heads/location.py's LocationHead (a parabola over the bins, peaked
     # where one linear read of the hidden state points); false: from their lm_head rows, like any token.
-    # Continuing a demo model on grounding for 300 steps, box centres missed by 19 px with it, 24 px without
-    # (BENCHMARKS.md, session 8).
+    # Near bins are nearly as likely, so boxes land closer to their objects than with a row per bin.
     location_head: bool = True
     # With location_head: its place also comes from pointing into the latest image's patch grid
-    # (models/emu.py's PatchPointer), not only from what the LLM carried to the box. Continuing a demo model
-    # on grounding for 300 steps: Acc@0.5 0.10, centre miss 20 px; without, 0.00 and 25 px (BENCHMARKS.md, session 9).
+    # (heads/location.py's PatchPointer), not only from what the LLM carried to the box, whose hidden state
+    # knows poorly where an object is.
     location_pointer: bool = True
     # With location_pointer: the pointer's question also comes from the words since the latest image or box
     # (their embeddings, gated and summed), not only from the hidden state where the box is written.
     pointer_words: bool = True
     # With location_pointer: a box's x0 y0 x1 y1 start at the pointed place's x or y, moved out by half a
-    # side, by their order in the box (models/emu.py, PatchPointer.half_side), rather than learned.
+    # side, by their order in the box (heads/location.py, PatchPointer.half_side), rather than learned.
     pointer_roles: bool = True
     # The next token may also be copied from the context: one that followed an earlier position like this one
-    # (models/emu.py, CopyHead, a pointer-generator). In-context binding needs it: 1200 steps of binding documents
-    # left the 4-layer LLM choosing a made-up word at chance (BENCHMARKS.md, session 13).
+    # (heads/copy.py, CopyHead, a pointer-generator). In-context binding needs it: from binding documents alone
+    # the 4-layer LLM chooses a made-up word at chance.
     copy_head: bool = True
     # With pointer_words: whether the phrase just read is in the latest picture, read off its visual embeddings,
-    # joins each word's input (models/emu.py, PresenceProbe). Without it the LLM answered "is there a red
-    # square?" and image-text matching at chance (BENCHMARKS.md, session 19).
+    # joins each word's input (heads/presence.py, PresenceProbe). Without it the LLM answers "is there a red
+    # square?" and image-text matching at chance.
     presence: bool = True
     # With presence: a running soft minimum of the probe's reads since the latest picture, each weighed by a
     # learned gate on its word, joins each word's input and final hidden state: whether all that was said holds
-    # there (models/agreement.py). With it the LLM answers `is there a {colour} {shape}?` from the picture (0.905
-    # against 0.56 in two 570-step runs alike but for it) and knows better whether a caption fits (yes-no margin
-    # AUC 0.64-0.89 in seven runs), though where it puts its yes-no threshold still varies by run. The two demos
-    # that lost their reading with it had lost it to the named boxes' pointer loss (BENCHMARKS.md, session 22).
+    # there (heads/agreement.py). With it the LLM answers `is there a {colour} {shape}?` from the picture and
+    # knows better whether a caption fits, though where it puts its yes-no threshold still varies by run.
     agreement: bool = True
     # With pointer_words: the prompt's words regress the image's N embeddings too, straight from their embeddings
     # (models/emu.py, Emu.regress: the word bag at `[IMG]`, a linear map per embedding), beside the LLM's hidden
-    # state. Off by default: in one 570-step stage 1 it took one-object regression retrieval from 0.02 to 0.15,
-    # while ITM, detection and region captions came out lower than in the same run without it (0.475 against
-    # 0.76, 0.00 against 0.36, 0.15 against 0.40), which one run cannot tell from chance (BENCHMARKS.md, session 20).
+    # state. Off by default: it may lift one-object regression retrieval and cost ITM, detection and region
+    # captions, and neither is yet told from chance (docs/notebook.md).
     regress_from_words: bool = False
 
     @property
@@ -204,7 +199,7 @@ class DecoderConfig:
     image_size: int = 64
     latent_channels: int = 4
     # One halving per block after the first. Narrow: the VAE trains from scratch in the demo's minute,
-    # where [32, 64, 64] managed ~60 steps and [8, 16, 32] ~800 (models/decoder.py, BENCHMARKS.md).
+    # where [32, 64, 64] manages about a tenth as many steps (models/decoder.py).
     vae_channels: list[int] = field(default_factory=lambda: [8, 16, 32])
     # [32, 64] took 236 steps in the demo's 150 s where [64, 128] took 110, and learned more in them.
     unet_channels: list[int] = field(default_factory=lambda: [32, 64])
@@ -215,18 +210,17 @@ class DecoderConfig:
     # caption instead of the image's own embeddings (train/decoder_stage.training_condition); 0 is Emu's rule.
     regressed_condition: float = 0.5
     # One more cross-attention token: the N embeddings read out onto the CLIP stage's image space (models/
-    # decoder.py), fitted at the start of stage 2 on `semantic_pictures` captioned pictures. A UNet trained
-    # 600 s with it drew 0.58 of one-object prompts right, 0.31 without (BENCHMARKS.md, session 14).
+    # decoder.py), fitted at the start of stage 2 on `semantic_pictures` captioned pictures. With it the UNet
+    # draws one-object prompts right about twice as often.
     semantic_token: bool = True
     semantic_pictures: int = 1024
     # And one token per cell of a grid x grid split of the picture (0: the whole picture's alone), so the
-    # UNet is told which colour goes with which shape: read out per cell, a two-object caption's regression
-    # moves 0.86 as far when its colours are swapped as when one is replaced, pooled 0.48 (BENCHMARKS.md,
-    # session 15).
+    # UNet is told which colour goes with which shape: read out per cell, swapping a two-object caption's
+    # colours moves its regression nearly as far as replacing one, pooled about half as far.
     semantic_grid: int = 2
     # What a from-scratch UNet predicts, epsilon (SD 1.x) or v_prediction, and Min-SNR-gamma loss weighting
-    # (0: off). After 110 steps an epsilon UNet sampled confetti at any guidance; after 86, a v one with
-    # gamma 5 drew blobs on a clean background, its loss far more dependent on the condition (BENCHMARKS.md).
+    # (0: off). Early in training an epsilon UNet samples confetti at any guidance, where a v one with
+    # gamma 5 draws blobs on a clean background, its loss far more dependent on the condition.
     prediction_type: str = "v_prediction"  # one of PREDICTION_TYPES
     snr_gamma: float = 5.0
     train_timesteps: int = 1000
@@ -235,8 +229,7 @@ class DecoderConfig:
     guidance: float = 3.0
     # What guidance steers away from when `draw` is not told: one of NEGATIVES. null: the decoder's learned
     # no-condition; empty: the embeddings the LLM regresses from an empty prompt (Emu's). With a decoder
-    # trained on regressed conditions too, null drew 0.355 of one-object prompts right, empty 0.265
-    # (guidance 3, 200 prompts, BENCHMARKS.md session 11).
+    # trained on regressed conditions too, null draws more one-object prompts right.
     negative: str = "null"
 
 
@@ -269,7 +262,7 @@ class ClipTrainConfig(TrainConfig):
     hard_negatives: bool = True
     # Train only on pairs whose caption has at most this many words (0: all). A pooled image feature
     # cannot say which colour belongs to which shape, and on Shapes World's 1-3 object captions the
-    # tower learned shape slowly (linear probe 0.805 after 100 s; 0.98 on one-object captions, BENCHMARKS.md).
+    # tower learns shape slowly, where one-object captions teach it quickly.
     max_caption_words: int = 0
 
 
@@ -298,38 +291,32 @@ class PretrainConfig(TrainConfig):
     regression_reaches_visual: bool = False  # true lets L2 train vision/resampler, which can collapse them
     target_ema: float = 0.0  # with the above true: targets from an EMA of the visual stack (e.g. 0.995)
     # The stage-0 tower is fine-tuned gently: at the full rate the first steps' gradients, sent back
-    # through an LLM that cannot read yet, wiped out shape it had learned (shape from captions 0.40 vs
-    # 0.61 at x0.1 and 0.62 frozen, 240 steps, BENCHMARKS.md).
+    # through an LLM that cannot read yet, wipe out shape it has learned; at x0.1 it keeps as much as frozen.
     vision_lr_scale: float = 0.1
     # The causal transformer (with the projection) and the LLM at their own rates too: a pretrained LLM is
     # usually fine-tuned gently while the fresh causal transformer learns at the full rate. 0 freezes a part.
     resampler_lr_scale: float = 1.0
     llm_lr_scale: float = 1.0
     # The copy head's gate (both its layers) learns this much faster. It must open where a binding answer
-    # starts, and a demo sees ~10-20 binding batches: at x1 a 580-step stage 1 (an fp32 CPU) left it at 0.12
-    # and wrote no bound word, where at x10 it opened to 0.6 and wrote 0.46 of them. The whole head at x10
-    # opened the gate as far but its attention lost the right picture (0.76 -> 0.40; BENCHMARKS.md, session 19).
+    # starts, and a demo sees few binding batches: at x1 it stays nearly shut and no bound word is written.
+    # The whole head at x10 opens the gate as far, but its attention loses the right picture.
     copy_gate_lr_scale: float = 10.0
-    # The presence probe's query, keys and calibration (models/emu.py, PresenceProbe) learn this much faster; trained
-    # by their own loss alone, at x1 a 570-step stage 1 left them still short of telling any phrase apart
-    # (balanced cross-entropy 0.91 at step 200, where even odds give 0.69). The agreement judge's gate and
-    # calibration (models/agreement.py), trained by their own loss alone too, take the same.
+    # The presence probe's query, keys and calibration (heads/presence.py, PresenceProbe) learn this much faster;
+    # trained by their own loss alone, at x1 they tell no phrase apart within a demo's stage 1. The agreement
+    # judge's gate and calibration (heads/agreement.py), trained by their own loss alone too, take the same.
     presence_lr_scale: float = 10.0
     # The directions the presence probe and the agreement judge add to the LLM's input (presence.found,
     # agreement.holds), which the text loss alone trains, learn this much faster.
     told_lr_scale: float = 1.0
-    # At 8 frames each a video batch costs several caption batches. Halving videos
-    # (from 0.5 / 1.0) and raising captions (from 2.0) gave 490 stage-1 steps instead of ~380 and
-    # caption exact match 0.28 instead of 0.14-0.17, video scores unchanged (BENCHMARKS.md, d4).
-    # text_to_image: the caption pairs read caption-first, the image regressed (stages.text_first). At 1.0
-    # a 390-step stage 1 regressed embeddings nearest a picture of the prompt's object for 4% of prompts,
-    # chance level (eval/images.regression_retrieval): it had seen ~20 such batches. At 3.0 (session 6) and at
-    # 1.5 alike it stayed near chance (0.01 in d3; 0.07-0.09 in e1, e2), so half its share went to the OFA tasks.
+    # At 8 frames each a video batch costs several caption batches, so videos weigh little and captions much:
+    # more stage-1 steps and better captions, with video scores no lower.
+    # text_to_image: the caption pairs read caption-first, the image regressed (stages.text_first). At any share
+    # from 1 to 3 a demo's stage 1 sees too few of them to regress embeddings nearer the prompt's object than
+    # chance (eval/images.regression_retrieval), so a share this size leaves room for the OFA tasks.
     # ground, region_caption, itm, detect: OFA's tasks as instructions (data/shapes.py), boxes as <bin_k>.
-    # At 1 / 1 / 0.5 / 0.5 (text_to_image 1.5) a demo run made ~19 grounding batches, wrote no box, and
-    # captioned worse (exact match 0.24-0.37 against 0.42-0.49); so they come in lightly here, for longer
-    # runs to raise (BENCHMARKS.md, session 7). binding at 0.5, from 0.3: a 580-step stage 1 wrote 66% of bound
-    # words where it wrote 46%, and its copy gate opened to 1.0 from 0.6 (BENCHMARKS.md, session 19).
+    # They come in lightly, for longer runs to raise: heavier, a demo still makes too few grounding batches
+    # to write a box, and captions worse. binding at 0.5 rather than 0.3: more bound words are written and
+    # the copy gate opens fully.
     mix: dict[str, float] = field(
         default_factory=lambda: {
             "caption": 3.0, "vqa": 3.0, "video_caption": 0.25, "video_qa": 0.5,
@@ -339,12 +326,10 @@ class PretrainConfig(TrainConfig):
     )
     # Sources held back until this many batches have been drawn: captions first, videos last. With VQA
     # from the first step the LLM never learned to read colour from its images (0.17 after 240 steps of
-    # captions + VQA); with VQA joining at batch 100 it had (1.0). Since the named boxes stopped reaching the
-    # LLM (PretrainConfig.point_at_named), it reads by batch 100 (caption cross-entropy 0.36-0.40, where it was
-    # 0.81-0.85 in the same seeds before): the others join at 120. Two 570-step runs so wrote 0.70 of bound
-    # words at 4 shots, where seed 2 joining at 200 wrote 0.325-0.40, and captioned a little worse (exact
-    # match 0.49-0.54 against 0.625-0.645; BENCHMARKS.md, session 22). An 8-frame batch costs about 8 image
-    # batches, and motion cannot be learned before the images are read.
+    # captions + VQA); with VQA joining at batch 100 it does. With the named boxes kept from the LLM
+    # (PretrainConfig.point_at_named) it reads by batch 100, so the others join at 120: against joining at
+    # 200, far more bound words are written at 4 shots, for slightly worse captions. An 8-frame batch costs
+    # about 8 image batches, and motion cannot be learned before the images are read.
     join_at: dict[str, int] = field(default_factory=lambda: {
         "vqa": 120, "story": 120, "edit": 120, "binding": 120, "video_caption": 170, "video_qa": 170, "text_to_image": 120,
         "ground": 120, "itm": 120, "region_caption": 120, "detect": 120,
@@ -376,16 +361,13 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     clip: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(steps=1500, batch_size=64, lr=2e-3, time_budget_s=100))
-    # Stage 1 has 430 s (370 before session 20, 410 before session 21): on a slower AVX2 EPYC, 370 s made 474-483
-    # steps, and three of four such runs lost their reading (caption exact match 0.08-0.11), where none of five
-    # 570-683-step runs did (0.39-0.52; BENCHMARKS.md, session 20). 410 s made 543-569 steps on that CPU, so
-    # 430 s for ~570 or more; the demo took 875 s with it (session 21), within 15 minutes.
+    # Stage 1 has 430 s: runs of under ~500 steps often lose their reading, and 430 s makes ~570 or
+    # more even on a slower AVX2 EPYC, with the demo still within 15 minutes.
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=3000, batch_size=32, lr=1.5e-3, time_budget_s=430))
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     # Stage 2: the decoder's autoencoder on pixels, then its UNet on the frozen visual embeddings.
-    # Small batches for the autoencoder: more steps in its minute, and its images are alike anyway. In 521
-    # steps, over five seeds, lr 2e-3 rebuilt held-out one- / two-object scenes right 0.77 / 0.58 of the
-    # time on average, 1e-3 0.68 / 0.50; 3e-3 was no better and failed worse (BENCHMARKS.md, session 24).
+    # Small batches for the autoencoder: more steps in its minute, and its images are alike anyway. lr 2e-3
+    # rebuilds held-out one- and two-object scenes right more often than 1e-3; 3e-3 is no better and fails worse.
     autoencoder: TrainConfig = field(default_factory=lambda: TrainConfig(steps=5000, batch_size=8, lr=2e-3, time_budget_s=60))
     diffusion: TrainConfig = field(default_factory=lambda: TrainConfig(steps=6000, batch_size=32, lr=2e-3, time_budget_s=150))
     seed: int = 0

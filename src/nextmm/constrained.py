@@ -124,8 +124,8 @@ class BoxConstraint(Constraint):
 class DetectionGrammar(BoxConstraint):
     """Detection's answer (data/sample.py's DETECT_QUESTION): each object's phrase in the model's own words,
     then its box (four location tokens, as BoxConstraint), then a comma and the next object, or the end.
-    Where a phrase is open and the model would end, it writes the phrase's box instead: a demo model named
-    an object and ended there, never opening a box (BENCHMARKS.md, session 20)."""
+    Where a phrase is open and the model would end, it writes the phrase's box instead: a small model may
+    name an object and end there, never opening a box."""
 
     def __init__(self, tokenizer: NextTokenizer, depth: int):
         super().__init__(tokenizer)

@@ -20,12 +20,12 @@ from nextmm.report import write_report
 from nextmm.train.stages import train
 
 EVAL_SIZES = {"micro": (40, 16, 16)}  # scenes, videos, binding prompts; others use the full sizes
-# 400 scenes (from 500): the demo from a fresh clone at edcf362 took 909.0 s, its eval 146 s against 105 s in
-# the run before, so the held-out eval gives back ~20 s of margin; benchmarks/shapes_quality.py scores 500.
+# 400 scenes, not 500, so the held-out eval leaves the demo a margin within 15 minutes;
+# benchmarks/shapes_quality.py scores 500.
 FULL_EVAL = (400, 200, 100)
 DRAW_SIZES = {"micro": (4, 4, 4)}  # one-object prompts, two-object prompts, reconstructions
-# A quick look within the demo's 15 minutes (benchmarks/text_to_image.py scores 200 + 200): at 400 scenes the
-# fresh-clone demo took 894.3 s, drawing 160 images at 4 per second; 100 give back ~15 s of margin.
+# A quick look within the demo's 15 minutes (benchmarks/text_to_image.py scores 200 + 200): at about 4 images
+# a second, 100 rather than 160 leave a margin.
 FULL_DRAW = (40, 40, 20)
 
 

@@ -1,12 +1,12 @@
 """Whether everything said since the latest picture holds in it: a soft minimum of the presence probe's reads.
 
-The presence probe (models/emu.py, PresenceProbe) tells, word by word, whether the phrase just read is in the
-picture. A caption holds only if every phrase does, so the judge keeps a running soft minimum of those reads,
+The presence probe (heads/presence.py, PresenceProbe) tells, word by word, whether the phrase just read is in
+the picture. A caption holds only if every phrase does, so the judge keeps a running soft minimum of those reads,
 each weighed by a gate on its word (learned, so that reads after words that end no phrase count little), and
-tells its verdict to the LLM's input and final hidden state. Asked whether a caption fits its picture, the LLM
-had to find and combine those reads itself and stayed at chance in most runs, though the lowest of the reads
-at the captions' shape words told fitting captions from one-word changes at AUC 0.82-0.91 (BENCHMARKS.md,
-session 21). With it, `is there a {colour} {shape}?` is answered from the picture (config.py, llm.agreement).
+tells its verdict to the LLM's input and final hidden state. Left to find and combine those reads itself, the
+LLM mostly stays at chance on whether a caption fits its picture, though the lowest of the reads at the
+captions' shape words already tells fitting captions from one-word changes. With it, `is there a {colour}
+{shape}?` is answered from the picture (config.py, llm.agreement).
 
 The soft minimum of reads l_j with gates g_j is -log(sum g_j exp(-l_j) / sum g_j); it is kept as the two
 log-sums, which one more word updates in place (`extend`) and a picture restarts.

@@ -14,8 +14,8 @@ class CopyHead(nn.Module):
     """A pointer-generator over the context (See et al. 2017): the next token may be one that followed an
     earlier position, chosen by attention from this position to the earlier ones, and mixed into the LM
     head's distribution by a learned gate. In-context binding asks for exactly this (say the made-up word
-    that followed the earlier picture like this one, syllable by syllable), and the tiny LLM did not learn
-    it from binding documents on its own (BENCHMARKS.md, session 13). Attention looks at every earlier
+    that followed the earlier picture like this one, syllable by syllable), and the tiny LLM does not learn
+    it from binding documents on its own. Attention looks at every earlier
     position; the share on one whose follower may not be copied (a marker after a word's last token) goes
     back to the LM. Written here, not taken from a library, because it reads the LLM's KV-cached steps."""
 

@@ -21,14 +21,13 @@ class PatchPointer(nn.Module):
     patches of the latest image it means, and the answer is their average position around the attention's
     peak (`around_peak`) plus a learned offset per patch: by the coordinate's order in the box (x or y,
     which edge; `box`, the default), or weighed by what the hidden state wants (`readout`, models saved
-    before session 16). Models saved before session 19 averaged over the whole grid; they load and now read
-    around the peak too (an older demo model's boxes improved, BENCHMARKS.md). The tiny LLM then only has to
-    say which object, not carry where it is: ridge probes read a lone object's centre from the visual
-    embeddings to ~3 px but from the LLM's hidden state, where a box begins, only to ~7 px, and hardly at
-    all in scenes of several objects (benchmarks/grounding_probe.py, BENCHMARKS.md session 8).
+    without box roles). Models trained to average over the whole grid load and read around the peak too.
+    The tiny LLM then only has to say which object, not carry where it is: ridge probes read a lone object's
+    centre from the visual embeddings to ~3 px but from the LLM's hidden state, where a box begins, only to
+    ~7 px, and hardly at all in scenes of several objects (research/grounding_probe.py).
 
     An average position, not a mixture of one answer per patch: with a mixture, a fixed patch near the
-    boxes' mean answered every box early on, and the attention never left it (BENCHMARKS.md session 9)."""
+    boxes' mean answers every box early on, and the attention never leaves it."""
 
     def __init__(
         self, width: int, patch_width: int, grid: int, key_width: int = 64, offset_width: int = 16, words: bool = True, roles: bool = True
@@ -36,8 +35,8 @@ class PatchPointer(nn.Module):
         super().__init__()
         self.query = nn.Linear(width, key_width, bias=False)
         # The words that name the object ask too, straight from their embeddings (a gated sum, Emu.word_bags):
-        # the hidden state where a box starts carried the quoted phrase only after thousands of grounding
-        # steps, where the phrase itself let a linear key find the named object of two at 0.82 (BENCHMARKS.md).
+        # the hidden state where a box starts carries the quoted phrase only after thousands of grounding
+        # steps, while a linear key on the phrase itself finds the named object of two.
         self.words = nn.Linear(width, key_width, bias=False) if words else None
         self.word_gate = nn.Linear(width, 1) if words else None
         self.key = nn.Linear(patch_width, key_width, bias=False)
@@ -56,8 +55,8 @@ class PatchPointer(nn.Module):
         # location tokens came before it (Emu.box_roles): the pointer's own box (`box`) is the pointed place's
         # x or y, moved out by half a side read from the words (or the hidden state) and from the attended
         # patches, and Emu.pointer_loss trains it on every told box. Learned through the hidden state instead,
-        # from the demo's few grounding batches, it wrote no right box while pointing within 1.6 px of a lone
-        # object; added to such reads, it still wrote boxes tenths of the image off (BENCHMARKS.md, session 16).
+        # from the demo's few grounding batches, no box comes out right even while the pointer finds a lone
+        # object to within a pixel or two; added to such reads, boxes still land tenths of the image off.
         self.half_side = nn.Linear(width, 1) if roles else None
         self.side_from_patches = nn.Parameter(torch.zeros(4, offset_width)) if roles else None
         if roles:
@@ -92,10 +91,9 @@ class PatchPointer(nn.Module):
     def around_peak(self, attention: torch.Tensor) -> torch.Tensor:
         """(R, P) attention -> (R, P) the same, weighed by a Gaussian (sigma PEAK_SIGMA patches) around its
         peak, and summed to 1 again. The peak is the patch whose 3 x 3 neighbourhood holds the most of it on
-        average (a sum favoured the patch inside a corner's), placed at that neighbourhood's attended mean.
-        Averaged over the whole grid, the share left on other objects pulled the place between them: a demo
-        model wrote 50% of two-object boxes and 28% of three-object ones right, and 80% and 60% read this way
-        (BENCHMARKS.md, session 19)."""
+        average (a sum favours the patch inside a corner's), placed at that neighbourhood's attended mean.
+        Averaged over the whole grid, the share left on other objects pulls the place between them, and far
+        fewer boxes of two- and three-object scenes come out right."""
         grid = attention.view(-1, 1, self.grid, self.grid)
         peak = F.avg_pool2d(grid, 3, stride=1, padding=1, count_include_pad=False).flatten(1).argmax(-1)
         near = (self.where - self.where[peak][:, None]).abs().amax(-1) * self.grid < 1.5  # (R, P): the 3 x 3 block
@@ -162,9 +160,8 @@ class LocationHead(nn.Module):
     gate(h) - sharpness x (k - place(h))^2, so the most likely bin is wherever one linear read of the
     hidden state points, and near bins are nearly as likely. A row per bin has to learn how the bins are
     ordered before a box comes out near its object: reading a place off one direction of the hidden
-    state, rows still missed by ~5 bins after 150 steps where the head missed by 1 (tests/test_model.py);
-    continuing a demo model on grounding for 300 steps, box centres missed by 24 px and sides by 19 with
-    rows, by 19 px and 6 with the head (BENCHMARKS.md, session 8)."""
+    state, rows still miss by ~5 bins after 150 steps where the head misses by 1 (tests/test_model.py),
+    and on grounding the head puts boxes' centres and, far more, their sides closer than rows do."""
 
     def __init__(self, width: int, bins: int, start_width: float = 4.0, pointer: PatchPointer | None = None):
         super().__init__()

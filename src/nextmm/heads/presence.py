@@ -15,12 +15,11 @@ class PresenceProbe(nn.Module):
     the words read so far (Emu.phrase_bags, the latest weighing most) ask that picture's visual embeddings
     how well any of them answers (a log-sum-exp of their scores, calibrated), and the word's input embedding
     gains (2 p - 1) x a learned direction. Trained on its own (Emu.presence_loss) on every phrase of the
-    batch against every picture whose objects are known. The LLM never learned to check a conjunction
-    itself: "is there a red square?" and whether a caption fits its image stayed at chance after thousands of
-    examples (BENCHMARKS.md, session 19). Asked of the visual embeddings through its own keys: a fresh probe on
-    a trained model's features told a picture's phrase from one object's colour with another's shape at AUC
-    0.69 on the location pointer's patch keys, 0.81 on the patches through its own keys and 0.79 on the N visual
-    embeddings, which are 8 a picture where the patches are 64 (BENCHMARKS.md, session 20)."""
+    batch against every picture whose objects are known. The LLM does not learn to check a conjunction
+    itself: "is there a red square?" and whether a caption fits its image stay at chance after thousands of
+    examples. Asked of the visual embeddings through its own keys: on them a probe tells a picture's phrase from
+    one object's colour with another's shape better than on the location pointer's patch keys and nearly as
+    well as on the patches, which are 64 a picture where the embeddings are 8."""
 
     def __init__(self, width: int, visual_width: int, key_width: int = 64):
         super().__init__()

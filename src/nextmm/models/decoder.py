@@ -140,10 +140,10 @@ class VisualDecoder(nn.Module):
     (by a fixed linear map, `fit_readouts`) onto the CLIP stage's image space of that width, for the whole
     picture and for each cell of a grid over it (CLIP.encode_image_cells). An L2 regression from a
     caption is the average over every place the caption allows, where a shape is a faint difference
-    (session 14: 1.2 against 6.6 for a colour, per embedding); CLIP's space, trained against captions,
-    keeps shape as far apart as colour. A pooled feature cannot say which colour goes with which shape;
-    read out per cell, the regression of "a red circle left of a blue square" moves 0.86 as far when its
-    colours are swapped as when one is replaced, pooled 0.48 (benchmarks/attribute_separation.py). Regressed
+    (several times fainter than a colour); CLIP's space, trained against captions, keeps shape as far
+    apart as colour. A pooled feature cannot say which colour goes with which shape; read out per cell,
+    swapping the colours of "a red circle left of a blue square" moves its regression nearly as far as
+    replacing one, pooled about half as far (research/attribute_separation.py). Regressed
     and seen embeddings get a read-out each: one linear map fitted on both read shape from the
     regressions at half the strength."""
 
@@ -435,7 +435,7 @@ class VisualDecoder(nn.Module):
             )
         with safe_open(str(weights), framework="pt") as f:
             metadata = f.metadata() or {}
-        # Absent: saved before the semantic token (session 14), or before its grid (session 15).
+        # Absent from decoders saved without the semantic token or its grid: they load with none, or one.
         semantic_width, semantic_grid = int(metadata.get("semantic_width", 0)), int(metadata.get("semantic_grid", 0))
         decoder = cls.from_pretrained_dir(path, cfg, condition_width, num_queries, semantic_width, semantic_grid)
         state = load_file(str(weights))

@@ -48,7 +48,7 @@ class Emu(nn.Module):
         self.agreement = AgreementJudge(cfg.llm.width) if cfg.llm.agreement and self.presence is not None else None
         # The prompt's words regress the image too, straight from their embeddings (the bag at `[IMG]`, one map
         # per embedding of the N): the LLM routes a prompt's content to `[IMG]` only after many text-to-image
-        # batches (BENCHMARKS.md, session 11). Zero: the LLM's regression alone until the L2 finds it worth more.
+        # batches. Zero: the LLM's regression alone until the L2 finds it worth more.
         n, visual_width = cfg.resampler.num_queries, cfg.visual_width
         self.words_to_visual = nn.Parameter(torch.zeros(cfg.llm.width, n * visual_width)) if cfg.llm.regress_from_words and self.reads_words else None
         # the mean picture (`pictures_at`), kept as training goes, like a batch norm's running mean
@@ -314,11 +314,11 @@ class Emu(nn.Module):
             return torch.zeros(*input_ids.shape, width, device=input_ids.device)
         latest = self.latest_image(input_ids)
         # Detached: the copy head does not train the vision tower, which a pointer's gradient through a
-        # hidden layer collapsed within the demo's stage 1 (BENCHMARKS.md, session 17, R10).
+        # hidden layer collapses within the demo's stage 1.
         pooled = patches.detach().float().amax(1)
         if self.training:
             self.picture_mean.lerp_(pooled.mean(0), 0.01)
-        # centred: every picture shares its blank canvas, and raw cosines part shots by ~0.04 (BENCHMARKS.md, session 18)
+        # centred: every picture shares its blank canvas, so raw cosines hardly part one shot from another
         pooled = F.pad(F.normalize(pooled - self.picture_mean, dim=-1), (0, 0, 0, 1))  # a last row of zeros: no picture yet
         return pooled[torch.where(latest >= 0, latest, len(patches))]
 
@@ -408,7 +408,7 @@ class Emu(nn.Module):
             target = (visual if target_visual is None else target_visual).detach()
             l2 = F.mse_loss(predicted.float(), target.reshape(predicted.shape).float())
             # regression_weight trades L2 against CE. A batch with no text target (text-to-image pairs) has no
-            # CE to trade against, and at 0.1 its lone L2 taught the LLM next to nothing (BENCHMARKS.md).
+            # CE to trade against, and at 0.1 its lone L2 teaches the LLM next to nothing.
             weight = regression_weight if picked.any() else 1.0
             out["l2"], out["l2_weight"] = l2, torch.tensor(weight)
             loss = loss + weight * l2
@@ -466,9 +466,7 @@ class Emu(nn.Module):
         if not keep.any():
             return None
         # Reaching the LLM, the embeddings and the tower, the named boxes of the reading batches (one for each
-        # one-object caption or question, from the first step) held off the LLM's reading its pictures: its
-        # caption cross-entropy at step 200 of a 570-step stage 1 was 0.64-0.67 with them, 0.28-0.35 without
-        # (BENCHMARKS.md, session 22).
+        # one-object caption or question, from the first step) hold off the LLM's reading its pictures.
         asking, looked, named = hidden[at][keep], sight.rows(at).rows(keep), named[keep]
         asking = torch.where(named[:, None], asking.detach(), asking)
         words = torch.where(named[:, None], looked.words.detach(), looked.words) if looked.words is not None else None
@@ -488,7 +486,7 @@ class Emu(nn.Module):
         if patches is None or not len(region_ids) or not self.reads_words:
             return None
         # Inputs detached: it trains the pointer alone. Reaching the towers and the embeddings as well, its
-        # dozens of rows a batch cost caption exact match 0.63 -> 0.40 (BENCHMARKS.md, session 17).
+        # dozens of rows a batch cost the captions much of their quality.
         embeds = self.llm.embed_tokens(region_ids.clamp_min(0)).detach()
         bags = self._weighed(embeds, region_ids >= 0).sum(1)
         return self._pointing(None, Sight(patches.detach(), region_image, bags), region_boxes)

@@ -7,14 +7,13 @@ By default every query starts as its learned vector plus the channel-wise max of
 in its own region of the patch grid (`resampler.seed=regions`: the N queries tile the grid in rows x
 columns, read in rows like text; `none` is Emu's causal transformer, learned vectors alone, as its
 released weights expect). Cross-attention begins as a uniform average, and on a mostly blank canvas an
-average drowns the few patches that hold objects: in 20 s of supervised shape classification from
-scratch, the tower max-pooled reached 0.99, through the plain resampler 0.28 (chance)
-(benchmarks/shape_learning.py, BENCHMARKS.md). One max over the whole grid fixed that for one object
-but mixed the objects of a scene: the LLM named the right colours and shapes on the wrong objects
-(caption exact match 0.44); per-region maxima keep objects apart and in place (0.69, same training).
-A max says what a region holds but not where in it; `resampler.region_coords` adds, for every channel,
-the position of its soft maximum, through a zero-initialised projection (caption-only stage 1: exact
-match 0.75 instead of 0.68 at 400 steps, benchmarks/stage1_reading.py)."""
+average drowns the few patches that hold objects: in supervised shape classification from scratch the
+tower max-pooled learns shape within seconds, through the plain resampler it stays at chance
+(research/shape_learning.py). One max over the whole grid fixes that for one object but mixes the
+objects of a scene: the LLM names the right colours and shapes on the wrong objects; per-region maxima
+keep objects apart and in place. A max says what a region holds but not where in it;
+`resampler.region_coords` adds, for every channel, the position of its soft maximum, through a
+zero-initialised projection, and captions improve (research/stage1_reading.py)."""
 
 from __future__ import annotations
 
@@ -86,8 +85,8 @@ class CausalResampler(nn.Module):
         self.blocks = nn.ModuleList(ResamplerBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.width)
         # Each block starts as the identity (zero output projections, as in ReZero/Fixup), so the seeded
-        # queries reach the LLM intact from the first step: 0.87 vs 0.64 shape accuracy with PyTorch's
-        # default init (benchmarks/shape_learning.py).
+        # queries reach the LLM intact from the first step and shape is learned faster than with PyTorch's
+        # default init (research/shape_learning.py).
         for block in self.blocks:
             for out in (block.self_attn.out, block.cross_attn.out, block.mlp[2]):
                 nn.init.zeros_(out.weight)

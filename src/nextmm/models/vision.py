@@ -71,7 +71,7 @@ def patch_embedding(cfg: VisionConfig) -> nn.Module:
     """Image -> one vector per patch. Pretrained towers and `stem=patch` use the plain linear patch
     projection (CLIP's without a bias). `conv` is the hybrid ViT's convolutional stem: stride-2 3x3
     convolutions with GroupNorm, one per halving, meant for towers trained from scratch: with two blocks on
-    top, max-pooled, it learns single-object shape within seconds (benchmarks/shape_learning.py, BENCHMARKS.md)."""
+    top, max-pooled, it learns single-object shape within seconds (research/shape_learning.py)."""
     if cfg.kind != "vit" or cfg.stem == "patch":
         return nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.kind != "clip")
     halvings = cfg.patch_size.bit_length() - 1

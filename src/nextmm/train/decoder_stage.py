@@ -102,8 +102,8 @@ def training_condition(model: Emu, builder: SequenceBuilder, batch: dict, share:
     """The UNet's condition for each image of a batch, and which rows were seen: the visual embeddings of
     the image itself or, for a random `share` of the captioned ones, the embeddings the LLM regresses from
     the caption alone. Those are not the image's: the caption does not say where an object lies, so L2
-    regression gives about the average over places, and a decoder that only ever saw real embeddings drew
-    blobs from it (BENCHMARKS.md, session 11); trained on both, it learns to draw some place for what the
+    regression gives about the average over places, and a decoder that only ever sees real embeddings draws
+    blobs from it; trained on both, it learns to draw some place for what the
     caption names."""
     captions, pixels = batch["captions"], batch["pixels"]
     picked = [i for i, caption in enumerate(captions) if caption is not None and torch.rand(()) < share]

@@ -198,7 +198,7 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
         after_step=(lambda: target.update(model)) if target is not None else None,
         backward=backward,
         # The location pointer's losses (its own box's L1 above all) make gradients several times the LLM's:
-        # clipped together, they shrank the LLM's steps and caption exact match fell (BENCHMARKS.md, session 16).
+        # clipped together, they would shrink the LLM's steps, and its captions worsen.
         clip_apart=("location_head.pointer.",),
     )
     mark_stage_done(stage_dir, trainer.run(Prefetcher(stream), resume))
