@@ -30,7 +30,7 @@ from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError, read_shards
 from nextmm.data.shapes import named_object, object_regions
 from nextmm.data.transforms import to_pixels
-from nextmm.device import device_of, pick_device
+from nextmm.device import pick_device
 from nextmm.models.clip import CLIP, text_batch
 from nextmm.models.emu import Emu
 from nextmm.tokenizer import LOC_SPAN, NextTokenizer
