@@ -109,3 +109,9 @@ def test_init_with_an_unsupported_llm_says_so_and_writes_nothing(parts, tmp_path
     err = capsys.readouterr().err
     assert "GPT2LMHeadModel" in err and "LlamaForCausalLM" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_train_init_refuses_another_architecture(model_dir, tmp_path, capsys):
+    code = main(["train", "--init", str(model_dir), "--preset", "small", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--init" in err and "--set" in err and not (tmp_path / "run").exists()

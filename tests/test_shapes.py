@@ -586,3 +586,20 @@ def test_named_object_is_the_one_object_a_question_or_a_one_object_caption_names
             assert named == (1, tuple(v / CANVAS for v in objects[0]["box"]))
     assert any(named_object(s) for s in captions)
     assert all(named_object(s) is None for s in S.make_samples("ground", 3, 5))
+
+
+@pytest.mark.parametrize("kind", ["vqa", "caption", "region_caption", "ground"])
+def test_the_world_writes_what_it_tells_the_pointer_into_its_data(kind, tmp_path):
+    """Training reads named boxes and regions from the data (Sample.named_box, Sample.regions), as it would
+    from any dataset; Shapes World writes them there, and they survive the shards."""
+    from nextmm.data.make import write_shapes
+    from nextmm.data.shards import read_shards
+
+    made = list(S.make_samples(kind, 5, 12))
+    for sample in made:
+        assert sample.named_box() == S.named_object(sample)
+        assert sample.regions() == S.object_regions(sample)
+    write_shapes(tmp_path, {kind: 12}, seed=5, shard_size=100)
+    read = {s.key: s for s in read_shards(tmp_path / kind)}
+    assert {s.key: (s.named_box(), s.regions()) for s in made} == {k: (s.named_box(), s.regions()) for k, s in read.items()}
+    assert any(s.named_box() or s.regions() for s in made) or kind == "ground"

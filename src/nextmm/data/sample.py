@@ -70,6 +70,19 @@ class Sample:
         return None
 
 
+    def named_box(self) -> tuple[int, tuple[float, ...]] | None:
+        """(index of the text segment, box x0 y0 x1 y1 in fractions of the image) of the one object the
+        sample's text names, from `meta["named_box"]`; training tells the location pointer that object's
+        patches where that text ends (pretrain.point_at_named). None when the data names none."""
+        named = self.meta.get("named_box")
+        return (int(named[0]), tuple(float(v) for v in named[1])) if named else None
+
+    def regions(self) -> list[tuple[int, str, tuple[float, ...]]]:
+        """(index of the image segment, phrase, box in fractions of the image) for every region the data
+        describes, from `meta["regions"]` (pretrain.point_at_objects); empty when it describes none."""
+        return [(int(segment), str(phrase), tuple(float(v) for v in box)) for segment, phrase, box in self.meta.get("regions", [])]
+
+
 def vqa_prompt(question: str) -> str:
     return f"question: {question.strip()} answer:"
 

@@ -600,4 +600,15 @@ def make_samples(kind: str, seed: int, count: int, start: int = 0) -> Iterator[S
     if kind not in KIND_SALT:
         raise ValueError(f"unknown Shapes World kind {kind!r}; expected one of {KINDS}")
     for index in range(start, start + count):
-        yield from _samples_at(kind, seed, index)
+        for sample in _samples_at(kind, seed, index):
+            yield with_pointing(sample)
+
+
+def with_pointing(sample: Sample) -> Sample:
+    """The sample with what it tells a location pointer written into its data (Sample.named_box,
+    Sample.regions), so training reads it as it reads any dataset's boxes."""
+    if (named := named_object(sample)) is not None:
+        sample.meta["named_box"] = [named[0], list(named[1])]
+    if regions := object_regions(sample):
+        sample.meta["regions"] = [[segment, phrase, list(box)] for segment, phrase, box in regions]
+    return sample

@@ -28,7 +28,6 @@ from nextmm.data.loader import LeftOut, MixedStream, Prefetcher, discover_source
 from nextmm.data.sample import Image, Sample, Text
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError, read_shards
-from nextmm.data.shapes import named_object, object_regions
 from nextmm.data.transforms import to_pixels
 from nextmm.device import pick_device
 from nextmm.models.clip import CLIP, text_batch
@@ -187,7 +186,7 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
     p = cfg.pretrain
     builder = SequenceBuilder.for_config(tok, cfg)
     stream = MixedStream(
-        sources, p.mix, lambda s: builder.encode(s.segments, named=named_object(s), regions=object_regions(s) if p.point_at_objects else (), claim=s.claim()), builder.collate, p.batch_size, cfg.seed,
+        sources, p.mix, lambda s: builder.encode(s.segments, named=s.named_box(), regions=s.regions() if p.point_at_objects else (), claim=s.claim()), builder.collate, p.batch_size, cfg.seed,
         join_at=p.join_at, views=text_to_image_view(sources),
     )
     target, loss_fn, backward = pretrain_objective(model, p)
