@@ -227,3 +227,15 @@ def test_stage1_trains_the_vision_tower_slower_and_the_copy_gate_presence_probe_
     assert probe == [p.lr * p.presence_lr_scale] * 5 and p.presence_lr_scale > 1
     assert lr_of[id(named["presence.found"])] == lr_of[id(named["agreement.holds"])] == p.lr
     assert sorted(lr_of) == sorted(id(v) for v in micro_model.parameters() if v.requires_grad)  # every parameter, once
+
+
+def test_a_caption_read_text_first_keeps_its_regions_on_its_image(micro_config, tokenizer):
+    from nextmm.data import shapes
+    from nextmm.data.sequence import SequenceBuilder
+    from nextmm.train.stages import text_first
+
+    builder = SequenceBuilder.for_config(tokenizer, micro_config)
+    for caption in shapes.make_samples("caption", 4, 10):
+        flipped = text_first(caption)
+        assert flipped.named_box() is None and flipped.regions() == shapes.object_regions(flipped)
+        assert len(builder.encode(flipped.segments, named=flipped.named_box(), regions=flipped.regions()).regions) == len(caption.regions())

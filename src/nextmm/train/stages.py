@@ -122,7 +122,10 @@ def text_first(sample: Sample) -> Sample:
     segments = sample.segments
     if len(segments) != 2 or not isinstance(segments[0], Image) or not isinstance(segments[1], Text):
         raise LeftOut("only image-caption pairs are read text-first (mix key text_to_image)")
-    return Sample(sample.key, "text_to_image", [Text(segments[1].text, target=False), segments[0]], sample.meta)
+    # The caption is context here, so it names no object for the pointer; the regions follow the image to segment 1.
+    meta = {k: v for k, v in sample.meta.items() if k != "named_box"}
+    meta["regions"] = [[1, phrase, box] for _, phrase, box in sample.meta.get("regions", [])]
+    return Sample(sample.key, "text_to_image", [Text(segments[1].text, target=False), segments[0]], meta)
 
 
 def text_to_image_view(sources: dict[str, Path]) -> dict[str, tuple[str, Callable[[Sample], Sample]]]:
