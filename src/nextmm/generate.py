@@ -40,8 +40,9 @@ class Stepper:
     the new column only; without one it re-runs the whole sequence (the reference the cache must match)."""
 
     def __init__(self, model: Emu, batch: dict[str, torch.Tensor], new_positions: int, use_cache: bool, precision: str):
-        self.model, self.use_cache, self.precision = model, use_cache, precision
+        self.model, self.use_cache = model, use_cache
         self.device = device_of(model)
+        self.precision = precision = resolve(precision, self.device.type)  # 'auto' -> what this device computes fastest
         batch = to_device(batch, self.device)
         ids, valid = batch["input_ids"], batch["valid"]
         b, self.prompt_len = ids.shape
@@ -176,7 +177,7 @@ def generate_ids(
             )
     max_new_tokens = min(max_new_tokens, builder.max_len - longest)
     eos = builder.tok.eos_id
-    stepper = Stepper(model, batch, max_new_tokens, use_cache, resolve(precision, device_of(model).type))
+    stepper = Stepper(model, batch, max_new_tokens, use_cache, precision)
     hidden = stepper.prefill()
     generated = torch.zeros(len(prompts), 0, dtype=torch.long, device=stepper.device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=stepper.device)
@@ -201,7 +202,7 @@ def next_token_logits(model: Emu, builder: SequenceBuilder, prompts: list[list[S
     probabilities with a copy head, else logits), once the tokens `then` have followed every prompt."""
     model.eval()
     batch = builder.collate([builder.encode(p, close=False) for p in prompts], left_pad=True)
-    stepper = Stepper(model, batch, 1 + len(then), True, resolve(precision, device_of(model).type))
+    stepper = Stepper(model, batch, 1 + len(then), True, precision)
     hidden = stepper.prefill()
     for token in then:
         hidden = stepper.append_token(torch.full((len(prompts),), token, dtype=torch.long, device=stepper.device))
@@ -236,7 +237,7 @@ def generate_visual(
             )
         encoded.append(e)
     batch = builder.collate(encoded, left_pad=True)
-    stepper = Stepper(model, batch, model.num_queries - 1, use_cache, resolve(precision, device_of(model).type))
+    stepper = Stepper(model, batch, model.num_queries - 1, use_cache, precision)
     bags = model.word_bags(batch["input_ids"].to(stepper.device))[:, -1] if model.words_to_visual is not None else None  # at [IMG]
     hidden = stepper.prefill()
     regressed = []

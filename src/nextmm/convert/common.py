@@ -34,6 +34,12 @@ def shortened(keys: Iterable[str], limit: int = LISTED) -> str:
     return shown if len(keys) <= limit else f"{shown} and {len(keys) - limit} more"
 
 
+def mismatch(missing: Iterable[str], unexpected: Iterable[str]) -> str:
+    """'missing a, b; unexpected c': what a state dict lacks and holds too much of, for one sentence."""
+    parts = [f"missing {shortened(missing)}" if missing else "", f"unexpected {shortened(unexpected)}" if unexpected else ""]
+    return "; ".join(p for p in parts if p)
+
+
 def read_json(path: Path) -> dict:
     if not path.is_file():
         raise ConvertError(f"'{path}' does not exist; give a directory that holds it")
@@ -108,8 +114,7 @@ def copy_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str)
     own = module.state_dict()
     missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
     if missing or unexpected:
-        parts = [f"missing {shortened(missing)}" if missing else "", f"unexpected {shortened(unexpected)}" if unexpected else ""]
-        raise ConvertError(f"'{source}' does not fit the model: {'; '.join(p for p in parts if p)}; check that its config matches its weights")
+        raise ConvertError(f"'{source}' does not fit the model: {mismatch(missing, unexpected)}; check that its config matches its weights")
     for key, value in state.items():
         if value.shape != own[key].shape:
             raise ConvertError(

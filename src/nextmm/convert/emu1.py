@@ -24,9 +24,10 @@ import torch
 from tokenizers import AddedToken
 
 from nextmm.config import Config, apply_overrides, make_config
-from nextmm.convert.common import ConvertError, copy_into, read_state_dict, shortened
+from nextmm.convert.common import ConvertError, copy_into, mismatch, read_state_dict, shortened
 from nextmm.convert.eva_clip import eva_state_from_open_clip
 from nextmm.convert.hf_llm import llm_state_from_hf
+from nextmm.convert.parts import pretrained_stages
 from nextmm.tokenizer import ASSISTANT, IMAGE, IMG, IMG_END, PAD, USER, NextTokenizer
 
 CFORMER = "cformer."
@@ -82,10 +83,7 @@ def cformer_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     expected |= {f"{STACK}block.{i}.{k}" for i in range(max(blocks, default=-1) + 1) for k in BLOCK_KEYS}
     missing = expected - state.keys()
     if missing or unexpected:
-        parts = [f"missing {shortened(missing)}" if missing else "", f"unexpected {shortened(unexpected)}" if unexpected else ""]
-        raise ConvertError(
-            f"the checkpoint's causal transformer is not Emu1's T5 stack ({'; '.join(p for p in parts if p)}); give the Emu1 checkpoint unmodified"
-        )
+        raise ConvertError(f"the checkpoint's causal transformer is not Emu1's T5 stack ({mismatch(missing, unexpected)}); give the Emu1 checkpoint unmodified")
     return ours
 
 
@@ -234,11 +232,7 @@ def emu1_parts(state: Mapping[str, torch.Tensor], cfg: Config, tokenizer: NextTo
 def emu1_config(overrides: Sequence[str] = ()) -> Config:
     """The paper's Emu (the emu-14b preset) with `overrides` on top. Stage 0 (a tower from scratch) and
     stage 2 (the visual decoder, not converted) train nothing unless the overrides ask."""
-    cfg = make_config(PRESET)
-    cfg.clip.steps = 0
-    cfg.diffusion.steps = 0
-    cfg.decoder.semantic_token = False  # it reads the CLIP stage's features, which a converted model lacks
-    return apply_overrides(cfg, list(overrides))
+    return apply_overrides(pretrained_stages(make_config(PRESET), decoder=False), list(overrides))
 
 
 def convert_emu1(checkpoint: str | Path, out: str | Path, tokenizer_dir: str | Path, overrides: Sequence[str] = ()) -> Path:

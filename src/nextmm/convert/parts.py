@@ -39,19 +39,25 @@ def load_tower(path: str | Path, feature_layer: int | None = None):
     return tower, tower.cfg
 
 
+def pretrained_stages(cfg: Config, decoder: bool) -> Config:
+    """The training stages for a model of pretrained parts: no stage 0 (it trains a tower from scratch), no
+    semantic token (it reads stage 0's features), and stage 2 only with a pretrained decoder; overrides
+    applied after this may ask for either."""
+    cfg.clip.steps = 0
+    cfg.decoder.semantic_token = False
+    if not decoder:
+        cfg.diffusion.steps = 0
+    return cfg
+
+
 def config_from_parts(llm_cfg, vision_cfg, preset: str, overrides: Sequence[str], decoder: bool) -> Config:
-    """The preset's causal transformer, composition and training settings around the parts' own configs.
-    Without a pretrained decoder, stage 2 trains none unless the overrides ask for one."""
+    """The preset's causal transformer, composition and training settings around the parts' own configs."""
     cfg = make_config(preset)
     for switch in HEAD_SWITCHES:
         setattr(llm_cfg, switch, getattr(cfg.llm, switch))
     cfg.llm, cfg.vision = llm_cfg, vision_cfg
-    if not decoder:
-        cfg.diffusion.steps = 0
     cfg.emu.visual_norm = not vision_cfg.final_norm
-    cfg.decoder.semantic_token = False  # it reads the CLIP stage's features, and a pretrained tower has no CLIP stage
-    cfg.clip.steps = 0  # stage 0 trains a tower from scratch: a pretrained one is kept
-    return apply_overrides(cfg, list(overrides))
+    return apply_overrides(pretrained_stages(cfg, decoder), list(overrides))
 
 
 def init_model(llm_dir: str | Path, vision_dir: str | Path, out: str | Path, decoder_dir: str | Path | None = None,
@@ -63,10 +69,11 @@ def init_model(llm_dir: str | Path, vision_dir: str | Path, out: str | Path, dec
     from nextmm.models.emu import Emu
 
     llm_root = Path(llm_dir)
-    tokenizer, added = NextTokenizer.from_llm(llm_root, location_bins=make_config(preset, overrides=list(overrides)).tokenizer.location_bins)
     tower, vision_cfg = load_tower(vision_dir, vision_layer)
     llm_cfg = llm_config_from_hf(read_json(llm_root / "config.json"))
     cfg = config_from_parts(llm_cfg, vision_cfg, preset, overrides, decoder_dir is not None)
+    # its ids follow config.json's vocab_size rows (from_llm checks), which copy_into checks the weights against
+    tokenizer, added = NextTokenizer.from_llm(llm_root, cfg.tokenizer.location_bins)
     decoder = None
     if decoder_dir is not None:
         cfg.decoder.pretrained = str(decoder_dir)
@@ -76,8 +83,6 @@ def init_model(llm_dir: str | Path, vision_dir: str | Path, out: str | Path, dec
     copy_into(model.llm, llm_state_from_hf(read_state_dict(llm_root), cfg.llm), str(llm_root))
     grow_vocabulary(model.llm, added)  # cfg.llm.vocab_size follows
     model.vision.load_state_dict(tower.state_dict())
-    if tokenizer.vocab_size != cfg.llm.vocab_size:
-        raise ConvertError(f"the tokenizer in '{llm_root}' has {tokenizer.vocab_size} tokens but its model {cfg.llm.vocab_size} embedding rows; give the tokenizer.json saved with the model")
     cfg.tokenizer.vocab_size = cfg.llm.vocab_size
     return NextMM(model, tokenizer, cfg, decoder=decoder).save(out)
 
