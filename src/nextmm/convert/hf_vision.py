@@ -45,10 +45,11 @@ def vision_config_from_hf(hf_config: dict, *, preprocessor: dict | None = None, 
     """The VisionConfig of an HF vision tower's config.json (a CLIPModel's or SiglipModel's is read through its
     `vision_config`); mean and std from its preprocessor_config.json when given, else the family's own.
     `feature_layer` and `final_norm` choose the tokens read (VisionConfig)."""
-    model_type = hf_config.get("model_type") or str(hf_config.get("architectures", "none"))
+    model_type = hf_config.get("model_type")
     kind = MODEL_TYPES.get(model_type)
     if kind is None:
-        raise ConvertError(f"config.json's model type '{model_type}' is not a vision tower nextmm reads; give one of: {', '.join(MODEL_TYPES)} (CLIPVisionModel, CLIPModel, SiglipVisionModel, SiglipModel)")
+        found = f"config.json's model type '{model_type}' is not a vision tower nextmm reads" if model_type else "config.json names no model_type, so it is not a Hugging Face vision tower's"
+        raise ConvertError(f"{found}; give one of: {', '.join(MODEL_TYPES)} (CLIPVisionModel, CLIPModel, SiglipVisionModel, SiglipModel)")
     tower = (hf_config.get("vision_config") or {}) if model_type in ("clip", "siglip") else hf_config
     values = {**HF_DEFAULTS[kind], **tower}
     act = HF_ACTIVATIONS.get(values["hidden_act"])
