@@ -27,6 +27,7 @@ from nextmm.data import shapes
 from nextmm.data.sample import Text
 from nextmm.eval.shapes import EVAL_SEED, evaluate_binding
 from nextmm.generate import Stepper
+from nextmm.heads.copy import Recall, copy_sources
 
 SEED, SHOTS = EVAL_SEED, 4
 
@@ -82,13 +83,14 @@ def by_answer_token(m, episodes: list) -> dict[str, list[float]]:
         written = m.tokenizer.encode(f"this is a {answer}")[len(m.tokenizer.encode("this is a")):]
         ids = torch.cat([batch["input_ids"], torch.tensor([written])], 1)
         visual, patches = model.see(batch["pixels"])
-        hidden = model(ids, visual)
+        reading = model.read(ids, visual, patches)
+        hidden = model(ids, visual, reading=reading)
         asking = torch.zeros_like(ids, dtype=torch.bool)
         asking[0, -len(written) - 1:-1] = True  # the positions that write each token of the answer
-        copying = model.copying_of(ids, hidden, patches, asking)
+        copying = model.heads.copy.copying(reading, hidden, asking)
         embeddings = model.llm.embed_tokens.weight
-        gate = model.copy_head.opening(hidden[asking], model.copy_head.copied(copying, len(embeddings)), embeddings)[:, 0]
-        right = model.logits(hidden[asking], model.sight_of(ids, patches).rows(asking), copying).softmax(-1)[torch.arange(len(written)), written]
+        gate = model.heads.copy.opening(hidden[asking], model.heads.copy.copied(copying, len(embeddings)), embeddings)[:, 0]
+        right = model.logits(hidden, reading, asking).softmax(-1)[torch.arange(len(written)), written]
         for k, (g, p) in enumerate(zip(gate.tolist(), right.tolist())):
             found.setdefault(k, []).append((g, p))
     return {"gate_median_by_answer_token": [round(float(np.median([g for g, _ in v])), 3) for _, v in sorted(found.items())],
@@ -103,8 +105,8 @@ def main() -> None:
     args = parser.parse_args()
     m = nextmm.load(args.model)
     model = m.model.eval()
-    if model.copy_head is None:
-        raise SystemExit(f"{args.model} has no copy head (llm.copy_head)")
+    if "copy" not in model.heads:
+        raise SystemExit(f"{args.model} has no copy head (heads.copy)")
     scores = {"copy_attention_right": [], "lm_head_right": [], "mixed_right": [], "gate": [], "attribute_matcher_right": []}
     pictures, shown = [], []
     for i in range(args.prompts):
@@ -117,16 +119,20 @@ def main() -> None:
         with torch.no_grad():
             stepper = Stepper(model, batch, 1, True, "fp32")
             hidden = stepper.prefill()
-            copying = stepper.copying(hidden)
+            recall = next(state for state in stepper.states if isinstance(state, Recall))
+            copying = recall.copying(hidden)
             attention = copying.weights[0]
-            lm = model.logits(hidden, stepper.sight)[0]
+            lm = model.logits(hidden)
+            for state in (state for state in stepper.states if state is not recall):  # every head's but the copy head's
+                lm = state.logits(hidden, lm)
+            lm = lm[0]
             mixed = stepper.logits(hidden)[0]
             embeddings = model.llm.embed_tokens.weight
-            gate = model.copy_head.opening(hidden, model.copy_head.copied(copying, len(embeddings)), embeddings).item()
+            gate = model.heads.copy.opening(hidden, model.heads.copy.copied(copying, len(embeddings)), embeddings).item()
             visual, patches = model.see(batch["pixels"])
         pictures.append((shown_words(segments, len(objects)), answer, {"patch_max": patches.amax(1), "visual_mean": visual.mean(1)}))
         first = {w: m.tokenizer.encode(w)[0] for w in words}
-        on_word = {w: attention[stepper.copy_sources[0] == t].sum().item() for w, t in first.items()}
+        on_word = {w: attention[copy_sources(recall.read_ids, model.heads.uncopyable)[0] == t].sum().item() for w, t in first.items()}
         scores["copy_attention_right"].append(max(on_word, key=on_word.get) == answer)
         scores["lm_head_right"].append(max(first, key=lambda w: lm[first[w]].item()) == answer)
         scores["mixed_right"].append(max(first, key=lambda w: mixed[first[w]].item()) == answer)

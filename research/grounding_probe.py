@@ -5,7 +5,7 @@ LLM's hidden state where it writes the box's first location token. For each obje
 a probe trains on 1200 held-out questions about scenes of that count and is scored on 300 more (median
 L1 error of the centre, x plus y, in pixels), beside a constant guess. The visual probes cannot know
 which object a question names, so only their one-object figures say what the embeddings hold.
-With a location pointer (`llm.location_pointer`), also where it looks at that state: the miss of its
+With a location pointer (`heads.pointer`), also where it looks at that state: the miss of its
 attention-weighted patch position (median L1 to the centre, pixels) and its attention's share on the
 patches whose centre lies in the named object's box. And the model's own answers' Acc@0.5 on the 300
 held-out questions of each count, beside the same answers read as before session 19, averaging the
@@ -59,7 +59,7 @@ def prefilled(m, prompts: list, batch_size: int = 100):
 def features(m, prompts: list) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """The probes' inputs, and the pointer's attention over the patches where x0 is written (None without one)."""
     visual, hidden, looks = [], [], []
-    pointer = getattr(m.model.location_head, "pointer", None)
+    pointer = getattr(m.model.heads.location if "location" in m.model.heads else None, "pointer", None)
     for batch, stepper, state in prefilled(m, prompts):
         visual.append(m.model.encode_images(batch["pixels"]).float())
         hidden.append(state)
@@ -75,7 +75,7 @@ def features(m, prompts: list) -> tuple[dict[str, np.ndarray], np.ndarray | None
 def pointer_looks(m, attention: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per question: the L1 miss (pixels) of the attention-weighted patch centre, the attention's share on
     patches whose centre is inside the box, and whether its peak (PatchPointer.around_peak) is inside."""
-    pointer = m.model.location_head.pointer
+    pointer = m.model.heads.location.pointer
     where = (pointer.where.numpy() + 0.5) * m.config.vision.image_size  # (P, 2) pixels
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     miss = np.abs(attention @ where - centres).sum(1)
@@ -86,7 +86,7 @@ def pointer_looks(m, attention: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarr
 
 def whole_grid_answers(m, images: list, phrases: list[str]) -> list:
     """m.ground's boxes with the pointer reading its attention over the whole grid, as before session 19."""
-    pointer = m.model.location_head.pointer
+    pointer = m.model.heads.location.pointer
     pointer.around_peak = lambda attention: attention
     try:
         return m.ground(images, phrases)

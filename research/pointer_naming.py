@@ -78,9 +78,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     args = parser.parse_args()
     m = nextmm.load(args.model)
-    pointer = getattr(m.model.location_head, "pointer", None)
+    pointer = getattr(m.model.heads.location if "location" in m.model.heads else None, "pointer", None)
     if pointer is None:
-        raise SystemExit(f"the model in {args.model} has no location pointer (llm.location_pointer); nothing to probe")
+        raise SystemExit(f"the model in {args.model} has no location pointer (heads.pointer); nothing to probe")
     prompts, phrases, boxes = questions(FIT + HELD_OUT, args.objects)
     hidden, patches, words = hidden_and_patches(m, prompts)
     target = pointer.box_share(torch.tensor(boxes, dtype=torch.float) / m.config.vision.image_size)

@@ -22,11 +22,12 @@ from nextmm.data.loader import MixedStream, discover_sources
 from nextmm.data.sample import Image
 from nextmm.data.shapes import object_regions
 from nextmm.heads.presence import PresenceProbe
+from nextmm.heads.words import Words
 
 
 def bags_of(model, ids: torch.Tensor) -> torch.Tensor:
-    """(R, L) phrases padded with -1 -> (R, width) their decayed mean word embeddings, as Emu.presence_loss."""
-    return model._bag_mean(model.phrase_bags_of(ids))
+    """(R, L) phrases padded with -1 -> (R, width) their decayed mean word embeddings, as PresenceProbe.presence_loss."""
+    return Words.mean(model.heads.words(model.llm.embed_tokens).phrase_bags_of(ids))
 
 
 def features(model, pixels: torch.Tensor, source: str) -> torch.Tensor:
@@ -34,14 +35,14 @@ def features(model, pixels: torch.Tensor, source: str) -> torch.Tensor:
         visual, patches = model.see(pixels)
         if source == "visual":
             return visual
-        return model.location_head.pointer.key(patches) if source == "pointer" else patches
+        return model.heads.location.pointer.key(patches) if source == "pointer" else patches
 
 
 def trial(m, data: str, source: str, steps: int, lr: float) -> dict:
     torch.manual_seed(0)
     model, builder = m.model, m.builder
     model.eval()
-    widths = {"visual": m.config.resampler.width, "patches": m.config.vision.width, "pointer": model.location_head.pointer.key.out_features}
+    widths = {"visual": m.config.resampler.width, "patches": m.config.vision.width, "pointer": model.heads.location.pointer.key.out_features}
     probe = PresenceProbe(m.config.llm.width, widths[source])
     if source == "pointer":  # the pointer's keys as they are
         probe.key = torch.nn.Identity()

@@ -25,6 +25,8 @@ from nextmm.data import shapes
 from nextmm.data.sample import Image, Text, matching_question, vqa_prompt
 from nextmm.eval.shapes import EVAL_SEED, matching_answers
 from nextmm.generate import Stepper
+from nextmm.heads.agreement import Judging
+from nextmm.heads.words import Words
 
 
 def auc(scores: np.ndarray, truth: np.ndarray) -> float:
@@ -61,7 +63,8 @@ def presence(m, asked: list[tuple[object, str, str]]) -> np.ndarray:
         batch = m.builder.collate([m.builder.encode([Image(p)], close=False) for p, _, _ in part])
         visual, _ = model.see(batch["pixels"])
         ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(m.tokenizer.encode(t)) for _, t, _ in part], batch_first=True, padding_value=-1)
-        out.append(torch.sigmoid(model.presence.logits(model._bag_mean(model.phrase_bags_of(ids)), visual, torch.arange(len(part)))))
+        bags = Words.mean(model.heads.words(model.llm.embed_tokens).phrase_bags_of(ids))
+        out.append(torch.sigmoid(model.heads.presence.phrase_logits(bags, visual, torch.arange(len(part)))))
     return torch.cat(out).numpy()
 
 
@@ -76,8 +79,9 @@ def yes_margins(m, prompts: list) -> tuple[np.ndarray, np.ndarray | None]:
         stepper = Stepper(m.model, batch, 1, True, "fp32")
         logits = stepper.logits(stepper.prefill())
         margins.append((logits[:, yes] - logits[:, no]).numpy())
-        if stepper.agreed is not None:
-            verdicts.append(m.model.agreement.verdict(stepper.agreed).numpy())
+        judging = next((state for state in stepper.states if isinstance(state, Judging)), None)
+        if judging is not None:
+            verdicts.append(m.model.heads.agreement.verdict(judging.sums).numpy())
     return np.concatenate(margins), np.concatenate(verdicts) if verdicts else None
 
 
@@ -92,7 +96,9 @@ def lowest_read_at_shape_words(m, prompts: list) -> np.ndarray:
         batch = m.builder.collate([m.builder.encode(p, close=False) for p in prompts[start:start + 100]])
         ids = batch["input_ids"]
         visual, _ = model.see(batch["pixels"])
-        seen, reads = model.presence_reads(model.phrase_bags(ids), model.is_word(ids), model.latest_image(ids), visual)
+        reading = model.read(ids, visual)
+        model.heads.input(reading)
+        seen, reads = reading.notes["presence"]
         out.append(reads.masked_fill(~(seen & torch.isin(ids, shape_ids)), float("inf")).amin(1).numpy())
     return np.concatenate(out)
 
@@ -104,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     m = nextmm.load(args.model)
     report: dict = {"scenes": args.scenes}
-    if m.model.presence is not None:
+    if "presence" in m.model.heads:
         asked = phrases(args.scenes, seed=77)
         p = presence(m, asked)
         kinds = np.array([k for _, _, k in asked])
@@ -123,7 +129,7 @@ def main() -> None:
     questions = [[s.segments[0], Text(matching_question(s.meta["caption"]), target=False)] for s in pairs]
     margins, verdicts = yes_margins(m, questions)
     report["itm_margin_auc"] = round(auc(margins, truth), 4)
-    if m.model.presence is not None:
+    if "presence" in m.model.heads:
         report["itm_lowest_read_at_shape_words_auc"] = round(auc(lowest_read_at_shape_words(m, questions), truth), 4)
     if verdicts is not None:
         report["itm_judge_auc"] = round(auc(verdicts, truth), 4)

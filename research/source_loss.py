@@ -14,6 +14,7 @@ import torch
 import nextmm
 from nextmm.data.loader import MixedStream, discover_sources
 from nextmm.data.sequence import SequenceBuilder
+from nextmm.heads.location import location_token_loss
 from nextmm.train.stages import text_to_image_view
 
 
@@ -33,8 +34,9 @@ def main() -> None:
     for name in [*sources, *views]:
         stream = MixedStream(sources, {n: float(n == name) for n in [*sources, *views]}, lambda s: builder.encode(s.segments),
                              builder.collate, cfg.pretrain.batch_size, seed=0, views=views)
-        losses = [model.loss(b["input_ids"], b["labels"], b["pixels"], cfg.pretrain.regression_weight,
-                             location_sigma=cfg.pretrain.location_sigma) for b in (stream.next_batch() for _ in range(args.batches))]
+        text_loss = location_token_loss(model.heads.location_ids, cfg.pretrain.location_sigma)
+        losses = [model.loss(b["input_ids"], b["labels"], b["pixels"], cfg.pretrain.regression_weight, text_loss)
+                  for b in (stream.next_batch() for _ in range(args.batches))]
         result[name] = {key: round(sum(float(out[key]) for out in losses) / len(losses), 3) for key in ("ce", "l2") if key in losses[0]}
     print(json.dumps(result))
 

@@ -26,7 +26,7 @@ from nextmm.data.sequence import SequenceBuilder
 from nextmm.eval.images import regression_retrieval
 from nextmm.eval.metrics import box_misses, grounding_accuracy
 from nextmm.eval.shapes import EVAL_SEED, evaluate_binding, evaluate_captions, evaluate_vqa, matching_answers
-from nextmm.heads.location import location_head_for
+from nextmm.heads.location import location_head_for, location_token_loss
 from nextmm.train import regression
 from nextmm.train.loop import lr_factor, param_groups
 from nextmm.train.stages import text_to_image_view
@@ -73,8 +73,8 @@ def main() -> None:
                         help="all: the language side; head: the regression head alone; everything: the visual stack too, as stage 1 trains it")
     parser.add_argument("--score", choices=tuple(SCORES), default="retrieval")
     parser.add_argument("--location-sigma", type=float, help="soft location targets (pretrain.location_sigma); default: the model's config")
-    parser.add_argument("--location-head", action="store_true", help="give a model saved without one a new LocationHead (llm.location_head)")
-    parser.add_argument("--location-pointer", action="store_true", help="give the model's location head a new PatchPointer (llm.location_pointer), and a new head if it has none")
+    parser.add_argument("--location-head", action="store_true", help="give a model saved without one a new LocationHead (heads.location)")
+    parser.add_argument("--location-pointer", action="store_true", help="give the model's location head a new PatchPointer (heads.pointer), and a new head if it has none")
     parser.add_argument("--pointer-weight", type=float, help="supervise the pointer's attention with the boxes (pretrain.pointer_weight); default: the model's config")
     parser.add_argument("--pointer-lr", type=float, default=1.0, help="the location pointer's learning rate, as a multiple of --lr")
     parser.add_argument("--seed", type=int, default=0, help="the batches' order; give a continued model a new one")
@@ -86,14 +86,15 @@ def main() -> None:
     torch.manual_seed(args.seed)
     m = nextmm.load(args.model)
     model, cfg = m.model, m.config
-    has_pointer = model.location_head is not None and model.location_head.pointer is not None
-    if (args.location_head and model.location_head is None) or (args.location_pointer and not has_pointer):
+    location = model.heads.location if "location" in model.heads else None
+    has_pointer = location is not None and location.pointer is not None
+    if (args.location_head and location is None) or (args.location_pointer and not has_pointer):
         # the parts asked for start fresh; a trained head keeps its weights
-        cfg.llm.location_head, cfg.llm.location_pointer = True, args.location_pointer or has_pointer
-        head = location_head_for(cfg, len(model.location_ids))
-        if model.location_head is not None:
-            head.load_state_dict(model.location_head.state_dict(), strict=False)
-        model.location_head = head
+        cfg.heads.location, cfg.heads.pointer = True, args.location_pointer or has_pointer
+        head = location_head_for(cfg, len(model.heads.location_ids))
+        if location is not None:
+            head.load_state_dict(location.state_dict(), strict=False)
+        model.heads["location"] = head  # location's hooks run first, as heads_for orders them
     sources = discover_sources(args.data)
     views = text_to_image_view(sources)
     mix = json.loads(args.mix)
@@ -108,7 +109,7 @@ def main() -> None:
         trained = param_groups(model, args.lr, 0.0, {"vision.": cfg.pretrain.vision_lr_scale})
     else:
         trained = regression.language_side(model) if args.train == "all" else list(model.regression_head.parameters())
-    pointer = getattr(model.location_head, "pointer", None)
+    pointer = getattr(model.heads["location"] if "location" in model.heads else None, "pointer", None)
     if pointer is not None and args.pointer_lr != 1:
         in_pointer = {id(p) for p in pointer.parameters()}
         trained = [{"params": [p for p in trained if id(p) not in in_pointer]},
@@ -122,8 +123,8 @@ def main() -> None:
         tick = time.perf_counter()
         model.train()
         batch = stream.next_batch()
-        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], cfg.pretrain.regression_weight, location_sigma=sigma,
-                         pointer_weight=pointer_weight)
+        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], cfg.pretrain.regression_weight,
+                         text_loss=location_token_loss(model.heads.location_ids, sigma), head_weight=pointer_weight)
         model.zero_grad(set_to_none=True)
         regression.backward(model, out)
         if args.anneal:
@@ -138,8 +139,8 @@ def main() -> None:
                               **({"pointer": round(float(out["pointer"].detach()), 3)} if "pointer" in out else {}),
                               args.score: score(m)}), flush=True)
     model.eval()
-    print(json.dumps({"mix": mix, "location_sigma": sigma, "pointer_weight": pointer_weight, "pointer_lr": args.pointer_lr, "anneal": args.anneal, "location_head": model.location_head is not None,
-                      "location_pointer": getattr(model.location_head, "pointer", None) is not None, "lr": args.lr, "steps": args.steps, "train": args.train, "train_s": round(train_s, 1),
+    print(json.dumps({"mix": mix, "location_sigma": sigma, "pointer_weight": pointer_weight, "pointer_lr": args.pointer_lr, "anneal": args.anneal, "location_head": "location" in model.heads,
+                      "location_pointer": pointer is not None, "lr": args.lr, "steps": args.steps, "train": args.train, "train_s": round(train_s, 1),
                       args.score: score(m), "before": before, "after": reading(m),
                       "wall_s": round(time.perf_counter() - start, 1)}), flush=True)
     if args.save:

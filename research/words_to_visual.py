@@ -1,7 +1,7 @@
 """How much of a picture a prompt's words alone can regress: a ridge map from the word bag at `[IMG]`
 (Emu.word_bags, the words since the latest picture, gated and summed) to the N visual embeddings of the
 picture the prompt describes, fitted on 1500 training-seed scenes, against the model's own regression
-(`m.regress`: the LLM's, plus its words' map with llm.regress_from_words). Scored as
+(`m.regress`: the LLM's, plus its words' map with heads.words_to_visual). Scored as
 eval/images.regression_retrieval: for 200 held-out prompts, is the regression nearest (L2) to a picture
 of the prompt's objects (colour and shape, in order) among 300 held-out pictures?
 
@@ -27,7 +27,7 @@ def bags_at_img(m, captions: list[str]) -> np.ndarray:
         encoded = m.builder.encode([Text(caption, target=False)], close=False)
         encoded.add([m.tokenizer.img_id])
         with torch.no_grad():
-            rows.append(m.model.word_bags(torch.tensor([encoded.ids]))[0, -1].numpy())
+            rows.append(m.model.read(torch.tensor([encoded.ids]), None).word_bags[0, -1].numpy())
     return np.array(rows)
 
 

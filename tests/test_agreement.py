@@ -6,6 +6,8 @@ from nextmm.api import build_model
 from nextmm.data import shapes
 from nextmm.data.sample import Image, Text
 from nextmm.generate import Stepper
+from nextmm.heads.agreement import Judging
+from nextmm.heads.presence import Probing
 from nextmm.tokenizer import NextTokenizer
 from nextmm.train.stages import text_first
 from test_model import bag_test_batch, builder_for
@@ -14,9 +16,9 @@ from test_model import bag_test_batch, builder_for
 def _scramble(model) -> None:
     """Probe, gate and both directions away from their starting values, so every part shows."""
     with torch.no_grad():
-        for weight in (model.presence.query.weight, model.presence.found, model.agreement.gate.weight, model.agreement.holds, model.agreement.holds_at_top):
+        for weight in (model.heads.presence.query.weight, model.heads.presence.found, model.heads.agreement.gate.weight, model.heads.agreement.holds, model.heads.agreement.holds_at_top):
             torch.nn.init.normal_(weight, std=0.5)
-        model.agreement.judge.weight.fill_(1.5)
+        model.heads.agreement.judge.weight.fill_(1.5)
 
 
 def test_the_agreement_judge_keeps_a_gated_soft_minimum_of_the_reads_since_the_latest_picture(micro_model, tokenizer):
@@ -26,12 +28,12 @@ def test_the_agreement_judge_keeps_a_gated_soft_minimum_of_the_reads_since_the_l
     model = micro_model
     with torch.no_grad():
         visual, _ = model.see(batch["pixels"])
-        told, sums = model.presence_of(ids, visual)
-        words = ~((ids == model.image_token_id) | torch.isin(ids, model.location_ids))
-        image_index, bags = model.latest_image(ids), model.phrase_bags(ids)
-        seen, reads = model.presence_reads(bags, words, image_index, visual)
-        gates = torch.sigmoid(model.agreement.gate(model.llm.embed_tokens(ids)).squeeze(-1))
-        verdicts = model.agreement.verdict(sums)
+        reading = model.read(ids, visual)
+        told = model.heads.input(reading)
+        sums, (seen, reads) = reading.notes["agreed"], reading.notes["presence"]
+        image_index = reading.latest_image
+        gates = torch.sigmoid(model.heads.agreement.gate(model.llm.embed_tokens(ids)).squeeze(-1))
+        verdicts = model.heads.agreement.verdict(sums)
     slots = ids == model.image_token_id
     judged = 0
     for row in range(len(ids)):
@@ -43,16 +45,19 @@ def test_the_agreement_judge_keeps_a_gated_soft_minimum_of_the_reads_since_the_l
                 continue
             g, reads_here = gates[row, counted], reads[row, counted]
             soft_min = -torch.log((g * torch.exp(-reads_here)).sum() / g.sum())
-            torch.testing.assert_close(verdicts[row, t], 1.5 * soft_min + model.agreement.judge.bias[0])
+            torch.testing.assert_close(verdicts[row, t], 1.5 * soft_min + model.heads.agreement.judge.bias[0])
             judged += 1
     assert judged > 20 and (told[slots] == 0).all()
-    # generation: one token at a time, as over the whole sequence
-    stepped_bags, stepped_sums = bags[:, 0], sums[:, 0]
+    # generation: one token at a time, as over the whole sequence (the latest image told at each step, which
+    # decoding keeps fixed: new pictures end it)
     with torch.no_grad():
+        first = model.read(ids[:, :1], visual)
+        model.heads.input(first)
+        probing, judging = (s for s in model.heads.decoding(first) if isinstance(s, (Probing, Judging)))
         for t in range(1, ids.shape[1]):
-            stepped_bags = model.next_phrase_bags(stepped_bags, ids[:, t - 1], ids[:, t])
-            told_here, stepped_sums = model.presence_step(stepped_bags, stepped_sums, ids[:, t], image_index[:, t], visual)
-            torch.testing.assert_close(stepped_sums, sums[:, t])
+            probing.image_index = image_index[:, t]
+            told_here = probing.token(ids[:, t - 1], ids[:, t]) + judging.token(ids[:, t - 1], ids[:, t])
+            torch.testing.assert_close(judging.sums, sums[:, t])
             torch.testing.assert_close(told_here, told[:, t])
 
 
@@ -68,7 +73,9 @@ def test_generation_reads_the_verdict_as_training_does_word_by_word(micro_model,
     with torch.no_grad():
         visual, _ = micro_model.see(whole["pixels"])
         trained = micro_model(ids, visual)
-        at_top = micro_model.agreement.told(micro_model.presence_of(ids, visual)[1], at_top=True)
+        reading = micro_model.read(ids, visual)
+        micro_model.heads.input(reading)
+        at_top = micro_model.heads.top(reading)
         assert (at_top[0, prompt_len - 1 :].norm(dim=-1) > 0).all()  # the verdict reaches every position compared
         prompt = {"input_ids": ids[:, :prompt_len], "valid": whole["valid"][:, :prompt_len], "pixels": whole["pixels"]}
         stepper = Stepper(micro_model, prompt, ids.shape[1] - prompt_len, use_cache, "fp32")
@@ -117,10 +124,10 @@ def test_the_agreement_judge_learns_to_count_the_reads_that_end_a_phrase_and_tel
         valid = torch.tensor([[True] * len(r) + [False] * (width_ - len(r)) for r in rows])
         return ids, valid, holds.long(), visual
 
-    probe_optimizer = torch.optim.Adam(model.presence.parameters(), lr=0.015)
+    probe_optimizer = torch.optim.Adam(model.heads.presence.parameters(), lr=0.015)
     for _ in range(200):
         visual, colour, shape = pictures(32)
-        loss = model.presence_loss(visual, region_ids(colour, shape), torch.arange(32).repeat_interleave(2))
+        loss = model.heads.presence.presence_loss(model.read(torch.zeros(0, 0, dtype=torch.long), visual), region_ids(colour, shape), torch.arange(32).repeat_interleave(2))
         probe_optimizer.zero_grad()
         loss.backward()
         probe_optimizer.step()
@@ -128,16 +135,18 @@ def test_the_agreement_judge_learns_to_count_the_reads_that_end_a_phrase_and_tel
     def accuracy() -> float:
         ids, valid, claims, visual = questions(300)
         with torch.no_grad():
-            _, sums = model.presence_of(ids, visual)
+            reading = model.read(ids, visual)
+            model.heads.input(reading)
+            sums = reading.notes["agreed"]
             last = valid.long().sum(1) - 1
-            verdict = model.agreement.verdict(sums[torch.arange(len(ids)), last])
+            verdict = model.heads.agreement.verdict(sums[torch.arange(len(ids)), last])
         return ((verdict > 0) == (claims == 1)).float().mean().item()
 
     before = accuracy()
-    optimizer = torch.optim.Adam([*model.agreement.gate.parameters(), *model.agreement.judge.parameters()], lr=0.05)
+    optimizer = torch.optim.Adam([*model.heads.agreement.gate.parameters(), *model.heads.agreement.judge.parameters()], lr=0.05)
     for _ in range(120):
         ids, valid, claims, visual = questions(16)
-        loss = model.agreement_loss(ids, valid, visual, claims)
+        loss = model.heads.agreement.agreement_loss(model.read(ids, visual), valid, claims)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -155,12 +164,13 @@ def test_captions_and_matching_answers_make_claims_that_reach_the_loss(micro_mod
     said = [m.meta["answer"] == "yes" for m in matching]
     assert batch["claims"].tolist() == [1, *map(int, said), -1, -1] and 0 < sum(said) < len(said)
     args = (batch["input_ids"], batch["labels"], batch["pixels"])
-    out = micro_model.loss(*args, pointer_weight=1.0, claims=batch["claims"], valid=batch["valid"])
-    plain = micro_model.loss(*args, pointer_weight=1.0)
+    out = micro_model.loss(*args, head_weight=1.0, extras={"claims": batch["claims"], "valid": batch["valid"]})
+    plain = micro_model.loss(*args, head_weight=1.0)
     visual, _ = micro_model.see(batch["pixels"])
-    agreement = micro_model.agreement_loss(batch["input_ids"], batch["valid"], visual, batch["claims"])
+    judge, reading = micro_model.heads.agreement, micro_model.read(batch["input_ids"], visual)
+    agreement = judge.agreement_loss(reading, batch["valid"], batch["claims"])
     torch.testing.assert_close(out["agreement"], agreement)
     torch.testing.assert_close(out["text"], plain["text"] + agreement)
     assert "agreement" not in plain
     # nobody claims anything: no loss
-    assert micro_model.agreement_loss(batch["input_ids"], batch["valid"], visual, torch.full_like(batch["claims"], -1)) is None
+    assert judge.agreement_loss(reading, batch["valid"], torch.full_like(batch["claims"], -1)) is None

@@ -74,26 +74,41 @@ LATER_PARTS = [
 ]
 
 
-@pytest.mark.parametrize("added", range(len(LATER_PARTS)))
-def test_a_model_saved_before_a_later_part_existed_still_loads(capsys, model_dir, image_file, added):
+@pytest.mark.parametrize("added", range(len(LATER_PARTS) + 1))
+def test_a_model_saved_before_a_later_part_existed_or_before_the_heads_section_still_loads(capsys, model_dir, image_file, added):
+    """The model directory rewritten as models were saved before the config's `heads` section (the heads'
+    switches in `llm`, their weights at the model's top level), less the parts added after `added`."""
     from safetensors.torch import load_file, save_file
 
-    missing = LATER_PARTS[added:]
-    weights = load_file(Path(model_dir) / "model.safetensors")
-    kept = {name: w for name, w in weights.items() if not name.startswith(tuple(prefix for _, _, prefix in missing))}
-    assert len(kept) < len(weights)
-    save_file(kept, Path(model_dir) / "model.safetensors")
+    from nextmm.config import HEAD_SWITCHES_IN_LLM
+    from nextmm.heads import OLD_NAMES
+
+    code, before, _ = run(capsys, "caption", "--model", model_dir, image_file)
+    assert code == 0
+    longest_first = sorted(OLD_NAMES.items(), key=lambda pair: -len(pair[1]))
+    old_name = lambda name: next((old + name[len(new):] for old, new in longest_first if name.startswith(new)), name)  # noqa: E731
+    weights = {old_name(name): w for name, w in load_file(Path(model_dir) / "model.safetensors").items()}
     config = json.loads((Path(model_dir) / "config.json").read_text())
+    config["llm"].update({old: config["heads"][new] for old, new in HEAD_SWITCHES_IN_LLM.items()})
+    del config["heads"]
+    missing = LATER_PARTS[added:]
+    kept = {name: w for name, w in weights.items() if not name.startswith(tuple(prefix for _, _, prefix in missing))}
+    assert len(kept) < len(weights) or not missing
+    save_file(kept, Path(model_dir) / "model.safetensors")
     for part, key, _ in missing:
         del config[part][key]
     (Path(model_dir) / "config.json").write_text(json.dumps(config))
     code, out, _ = run(capsys, "caption", "--model", model_dir, image_file)
     assert code == 0 and image_file in out
+    if not missing:
+        assert out == before  # every part, under its old name: the same model
 
 
 def test_unknown_preset_and_unknown_key(capsys, tmp_path):
     assert_one_clear_line(*run(capsys, "train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "giant")[::2], "giant")
     assert_one_clear_line(*run(capsys, "train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "llm.depth=3")[::2], "llm.depth")
+    # a head's switch under its old name says where it went
+    assert_one_clear_line(*run(capsys, "train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "llm.copy_head=false")[::2], "llm.copy_head", "heads.copy")
 
 
 def test_a_bad_pretrained_decoder_stops_training_before_it_starts(capsys, tmp_path):

@@ -52,7 +52,7 @@ def test_every_head_trains_and_decodes_under_bf16_autocast(micro_nextmm, micro_c
     batch = builder.collate([builder.encode([Image(s.image()), Text(s.caption(), target=True)], claim=True) for s in scenes[:4]])
     model = micro_nextmm.model.train()
     with autocast("bf16"):
-        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], pointer_weight=1.0, claims=batch["claims"])
+        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], head_weight=1.0, extras={"claims": batch["claims"]})
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and "agreement" in out
     micro_nextmm.precision = "bf16"

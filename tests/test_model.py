@@ -1,3 +1,5 @@
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,6 +8,7 @@ from nextmm.config import ConfigError, make_config
 from nextmm.data.sample import Image, Text, Video, caption_sample, vqa_sample
 from nextmm.data.sequence import SequenceBuilder, SequenceTooLong
 from nextmm.generate import generate_ids
+from nextmm.heads.location import box_roles, location_token_loss
 from nextmm.models.emu import IGNORE
 from nextmm.models.llm import KVCache
 from nextmm.models.resampler import CausalResampler
@@ -75,26 +78,27 @@ def test_loss_has_ce_and_regression_of_every_visual_embedding(micro_model, token
 
 def test_soft_location_targets_reward_near_misses_and_leave_words_alone(micro_model, tokenizer):
     bins, vocab = tokenizer.bin_ids, tokenizer.vocab_size
-    assert micro_model.location_ids.tolist() == bins
+    assert micro_model.heads.location_ids.tolist() == bins
     word = tokenizer.encode("red")[0]
     labels = torch.tensor([word, bins[20]])
     torch.manual_seed(0)
     logits = torch.randn(2, vocab)
     one_hot = torch.nn.functional.cross_entropy(logits, labels)
-    assert micro_model.text_loss(logits, labels, 0.0) == pytest.approx(one_hot.item())
-    assert micro_model.text_loss(logits[:1], labels[:1], 2.0) == pytest.approx(one_hot_row(logits[0], word))
+    text_loss = partial(location_token_loss, micro_model.heads.location_ids)
+    assert text_loss(0.0)(logits, labels) == pytest.approx(one_hot.item())
+    assert text_loss(2.0)(logits[:1], labels[:1]) == pytest.approx(one_hot_row(logits[0], word))
 
     def sure_of(bin_index: int) -> torch.Tensor:  # a row that puts (nearly) all its mass on one bin
         row = torch.full((1, vocab), -30.0)
         row[0, bins[bin_index]] = 30.0
         return row
 
-    near, far, exact = (micro_model.text_loss(sure_of(k), labels[1:], 1.5).item() for k in (21, 45, 20))
+    near, far, exact = (text_loss(1.5)(sure_of(k), labels[1:]).item() for k in (21, 45, 20))
     assert 0 < exact < near < far  # one-hot CE gives the near and the far miss the same loss
     target = torch.exp(-((torch.arange(len(bins)) - 20.0) ** 2) / (2 * 1.5**2))
     matched = torch.full((1, vocab), -1e4)
     matched[0, bins] = (target / target.sum()).log()
-    assert micro_model.text_loss(matched, labels[1:], 1.5).item() == pytest.approx(0.0, abs=1e-5)  # a KL: 0 at the target
+    assert text_loss(1.5)(matched, labels[1:]).item() == pytest.approx(0.0, abs=1e-5)  # a KL: 0 at the target
 
 
 def test_location_head_reads_a_place_off_one_direction_of_the_hidden_state(micro_model, tokenizer):
@@ -121,11 +125,13 @@ def test_location_head_reads_a_place_off_one_direction_of_the_hidden_state(micro
     head_miss, rows_miss = miss_after_training(LocationHead(32, 64)), miss_after_training(torch.nn.Linear(32, 64))
     assert head_miss < 2.0 and head_miss < rows_miss / 2  # a row per bin must first learn how the bins are ordered
     # in the model, the bins' logits are the head's and every other token's the LM head's
-    hidden = torch.randn(3, micro_model.cfg.llm.width)
-    logits, plain = micro_model.logits(hidden), micro_model.llm.lm_head(hidden)
+    hidden, words = torch.randn(1, 3, micro_model.cfg.llm.width), torch.tensor([tokenizer.encode("a red circle")[:1] * 3])
+    plain = micro_model.llm.lm_head(hidden[0])
+    logits = micro_model.heads.location.logits(micro_model.read(words, None), hidden, torch.ones(1, 3, dtype=torch.bool), plain)
+    hidden = hidden[0]
     bins = tokenizer.bin_ids
     others = [i for i in range(tokenizer.vocab_size) if i not in set(bins)]
-    assert torch.equal(logits[:, others], plain[:, others]) and torch.allclose(logits[:, bins], micro_model.location_head(hidden))
+    assert torch.equal(logits[:, others], plain[:, others]) and torch.allclose(logits[:, bins], micro_model.heads.location(hidden))
 
 
 def test_patch_pointer_finds_the_named_object_where_the_hidden_state_does_not_say_where(micro_model, tokenizer):
@@ -149,7 +155,7 @@ def test_patch_pointer_finds_the_named_object_where_the_hidden_state_does_not_sa
 
     def miss_after_training(head: LocationHead, words_name_it: bool = False) -> float:
         """With words_name_it the hidden state says only the axis, and the word bags name the object. As in
-        Emu.pointer_loss, the pointer's attention is also told the named object's patch."""
+        LocationHead.pointer_loss, the pointer's attention is also told the named object's patch."""
 
         def logits(n: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             hidden, axis_only, words, patches, place, spot = batch(n)
@@ -176,7 +182,7 @@ def test_patch_pointer_finds_the_named_object_where_the_hidden_state_does_not_sa
     worded = miss_after_training(LocationHead(width, 64, pointer=PatchPointer(width, patch_width, grid, roles=False)), words_name_it=True)
     assert worded <= 6, "the words alone tell the pointer which object"
     # in the model, a row with no image before it gets the plain head's logits
-    head = micro_model.location_head
+    head = micro_model.heads.location
     # after an image the place is the pointer's own box
     hidden, words = torch.randn(2, micro_model.cfg.llm.width), torch.randn(2, micro_model.cfg.llm.width)
     patches = torch.randn(1, len(head.pointer.where), micro_model.cfg.vision.width)
@@ -196,7 +202,7 @@ def test_latest_image_follows_each_rows_pictures_in_reading_order(micro_model, t
         [word] * (2 * n + 2) + [word],
         [slot] * n + [word] * (n + 3),
     ])
-    index = micro_model.latest_image(rows)
+    index = micro_model.read(rows, None).latest_image
     assert index[0].tolist() == [-1] + [0] * (n + 1) + [1] * (n + 1)
     assert index[1].tolist() == [-1] * (2 * n + 3)
     assert index[2].tolist() == [2] * (2 * n + 3)
@@ -317,7 +323,7 @@ def test_tied_embeddings_share_one_matrix_through_training_and_a_save(tmp_path, 
 def test_pointer_loss_is_its_attentions_cross_entropy_against_each_boxs_patches(micro_model, tokenizer):
     from nextmm.data import shapes
 
-    pointer = micro_model.location_head.pointer
+    pointer = micro_model.heads.location.pointer
     grid = pointer.grid
     cell = 1 / grid
     share = pointer.box_share(torch.tensor([[cell, 2 * cell, 2 * cell, 3 * cell], [0.5 * cell, 0.0, 1.5 * cell, cell]]))
@@ -329,15 +335,15 @@ def test_pointer_loss_is_its_attentions_cross_entropy_against_each_boxs_patches(
     grounding = [s for s in shapes.make_samples("ground", 0, 2)][:3]
     batch = b.collate([b.encode(s.segments) for s in grounding])
     ids, labels, pixels = batch["input_ids"], batch["labels"], batch["pixels"]
-    out = micro_model.loss(ids, labels, pixels, pointer_weight=0.5)
+    out = micro_model.loss(ids, labels, pixels, head_weight=0.5)
     # by hand: each question's four labelled location tokens make one box, and each of their rows is scored
     visual, patches = micro_model.see(pixels)
     hidden = micro_model(ids, visual)
-    rows = torch.isin(labels, micro_model.location_ids).nonzero()
+    rows = torch.isin(labels, micro_model.heads.location_ids).nonzero()
     assert len(rows) == 4 * len(grounding)
     boxes = torch.tensor([tokenizer.box_from_ids(labels[r, t : t + 4].tolist(), 1) for r, t in rows[::4]]).repeat_interleave(4, 0)
     at = rows[:, 0], rows[:, 1]
-    image_index, words = micro_model.latest_image(ids)[at], micro_model.word_bags(ids)[at]
+    image_index, words = micro_model.read(ids, None).latest_image[at], micro_model.read(ids, None).word_bags[at]
     attention = pointer.attention(hidden[at], patches, image_index, words)
     own = pointer.box(pointer.read(patches, image_index, attention), hidden[at], words)  # the pointer's own box, from the centre
     expected = -(pointer.box_share(boxes) * attention.log()).sum(-1).mean() + 10 * (own - (boxes - 0.5)).abs().mean()
@@ -345,7 +351,7 @@ def test_pointer_loss_is_its_attentions_cross_entropy_against_each_boxs_patches(
     torch.testing.assert_close(out["loss"], out["ce"] + 0.5 * out["pointer"] + out["l2_weight"] * out["l2"])
     # a batch that writes no box has no pointer loss, and a weight of 0 asks for none
     captions = b.collate([b.encode(s.segments) for s in shapes.make_samples("caption", 0, 2)])
-    assert "pointer" not in micro_model.loss(captions["input_ids"], captions["labels"], captions["pixels"], pointer_weight=0.5)
+    assert "pointer" not in micro_model.loss(captions["input_ids"], captions["labels"], captions["pixels"], head_weight=0.5)
     assert "pointer" not in micro_model.loss(ids, labels, pixels)
 
 
@@ -376,7 +382,7 @@ def bag_test_batch(model, tokenizer, other_kind: str) -> tuple[list, dict]:
     from nextmm.data import shapes
 
     model.eval()
-    torch.nn.init.normal_(model.location_head.pointer.word_gate.weight)
+    torch.nn.init.normal_(model.heads.location.pointer.word_gate.weight)
     b = builder_for(model, tokenizer)
     samples = [next(s for s in shapes.make_samples("detect", 0, 50) if len(s.meta["objects"]) >= 2), next(iter(shapes.make_samples(other_kind, 0, 1)))]
     return samples, b.collate([b.encode(s.segments) for s in samples])
@@ -386,12 +392,12 @@ def test_word_bags_hold_the_words_since_the_latest_image_or_box_and_generation_k
     (detection, grounding), batch = bag_test_batch(micro_model, tokenizer, "ground")
     ids, labels = batch["input_ids"], batch["labels"]
     with torch.no_grad():
-        bags = micro_model.word_bags(ids)
-        pointer = micro_model.location_head.pointer
+        bags = micro_model.read(ids, None).word_bags
+        pointer = micro_model.heads.location.pointer
         weighed = pointer.word_weight(micro_model.llm.embed_tokens(ids)) * micro_model.llm.embed_tokens(ids)
-    is_location = torch.isin(ids, micro_model.location_ids)
+    is_location = torch.isin(ids, micro_model.heads.location_ids)
     for row, sample in enumerate((detection, grounding)):
-        writes = torch.isin(labels[row], micro_model.location_ids).nonzero().flatten()  # where each box is written
+        writes = torch.isin(labels[row], micro_model.heads.location_ids).nonzero().flatten()  # where each box is written
         firsts = writes[::4]
         phrases = [part.split(" <loc>")[0] for part in sample.segments[-1].text.split(", ")] if row == 0 else [sample.meta["phrase"]]
         for n, first in enumerate(firsts.tolist()):
@@ -407,7 +413,7 @@ def test_word_bags_hold_the_words_since_the_latest_image_or_box_and_generation_k
     with torch.no_grad():
         stepped = bags[:, 0]
         for t in range(1, ids.shape[1]):
-            stepped = micro_model.next_word_bags(stepped, ids[:, t - 1], ids[:, t])
+            stepped = micro_model.heads.words(micro_model.llm.embed_tokens).next_bags(stepped, ids[:, t - 1], ids[:, t])
             torch.testing.assert_close(stepped, bags[:, t])
 
 
@@ -427,13 +433,13 @@ def test_a_question_about_one_object_tells_the_pointer_that_objects_patches_at_i
             assert batch["labels"][row, position] == tokenizer.encode(sample.segments[2].text)[0]  # where the answer is written
             torch.testing.assert_close(batch["named_boxes"][row, position], torch.tensor(shapes.named_object(sample)[1]))
     ids, labels, pixels, named = batch["input_ids"], batch["labels"], batch["pixels"], batch["named_boxes"]
-    assert "pointer" not in micro_model.loss(ids, labels, pixels, pointer_weight=1.0)  # VQA writes no box
-    out = micro_model.loss(ids, labels, pixels, pointer_weight=1.0, named_boxes=named)
+    assert "pointer" not in micro_model.loss(ids, labels, pixels, head_weight=1.0)  # VQA writes no box
+    out = micro_model.loss(ids, labels, pixels, head_weight=1.0, extras={"named_boxes": named})
     visual, patches = micro_model.see(pixels)
     hidden = micro_model(ids, visual)
     at = tuple(told.T)
-    pointer = micro_model.location_head.pointer
-    image_index, words = micro_model.latest_image(ids)[at], micro_model.word_bags(ids)[at]
+    pointer = micro_model.heads.location.pointer
+    image_index, words = micro_model.read(ids, None).latest_image[at], micro_model.read(ids, None).word_bags[at]
     attention = pointer.attention(hidden[at], patches, image_index, words)
     own = pointer.box(pointer.read(patches, image_index, attention), hidden[at], words)
     expected = -(pointer.box_share(named[at]) * attention.log()).sum(-1).mean() + 10 * (own - (named[at] - 0.5)).abs().mean()
@@ -448,14 +454,14 @@ def test_a_named_object_trains_the_pointer_alone_where_a_written_box_trains_the_
     b = builder_for(micro_model, tokenizer)
     asked = [s for s in shapes.make_samples("vqa", 0, 30) if shapes.named_object(s) is not None][:2]
     grounded = list(shapes.make_samples("ground", 0, 2))
-    pointer = micro_model.location_head.pointer
+    pointer = micro_model.heads.location.pointer
 
     def gradients(samples, named: bool) -> tuple[float, float, float]:
         """The pointer loss's gradient norms on the pointer, the LLM (and its embeddings) and the vision tower."""
         batch = b.collate([b.encode(s.segments, named=shapes.named_object(s) if named else None) for s in samples])
         micro_model.zero_grad()
-        out = micro_model.loss(batch["input_ids"], batch["labels"], batch["pixels"], pointer_weight=1.0,
-                               named_boxes=batch["named_boxes"] if named else None)
+        out = micro_model.loss(batch["input_ids"], batch["labels"], batch["pixels"], head_weight=1.0,
+                               extras={"named_boxes": batch["named_boxes"] if named else None})
         out["pointer"].backward()
         norm = lambda module: sum(float(p.grad.norm()) for p in module.parameters() if p.grad is not None)
         return norm(pointer), norm(micro_model.llm), norm(micro_model.vision)
@@ -482,10 +488,10 @@ def test_every_object_of_a_picture_tells_the_pointer_its_patches_asked_by_its_ph
     for ids, phrase in zip(batch["region_ids"].tolist(), phrases):
         assert tokenizer.decode([i for i in ids if i >= 0]) == phrase
     regions = (batch["region_ids"], batch["region_image"], batch["region_boxes"])
-    out = micro_model.loss(batch["input_ids"], batch["labels"], batch["pixels"], pointer_weight=1.0, regions=regions)
+    out = micro_model.loss(batch["input_ids"], batch["labels"], batch["pixels"], head_weight=1.0, extras={"regions": regions})
     # by hand: the phrase's gated word embeddings ask, with no hidden state
     _, patches = micro_model.see(batch["pixels"])
-    pointer = micro_model.location_head.pointer
+    pointer = micro_model.heads.location.pointer
     embeds = micro_model.llm.embed_tokens(batch["region_ids"].clamp_min(0)).float()
     bags = (pointer.word_weight(embeds) * embeds * (batch["region_ids"] >= 0)[..., None]).sum(1)
     boxes = batch["region_boxes"]
@@ -493,8 +499,9 @@ def test_every_object_of_a_picture_tells_the_pointer_its_patches_asked_by_its_ph
     own = pointer.box(pointer.read(patches, batch["region_image"], attention), None, bags)
     expected = -(pointer.box_share(boxes) * attention.log()).sum(-1).mean() + 10 * (own - (boxes - 0.5)).abs().mean()
     torch.testing.assert_close(out["regions"], expected)
-    plain = micro_model.loss(batch["input_ids"], batch["labels"], batch["pixels"], pointer_weight=1.0)
-    presence = micro_model.presence_loss(micro_model.see(batch["pixels"])[0], batch["region_ids"], batch["region_image"])  # its own test: test_presence.py
+    plain = micro_model.loss(batch["input_ids"], batch["labels"], batch["pixels"], head_weight=1.0)
+    reading = micro_model.read(batch["input_ids"], micro_model.see(batch["pixels"])[0])
+    presence = micro_model.heads.presence.presence_loss(reading, batch["region_ids"], batch["region_image"])  # its own test: test_presence.py
     torch.testing.assert_close(out["presence"], presence)
     torch.testing.assert_close(out["text"], plain["text"] + expected + presence)
     assert "regions" not in plain and "presence" not in plain
@@ -502,7 +509,7 @@ def test_every_object_of_a_picture_tells_the_pointer_its_patches_asked_by_its_ph
 
 def test_region_phrases_alone_teach_the_pointer_which_of_several_objects_a_phrase_names(micro_model, tokenizer):
     torch.manual_seed(0)
-    grid = micro_model.location_head.pointer.grid
+    grid = micro_model.heads.location.pointer.grid
     patch_width, kinds = micro_model.cfg.vision.width, 6
     looks = torch.randn(kinds, patch_width) * 2
     words = torch.tensor(tokenizer.encode("red green blue circle square triangle"))  # a word per kind of object
@@ -521,15 +528,17 @@ def test_region_phrases_alone_teach_the_pointer_which_of_several_objects_a_phras
     def share_on_named(n: int = 500) -> float:
         patches, ids, _, spot = scenes(n)
         with torch.no_grad():
-            bags = micro_model._weighed_words(ids, ids >= 0).sum(1)
-            attention = micro_model.location_head.pointer.attention(None, patches, torch.arange(n), bags)
+            bags = words_of.weighed(micro_model.llm.embed_tokens(ids), ids >= 0).sum(1)
+            attention = micro_model.heads.location.pointer.attention(None, patches, torch.arange(n), bags)
         return attention[torch.arange(n), spot].mean().item()
 
+    words_of = micro_model.heads.words(micro_model.llm.embed_tokens)
     before = share_on_named()
     optimizer = torch.optim.Adam(micro_model.parameters(), lr=0.01)
     for _ in range(300):
         patches, ids, boxes, _ = scenes(64)
-        loss = micro_model.region_loss(patches, ids, torch.arange(64), boxes)
+        reading = micro_model.read(ids, None, patches)
+        loss = micro_model.heads.location.region_loss(reading, ids, torch.arange(64), boxes)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -572,21 +581,21 @@ def test_a_boxs_sides_start_at_the_pointed_place_by_their_order_in_the_box(micro
     detection = next(s for s in shapes.make_samples("detect", 0, 50) if len(s.meta["objects"]) >= 2)
     batch = b.collate([b.encode(detection.segments)])
     ids, labels = batch["input_ids"], batch["labels"]
-    roles = micro_model.box_roles(ids)
-    writes = torch.isin(labels[0], micro_model.location_ids).nonzero().flatten()
+    roles = box_roles(ids, micro_model.heads.location_ids)
+    writes = torch.isin(labels[0], micro_model.heads.location_ids).nonzero().flatten()
     assert roles[0, writes].tolist() == [0, 1, 2, 3] * (len(writes) // 4)
-    assert (roles[0, ~torch.isin(ids[0], micro_model.location_ids)] == 0).all()  # after a word comes x0, if a box
-    stepped = roles[:, 0]
+    assert (roles[0, ~torch.isin(ids[0], micro_model.heads.location_ids)] == 0).all()  # after a word comes x0, if a box
+    pointing = micro_model.heads.location.decoding(micro_model.read(ids[:, :1], *micro_model.see(batch["pixels"])))
     for t in range(1, ids.shape[1]):
-        stepped = micro_model.next_box_roles(stepped, ids[:, t])
-        assert torch.equal(stepped, roles[:, t])
+        pointing.token(ids[:, t - 1], ids[:, t])
+        assert torch.equal(pointing.sight.roles, roles[:, t])
 
 
 def test_the_copy_head_mixes_a_distribution_that_copies_the_token_after_the_position_it_looks_at(micro_model, tokenizer):
     from nextmm.data import shapes
-    from nextmm.heads.copy import Copying
+    from nextmm.heads.copy import Copying, copy_sources
 
-    head = micro_model.copy_head
+    head = micro_model.heads.copy
     torch.manual_seed(0)
     hidden, logits = torch.randn(4, micro_model.cfg.llm.width), torch.randn(4, tokenizer.vocab_size)
     sources = torch.tensor([[7, 9, -1], [7, 9, -1], [-1, -1, -1], [7, 9, -1]])
@@ -604,10 +613,10 @@ def test_the_copy_head_mixes_a_distribution_that_copies_the_token_after_the_posi
     b = builder_for(micro_model, tokenizer)
     ground = next(iter(shapes.make_samples("ground", 0, 1)))
     ids = torch.tensor([b.encode(ground.segments).ids])
-    sources = micro_model.copy_sources(ids)[0]
+    sources = copy_sources(ids, micro_model.heads.uncopyable)[0]
     copyable = sources >= 0
     assert torch.equal(sources[copyable], ids[0, 1:][copyable[:-1]])
-    assert not torch.isin(sources[copyable], micro_model.uncopyable).any() and copyable.sum() == len(tokenizer.encode(ground.segments[1].text))
+    assert not torch.isin(sources[copyable], micro_model.heads.uncopyable).any() and copyable.sum() == len(tokenizer.encode(ground.segments[1].text))
     # each position also asks with the latest picture before it: its patches' maximum less the mean
     # picture (which training keeps), at unit length
     story = next(iter(shapes.make_samples("story", 0, 1)))
@@ -616,22 +625,23 @@ def test_the_copy_head_mixes_a_distribution_that_copies_the_token_after_the_posi
     with torch.no_grad():
         _, patches = micro_model.see(b.collate([encoded])["pixels"])
         micro_model.train()
-        micro_model.picture_mean.fill_(1.0)
-        micro_model.pictures_at(ids, patches)
-        torch.testing.assert_close(micro_model.picture_mean, 0.99 + 0.01 * patches.amax(1).mean(0))
+        micro_model.heads.copy.picture_mean.fill_(1.0)
+        reading = micro_model.read(ids, None, patches)
+        head.pictures_at(reading, patches)
+        torch.testing.assert_close(micro_model.heads.copy.picture_mean, 0.99 + 0.01 * patches.amax(1).mean(0))
         micro_model.eval()
-        pictures = micro_model.pictures_at(ids, patches)[0]
-    latest = micro_model.latest_image(ids)[0]
+        pictures = head.pictures_at(reading, patches)[0]
+    latest = reading.latest_image[0]
     assert latest.min() == -1 and latest.max() == len(patches) - 1 > 0
     for t in (0, int((latest == 0).nonzero()[0]), len(latest) - 1):
-        picture = patches[latest[t]].amax(0) - micro_model.picture_mean
+        picture = patches[latest[t]].amax(0) - micro_model.heads.copy.picture_mean
         expected = F.normalize(picture, dim=0) if latest[t] >= 0 else torch.zeros(patches.shape[-1])
         torch.testing.assert_close(pictures[t], expected)
 
 
 def test_cached_decoding_with_a_copying_head_gives_the_same_tokens_as_full_recompute_and_copies(micro_model, tokenizer, scenes):
     with torch.no_grad():
-        micro_model.copy_head.gate.bias.fill_(8.0)
+        micro_model.heads.copy.gate.bias.fill_(8.0)
     b = builder_for(micro_model, tokenizer)
     prompts = prompts_for(scenes)[1:]
     cached = generate_ids(micro_model, b, prompts, max_new_tokens=8, use_cache=True)
@@ -643,6 +653,12 @@ def test_cached_decoding_with_a_copying_head_gives_the_same_tokens_as_full_recom
 
 def test_the_stepper_copies_as_training_does_and_looks_where_the_same_token_was_read(micro_model, tokenizer, scenes):
     from nextmm.generate import Stepper
+    from nextmm.heads.copy import Recall, copy_sources
+
+    def copying(stepper: Stepper):
+        """Where the copy head looks from the prompt's last position, its state and that position's hidden state."""
+        recall, hidden = next(state for state in stepper.states if isinstance(state, Recall)), stepper.prefill()
+        return recall.copying(hidden), recall, hidden
 
     b = builder_for(micro_model, tokenizer)
     shots = [Image(scenes[0].image()), Text("this is a dabota", target=False), Image(scenes[1].image()), Text("this is a rozu", target=False)]
@@ -651,30 +667,34 @@ def test_the_stepper_copies_as_training_does_and_looks_where_the_same_token_was_
     micro_model.eval()  # in training, each pass moves the mean picture
     with torch.no_grad():
         stepper = Stepper(micro_model, batch, 1, True, "fp32")
-        looked = stepper.copying(stepper.prefill()).weights
+        copied, _, hidden = copying(stepper)
+        looked, scores = copied.weights, stepper.logits(hidden)
         alone = b.collate([b.encode(prompts[0], close=False)])
         visual, patches = micro_model.see(alone["pixels"])
         ids = alone["input_ids"]
         last = torch.zeros_like(ids, dtype=torch.bool)
         last[0, -1] = True
-        trained = micro_model.copying_of(ids, micro_model(ids, visual), patches, last).weights
-        torch.testing.assert_close(looked[0], trained[0], atol=1e-5, rtol=0)  # the longer prompt has no padding
+        hidden, reading = micro_model(ids, visual), micro_model.read(ids, visual, patches)
+        trained = micro_model.logits(hidden, reading, last)  # with what it copies, as training reads it
+        torch.testing.assert_close(micro_model.heads.copy.copying(reading, hidden, last).weights[0], looked[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(scores[0], trained[0], atol=1e-5, rtol=0)  # the longer prompt has no padding
         assert looked[1][~batch["valid"][1]].sum() == 0 and looked[1].sum() == pytest.approx(1.0)
         # with the cue alone, it looks at the positions that read the same token ("a", followed by the words)
-        head = micro_model.copy_head
+        head = micro_model.heads.copy
         head.query.weight.zero_()
         head.like_pictures.zero_()
         head.same_token.fill_(30.0)
         stepper = Stepper(micro_model, batch, 1, True, "fp32")
-        looked = stepper.copying(stepper.prefill()).weights[0]
+        copied, recall, _ = copying(stepper)
+        looked = copied.weights[0]
         # with the pictures' cue alone, it looks after the same picture (shown first and last), not the other
         head.same_token.zero_()
         head.like_pictures.fill_(100.0)
         stepper = Stepper(micro_model, batch, 1, True, "fp32")
-        by_picture = stepper.copying(stepper.prefill()).weights[0]
+        by_picture = copying(stepper)[0].weights[0]
     shown = [tokenizer.encode(w)[0] for w in ("dabota", "rozu")]
-    assert sorted(stepper.copy_sources[0][looked > 0.01].tolist()) == sorted(shown) and looked.sum() == pytest.approx(1.0)
-    latest = micro_model.latest_image(batch["input_ids"])[0]
+    assert sorted(copy_sources(recall.read_ids, micro_model.heads.uncopyable)[0][looked > 0.01].tolist()) == sorted(shown) and looked.sum() == pytest.approx(1.0)
+    latest = micro_model.read(batch["input_ids"], None).latest_image[0]
     assert by_picture[latest == 1].sum() < 0.01 and by_picture[latest == 0].sum() > 0.1
 
 
@@ -694,7 +714,7 @@ def test_the_copy_head_learns_to_say_the_word_that_followed_the_same_cue_earlier
         return ids, labels
 
     def accuracy_after_training(copy_head: bool) -> float:
-        micro_config.llm.copy_head = copy_head
+        micro_config.heads.copy = copy_head
         torch.manual_seed(0)
         model = build_model(micro_config, tokenizer)
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -709,7 +729,7 @@ def test_the_copy_head_learns_to_say_the_word_that_followed_the_same_cue_earlier
         with torch.no_grad():
             hidden = model(ids)
             asking = labels != IGNORE
-            logits = model.logits(hidden[asking], copying=model.copying_of(ids, hidden, None, asking))
+            logits = model.logits(hidden, model.read(ids, None), asking)
         return (logits.argmax(-1) == labels[asking]).float().mean().item()
 
     # without it the LLM learns to say one of the three words shown (~1/3), not which (0.26 here); with it,

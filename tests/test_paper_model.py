@@ -26,7 +26,8 @@ def paper_model(tokenizer):
 def test_the_paper_preset_builds_only_the_papers_parts(tokenizer):
     cfg, model = paper_model(tokenizer)
     parts = {name.split(".")[0] for name, _ in model.named_parameters()}
-    assert parts == PAPER_PARTS
+    assert parts == PAPER_PARTS and {name.split(".")[0] for name in model.state_dict()} == PAPER_PARTS
+    assert len(model.heads) == 0  # no extra head, so no hook adds anything
     assert isinstance(model.resampler, T5Resampler) and model.resampler.queries.shape == (4, 32)
     assert model.regression_head.weight.shape == (64, 64) and model.regression_head.bias is None
     assert cfg.visual_width == cfg.llm.width

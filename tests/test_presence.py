@@ -1,7 +1,7 @@
 import torch
 
 from nextmm.data.sample import Image, Text
-from nextmm.models.emu import PHRASE_DECAY
+from nextmm.heads.words import PHRASE_DECAY, Words
 from test_model import bag_test_batch, builder_for
 
 
@@ -28,16 +28,18 @@ def test_the_presence_probe_learns_whether_a_picture_holds_a_colour_and_a_shape_
         said = []
         with torch.no_grad():
             for ids, truth in ((phrases[:, 0], True), (swapped, False)):  # the swapped one has both words, apart
-                terms = micro_model._phrase_terms(ids, ids >= 0)
+                terms = words._phrase_terms(ids, ids >= 0)
                 bags = PHRASE_DECAY * terms[:, 0] + terms[:, 1]
-                said.append((micro_model.presence.logits(micro_model._bag_mean(bags), visual, torch.arange(n)) > 0) == truth)
+                said.append((micro_model.heads.presence.phrase_logits(Words.mean(bags), visual, torch.arange(n)) > 0) == truth)
         return torch.cat(said).float().mean().item()
 
+    words = micro_model.heads.words(micro_model.llm.embed_tokens)
     before = accuracy()
-    optimizer = torch.optim.Adam(micro_model.presence.parameters(), lr=0.015)  # stage 1's rate, x presence_lr_scale
+    optimizer = torch.optim.Adam(micro_model.heads.presence.parameters(), lr=0.015)  # stage 1's rate, x presence_lr_scale
     for _ in range(300):
         visual, phrases, _ = pictures(32)
-        loss = micro_model.presence_loss(visual, phrases.flatten(0, 1), torch.arange(32).repeat_interleave(2))
+        reading = micro_model.read(torch.zeros(0, 0, dtype=torch.long), visual)
+        loss = micro_model.heads.presence.presence_loss(reading, phrases.flatten(0, 1), torch.arange(32).repeat_interleave(2))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -47,9 +49,10 @@ def test_the_presence_probe_learns_whether_a_picture_holds_a_colour_and_a_shape_
 def test_phrase_bags_weigh_the_latest_words_most_restart_at_pictures_and_boxes_and_generation_keeps_them(micro_model, tokenizer):
     _, batch = bag_test_batch(micro_model, tokenizer, "story")
     ids = batch["input_ids"]
-    bags = micro_model.phrase_bags(ids)
-    terms = micro_model._phrase_terms(ids, ~((ids == micro_model.image_token_id) | torch.isin(ids, micro_model.location_ids)))
-    is_image, is_box = ids == micro_model.image_token_id, torch.isin(ids, micro_model.location_ids)
+    words = micro_model.heads.words(micro_model.llm.embed_tokens)
+    bags = words.phrase_bags(ids)
+    terms = words._phrase_terms(ids, ~((ids == micro_model.image_token_id) | torch.isin(ids, micro_model.heads.location_ids)))
+    is_image, is_box = ids == micro_model.image_token_id, torch.isin(ids, micro_model.heads.location_ids)
     for row in range(len(ids)):
         # a picture's slot, and a word right after a box, start a new phrase
         starts = [j for j in range(ids.shape[1]) if is_image[row, j] or (j > 0 and is_box[row, j - 1] and not is_box[row, j])]
@@ -60,24 +63,24 @@ def test_phrase_bags_weigh_the_latest_words_most_restart_at_pictures_and_boxes_a
             torch.testing.assert_close(bags[row, t], by_hand)
     stepped = bags[:, 0]
     for t in range(1, ids.shape[1]):
-        stepped = micro_model.next_phrase_bags(stepped, ids[:, t - 1], ids[:, t])
+        stepped = words.next_phrase_bags(stepped, ids[:, t - 1], ids[:, t])
         torch.testing.assert_close(stepped, bags[:, t])
     phrase = torch.tensor(tokenizer.encode("a small red circle"))
-    after_picture = micro_model.phrase_bags(torch.cat([torch.tensor([micro_model.image_token_id]), phrase])[None])[0, -1]
+    after_picture = words.phrase_bags(torch.cat([torch.tensor([micro_model.image_token_id]), phrase])[None])[0, -1]
     padded = torch.nn.functional.pad(phrase, (0, 3), value=-1)[None]
-    torch.testing.assert_close(micro_model.phrase_bags_of(padded)[0], after_picture)  # a phrase alone, as in a sequence
+    torch.testing.assert_close(words.phrase_bags_of(padded)[0], after_picture)  # a phrase alone, as in a sequence
 
 
 def test_what_the_presence_probe_tells_reaches_words_after_a_picture(micro_model, tokenizer, scenes):
     with torch.no_grad():
-        torch.nn.init.normal_(micro_model.presence.found, std=0.5)
-        torch.nn.init.normal_(micro_model.presence.query.weight)
+        torch.nn.init.normal_(micro_model.heads.presence.found, std=0.5)
+        torch.nn.init.normal_(micro_model.heads.presence.query.weight)
     b = builder_for(micro_model, tokenizer)
     prompt = [Text("a picture:", target=False), Image(scenes[0].image()), Text("is there a red circle?", target=False)]
     batch = b.collate([b.encode(prompt, close=False)])
     ids = batch["input_ids"]
     visual, _ = micro_model.see(batch["pixels"])
-    told = micro_model.presence_of(ids, visual)[0][0].norm(dim=-1)
+    told = micro_model.heads.input(micro_model.read(ids, visual))[0].norm(dim=-1)
     first_slot = int((ids[0] == micro_model.image_token_id).nonzero()[0])
     slots = ids[0] == micro_model.image_token_id
     assert (told[:first_slot] == 0).all() and (told[slots] == 0).all()  # nothing before a picture, nothing on its slots

@@ -12,8 +12,8 @@ from test_model import builder_for, prompts_for
 
 @pytest.fixture()
 def words_model(micro_config, tokenizer):
-    """The micro model with llm.regress_from_words."""
-    micro_config.llm.regress_from_words = True
+    """The micro model with heads.words_to_visual."""
+    micro_config.heads.words_to_visual = True
     torch.manual_seed(0)
     return build_model(micro_config, tokenizer)
 
@@ -41,7 +41,7 @@ def test_each_embedding_is_what_training_would_predict_from_the_ones_before(word
     exactly what the regression head predicts at `[IMG]` and at each `<image>` but the last."""
     b = builder_for(words_model, tokenizer)
     with torch.no_grad():
-        torch.nn.init.normal_(words_model.words_to_visual, std=0.3)  # the prompt's words regress too
+        torch.nn.init.normal_(words_model.heads.words_to_visual.weight, std=0.3)  # the prompt's words regress too
     prompt = [Image(scenes[0].image()), Text("make the red circle blue", target=False)]
     regressed = generate_visual(words_model, b, [prompt])
     torch.testing.assert_close(regressed, generate_visual(words_model, b, [prompt], use_cache=False), atol=1e-5, rtol=1e-4)
@@ -52,13 +52,15 @@ def test_each_embedding_is_what_training_would_predict_from_the_ones_before(word
     with torch.no_grad():
         hidden = words_model(batch["input_ids"], visual)
         ids = batch["input_ids"]
-        at, bags, slots = words_model.regression_rows(ids)
+        at, slots = words_model.regression_rows(ids)
         n = words_model.num_queries
         start = ids.shape[1] - n - 2  # the last image's [IMG]
         assert at[-n:, 1].tolist() == list(range(start, start + n)) and slots[-n:].tolist() == list(range(n))
-        torch.testing.assert_close(bags[-n:], words_model.word_bags(ids)[0, start].expand(n, -1))  # the words before it
-        predicted = words_model.regress(hidden[tuple(at.T)], bags, slots)[-n:]
-        without_words = words_model.regression_head(hidden[0, start : start + n])
+        reading = words_model.read(ids, visual)
+        predicted = words_model.heads.regress(reading, at, slots, words_model.regress(hidden[tuple(at.T)]))[-n:]
+        bags = reading.word_bags[0, start].expand(n, -1)  # the words before it, at [IMG]
+        without_words = words_model.regress(hidden[0, start : start + n])
+        torch.testing.assert_close(predicted, without_words + words_model.heads.words_to_visual.by_slot(bags, torch.arange(n)))
     torch.testing.assert_close(predicted, regressed[0], atol=1e-5, rtol=1e-4)
     assert (predicted - without_words).abs().max() > 1e-3
 
@@ -71,7 +73,7 @@ def test_the_prompts_words_learn_to_regress_the_picture_they_describe(words_mode
     b = builder_for(words_model, tokenizer)
     pairs = held_out_scenes(1, 64, seed=5)
     batch = b.collate([b.encode(text_first(caption_sample(f"k{i}", image, caption)).segments) for i, (caption, image) in enumerate(pairs)])
-    optimizer = torch.optim.Adam([words_model.words_to_visual], lr=0.01)
+    optimizer = torch.optim.Adam([words_model.heads.words_to_visual.weight], lr=0.01)
     losses = []
     for _ in range(60):
         out = words_model.loss(batch["input_ids"], batch["labels"], batch["pixels"])

@@ -219,13 +219,13 @@ def test_stage1_trains_the_vision_tower_slower_and_the_copy_gate_presence_probe_
     groups = pretrain_groups(micro_model, p)
     lr_of = {id(param): g["lr"] for g in groups for param in g["params"]}
     named = dict(micro_model.named_parameters())
-    assert lr_of[id(named["copy_head.gate.weight"])] == lr_of[id(named["copy_head.gate_on_proposal.weight"])] == p.lr * p.copy_gate_lr_scale
-    assert lr_of[id(named["copy_head.query.weight"])] == lr_of[id(named["llm.embed_tokens.weight"])] == p.lr
+    assert lr_of[id(named["heads.copy.gate.weight"])] == lr_of[id(named["heads.copy.gate_on_proposal.weight"])] == p.lr * p.copy_gate_lr_scale
+    assert lr_of[id(named["heads.copy.query.weight"])] == lr_of[id(named["llm.embed_tokens.weight"])] == p.lr
     assert lr_of[id(next(v for k, v in named.items() if k.startswith("vision.")))] == p.lr * p.vision_lr_scale
     assert p.copy_gate_lr_scale > 1 > p.vision_lr_scale
-    probe = [lr_of[id(named[f"{part}.weight"])] for part in ("presence.query", "presence.key", "presence.calibrate", "agreement.gate", "agreement.judge")]
+    probe = [lr_of[id(named[f"heads.{part}.weight"])] for part in ("presence.query", "presence.key", "presence.calibrate", "agreement.gate", "agreement.judge")]
     assert probe == [p.lr * p.presence_lr_scale] * 5 and p.presence_lr_scale > 1
-    assert lr_of[id(named["presence.found"])] == lr_of[id(named["agreement.holds"])] == p.lr
+    assert lr_of[id(named["heads.presence.found"])] == lr_of[id(named["heads.agreement.holds"])] == p.lr
     assert sorted(lr_of) == sorted(id(v) for v in micro_model.parameters() if v.requires_grad)  # every parameter, once
 
 

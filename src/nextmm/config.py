@@ -120,38 +120,6 @@ class LLMConfig:
     # "original_max_position_embeddings"} (models/llm.py, ROPE_TYPES).
     rope_scaling: dict = field(default_factory=dict)
     sliding_window: int = 0  # each query sees the latest this many keys, itself included (Mistral); 0: all
-    # The location tokens' logits come from heads/location.py's LocationHead (a parabola over the bins, peaked
-    # where one linear read of the hidden state points); false: from their lm_head rows, like any token.
-    # Near bins are nearly as likely, so boxes land closer to their objects than with a row per bin.
-    location_head: bool = True
-    # With location_head: its place also comes from pointing into the latest image's patch grid
-    # (heads/location.py's PatchPointer), not only from what the LLM carried to the box, whose hidden state
-    # knows poorly where an object is.
-    location_pointer: bool = True
-    # With location_pointer: the pointer's question also comes from the words since the latest image or box
-    # (their embeddings, gated and summed), not only from the hidden state where the box is written.
-    pointer_words: bool = True
-    # With location_pointer: a box's x0 y0 x1 y1 start at the pointed place's x or y, moved out by half a
-    # side, by their order in the box (heads/location.py, PatchPointer.half_side), rather than learned.
-    pointer_roles: bool = True
-    # The next token may also be copied from the context: one that followed an earlier position like this one
-    # (heads/copy.py, CopyHead, a pointer-generator). In-context binding needs it: from binding documents alone
-    # the 4-layer LLM chooses a made-up word at chance.
-    copy_head: bool = True
-    # With pointer_words: whether the phrase just read is in the latest picture, read off its visual embeddings,
-    # joins each word's input (heads/presence.py, PresenceProbe). Without it the LLM answers "is there a red
-    # square?" and image-text matching at chance.
-    presence: bool = True
-    # With presence: a running soft minimum of the probe's reads since the latest picture, each weighed by a
-    # learned gate on its word, joins each word's input and final hidden state: whether all that was said holds
-    # there (heads/agreement.py). With it the LLM answers `is there a {colour} {shape}?` from the picture and
-    # knows better whether a caption fits, though where it puts its yes-no threshold still varies by run.
-    agreement: bool = True
-    # With pointer_words: the prompt's words regress the image's N embeddings too, straight from their embeddings
-    # (models/emu.py, Emu.regress: the word bag at `[IMG]`, a linear map per embedding), beside the LLM's hidden
-    # state. Off by default: it may lift one-object regression retrieval and cost ITM, detection and region
-    # captions, and neither is yet told from chance (docs/notebook.md).
-    regress_from_words: bool = False
 
     @property
     def head_size(self) -> int:
@@ -162,6 +130,45 @@ class LLMConfig:
         if self.mlp_hidden:
             return self.mlp_hidden
         return -(-int(8 * self.width / 3) // 64) * 64
+
+
+@dataclass
+class HeadsConfig:
+    """Extra heads beside the paper's Emu (heads/, each behind heads/base.py's interface). All off, the model is
+    the paper's composition; the demo's presets switch them on."""
+
+    # The location tokens' logits come from heads/location.py's LocationHead (a parabola over the bins, peaked
+    # where one linear read of the hidden state points); false: from their lm_head rows, like any token.
+    # Near bins are nearly as likely, so boxes land closer to their objects than with a row per bin.
+    location: bool = True
+    # With location: its place also comes from pointing into the latest image's patch grid
+    # (heads/location.py's PatchPointer), not only from what the LLM carried to the box, whose hidden state
+    # knows poorly where an object is.
+    pointer: bool = True
+    # With pointer: the pointer's question also comes from the words since the latest image or box
+    # (their embeddings, gated and summed; heads/words.py), not only from the hidden state where the box is written.
+    pointer_words: bool = True
+    # With pointer: a box's x0 y0 x1 y1 start at the pointed place's x or y, moved out by half a
+    # side, by their order in the box (heads/location.py, PatchPointer.half_side), rather than learned.
+    pointer_roles: bool = True
+    # The next token may also be copied from the context: one that followed an earlier position like this one
+    # (heads/copy.py, CopyHead, a pointer-generator). In-context binding needs it: from binding documents alone
+    # the 4-layer LLM chooses a made-up word at chance.
+    copy: bool = True
+    # With pointer_words: whether the phrase just read is in the latest picture, read off its visual embeddings,
+    # joins each word's input (heads/presence.py, PresenceProbe). Without it the LLM answers "is there a red
+    # square?" and image-text matching at chance.
+    presence: bool = True
+    # With presence: a running soft minimum of the probe's reads since the latest picture, each weighed by a
+    # learned gate on its word, joins each word's input and final hidden state: whether all that was said holds
+    # there (heads/agreement.py). With it the LLM answers `is there a {colour} {shape}?` from the picture and
+    # knows better whether a caption fits, though where it puts its yes-no threshold still varies by run.
+    agreement: bool = True
+    # With pointer_words: the prompt's words regress the image's N embeddings too, straight from their embeddings
+    # (heads/words_to_visual.py: the word bag at `[IMG]`, a linear map per embedding), beside the LLM's hidden
+    # state. Off by default: it may lift one-object regression retrieval and cost ITM, detection and region
+    # captions, and neither is yet told from chance (docs/notebook.md).
+    words_to_visual: bool = False
 
 
 @dataclass
@@ -272,20 +279,21 @@ class PretrainConfig(TrainConfig):
     # LLM from learning to read its images (colour from captions 0.31 vs 1.0 at 0.0, 200 steps).
     regression_weight: float = 0.1
     # A location token's target spreads over neighbouring bins with this sigma (in bins; 0: one-hot), so a
-    # box a pixel off is nearly right (models/emu.py, Emu.text_loss), the shape LocationHead predicts.
+    # box a pixel off is nearly right (heads/location.py, location_token_loss), the shape LocationHead predicts.
     location_sigma: float = 1.5
     # Where a box is written, the location head's PatchPointer is also told which patches the box covers:
     # this weight x the cross-entropy of its attention against each patch's share of the box
-    # (models/emu.py, Emu.pointer_loss). At 0 the pointer learns only from the bins' loss, which reaches it
+    # (heads/location.py, LocationHead.pointer_loss). At 0 the pointer learns only from the bins' loss, which reaches it
     # through a read around its attention's peak: on tests/test_model.py's toy task it then never found the object.
+    # The other heads' own loss terms (the presence probe's, the agreement judge's) take the same weight.
     pointer_weight: float = 1.0
     # With pointer_weight > 0: a VQA question about one object, and a one-object caption, also tell the pointer
     # that object's patches at their last token (data/shapes.py, named_object), so it learns which object
     # words name from the many reading batches, not only from the few grounding ones. They train the pointer
-    # alone (Emu.pointer_loss): reaching the LLM they held off its reading, which came by step 100 without.
+    # alone (LocationHead.pointer_loss): reaching the LLM they held off its reading, which came by step 100 without.
     point_at_named: bool = True
     # With pointer_weight > 0: every object of a one-image sample's scene (data/shapes.py, object_regions) also
-    # tells the pointer its patches and box, asked by the object's phrase alone (Emu.region_loss), with no
+    # tells the pointer its patches and box, asked by the object's phrase alone (LocationHead.region_loss), with no
     # LLM pass: dozens of region-phrase pairs a batch, where texts name one object in a few samples.
     point_at_objects: bool = True
     regression_reaches_visual: bool = False  # true lets L2 train vision/resampler, which can collapse them
@@ -357,6 +365,7 @@ class Config:
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     emu: EmuConfig = field(default_factory=EmuConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
     clip_text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -403,6 +412,8 @@ def _merge(target: Any, updates: dict[str, Any], path: str = "") -> None:
     for key, value in updates.items():
         where = f"{path}{key}"
         if not hasattr(target, key):
+            if path == "llm." and key in HEAD_SWITCHES_IN_LLM:
+                raise ConfigError(f"config key '{where}' is now 'heads.{HEAD_SWITCHES_IN_LLM[key]}'; set that instead")
             fields = ", ".join(f.name for f in dataclasses.fields(target))
             raise ConfigError(f"unknown config key '{where}'; valid keys here are: {fields}")
         current = getattr(target, key)
@@ -534,11 +545,19 @@ def _check(config: Config) -> None:
 
 
 # Model parts added after models were first saved, on by default: a config.json without the key has no such part.
-ADDED_LATER = (("resampler", "region_coords"), ("llm", "location_head"), ("llm", "location_pointer"), ("llm", "pointer_words"), ("llm", "pointer_roles"), ("llm", "copy_head"), ("llm", "presence"), ("llm", "agreement"))
+ADDED_LATER = (("resampler", "region_coords"), ("heads", "location"), ("heads", "pointer"), ("heads", "pointer_words"), ("heads", "pointer_roles"), ("heads", "copy"), ("heads", "presence"), ("heads", "agreement"))
+# Where config.json files written before the `heads` section kept its switches: llm.<old> -> heads.<new>.
+HEAD_SWITCHES_IN_LLM = {"location_head": "location", "location_pointer": "pointer", "pointer_words": "pointer_words", "pointer_roles": "pointer_roles",
+                        "copy_head": "copy", "presence": "presence", "agreement": "agreement", "regress_from_words": "words_to_visual"}
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a saved config (config.json) exactly, without re-applying its preset."""
+    values = dict(values)
+    if "heads" not in values and "llm" in values:
+        llm = dict(values["llm"])
+        values["heads"] = {new: llm.pop(old) for old, new in HEAD_SWITCHES_IN_LLM.items() if old in llm}
+        values["llm"] = llm
     config = Config(preset=values.get("preset", "tiny"))
     for part, key in ADDED_LATER:
         if part in values and key not in values[part]:

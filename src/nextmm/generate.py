@@ -17,7 +17,6 @@ from nextmm.constrained import Constraint
 from nextmm.data.sample import Segment
 from nextmm.data.sequence import SequenceBuilder, SequenceTooLong
 from nextmm.device import device_of, to_device
-from nextmm.heads.copy import Copying
 from nextmm.models.emu import Emu
 from nextmm.models.llm import KVCache
 from nextmm.precision import autocast, resolve
@@ -37,7 +36,8 @@ def _attention_mask(keys_valid: torch.Tensor, queries: int) -> torch.Tensor:
 
 class Stepper:
     """The LLM over a left-padded batch, one appended position at a time: with a KV cache each step runs
-    the new column only; without one it re-runs the whole sequence (the reference the cache must match)."""
+    the new column only; without one it re-runs the whole sequence (the reference the cache must match).
+    Each extra head keeps its own state (heads/base.py, Decoding) and adds what it adds through it."""
 
     def __init__(self, model: Emu, batch: dict[str, torch.Tensor], new_positions: int, use_cache: bool, precision: str):
         self.model, self.use_cache = model, use_cache
@@ -47,26 +47,14 @@ class Stepper:
         ids, valid = batch["input_ids"], batch["valid"]
         b, self.prompt_len = ids.shape
         with autocast(precision, self.device.type):
-            self.visual, self.patches = model.see(batch["pixels"])
-            self.embeds = model.embed(ids, self.visual)
-        # the presence probe's reads join the prompt's words, and each appended word's (`append_token`)
-        # and the agreement judge's verdict joins them and their final hidden states (`tops`, every position's)
-        self.phrases = self.agreed = self.tops = None
-        if model.presence is not None and self.visual is not None:
-            told, agreed = model.presence_of(ids, self.visual)
-            self.embeds = self.embeds + told.to(self.embeds.dtype)
-            self.phrases = model.phrase_bags(ids)[:, -1]
-            if agreed is not None:
-                self.agreed, self.tops = agreed[:, -1], model.agreement.told(agreed, at_top=True)
-        # every new position follows the prompt's last image (new images end generate_ids)
-        sight = model.sight_of(ids, self.patches)
-        self.sight = sight.rows((slice(None), -1)) if sight is not None else None
-        self.pictures = model.pictures_at(ids, self.patches) if model.copy_head is not None else None
+            visual, patches = model.see(batch["pixels"])
+            self.embeds = model.embed(ids, visual)
+        reading = model.read(ids, visual, patches, valid)
+        added = model.heads.input(reading)
+        if added is not None:
+            self.embeds = self.embeds + added.to(self.embeds.dtype)
+        self.states = model.heads.decoding(reading)
         self.last_token = ids[:, -1]
-        # for the copy head: every position's key (filled by prefill) and the token it read (-1: an embedding
-        # no token gave), from which what followed it comes (`copy_sources`)
-        self.copy_keys = None
-        self.read_ids = ids.clone()
         self.keys_valid = torch.cat([valid, torch.zeros(b, new_positions, dtype=torch.bool, device=self.device)], dim=1)
         self.positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -83,73 +71,57 @@ class Stepper:
             else:
                 mask = _attention_mask(self.keys_valid[:, :total], total)
                 hidden = self.model.llm(self.embeds, self.positions, mask)
-            if self.tops is not None:
-                hidden = hidden + self.tops[:, -hidden.shape[1] :].to(hidden.dtype)
-            if self.model.copy_head is not None:
-                keys = self.model.copy_head.key(hidden)
-                self.copy_keys = keys if self.copy_keys is None or not self.use_cache else torch.cat([self.copy_keys, keys], 1)
+            for state in self.states:
+                top = state.top(hidden.shape[1])
+                if top is not None:
+                    hidden = hidden + top.to(hidden.dtype)
+            for state in self.states:
+                state.seen(hidden)
         return hidden
 
     def prefill(self) -> torch.Tensor:
         """The last prompt position's hidden state (B, width)."""
         return self._run(self.embeds, self.positions)[:, -1]
 
-    def append(self, next_embeds: torch.Tensor, token: torch.Tensor | None = None) -> torch.Tensor:
-        """Append one input embedding per row (B, width) (`token` (B,), when it is a token's); returns the
-        hidden state it produces."""
+    def append(self, next_embeds: torch.Tensor) -> torch.Tensor:
+        """Append one input embedding per row (B, width) that no token gave (a regressed picture's); returns
+        the hidden state it produces."""
+        for state in self.states:
+            state.embedding()
+        return self._append(next_embeds)
+
+    def _append(self, next_embeds: torch.Tensor) -> torch.Tensor:
         self.keys_valid[:, self.prompt_len + self.appended] = True
         self.appended += 1
         next_pos = self.positions[:, -1:] + 1
         next_embeds = next_embeds.unsqueeze(1).to(self.embeds.dtype)
         self.embeds = torch.cat([self.embeds, next_embeds], dim=1)
         self.positions = torch.cat([self.positions, next_pos], dim=1)
-        read = torch.full_like(self.last_token, -1) if token is None else token
-        if self.tops is not None:
-            if token is None:  # an embedding (a regressed picture's) restarts what was said, as a picture's slot does
-                self.agreed = torch.full_like(self.agreed, float("-inf"))
-            self.tops = torch.cat([self.tops, self.model.agreement.told(self.agreed, at_top=True)[:, None]], 1)
-        self.read_ids = torch.cat([self.read_ids, read[:, None]], 1)
-        if self.pictures is not None:
-            self.pictures = torch.cat([self.pictures, self.pictures[:, -1:]], 1)
         return self._run(next_embeds, next_pos)[:, -1]
 
     def append_token(self, token: torch.Tensor) -> torch.Tensor:
-        """Append one token per row (B,), keeping the rows' word bags for the location head and the presence
-        probe, and the agreement judge's log-sums; as `append`."""
+        """Append one token per row (B,), with what the heads add to its input embedding; as `append`."""
         embeds = self.model.llm.embed_tokens(token)
-        if self.phrases is not None:
-            model = self.model
-            self.phrases = model.next_phrase_bags(self.phrases, self.last_token, token)
-            told, self.agreed = model.presence_step(self.phrases, self.agreed, token, self.sight.image_index, self.visual)
-            embeds = embeds + told.to(embeds.dtype)
-        if self.sight is not None:
-            if self.sight.words is not None:
-                self.sight.words = self.model.next_word_bags(self.sight.words, self.last_token, token)
-            self.sight.roles = self.model.next_box_roles(self.sight.roles, token)
+        added = [a for a in (state.token(self.last_token, token) for state in self.states) if a is not None]
+        if added:
+            embeds = embeds + sum(added[1:], added[0]).to(embeds.dtype)
         self.last_token = token
-        return self.append(embeds, token)
-
-    @property
-    def copy_sources(self) -> torch.Tensor:
-        """(B, L) the token that followed each position, where the copy head may copy it; else -1 (the last
-        position's is not known yet)."""
-        return self.model.copy_sources(self.read_ids)
-
-    def copying(self, hidden: torch.Tensor) -> Copying:
-        """Where the copy head looks from the last position (hidden state (B, width)): every earlier one."""
-        total = self.prompt_len + self.appended
-        allowed = self.keys_valid[:, :total].clone()
-        allowed[:, -1] = False  # the last position's follower is what is being chosen
-        same = (self.read_ids == self.read_ids[:, -1:]) & (self.read_ids >= 0)
-        like = self.pictures[:, -1:] @ self.pictures.transpose(1, 2)
-        weights = self.model.copy_head.attend(hidden[:, None], self.copy_keys, allowed[:, None], same[:, None], like)
-        return Copying(weights[:, 0], self.copy_sources)
+        return self._append(embeds)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The next token's logits (or, with a copy head, log-probabilities) at the last position's hidden state (B, width)."""
-        model = self.model
-        copying = self.copying(hidden) if model.copy_head is not None else None
-        return model.logits(hidden.to(model.llm.lm_head.weight.dtype), self.sight, copying)
+        hidden = hidden.to(self.model.llm.lm_head.weight.dtype)
+        logits = self.model.logits(hidden)
+        for state in self.states:
+            logits = state.logits(hidden, logits)
+        return logits
+
+    def regress(self, hidden: torch.Tensor, slot: int) -> torch.Tensor:
+        """The `slot`-th visual embedding of the picture being drawn, regressed at the hidden state (B, width)."""
+        predicted = self.model.regress(hidden)
+        for state in self.states:
+            predicted = state.regress(slot, predicted)
+        return predicted
 
 
 @torch.no_grad()
@@ -238,11 +210,10 @@ def generate_visual(
         encoded.append(e)
     batch = builder.collate(encoded, left_pad=True)
     stepper = Stepper(model, batch, model.num_queries - 1, use_cache, precision)
-    bags = model.word_bags(batch["input_ids"].to(stepper.device))[:, -1] if model.words_to_visual is not None else None  # at [IMG]
     hidden = stepper.prefill()
     regressed = []
     for k in range(model.num_queries):
-        embedding = model.regress(hidden, bags, torch.full((len(encoded),), k, device=stepper.device))
+        embedding = stepper.regress(hidden, k)
         regressed.append(embedding)
         if k < model.num_queries - 1:
             with autocast(stepper.precision, stepper.device.type):

@@ -21,8 +21,6 @@ from nextmm.convert.hf_vision import load_hf_vision
 from nextmm.models.decoder import VisualDecoder
 from nextmm.tokenizer import NextTokenizer
 
-# What a pretrained LLM brings is the LLM alone: the optional heads stay as the preset sets them.
-HEAD_SWITCHES = ("location_head", "location_pointer", "pointer_words", "pointer_roles", "copy_head", "presence", "agreement", "regress_from_words")
 BASE_PRESET = "emu-14b"  # the paper's composition: T5-style causal transformer, regression in the LLM's width
 
 
@@ -51,10 +49,8 @@ def pretrained_stages(cfg: Config, decoder: bool) -> Config:
 
 
 def config_from_parts(llm_cfg, vision_cfg, preset: str, overrides: Sequence[str], decoder: bool) -> Config:
-    """The preset's causal transformer, composition and training settings around the parts' own configs."""
+    """The preset's causal transformer, composition, heads and training settings around the parts' own configs."""
     cfg = make_config(preset)
-    for switch in HEAD_SWITCHES:
-        setattr(llm_cfg, switch, getattr(cfg.llm, switch))
     cfg.llm, cfg.vision = llm_cfg, vision_cfg
     cfg.emu.visual_norm = not vision_cfg.final_norm
     return apply_overrides(pretrained_stages(cfg, decoder), list(overrides))

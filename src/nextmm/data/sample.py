@@ -61,7 +61,7 @@ class Sample:
         return None
 
     def claim(self) -> bool | None:
-        """Whether the text after the sample's picture holds in it (Emu.agreement_loss): True for an
+        """Whether the text after the sample's picture holds in it (AgreementJudge.agreement_loss): True for an
         image-caption pair, an image-text matching question's answer, None for every other sample."""
         if self.kind == "caption" and len(self.segments) == 2 and isinstance(self.segments[0], Image):
             return True

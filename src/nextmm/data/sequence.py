@@ -79,9 +79,9 @@ class SequenceBuilder:
         """close=True ends the sequence with [EOS] (learned when the last segment is a target);
         close=False leaves it open for the model to continue (an inference prompt). `named` (segment index,
         box in fractions of the image): that text segment names the object in the box, which its last
-        token's location pointer is told in training (Emu.pointer_loss). `regions` (image segment index,
-        phrase, box): phrases of what those boxes of the pictures show, for Emu.region_loss. `claim`: whether the
-        text after the last picture holds in it (Sample.claim), for Emu.agreement_loss."""
+        token's location pointer is told in training (LocationHead.pointer_loss). `regions` (image segment index,
+        phrase, box): phrases of what those boxes of the pictures show, for LocationHead.region_loss. `claim`: whether the
+        text after the last picture holds in it (Sample.claim), for AgreementJudge.agreement_loss."""
         out = Encoded(claim=-1 if claim is None else int(claim))
         pictures = [i for i, seg in enumerate(segments) if isinstance(seg, Image)]
         for segment, phrase, box in regions:

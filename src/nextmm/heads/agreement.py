@@ -6,7 +6,7 @@ each weighed by a gate on its word (learned, so that reads after words that end 
 tells its verdict to the LLM's input and final hidden state. Left to find and combine those reads itself, the
 LLM mostly stays at chance on whether a caption fits its picture, though the lowest of the reads at the
 captions' shape words already tells fitting captions from one-word changes. With it, `is there a {colour}
-{shape}?` is answered from the picture (config.py, llm.agreement).
+{shape}?` is answered from the picture (config.py, heads.agreement).
 
 The soft minimum of reads l_j with gates g_j is -log(sum g_j exp(-l_j) / sum g_j); it is kept as the two
 log-sums, which one more word updates in place (`extend`) and a picture restarts.
@@ -18,8 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nextmm.heads.base import Decoding, Head, Reading
+from nextmm.heads.presence import balanced_bce
+from nextmm.heads.words import Words
 
-class AgreementJudge(nn.Module):
+
+class AgreementJudge(Head):
     def __init__(self, width: int):
         super().__init__()
         self.gate = nn.Linear(width, 1)  # how much a word's read counts, from the word alone
@@ -59,3 +63,90 @@ class AgreementJudge(nn.Module):
         p = torch.sigmoid(self.verdict(sums)).detach()
         direction = self.holds_at_top if at_top else self.holds
         return torch.where(said[..., None], (2 * p - 1)[..., None] * direction.float(), 0.0)
+
+    def input(self, reading: Reading) -> torch.Tensor | None:
+        if "presence" not in reading.notes:
+            return None
+        seen, reads = reading.notes["presence"]
+        ids = reading.input_ids
+        with torch.no_grad():  # the gate trains by agreement_loss alone
+            sums = self.sums(ids, self.terms(reading.model.llm.embed_tokens(ids), reads, seen), reading.heads.image_id)
+        reading.notes["agreed"] = sums
+        return self.told(sums)
+
+    def top(self, reading: Reading) -> torch.Tensor | None:
+        sums = reading.notes.get("agreed")
+        return self.told(sums, at_top=True) if sums is not None else None
+
+    @staticmethod
+    def sums(input_ids: torch.Tensor, terms: torch.Tensor, image_id: int) -> torch.Tensor:
+        """(B, T) ids and the judge's terms (B, T, 2) -> its log-sums at every position (B, T, 2), over the
+        positions since the latest picture (a picture's slots restart them)."""
+        steps = torch.arange(input_ids.shape[1], device=input_ids.device)
+        start = torch.where(input_ids == image_id, steps, 0).cummax(1).values
+        since = (steps[None, None, :] <= steps[None, :, None]) & (steps[None, None, :] >= start[:, :, None])  # (B, T, T)
+        return torch.logsumexp(terms[:, None].masked_fill(~since[..., None], float("-inf")), 2)
+
+    def losses(self, reading: Reading, hidden: torch.Tensor, labels: torch.Tensor, extras: dict) -> dict[str, torch.Tensor | None]:
+        if extras.get("claims") is None:
+            return {}
+        valid = extras.get("valid")
+        return {"agreement": self.agreement_loss(reading, torch.ones_like(reading.input_ids, dtype=torch.bool) if valid is None else valid, extras["claims"])}
+
+    def agreement_loss(self, reading: Reading, valid: torch.Tensor, claims: torch.Tensor) -> torch.Tensor | None:
+        """Binary cross-entropy of the verdict at the end of every row that makes a claim about its last picture
+        (`claims` (B,): 1 the text after it holds, 0 it does not, -1 no claim), on that picture and, as not
+        holding, on every other picture of the batch; positives and negatives weigh half each. The text is what
+        follows the row's last picture; `valid` (B, T) the rows' real tokens. None when no row claims anything."""
+        if reading.visual is None or not bool((claims >= 0).any()):
+            return None
+        rows = (claims >= 0).nonzero().squeeze(1)
+        image_index = reading.latest_image[rows]
+        ids, valid = reading.input_ids[rows], valid[rows]
+        last = valid.long().cumsum(1).argmax(1)
+        own = image_index[torch.arange(len(rows)), last]
+        said = reading.heads.is_word(ids) & valid & (image_index == own[:, None]) & (own[:, None] >= 0)
+        claimed = said.any(1)  # a row with no words after its picture has no verdict (nor a gradient through one)
+        if not bool(claimed.any()):
+            return None
+        rows, ids, own, said = rows[claimed], ids[claimed], own[claimed], said[claimed]
+        reads = reading.heads["presence"].phrase_logits(Words.mean(reading.words.phrase_bags(ids)[said]), reading.visual)  # (P, pictures)
+        terms = self.terms(reading.model.llm.embed_tokens(ids[said])[:, None], reads, torch.ones_like(reads, dtype=torch.bool))
+        member = said.nonzero()[:, 0][None, :] == torch.arange(len(rows), device=ids.device)[:, None]  # (R, P)
+        sums = torch.logsumexp(terms[None].masked_fill(~member[..., None, None], float("-inf")), 1)  # (R, pictures, 2)
+        holds = torch.zeros(sums.shape[:2], dtype=torch.bool, device=ids.device)
+        holds[torch.arange(len(rows)), own] = claims[rows] == 1
+        return balanced_bce(self.verdict(sums), holds)
+
+    def decoding(self, reading: Reading) -> Decoding | None:
+        return Judging(self, reading) if "agreed" in reading.notes else None
+
+    def rate_scales(self, settings) -> dict[str, float]:
+        return {"gate": settings.presence_lr_scale, "judge": settings.presence_lr_scale, "holds": settings.told_lr_scale}
+
+
+class Judging(Decoding):
+    """The agreement judge while a batch decodes: each row's log-sums at its newest position (from the presence
+    probe's reads of each token, Probing), and what it told every position's final hidden state."""
+
+    def __init__(self, judge: AgreementJudge, reading: Reading):
+        self.judge, self.reading = judge, reading
+        agreed = reading.notes["agreed"]
+        self.sums, self.tops = agreed[:, -1], judge.told(agreed, at_top=True)
+
+    def _told_at_top(self) -> None:
+        self.tops = torch.cat([self.tops, self.judge.told(self.sums, at_top=True)[:, None]], 1)
+
+    def token(self, previous: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        seen, reads = self.reading.notes["presence_step"]
+        terms = self.judge.terms(self.reading.model.llm.embed_tokens(token), reads, seen)
+        self.sums = self.judge.extend(self.sums, terms, token == self.reading.heads.image_id)
+        self._told_at_top()
+        return self.judge.told(self.sums)
+
+    def embedding(self) -> None:
+        self.sums = torch.full_like(self.sums, float("-inf"))  # an embedding (a regressed picture's) restarts what was said
+        self._told_at_top()
+
+    def top(self, positions: int) -> torch.Tensor:
+        return self.tops[:, -positions:]

@@ -1,6 +1,7 @@
 """OFA's location tokens read off the picture: `LocationHead` gives the logits of `<bin_0>` ... `<bin_{B-1}>`
 as a parabola over the bins, and its `PatchPointer` places it by pointing into the latest image's patch grid.
-Switched on by `llm.location_head` and `llm.location_pointer` (with `pointer_words`, `pointer_roles`)."""
+Switched on by `heads.location` and `heads.pointer` (with `pointer_words`, `pointer_roles`). `location_token_loss`
+is the soft-target cross-entropy of the location tokens (pretrain.location_sigma)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextmm.config import Config
+from nextmm.heads.base import Decoding, Head, Reading
 
 PEAK_SIGMA = 1.0  # patches: PatchPointer.around_peak
 
@@ -34,7 +36,7 @@ class PatchPointer(nn.Module):
     ):
         super().__init__()
         self.query = nn.Linear(width, key_width, bias=False)
-        # The words that name the object ask too, straight from their embeddings (a gated sum, Emu.word_bags):
+        # The words that name the object ask too, straight from their embeddings (a gated sum, heads/words.py):
         # the hidden state where a box starts carries the quoted phrase only after thousands of grounding
         # steps, while a linear key on the phrase itself finds the named object of two.
         self.words = nn.Linear(width, key_width, bias=False) if words else None
@@ -52,9 +54,9 @@ class PatchPointer(nn.Module):
         self.register_buffer("where", torch.stack([x.flatten(), y.flatten()], -1), persistent=False)  # (P, 2)
         self.grid = grid
         # A box is written x0 y0 x1 y1, so a place's axis and its side of the object follow from how many
-        # location tokens came before it (Emu.box_roles): the pointer's own box (`box`) is the pointed place's
+        # location tokens came before it (box_roles): the pointer's own box (`box`) is the pointed place's
         # x or y, moved out by half a side read from the words (or the hidden state) and from the attended
-        # patches, and Emu.pointer_loss trains it on every told box. Learned through the hidden state instead,
+        # patches, and LocationHead.pointer_loss trains it on every told box. Learned through the hidden state instead,
         # from the demo's few grounding batches, no box comes out right even while the pointer finds a lone
         # object to within a pixel or two; added to such reads, boxes still land tenths of the image off.
         self.half_side = nn.Linear(width, 1) if roles else None
@@ -68,13 +70,13 @@ class PatchPointer(nn.Module):
         self, hidden: torch.Tensor, patches: torch.Tensor, image_index: torch.Tensor, words: torch.Tensor | None = None, roles: torch.Tensor | None = None
     ) -> torch.Tensor:
         """hidden (R, width); patches (M, P, patch_width), the grids of a batch's M images; image_index (R,),
-        each row's image; words (R, width), each row's bag from Emu.word_bags; roles (R,), from Emu.box_roles
+        each row's image; words (R, width), each row's bag from Words.bags; roles (R,), from box_roles
         -> (R,) a move of the place, in fractions of the image."""
         read = self.read(patches, image_index, self.attention(hidden, patches, image_index, words))
         if not self.writes_box:
             return (self.readout(hidden).float() * read).sum(-1)
         if roles is None:
-            raise ValueError("this pointer places a box's sides by their order: pass each row's role (Emu.box_roles)")
+            raise ValueError("this pointer places a box's sides by their order: pass each row's role (box_roles)")
         return self.box(read, hidden, words).gather(1, roles[:, None]).squeeze(1)
 
     @property
@@ -125,13 +127,13 @@ class PatchPointer(nn.Module):
         self, hidden: torch.Tensor | None, patches: torch.Tensor, image_index: torch.Tensor, words: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(R, P) how much each row looks at each patch of its image (rows sum to 1). hidden None: the words
-        alone ask (a region's phrase, Emu.region_loss)."""
+        alone ask (a region's phrase, LocationHead.region_loss)."""
         dtype = patches.dtype if hidden is None else hidden.dtype
         keys = self.key(patches.to(dtype))[image_index]
         query = None if hidden is None else self.query(hidden)
         if self.words is not None:
             if words is None:
-                raise ValueError("this pointer also reads the words that name the object: pass their bags (Emu.word_bags)")
+                raise ValueError("this pointer also reads the words that name the object: pass their bags (Words.bags)")
             asked = self.words(words.to(dtype))
             query = asked if query is None else query + asked
         elif query is None:
@@ -142,8 +144,8 @@ class PatchPointer(nn.Module):
 @dataclass
 class Sight:
     """What the location pointer sees for each row: the batch's patch grids (M, P, patch width; Emu.see),
-    each row's latest image (-1 for none; Emu.latest_image) and, when the pointer reads them, each row's
-    word bag (Emu.word_bags) and box role (Emu.box_roles)."""
+    each row's latest image (-1 for none; Reading.latest_image) and, when the pointer reads them, each row's
+    word bag (Words.bags) and box role (box_roles)."""
 
     patches: torch.Tensor
     image_index: torch.Tensor
@@ -155,7 +157,7 @@ class Sight:
         return Sight(self.patches, self.image_index[which], words, roles)
 
 
-class LocationHead(nn.Module):
+class LocationHead(Head):
     """The logits of <bin_0> ... <bin_{B-1}> as a parabola over the bin index k:
     gate(h) - sharpness x (k - place(h))^2, so the most likely bin is wherever one linear read of the
     hidden state points, and near bins are nearly as likely. A row per bin has to learn how the bins are
@@ -189,11 +191,175 @@ class LocationHead(nn.Module):
         place = (len(self.bins) - 1) * (0.5 + fraction)
         return self.gate(hidden).float() - self.log_sharpness.exp() * (self.bins - place) ** 2
 
+    @property
+    def reads_words(self) -> bool:
+        return self.pointer is not None and self.pointer.words is not None
+
+    def sight(self, reading: Reading) -> Sight | None:
+        """What the pointer sees at every position of the batch; None without pictures."""
+        if reading.patches is None:
+            return None
+        if "sight" not in reading.notes:
+            reading.notes["sight"] = Sight(reading.patches, reading.latest_image, reading.word_bags, box_roles(reading.input_ids, reading.heads.location_ids))
+        return reading.notes["sight"]
+
+    def logits(self, reading: Reading, hidden: torch.Tensor, which: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        sight = self.sight(reading)
+        return logits.index_copy(-1, reading.heads.location_ids, self(hidden[which], sight.rows(which) if sight is not None else None))
+
+    def losses(self, reading: Reading, hidden: torch.Tensor, labels: torch.Tensor, extras: dict) -> dict[str, torch.Tensor | None]:
+        if self.pointer is None:
+            return {}
+        terms = {"pointer": self.pointer_loss(reading, hidden, labels, extras.get("named_boxes"))}
+        if extras.get("regions") is not None:
+            terms["regions"] = self.region_loss(reading, *extras["regions"])
+        return terms
+
+    def decoding(self, reading: Reading) -> Decoding:
+        sight = self.sight(reading)
+        # every new position follows the prompt's last image (new images end decoding)
+        return Pointing(self, reading, sight.rows((slice(None), -1)) if sight is not None else None)
+
+    def pointer_loss(self, reading: Reading, hidden: torch.Tensor, labels: torch.Tensor, named_boxes: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Cross-entropy of the PatchPointer's attention, where each labelled box is written, against the
+        box's share of each patch (its overlap area): the pointer is told which patches the box covers
+        instead of finding them through the bins' loss alone. A box is a run of exactly four labelled
+        location tokens (x0 y0 x1 y1). `named_boxes` (B, T, 4; NaN where none) adds the boxes of objects
+        that texts name (SequenceBuilder.encode's `named`), told at the text's last token: a question
+        about one object asks the pointer the same thing as a grounding question. A named box trains the
+        pointer alone: its hidden state, words and patches are detached. None when the batch has no box
+        after an image."""
+        sight = self.sight(reading)
+        if sight is None:
+            return None
+        rows, boxes = written_boxes(labels, reading.heads.location_ids)
+        named = torch.zeros(len(rows), dtype=torch.bool, device=labels.device)
+        if named_boxes is not None:
+            told = named_boxes[..., 0].isfinite().nonzero()
+            rows, boxes = torch.cat([rows, told]), torch.cat([boxes, named_boxes[tuple(told.T)]])
+            named = F.pad(named, (0, len(told)), value=True)
+        if not len(rows):
+            return None
+        at = tuple(rows.T)
+        keep = sight.image_index[at] >= 0
+        if not keep.any():
+            return None
+        # Reaching the LLM, the embeddings and the tower, the named boxes of the reading batches (one for each
+        # one-object caption or question, from the first step) hold off the LLM's reading its pictures.
+        asking, looked, named = hidden[at][keep], sight.rows(at).rows(keep), named[keep]
+        asking = torch.where(named[:, None], asking.detach(), asking)
+        words = torch.where(named[:, None], looked.words.detach(), looked.words) if looked.words is not None else None
+        # the patches twice, the second copy detached, which the named rows look at
+        patches = torch.cat([looked.patches, looked.patches.detach()])
+        image_index = torch.where(named, looked.image_index + len(looked.patches), looked.image_index)
+        return self._pointing(asking, Sight(patches, image_index, words, looked.roles), boxes[keep])
+
+    def region_loss(self, reading: Reading, region_ids: torch.Tensor, region_image: torch.Tensor, region_boxes: torch.Tensor) -> torch.Tensor | None:
+        """The pointer's loss (as `pointer_loss`) for phrases of what boxes of the batch's pictures show
+        (SequenceBuilder.collate_regions), asked by the phrase's word bag alone, with no LLM pass: every
+        object of every picture teaches the pointer which words mean which patches. In the demo's stage 1,
+        texts tell it about one object in a few batches; most of what it must learn is to choose among
+        several. None without regions or without a pointer that reads words."""
+        if reading.patches is None or not len(region_ids) or not self.reads_words:
+            return None
+        # Inputs detached: it trains the pointer alone. Reaching the towers and the embeddings as well, its
+        # dozens of rows a batch cost the captions much of their quality.
+        embeds = reading.model.llm.embed_tokens(region_ids.clamp_min(0)).detach()
+        bags = reading.words.weighed(embeds, region_ids >= 0).sum(1)
+        return self._pointing(None, Sight(reading.patches.detach(), region_image, bags), region_boxes)
+
+    def _pointing(self, asking: torch.Tensor | None, looked: Sight, boxes: torch.Tensor) -> torch.Tensor | None:
+        """Cross-entropy of the pointer's attention against each box's share of each patch, plus (with roles)
+        the L1 of its own box; `asking` (R, width) the hidden states that ask, or None for the words alone."""
+        pointer = self.pointer
+        target = pointer.box_share(boxes)
+        keep = target.sum(-1) > 0
+        if not keep.any():
+            return None
+        looked, boxes, target = looked.rows(keep), boxes[keep], target[keep]
+        asking = asking[keep] if asking is not None else None
+        attention = pointer.attention(asking, looked.patches, looked.image_index, looked.words)
+        loss = -(target * attention.clamp_min(1e-9).log()).sum(-1).mean()
+        if not pointer.writes_box:
+            return loss
+        # Every told box also trains the pointer's own box: L1 in fractions of the image, x10 so that a
+        # typical miss (~0.05) weighs about as much as the attention's cross-entropy above it. It trains the
+        # pointer alone: reaching the LLM and the towers through its inputs, it cost caption exact match.
+        patches, words = looked.patches.detach(), looked.words.detach() if looked.words is not None else None
+        asking = asking.detach() if asking is not None else None
+        alone = pointer.attention(asking, patches, looked.image_index, words)
+        own = pointer.box(pointer.read(patches, looked.image_index, alone), asking, words)
+        return loss + 10 * (own - (boxes - 0.5)).abs().mean()
+
+
+class Pointing(Decoding):
+    """The location head while a batch decodes: each row's sight at its newest position, its word bag and box
+    role kept up to date token by token."""
+
+    def __init__(self, head: LocationHead, reading: Reading, sight: Sight | None):
+        self.head, self.sight, self.words, self.location_ids = head, sight, reading.words, reading.heads.location_ids
+
+    def token(self, previous: torch.Tensor, token: torch.Tensor) -> None:
+        if self.sight is not None:
+            if self.sight.words is not None:
+                self.sight.words = self.words.next_bags(self.sight.words, previous, token)
+            self.sight.roles = torch.where(torch.isin(token, self.location_ids), (self.sight.roles + 1) % 4, 0)
+
+    def logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_copy(-1, self.location_ids, self.head(hidden, self.sight))
+
+
+def box_roles(input_ids: torch.Tensor, location_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T): which coordinate of a box the next token would be (0 x0, 1 y0, 2 x1, 3 y1), from
+    how many location tokens end at each position."""
+    is_location = torch.isin(input_ids, location_ids)
+    steps = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last_other = torch.where(is_location, -1, steps).cummax(1).values
+    return (steps - last_other) % 4
+
+
+def bin_of(location_labels: torch.Tensor, location_ids: torch.Tensor) -> torch.Tensor:
+    """(R,) ids of location tokens -> (R,) their bin indices k, as floats."""
+    return (location_labels[:, None] == location_ids).float().argmax(-1).float()
+
+
+def written_boxes(labels: torch.Tensor, location_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, 2) the (batch row, position) of each labelled location token in a box, and (R, 4) its box in
+    fractions of the image."""
+    is_location = torch.isin(labels, location_ids)
+    window = F.pad(is_location, (1, 4)).unfold(1, 6, 1)  # is_location[t-1 .. t+4] at each t
+    starts = (~window[..., 0] & window[..., 1:5].all(-1) & ~window[..., 5]).nonzero()
+    rows = starts.repeat_interleave(4, 0)
+    rows[:, 1] += torch.arange(4, device=labels.device).repeat(len(starts))
+    boxes = bin_of(labels[tuple(rows.T)], location_ids).reshape(-1, 4) / (len(location_ids) - 1)
+    return rows, boxes.repeat_interleave(4, 0)
+
+
+def location_token_loss(location_ids: torch.Tensor, sigma: float):
+    """The text loss of stage 1 (Emu.loss's `text_loss`): mean cross-entropy, where with sigma > 0 a location
+    token's target is a Gaussian over the bins (sigma in bins) around the labelled one, less that target's
+    entropy (a KL, 0 when exactly right, as CE is for a word). With one-hot targets a box one pixel off is as
+    wrong as one across the image."""
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        per_token = F.cross_entropy(logits, labels, reduction="none")
+        is_location = torch.isin(labels, location_ids)
+        if sigma <= 0 or not is_location.any():
+            return per_token.mean()
+        bins = torch.arange(len(location_ids), device=logits.device, dtype=torch.float)
+        labelled = bin_of(labels[is_location], location_ids)
+        target = torch.softmax(-((bins - labelled[:, None]) ** 2) / (2 * sigma**2), dim=-1)
+        log_probs = F.log_softmax(logits[is_location], dim=-1)[:, location_ids]
+        kl = torch.where(target > 0, target * (target.clamp_min(1e-30).log() - log_probs), 0.0)  # far bins' targets underflow to 0
+        return per_token.masked_scatter(is_location, kl.sum(-1)).mean()
+
+    return loss
+
 
 def location_head_for(cfg: Config, bins: int) -> LocationHead | None:
-    """The LocationHead (with a PatchPointer) that `cfg.llm` asks for; None without one or without bins."""
-    if not (cfg.llm.location_head and bins):
+    """The LocationHead (with a PatchPointer) that `cfg.heads` asks for; None without one or without bins."""
+    if not (cfg.heads.location and bins):
         return None
     grid = cfg.vision.image_size // cfg.vision.patch_size
-    pointer = PatchPointer(cfg.llm.width, cfg.vision.width, grid, words=cfg.llm.pointer_words, roles=cfg.llm.pointer_roles) if cfg.llm.location_pointer else None
+    pointer = PatchPointer(cfg.llm.width, cfg.vision.width, grid, words=cfg.heads.pointer_words, roles=cfg.heads.pointer_roles) if cfg.heads.pointer else None
     return LocationHead(cfg.llm.width, bins, pointer=pointer)

@@ -30,6 +30,7 @@ from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError, read_shards
 from nextmm.data.transforms import to_pixels
 from nextmm.device import pick_device
+from nextmm.heads.location import location_token_loss
 from nextmm.models.clip import CLIP, text_batch
 from nextmm.models.emu import Emu
 from nextmm.tokenizer import LOC_SPAN, NextTokenizer
@@ -138,14 +139,13 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
     """Stage 1's (EMA target or None, loss over a batch, backward of that loss) for these settings."""
     target = make_target(model, p.target_ema)
 
+    text_loss = location_token_loss(model.heads.location_ids, p.location_sigma)
+
     def loss_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         target_visual = target(batch["pixels"]) if target is not None and batch["pixels"].numel() else None
-        named = batch.get("named_boxes") if p.point_at_named else None
-        regions = (batch["region_ids"], batch["region_image"], batch["region_boxes"]) if p.point_at_objects and "region_ids" in batch else None
-        return model.loss(
-            batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual, p.location_sigma, p.pointer_weight, named, regions,
-            batch.get("claims"), batch.get("valid"),
-        )
+        extras = {"named_boxes": batch.get("named_boxes") if p.point_at_named else None, "claims": batch.get("claims"), "valid": batch.get("valid"),
+                  "regions": (batch["region_ids"], batch["region_image"], batch["region_boxes"]) if p.point_at_objects and "region_ids" in batch else None}
+        return model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual, text_loss, p.pointer_weight, extras)
 
     def backward(out: dict[str, torch.Tensor], scale: float) -> None:
         if p.regression_reaches_visual:
@@ -157,11 +157,8 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
 
 
 def pretrain_groups(model: Emu, p: PretrainConfig) -> list[dict]:
-    """Stage 1's optimizer groups: the vision tower slower, the copy head's gate, the presence probe and the
-    agreement judge faster, and the directions they add to the LLM's input at their own rate (PretrainConfig)."""
-    probes = [f"presence.{part}" for part in ("query", "key", "calibrate")] + ["agreement.gate", "agreement.judge"]
-    faster = {"copy_head.gate": p.copy_gate_lr_scale, **{part: p.presence_lr_scale for part in probes},
-              "presence.found": p.told_lr_scale, "agreement.holds": p.told_lr_scale}
+    """Stage 1's optimizer groups: the vision tower slower, each part at its own rate, and the heads' parts at the
+    rates they ask for (Head.rate_scales)."""
     parts = {"vision.": p.vision_lr_scale, "ln_visual.": p.resampler_lr_scale, "resampler.": p.resampler_lr_scale,
              "visual_proj.": p.resampler_lr_scale, "llm.": p.llm_lr_scale}
     for prefix, scale in parts.items():  # a part at rate 0 is frozen: no gradient is computed for it
@@ -169,7 +166,7 @@ def pretrain_groups(model: Emu, p: PretrainConfig) -> list[dict]:
             for name, param in model.named_parameters():
                 if name.startswith(prefix):
                     param.requires_grad_(False)
-    return param_groups(model, p.lr, p.weight_decay, {**faster, **parts})
+    return param_groups(model, p.lr, p.weight_decay, {**model.heads.rate_scales(p, "heads."), **parts})
 
 
 def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, clip: CLIP | None, resume: bool,
@@ -201,7 +198,7 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
         backward=backward,
         # The location pointer's losses (its own box's L1 above all) make gradients several times the LLM's:
         # clipped together, they would shrink the LLM's steps, and its captions worsen.
-        clip_apart=("location_head.pointer.",),
+        clip_apart=("heads.location.pointer.",),
     )
     mark_stage_done(stage_dir, trainer.run(Prefetcher(stream), resume))
     return model
