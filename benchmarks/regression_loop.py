@@ -19,9 +19,9 @@ from nextmm.api import build_model
 from nextmm.config import make_config
 from nextmm.data.sample import Text
 from nextmm.data.sequence import SequenceBuilder
-from nextmm.data.shapes import make_samples
 from nextmm.generate import generate_visual
 from nextmm.tokenizer import NextTokenizer
+from nextmm.worlds.shapes.generator import make_samples
 
 PROMPT = "a large red circle to the left of a small blue square"
 

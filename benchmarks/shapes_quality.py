@@ -10,7 +10,7 @@ import time
 
 import nextmm
 from nextmm.eval.fewshot import evaluate_fewshot
-from nextmm.eval.shapes import EVAL_SEED, evaluate
+from nextmm.worlds.shapes.evaluation import EVAL_SEED, evaluate
 
 
 def main():

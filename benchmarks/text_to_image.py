@@ -17,8 +17,8 @@ import torch
 
 import nextmm
 from nextmm.eval.images import evaluate_drawing, held_out_scenes
-from nextmm.eval.shapes import EVAL_SEED
 from nextmm.data.transforms import to_pixels
+from nextmm.worlds.shapes.evaluation import EVAL_SEED
 
 
 def drawing_speed(m, batch: int, repeats: int = 2) -> float:

@@ -21,9 +21,9 @@ import json
 import torch
 
 import nextmm
-from nextmm.data.shapes import COLOURS, SHAPES
 from nextmm.eval.images import held_out_scenes
-from nextmm.eval.pixels import objects_in_caption
+from nextmm.worlds.shapes.generator import COLOURS, SHAPES
+from nextmm.worlds.shapes.judge import objects_in_caption
 
 ATTRIBUTES = ("size", "colour", "shape")
 CAPTIONS = {(size, colour, shape): f"a {size} {colour} {shape}" for size in ("small", "large") for colour in COLOURS for shape in SHAPES}

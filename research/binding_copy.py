@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 import nextmm
-from nextmm.data import shapes
 from nextmm.data.sample import Text
-from nextmm.eval.shapes import EVAL_SEED, evaluate_binding
 from nextmm.generate import Stepper
 from nextmm.heads.copy import Recall, copy_sources
+from nextmm.worlds.shapes import generator as shapes
+from nextmm.worlds.shapes.evaluation import EVAL_SEED, evaluate_binding
 
 SEED, SHOTS = EVAL_SEED, 4
 

@@ -34,9 +34,9 @@ from nextmm.config import apply_overrides
 from nextmm.data.loader import discover_sources
 from nextmm.data.transforms import to_pixels
 from nextmm.eval.images import evaluate_drawing, held_out_scenes
-from nextmm.eval.pixels import objects_in_caption, score_prompt
 from nextmm.api import to_pil
 from nextmm.train.decoder_stage import autoencoder_stage, build_decoder, diffusion_stage
+from nextmm.worlds.shapes.judge import objects_in_caption, score_prompt
 
 
 @torch.no_grad()

@@ -20,10 +20,10 @@ import torch
 
 import nextmm
 from nextmm.constrained import DetectionGrammar
-from nextmm.data import shapes
 from nextmm.data.sample import DETECT_QUESTION, Text
-from nextmm.eval.shapes import EVAL_SEED, detection_f1
 from nextmm.generate import generate_ids, next_token_logits
+from nextmm.worlds.shapes import generator as shapes
+from nextmm.worlds.shapes.evaluation import EVAL_SEED, detection_f1
 
 COUNTS = ("one", "two", "three")  # Shapes World scenes hold 1 to 3 objects
 

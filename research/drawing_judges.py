@@ -22,8 +22,8 @@ import torch
 import nextmm
 from nextmm.data.sample import Image
 from nextmm.eval.images import held_out_scenes
-from nextmm.eval.pixels import objects_in_caption, score_prompt
 from nextmm.generate import Stepper
+from nextmm.worlds.shapes.judge import objects_in_caption, score_prompt
 
 
 @torch.no_grad()

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 import nextmm
-from nextmm.data import shapes
 from nextmm.data.sample import Image, Text, grounding_question
 from nextmm.eval.metrics import grounding_accuracy
 from nextmm.generate import Stepper
+from nextmm.worlds.shapes import generator as shapes
 
 TRAIN, TEST = 1200, 300
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import nextmm
-from nextmm.data.shapes import COLOURS, SHAPES
+from nextmm.worlds.shapes.generator import COLOURS, SHAPES
 from grounding_probe import prefilled, questions
 
 FIT, HELD_OUT = 1200, 300

@@ -20,9 +20,9 @@ from presence_probe import auc, phrases
 import nextmm
 from nextmm.data.loader import MixedStream, discover_sources
 from nextmm.data.sample import Image
-from nextmm.data.shapes import object_regions
 from nextmm.heads.presence import PresenceProbe
 from nextmm.heads.words import Words
+from nextmm.worlds.shapes.generator import object_regions
 
 
 def bags_of(model, ids: torch.Tensor) -> torch.Tensor:

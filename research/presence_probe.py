@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 import nextmm
-from nextmm.data import shapes
 from nextmm.data.sample import Image, Text, matching_question, vqa_prompt
-from nextmm.eval.shapes import EVAL_SEED, matching_answers
 from nextmm.generate import Stepper
 from nextmm.heads.agreement import Judging
 from nextmm.heads.words import Words
+from nextmm.worlds.shapes import generator as shapes
+from nextmm.worlds.shapes.evaluation import EVAL_SEED, matching_answers
 
 
 def auc(scores: np.ndarray, truth: np.ndarray) -> float:

@@ -15,9 +15,9 @@ import json
 import numpy as np
 
 import nextmm
-from nextmm.data.shapes import COLOURS, SHAPES
 from nextmm.eval.images import held_out_scenes
-from nextmm.eval.pixels import objects_in_caption
+from nextmm.worlds.shapes.generator import COLOURS, SHAPES
+from nextmm.worlds.shapes.judge import objects_in_caption
 
 TRAINING_SEED = 123  # not the held-out seed: the probes are fitted on scenes the scores never see
 

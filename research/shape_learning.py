@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from nextmm.config import make_config
-from nextmm.data import shapes
 from nextmm.data.transforms import to_pixels
 from nextmm.models.resampler import CausalResampler
 from nextmm.models.vision import VisionTransformer
 from nextmm.precision import autocast
+from nextmm.worlds.shapes import generator as shapes
 
 VARIANTS = {
     "tower, max-pooled": None,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import nextmm
 from nextmm.config import make_config
-from nextmm.eval.shapes import evaluate
 from nextmm.train.stages import train
+from nextmm.worlds.shapes.evaluation import evaluate
 
 KEPT = ("caption_exact_match", "vqa_accuracy", "grounding_acc_at_0.5", "grounding_centre_miss_px", "detection_f1",
         "itm_accuracy", "itm_calibrated_accuracy", "region_caption_exact_match", "video_direction_accuracy", "binding_2shot_choice_accuracy",

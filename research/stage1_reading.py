@@ -16,13 +16,13 @@ import torch
 
 from nextmm.api import NextMM, build_model
 from nextmm.config import make_config
-from nextmm.data import shapes
 from nextmm.data.loader import MixedStream, discover_sources
 from nextmm.data.make import write_shapes
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.transforms import to_pixels
 from nextmm.train.loop import Trainer, param_groups
 from nextmm.train.stages import clip_stage, pretrain_objective, train_tokenizer
+from nextmm.worlds.shapes import generator as shapes
 
 
 def word_accuracy(m: NextMM, scenes: list) -> dict[str, float]:

@@ -20,16 +20,16 @@ import numpy as np
 import torch
 
 import nextmm
-from nextmm.data import shapes
 from nextmm.data.loader import MixedStream, discover_sources
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.eval.images import regression_retrieval
 from nextmm.eval.metrics import box_misses, grounding_accuracy
-from nextmm.eval.shapes import EVAL_SEED, evaluate_binding, evaluate_captions, evaluate_vqa, matching_answers
 from nextmm.heads.location import location_head_for, location_token_loss
 from nextmm.train import regression
 from nextmm.train.loop import lr_factor, param_groups
 from nextmm.train.stages import text_to_image_view
+from nextmm.worlds.shapes import generator as shapes
+from nextmm.worlds.shapes.evaluation import EVAL_SEED, evaluate_binding, evaluate_captions, evaluate_vqa, matching_answers
 
 
 def grounding(m, n: int = 100) -> dict:

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 import nextmm
-from nextmm.data import shapes
 from nextmm.eval.images import held_out_scenes
-from nextmm.eval.pixels import objects_in_caption, score_prompt
-from nextmm.eval.shapes import EVAL_SEED
+from nextmm.worlds.shapes import generator as shapes
+from nextmm.worlds.shapes.evaluation import EVAL_SEED
+from nextmm.worlds.shapes.judge import objects_in_caption, score_prompt
 
 
 def breakdown(images, captions) -> dict:

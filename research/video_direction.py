@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 
 import nextmm
-from nextmm.data import shapes
 from nextmm.data.loader import MixedStream, discover_sources
 from nextmm.data.sample import Video
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.transforms import to_pixels
-from nextmm.eval.shapes import EVAL_SEED, evaluate_video
 from nextmm.train.loop import Trainer, param_groups
 from nextmm.train.stages import pretrain_objective
+from nextmm.worlds.shapes import generator as shapes
+from nextmm.worlds.shapes.evaluation import EVAL_SEED, evaluate_video
 from stage1_reading import probe_accuracy
 
 DIRECTIONS = ["left", "right", "up", "down"]

@@ -18,7 +18,7 @@ import torch
 import nextmm
 from nextmm.data.sample import Text
 from nextmm.eval.images import held_out_scenes, objects_in_caption
-from nextmm.eval.shapes import EVAL_SEED
+from nextmm.worlds.shapes.evaluation import EVAL_SEED
 
 
 def bags_at_img(m, captions: list[str]) -> np.ndarray:

@@ -4,9 +4,9 @@ import torch
 
 from nextmm.api import NextMM, build_model
 from nextmm.config import make_config
-from nextmm.data import shapes
 from nextmm.data.sample import Text
 from nextmm.tokenizer import NextTokenizer
+from nextmm.worlds.shapes import generator as shapes
 
 
 def shapes_texts(n: int = 300) -> list[str]:

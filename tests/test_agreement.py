@@ -3,13 +3,13 @@ import torch
 
 from conftest import shapes_texts
 from nextmm.api import build_model
-from nextmm.data import shapes
 from nextmm.data.sample import Image, Text
 from nextmm.generate import Stepper
 from nextmm.heads.agreement import Judging
 from nextmm.heads.presence import Probing
 from nextmm.tokenizer import NextTokenizer
 from nextmm.train.stages import text_first
+from nextmm.worlds.shapes import generator as shapes
 from test_model import bag_test_batch, builder_for
 
 

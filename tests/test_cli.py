@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from nextmm.cli import main, parse_prompt
-from nextmm.data import shapes
 from nextmm.errors import UserError
+from nextmm.worlds.shapes import generator as shapes
 
 
 @pytest.fixture()

@@ -100,9 +100,9 @@ def test_the_box_constraint_allows_four_location_tokens_in_order_then_eos(tokeni
 def test_the_detection_grammar_ends_every_phrase_with_its_box_and_a_box_with_a_comma_or_the_end(tokenizer):
     from conftest import shapes_texts
 
-    from nextmm.data import shapes
     from nextmm.data.sample import Text
     from nextmm.tokenizer import NextTokenizer
+    from nextmm.worlds.shapes import generator as shapes
 
     listed = [seg.text for s in shapes.make_samples("detect", 0, 50) for seg in s.segments if isinstance(seg, Text)]
     tokenizer = NextTokenizer.train(shapes_texts() + listed, vocab_size=320, location_bins=64)
@@ -207,8 +207,8 @@ def test_calibrated_match_takes_away_a_bias_shared_by_the_question(micro_nextmm,
 
 
 def test_the_evals_matching_answers_are_what_match_says(micro_nextmm):
-    from nextmm.data import shapes
-    from nextmm.eval.shapes import matching_answers
+    from nextmm.worlds.shapes import generator as shapes
+    from nextmm.worlds.shapes.evaluation import matching_answers
 
     said, said_calibrated, truth = matching_answers(micro_nextmm, 12, seed=5)
     samples = list(shapes.make_samples("itm", 5, 12))

@@ -13,11 +13,11 @@ import torch
 
 from nextmm.api import build_model
 from nextmm.config import make_config
-from nextmm.data import shapes
 from nextmm.data.sample import Image, Text, Video
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.generate import Stepper
 from nextmm.models.llm import KVCache, LLaMA
+from nextmm.worlds.shapes import generator as shapes
 
 STEPS = 8
 GQA = ["llm.heads=4", "llm.kv_heads=2"]

@@ -9,16 +9,16 @@ from PIL import Image as PILImage
 import nextmm
 from nextmm.api import DrawError, NextMM
 from nextmm.config import make_config
-from nextmm.data import shapes
 from nextmm.data.loader import discover_sources
 from nextmm.data.make import write_shapes
 from nextmm.data.sample import Image, Sample, Text, Video
 from nextmm.data.shards import DataError
 from nextmm.data.transforms import to_pixels
 from nextmm.eval.images import held_out_scenes, regression_retrieval
-from nextmm.eval.pixels import objects_in_caption
 from nextmm.models.decoder import VisualDecoder
 from nextmm.train.decoder_stage import fit_semantic_readouts, picture_and_caption, training_condition
+from nextmm.worlds.shapes import generator as shapes
+from nextmm.worlds.shapes.judge import objects_in_caption
 from test_cli import assert_one_clear_line, run
 
 

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from nextmm.data import shapes
 from nextmm.eval.files import predictions_path
 from nextmm.eval.language import eval_captions
+from nextmm.worlds.shapes import generator as shapes
 from test_cli import assert_one_clear_line, model_dir, run  # noqa: F401  (fixture)
 
 SCENES = [shapes.sample_scene(np.random.default_rng([5, i])) for i in range(5)]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from nextmm.data import shapes
 from nextmm.data.sample import Image, Text
 from nextmm.eval.fewshot import binding_scores, choose_shots
+from nextmm.worlds.shapes import generator as shapes
 from test_cli import assert_one_clear_line, run
 from test_eval_benchmarks import clip_model_dir  # noqa: F401  (fixture)
 
@@ -28,7 +28,7 @@ def test_rices_picks_the_most_similar_support_examples_most_similar_last():
 
 
 def test_binding_episodes_name_each_image_by_its_bound_word():
-    from nextmm.eval.pixels import judge
+    from nextmm.worlds.shapes.judge import judge
 
     for i in range(10):
         pool, (query, answer) = shapes.binding_episode(np.random.default_rng([4, i]), 8)

@@ -184,7 +184,7 @@ def test_clip_score():
 
 
 def test_detection_f1_matches_phrase_and_box_once():
-    from nextmm.eval.shapes import detection_f1
+    from nextmm.worlds.shapes.evaluation import detection_f1
 
     truth = [[{"size": "large", "colour": "red", "shape": "circle", "box": [0, 0, 20, 20]},
               {"size": "small", "colour": "blue", "shape": "square", "box": [30, 30, 42, 42]}]]

@@ -321,7 +321,7 @@ def test_tied_embeddings_share_one_matrix_through_training_and_a_save(tmp_path, 
 
 
 def test_pointer_loss_is_its_attentions_cross_entropy_against_each_boxs_patches(micro_model, tokenizer):
-    from nextmm.data import shapes
+    from nextmm.worlds.shapes import generator as shapes
 
     pointer = micro_model.heads.location.pointer
     grid = pointer.grid
@@ -379,7 +379,7 @@ def test_clip_cell_features_are_the_whole_pictures_then_each_cells_max_pooled(mi
 def bag_test_batch(model, tokenizer, other_kind: str) -> tuple[list, dict]:
     """For the word bags' tests: a detection sample of two or more objects and one `other_kind` sample, and
     their batch; the model in eval mode, its word gates made unequal."""
-    from nextmm.data import shapes
+    from nextmm.worlds.shapes import generator as shapes
 
     model.eval()
     torch.nn.init.normal_(model.heads.location.pointer.word_gate.weight)
@@ -418,7 +418,7 @@ def test_word_bags_hold_the_words_since_the_latest_image_or_box_and_generation_k
 
 
 def test_a_question_about_one_object_tells_the_pointer_that_objects_patches_at_its_last_token(micro_model, tokenizer):
-    from nextmm.data import shapes
+    from nextmm.worlds.shapes import generator as shapes
 
     micro_model.eval()
     b = builder_for(micro_model, tokenizer)
@@ -449,7 +449,7 @@ def test_a_question_about_one_object_tells_the_pointer_that_objects_patches_at_i
 def test_a_named_object_trains_the_pointer_alone_where_a_written_box_trains_the_llm_too(micro_model, tokenizer):
     """A question's named object teaches the pointer only: its hidden state, word bag and patches are detached,
     so the reading batches' named boxes do not hold off the LLM's learning to read (BENCHMARKS.md, session 22)."""
-    from nextmm.data import shapes
+    from nextmm.worlds.shapes import generator as shapes
 
     b = builder_for(micro_model, tokenizer)
     asked = [s for s in shapes.make_samples("vqa", 0, 30) if shapes.named_object(s) is not None][:2]
@@ -473,7 +473,7 @@ def test_a_named_object_trains_the_pointer_alone_where_a_written_box_trains_the_
 
 
 def test_every_object_of_a_picture_tells_the_pointer_its_patches_asked_by_its_phrase_alone(micro_model, tokenizer):
-    from nextmm.data import shapes
+    from nextmm.worlds.shapes import generator as shapes
 
     micro_model.eval()
     b = builder_for(micro_model, tokenizer)
@@ -563,8 +563,8 @@ def test_the_pointer_reads_the_place_around_its_attentions_peak_not_between_obje
 
 
 def test_a_boxs_sides_start_at_the_pointed_place_by_their_order_in_the_box(micro_model, tokenizer):
-    from nextmm.data import shapes
     from nextmm.heads.location import PatchPointer
+    from nextmm.worlds.shapes import generator as shapes
 
     pointer = PatchPointer(8, 8, grid=4, key_width=8, words=False)
     with torch.no_grad():
@@ -592,8 +592,8 @@ def test_a_boxs_sides_start_at_the_pointed_place_by_their_order_in_the_box(micro
 
 
 def test_the_copy_head_mixes_a_distribution_that_copies_the_token_after_the_position_it_looks_at(micro_model, tokenizer):
-    from nextmm.data import shapes
     from nextmm.heads.copy import Copying, copy_sources
+    from nextmm.worlds.shapes import generator as shapes
 
     head = micro_model.heads.copy
     torch.manual_seed(0)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from nextmm.data import shapes
-from nextmm.eval.pixels import (
+from nextmm.worlds.shapes import generator as shapes
+from nextmm.worlds.shapes.judge import (
     JudgedObject,
     describe,
     judge,

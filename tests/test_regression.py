@@ -6,11 +6,11 @@ import copy
 import numpy as np
 import torch
 
-from nextmm.data import shapes
 from nextmm.data.sample import caption_sample
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.models.emu import IGNORE
 from nextmm.train import regression
+from nextmm.worlds.shapes import generator as shapes
 
 
 def spread(visual: torch.Tensor) -> float:

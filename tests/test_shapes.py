@@ -11,9 +11,9 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from nextmm.data import shapes as S
 from nextmm.data.sample import Image, Text, Video
-from nextmm.data.shapes import COLOURS, SHAPES, SIZES, Obj, Scene, VideoClip
+from nextmm.worlds.shapes import generator as S
+from nextmm.worlds.shapes.generator import COLOURS, SHAPES, SIZES, Obj, Scene, VideoClip
 
 WHITE = (255, 255, 255)
 RGB_TO_NAME = {rgb: name for name, rgb in COLOURS.items()}
@@ -560,7 +560,7 @@ def test_binding_fewshot_prompt(shots):
 
 
 def test_named_object_is_the_one_object_a_question_or_a_one_object_caption_names():
-    from nextmm.data.shapes import CANVAS, named_object
+    from nextmm.worlds.shapes.generator import CANVAS, named_object
 
     seen = set()
     for sample in S.make_samples("vqa", 3, 200):

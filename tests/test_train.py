@@ -230,9 +230,9 @@ def test_stage1_trains_the_vision_tower_slower_and_the_copy_gate_presence_probe_
 
 
 def test_a_caption_read_text_first_keeps_its_regions_on_its_image(micro_config, tokenizer):
-    from nextmm.data import shapes
     from nextmm.data.sequence import SequenceBuilder
     from nextmm.train.stages import text_first
+    from nextmm.worlds.shapes import generator as shapes
 
     builder = SequenceBuilder.for_config(tokenizer, micro_config)
     for caption in shapes.make_samples("caption", 4, 10):

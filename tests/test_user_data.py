@@ -6,7 +6,7 @@ import numpy as np
 
 from nextmm import api
 from nextmm.cli import main
-from nextmm.data import shapes
+from nextmm.worlds.shapes import generator as shapes
 
 
 def write_coco(root, n=24):

@@ -188,7 +188,7 @@ def _write_results(results: dict, out: str | None) -> None:
 
 
 def cmd_eval_shapes(args: argparse.Namespace) -> None:
-    from nextmm.eval.shapes import evaluate, results_table
+    from nextmm.worlds.shapes.evaluation import evaluate, results_table
 
     results = evaluate(_load(args), scenes=args.scenes, videos=args.videos, binding=args.binding, seed=args.seed)
     results.pop("examples")

@@ -15,9 +15,9 @@ from nextmm import api
 from nextmm.config import make_config
 from nextmm.data.make import write_shapes
 from nextmm.eval.images import evaluate_drawing
-from nextmm.eval.shapes import evaluate
 from nextmm.report import write_report
 from nextmm.train.stages import train
+from nextmm.worlds.shapes.evaluation import evaluate
 
 EVAL_SIZES = {"micro": (40, 16, 16)}  # scenes, videos, binding prompts; others use the full sizes
 # 400 scenes, not 500, so the held-out eval leaves the demo a margin within 15 minutes;

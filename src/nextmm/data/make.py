@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nextmm.data import shapes
 from nextmm.data.shards import DataError, ShardWriter
+from nextmm.worlds.shapes import generator as shapes
 
 
 def write_shapes(out_dir: str | Path, counts: dict[str, int], seed: int = 0, shard_size: int = 2000, overwrite: bool = False) -> dict[str, int]:

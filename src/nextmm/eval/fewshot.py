@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from nextmm.api import NextMM
-from nextmm.data import shapes
 from nextmm.data.sample import Image, Text, vqa_prompt
 from nextmm.eval.metrics import caption_scores
+from nextmm.worlds.shapes import generator as shapes
 
 SELECTIONS = ("random", "rices")
 BINDING_POOL = 8  # labelled images each binding episode offers to choose shots from

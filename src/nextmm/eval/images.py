@@ -1,4 +1,4 @@
-"""Score drawing on held-out Shapes World with the pixel judge (eval/pixels.py).
+"""Score drawing on held-out Shapes World with the pixel judge (worlds/shapes/judge.py).
 
 Text-to-image: the captions of held-out one- and two-object scenes as prompts; an image is right when
 every object the prompt names was drawn with its colour and shape (sizes are reported apart).
@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from nextmm.api import NextMM
-from nextmm.data import shapes
 from nextmm.data.sample import Image, Text
-from nextmm.eval.pixels import objects_in_caption, score_prompt
-from nextmm.eval.shapes import EVAL_SEED
+from nextmm.worlds.shapes import generator as shapes
+from nextmm.worlds.shapes.evaluation import EVAL_SEED
+from nextmm.worlds.shapes.judge import objects_in_caption, score_prompt
 
 
 def held_out_scenes(objects: int, n: int, seed: int = EVAL_SEED) -> list[tuple[str, Any]]:

@@ -25,7 +25,7 @@ from nextmm.eval.files import (
 )
 from nextmm.eval.language import coco_references
 from nextmm.eval.metrics import box_iou, clip_score, frechet_distance, grounding_accuracy, owners_to_relevant, retrieval_recall
-from nextmm.eval.pixels import objects_in_caption, score_prompt
+from nextmm.worlds.shapes.judge import objects_in_caption, score_prompt
 
 
 # ---- grounding -----------------------------------------------------------------------------------------

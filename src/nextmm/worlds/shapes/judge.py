@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from nextmm.data.shapes import BACKGROUND, CANVAS, COLOURS, SHAPES, SIZES
+from nextmm.worlds.shapes.generator import BACKGROUND, CANVAS, COLOURS, SHAPES, SIZES
 
 Triple = tuple[str, str, str]  # (size, colour, shape), the order of the words in an object phrase
 

@@ -17,10 +17,10 @@ import torch
 from tqdm import tqdm
 
 from nextmm.api import NextMM
-from nextmm.data import shapes
 from nextmm.data.sample import Image, Sample, Text, Video
 from nextmm.eval.fewshot import binding_scores
 from nextmm.eval.metrics import box_iou, box_misses, caption_scores, grounding_accuracy, retrieval_recall
+from nextmm.worlds.shapes import generator as shapes
 
 EVAL_SEED = 10_007
 
