@@ -288,11 +288,11 @@ class PretrainConfig(TrainConfig):
     # The other heads' own loss terms (the presence probe's, the agreement judge's) take the same weight.
     pointer_weight: float = 1.0
     # With pointer_weight > 0: a VQA question about one object, and a one-object caption, also tell the pointer
-    # that object's patches at their last token (data/shapes.py, named_object), so it learns which object
+    # that object's patches at their last token (worlds/shapes/generator.py, named_object), so it learns which object
     # words name from the many reading batches, not only from the few grounding ones. They train the pointer
     # alone (LocationHead.pointer_loss): reaching the LLM they held off its reading, which came by step 100 without.
     point_at_named: bool = True
-    # With pointer_weight > 0: every object of a one-image sample's scene (data/shapes.py, object_regions) also
+    # With pointer_weight > 0: every object of a one-image sample's scene (worlds/shapes/generator.py, object_regions) also
     # tells the pointer its patches and box, asked by the object's phrase alone (LocationHead.region_loss), with no
     # LLM pass: dozens of region-phrase pairs a batch, where texts name one object in a few samples.
     point_at_objects: bool = True
@@ -321,7 +321,7 @@ class PretrainConfig(TrainConfig):
     # text_to_image: the caption pairs read caption-first, the image regressed (stages.text_first). At any share
     # from 1 to 3 a demo's stage 1 sees too few of them to regress embeddings nearer the prompt's object than
     # chance (eval/images.regression_retrieval), so a share this size leaves room for the OFA tasks.
-    # ground, region_caption, itm, detect: OFA's tasks as instructions (data/shapes.py), boxes as <bin_k>.
+    # ground, region_caption, itm, detect: OFA's tasks as instructions (worlds/shapes/generator.py), boxes as <bin_k>.
     # They come in lightly, for longer runs to raise: heavier, a demo still makes too few grounding batches
     # to write a box, and captions worse. binding at 0.5 rather than 0.3: more bound words are written and
     # the copy gate opens fully.
