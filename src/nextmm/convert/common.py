@@ -121,4 +121,6 @@ def copy_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str)
                 f"'{source}': tensor '{key}' has shape {tuple(value.shape)} where the model expects {tuple(own[key].shape)}; "
                 "check that its config matches its weights"
             )
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    with torch.no_grad():  # in place, one tensor at a time: a converted copy of the whole checkpoint would double the peak
+        for key, value in state.items():
+            own[key].copy_(value)

@@ -79,6 +79,7 @@ def init_model(llm_dir: str | Path, vision_dir: str | Path, out: str | Path, dec
     copy_into(model.llm, llm_state_from_hf(read_state_dict(llm_root), cfg.llm), str(llm_root))
     grow_vocabulary(model.llm, added)  # cfg.llm.vocab_size follows
     model.vision.load_state_dict(tower.state_dict())
+    del tower  # the model holds its own copy; memory need not hold both while the directory is written
     cfg.tokenizer.vocab_size = cfg.llm.vocab_size
     return NextMM(model, tokenizer, cfg, decoder=decoder).save(out)
 

@@ -28,8 +28,18 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_module(module: nn.Module, path: Path) -> None:
-    # Tied or shared weights would make safetensors refuse; clone() gives each name its own storage.
-    save_file({k: v.clone() for k, v in _contiguous(module.state_dict()).items()}, str(path))
+    save_file(_own_storage(_contiguous(module.state_dict())), str(path))
+
+
+def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors, each name on a storage of its own: safetensors refuses tied or shared weights, so a name
+    whose storage an earlier name holds gets a copy (cloning them all would hold the model twice in memory)."""
+    seen, out = set(), {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return out
 
 
 class CheckpointMismatch(UserError):
