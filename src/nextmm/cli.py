@@ -40,6 +40,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from nextmm.config import apply_overrides, make_config
+    from nextmm.data.loader import discover_sources
     from nextmm.train import parallel
     from nextmm.train.stages import train
 
@@ -55,7 +56,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc} must be at least 1")
     if args.nproc > 1 and not parallel.launched():
-        parallel.local_batch(cfg.pretrain.batch_size, "pretrain.batch_size", args.nproc)  # before any process starts
+        # the mistakes every process would make, said once before any starts
+        parallel.local_batch(cfg.pretrain.batch_size, "pretrain.batch_size", args.nproc)
+        discover_sources(args.data)
         sys.exit(parallel.launch(args.nproc, args.argv))
     if parallel.launched() and args.nproc > 1 and args.nproc != parallel.local_processes():
         raise UserError(f"--nproc {args.nproc} asks for {args.nproc} processes but torchrun started {parallel.local_processes()} here; drop --nproc under torchrun")

@@ -45,7 +45,6 @@ class _World:
     timeout_s: float
     wait: Any  # a gloo group with a long timeout, for the waits of `on_main`
     owned: bool  # whether setup() made the process group (and teardown() ends it)
-    stdout: Any
 
 
 _world: _World | None = None
@@ -96,9 +95,9 @@ def setup(device: str | None = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     if owned:
         dist.init_process_group("nccl" if where.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     wait = dist.new_group(backend="gloo", timeout=SOLO_WAIT)
-    _world = _World(dist.get_rank(), dist.get_world_size(), where, timeout_s, wait, owned, sys.stdout)
+    _world = _World(dist.get_rank(), dist.get_world_size(), where, timeout_s, wait, owned)
     if _world.rank != 0:
-        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all, to the process's end; errors still reach stderr
     return where
 
 
@@ -106,11 +105,7 @@ def teardown() -> None:
     global _world
     if _world is None:
         return
-    if _world.rank != 0:
-        sys.stdout.close()
-        sys.stdout = _world.stdout
-    if _world.owned:
-        dist.destroy_process_group()
+    dist.destroy_process_group(None if _world.owned else _world.wait)
     _world = None
 
 
@@ -120,7 +115,7 @@ def lost(err: Exception) -> ParallelError:
     assert _world is not None
     return ParallelError(
         f"process {_world.rank} of {_world.size} stops because another one died or did not answer within "
-        f"{_world.timeout_s:g} s ({first[:200]}); that process's own output says why"
+        f"{_world.timeout_s:g} s (--timeout): {first[:200]}"
     )
 
 
@@ -132,8 +127,11 @@ def session(device: str | None = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -
     where = setup(device, timeout_s)
     try:
         yield where
-    except dist.DistError as err:
-        raise lost(err) from err
+    except RuntimeError as err:
+        # gloo reports a timeout or a closed connection as a plain RuntimeError naming its own source file
+        if _world is not None and (isinstance(err, dist.DistError) or "gloo" in str(err)):
+            raise lost(err) from err
+        raise
     finally:
         if made:
             teardown()
@@ -174,7 +172,9 @@ def wrap(model: nn.Module, loss_fn: Callable[[dict], dict]) -> Callable[[dict], 
     assert _world is not None
     ids = [_world.device.index] if _world.device.type == "cuda" else None
     # find_unused_parameters: a batch need not reach every parameter (a text-to-image batch computes no word
-    # logits; a head's parameters wait for its kind of data), and DDP must not wait for their gradients.
+    # logits; a head's parameters wait for its kind of data), and DDP must not wait for their gradients. Buffers
+    # are rank 0's at every forward (DDP's broadcast), so that a running statistic (the copy head's mean picture)
+    # stays one model's.
     return DistributedDataParallel(_Objective(model, loss_fn), device_ids=ids, find_unused_parameters=True)
 
 
@@ -245,15 +245,25 @@ def launch(nproc: int, argv: list[str]) -> int:
     """`nextmm ARGV` as `nproc` processes on this machine, through torchrun (torch.distributed.run); the exit
     status of the first that failed, else 0. Each process gets an equal share of the CPU's threads unless
     OMP_NUM_THREADS says otherwise."""
+    import logging
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    # The processes say what went wrong; torchrun's agent would add its own log lines and report to each failure.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpus // nproc)))
-    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "nextmm.cli", *argv])
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "nextmm.cli"])
+    args.training_script_args = argv  # set apart, since torchrun's parser would read `--nproc` as its own option
     try:
         run(args)
     except ChildFailedError as err:
-        _, failure = err.get_first_failure()
+        rank, failure = err.get_first_failure()
+        if failure.exitcode == 2:  # a mistake in what the user gave, which the process has said in one sentence
+            return 2
+        how = f"with exit status {failure.exitcode}" if failure.exitcode > 0 else f"on signal {-failure.exitcode}"
+        print(f"nextmm: error: process {rank} of {nproc} failed {how}; its output above says why", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
     return 0

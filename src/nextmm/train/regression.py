@@ -27,7 +27,9 @@ def backward(model: Emu, out: dict[str, torch.Tensor], scale: float = 1.0, one_p
 
     `one_pass` (under DistributedDataParallel): the L2 gradients join the text loss's backward as more roots of
     it rather than being added to `.grad` afterwards, because DDP all-reduces a gradient as autograd accumulates
-    it, and one added by hand afterwards would stay this process's own."""
+    it, and one added by hand afterwards would stay this process's own. The L2 loss itself is a root too, with a
+    zero gradient: DDP waits for a gradient of every parameter the forward reached, and where no labelled word
+    follows a picture the text loss reaches no part of the visual stack."""
     if "l2" not in out:
         (out["text"] * scale).backward()
         return
@@ -35,7 +37,8 @@ def backward(model: Emu, out: dict[str, torch.Tensor], scale: float = 1.0, one_p
     grads = torch.autograd.grad(out["l2"] * out["l2_weight"] * scale, params, retain_graph=True, allow_unused=True)
     if one_pass:
         reached = [(param, grad) for param, grad in zip(params, grads) if grad is not None]
-        torch.autograd.backward([out["text"] * scale, *(p for p, _ in reached)], [None, *(g for _, g in reached)])
+        roots = [out["text"] * scale, out["l2"], *(p for p, _ in reached)]
+        torch.autograd.backward(roots, [None, torch.zeros_like(out["l2"]), *(g for _, g in reached)])
         return
     (out["text"] * scale).backward()
     for param, grad in zip(params, grads):
