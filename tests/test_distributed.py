@@ -62,27 +62,27 @@ def two_processes(data_dir: Path, out: Path, steps: int, *extra: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
-    """3 steps in one process and in two, then each resumed for a 4th."""
+    """3 steps in one process and in two, then each resumed for 2 more."""
     root = tmp_path_factory.mktemp("runs")
     one, two = root / "one", root / "two"
     train(make_config("micro", overrides=SETTINGS + ["pretrain.steps=3"]), data_dir, one)
     two_processes(data_dir, two, 3)
-    train(make_config("micro", overrides=SETTINGS + ["pretrain.steps=4"]), data_dir, one, resume=True)
-    two_processes(data_dir, two, 4, "--resume")
+    train(make_config("micro", overrides=SETTINGS + ["pretrain.steps=5"]), data_dir, one, resume=True)
+    two_processes(data_dir, two, 5, "--resume")
     return losses(one), losses(two)
 
 
 def test_two_processes_train_with_the_losses_of_one_over_the_same_global_batch(runs):
     one, two = runs
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5]
     assert {"ce", "l2"} <= one[0].keys()
     assert any(r["ce"] == 0 for r in one) and any(r["ce"] > 0 for r in one)  # text-to-image batches (L2 alone) and others
     for a, b in zip(one, two):
         for key in ("loss", "ce", "l2"):  # metrics.jsonl rounds them to 5 decimals: 1e-5 apart, and its rounding
             assert b[key] == pytest.approx(a[key], abs=2e-5), (a["step"], key)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], abs=2e-4)  # rounded to 4
-    # step 4 comes after a resume, so it matches only if every rank loaded the weights and the optimizer's moments
-    assert [r["samples_per_s"] > 0 for r in two] == [True] * 4
+    # steps 4 and 5 come after a resume: they match only if every rank took up the data where it stopped (step 4)
+    # and the optimizer's moments (step 5); the weights rank 0 loaded DDP would give the others anyway
 
 
 def reading(data_dir, part, batches: int = 3) -> list[list[str]]:
