@@ -40,6 +40,8 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from nextmm.config import apply_overrides, make_config
+    from nextmm.data.loader import discover_sources
+    from nextmm.train import parallel
     from nextmm.train.stages import train
 
     if args.init:
@@ -51,7 +53,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = apply_overrides(saved_config(args.init), args.set or [])
     else:
         cfg = make_config(args.preset, args.config, args.set or [])
-    result = train(cfg, args.data, args.out, resume=args.resume, device=args.device, init=args.init)
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc} must be at least 1")
+    if args.nproc > 1 and not parallel.launched():
+        # the mistakes every process would make, said once before any starts
+        parallel.local_batch(cfg.pretrain.batch_size, "pretrain.batch_size", args.nproc)
+        discover_sources(args.data)
+        sys.exit(parallel.launch(args.nproc, args.argv))
+    if parallel.launched() and args.nproc > 1 and args.nproc != parallel.local_processes():
+        raise UserError(f"--nproc {args.nproc} asks for {args.nproc} processes but torchrun started {parallel.local_processes()} here; drop --nproc under torchrun")
+    result = train(cfg, args.data, args.out, resume=args.resume, device=args.device, init=args.init, timeout_s=args.timeout)
     print(f"model written to {result['model']} (each stage's metrics.jsonl in {args.out}/<stage>/)")
 
 
@@ -431,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoints in --out; a finished stage whose limits --set raised continues too, "
                         "and the stages built on it start afresh (their earlier runs moved to <stage>.old)")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="train stage 1 data-parallel in this many processes on this machine (through torchrun); under torchrun, leave it out")
+    t.add_argument("--timeout", type=float, default=1800.0,
+                   help="with several processes: seconds one waits for the others at a step before it stops with an error")
     add_device_flag(t)
     t.set_defaults(func=cmd_train)
 
@@ -520,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc`, which starts itself again
     try:
         args.func(args)
     except UserError as err:

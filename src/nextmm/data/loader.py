@@ -10,7 +10,8 @@ another name, changed by a function (stage 1 reads caption pairs text-first to l
 Bad samples never stop a run: unreadable ones are skipped by the shard reader, ones too long for the
 context (or otherwise unusable for the stage) are skipped here, and both are counted in `report()`;
 samples a stage leaves out by choice (`LeftOut`) are counted apart. A source none of whose samples a
-stage can use stops the run with a message rather than looping forever.
+stage can use stops the run with a message rather than looping forever. `part` = (rank, world) makes the
+stream one rank's part of every batch under data-parallel training (train/parallel.py).
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ class MixedStream:
         unusable: tuple[type[Exception], ...] = (SequenceTooLong,),
         join_at: dict[str, int] | None = None,
         views: dict[str, tuple[str, Callable[[Sample], Sample]]] | None = None,
+        part: tuple[int, int] = (0, 1),
     ):
+        if batch_size % part[1]:
+            raise DataError(f"a batch of {batch_size} samples does not split evenly among {part[1]} processes; make it a multiple of {part[1]}")
         views = {name: view for name, view in (views or {}).items() if view[0] in sources}
         self.sources = {**sources, **{name: sources[base] for name, (base, _) in views.items()}}
         self.change = {name: change for name, (_, change) in views.items()}
@@ -70,7 +74,7 @@ class MixedStream:
         self.join_at = {n: (join_at or {}).get(n, 0) for n in self.names}
         self.batches = 0
         self.make_item, self.collate = make_item, collate
-        self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
+        self.batch_size, self.seed, self.shuffle_buffer, self.part = batch_size, seed, shuffle_buffer, part
         self.rng = random.Random(seed)
         self.consumed = {n: 0 for n in self.names}
         self.used = {n: 0 for n in self.names}  # samples batched in the current epoch of each source
@@ -125,7 +129,13 @@ class MixedStream:
                 self.last_reason = str(err)
                 if len(self.stats.errors) < 20:
                     self.stats.errors.append(str(err))
-        return self.collate(items)
+        # Every rank draws the same global batch from the same seed and keeps its own contiguous slice: no sample
+        # is seen twice or skipped, the slices joined are the one-process batch, and the stream's position is the
+        # same on every rank, so rank 0's checkpoint resumes them all. The price: each rank reads and encodes the
+        # whole batch (in the prefetch thread, beside the model's step).
+        rank, world = self.part
+        share = len(items) // world
+        return self.collate(items[rank * share : (rank + 1) * share])
 
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self.rng.getstate()

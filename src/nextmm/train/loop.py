@@ -4,6 +4,11 @@ model is on, and moves each batch there.
 
 A stage supplies its modules, a loss function over a batch, and a batch stream that can report and
 restore its position, so a resumed run sees exactly the batches it would have seen.
+
+Under torchrun (train/parallel.py) every rank runs this loop on its part of each global batch, the model wrapped
+in DistributedDataParallel: the loss function's terms must then come scaled so that DDP's average over ranks is
+the global batch's loss (stage 1's objective does). Only rank 0 writes metrics and checkpoints and shows a bar;
+every rank loads a checkpoint when resuming.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from tqdm import tqdm
 from nextmm.config import TrainConfig
 from nextmm.device import device_of, to_device
 from nextmm.precision import autocast, resolve
+from nextmm.train import parallel
 from nextmm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -61,10 +67,10 @@ class ProgressBar:
     """A stage's tqdm bar. With a time budget it counts the budget's seconds, since the budget rather than
     the step cap usually ends the stage (a bar of 3000 steps showed an 18-minute ETA for a 270 s stage)."""
 
-    def __init__(self, name: str, cfg: TrainConfig, step: int, elapsed: float):
+    def __init__(self, name: str, cfg: TrainConfig, step: int, elapsed: float, show: bool = True):
         self.by_time = cfg.time_budget_s > 0
         total, done, unit = (round(cfg.time_budget_s), round(elapsed), "s") if self.by_time else (cfg.steps, step, "step")
-        self.bar = tqdm(total=total, initial=done, desc=name, unit=unit, dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=done, desc=name, unit=unit, dynamic_ncols=True, disable=not show)
 
     def update(self, step: int, elapsed: float, metrics: dict[str, float]) -> None:
         done = min(round(elapsed), self.bar.total) if self.by_time else step
@@ -141,7 +147,9 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def run(self, stream: BatchStream, resume: bool = False) -> StageResult:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        main = parallel.is_main()
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         step, samples, elapsed_before = 0, 0, 0.0
         if resume and (path := latest_checkpoint(self.out_dir / "checkpoints")) is not None:
             state = load_checkpoint(path, self.modules, self.optimizer)
@@ -149,32 +157,38 @@ class Trainer:
             stream.load_state_dict(state["data"])
             tqdm.write(f"[{self.name}] resumed from {path} at step {step}")
         device = device_of(self.model)
-        precision = resolve(self.cfg.precision, device.type)
+        # `auto` times matmuls in each process, and ranks could choose differently: rank 0's choice holds for all.
+        precision = parallel.broadcast(resolve(self.cfg.precision, device.type))
+        objective = parallel.wrap(self.model, self.loss_fn)
         tqdm.write(f"[{self.name}] computing in {precision} on {device} (precision={self.cfg.precision})")
         start = time.perf_counter()
         window = {"t": start, "tokens": 0, "images": 0, "samples": 0}
         last: dict[str, float] = {}
         checkpoint = None
-        bar = ProgressBar(self.name, self.cfg, step, elapsed_before)
+        bar = ProgressBar(self.name, self.cfg, step, elapsed_before, show=main)
         self.model.train()
         while step < self.cfg.steps:
-            elapsed = elapsed_before + time.perf_counter() - start
+            # Ranks' clocks differ: the slowest one's sets the schedule and the stop, so that every rank takes the
+            # same learning rate and stops at the same step.
+            elapsed = parallel.max_over_ranks(elapsed_before + time.perf_counter() - start)
             if self.cfg.time_budget_s > 0 and elapsed >= self.cfg.time_budget_s:
                 tqdm.write(f"[{self.name}] time budget of {self.cfg.time_budget_s:.0f}s reached at step {step}")
                 break
             lr = self._set_lr(self._progress(step, elapsed))
             sums: dict[str, float] = {}
-            for _ in range(self.cfg.grad_accum):
+            for micro in range(self.cfg.grad_accum):
                 batch = to_device(stream.next_batch(), device)
-                with autocast(precision, device.type):
-                    out = self.loss_fn(batch)
-                self.backward(out, 1.0 / self.cfg.grad_accum)
+                with parallel.syncing(objective, last=micro == self.cfg.grad_accum - 1):
+                    with autocast(precision, device.type):
+                        out = objective(batch)
+                    self.backward(out, 1.0 / self.cfg.grad_accum)
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.cfg.grad_accum
                 window["tokens"] += int(batch["valid"].sum())
                 window["images"] += int(batch["pixels"].shape[0])
                 window["samples"] += int(batch["valid"].shape[0])
-                samples += int(batch["valid"].shape[0])
+                samples += int(batch["valid"].shape[0]) * parallel.world()  # every rank's part is as large
+            sums = parallel.mean_over_ranks(sums)
             if not math.isfinite(sums["loss"]):
                 raise FloatingPointError(f"[{self.name}] loss became {sums['loss']} at step {step}; lower the learning rate")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped, self.cfg.grad_clip)
@@ -190,18 +204,20 @@ class Trainer:
             if step % self.cfg.log_every == 0 or step == self.cfg.steps:
                 now = time.perf_counter()
                 span = max(now - window["t"], 1e-9)
-                self._log({
-                    "stage": self.name, "step": step, "lr": lr, **last, "grad_norm": round(float(grad_norm), 4),
-                    "samples_per_s": round(window["samples"] / span, 2), "tokens_per_s": round(window["tokens"] / span, 1),
-                    "images_per_s": round(window["images"] / span, 2),
-                    "elapsed_s": round(elapsed_before + now - start, 2), "skipped": stream.report()["skipped"],
-                })
+                window["samples"], window["tokens"], window["images"] = parallel.sum_over_ranks([window["samples"], window["tokens"], window["images"]])
+                if main:
+                    self._log({
+                        "stage": self.name, "step": step, "lr": lr, **last, "grad_norm": round(float(grad_norm), 4),
+                        "samples_per_s": round(window["samples"] / span, 2), "tokens_per_s": round(window["tokens"] / span, 1),
+                        "images_per_s": round(window["images"] / span, 2),
+                        "elapsed_s": round(elapsed_before + now - start, 2), "skipped": stream.report()["skipped"],
+                    })
                 window = {"t": now, "tokens": 0, "images": 0, "samples": 0}
-            if self.cfg.ckpt_every and step % self.cfg.ckpt_every == 0:
+            if main and self.cfg.ckpt_every and step % self.cfg.ckpt_every == 0:
                 checkpoint = self._checkpoint(step, samples, elapsed_before + time.perf_counter() - start, stream)
         bar.close()
         elapsed = elapsed_before + time.perf_counter() - start
-        if step > 0:
+        if main and step > 0:
             checkpoint = self._checkpoint(step, samples, elapsed, stream)
         report = stream.report()
         if report.get("skipped"):

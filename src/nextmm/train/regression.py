@@ -20,15 +20,26 @@ def language_side(model: Emu) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(VISUAL_STACK)]
 
 
-def backward(model: Emu, out: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+def backward(model: Emu, out: dict[str, torch.Tensor], scale: float = 1.0, one_pass: bool = False) -> None:
     """Accumulate gradients of scale x (text + weight x L2), the weight Emu.loss chose, the L2 part stopping at
     the visual embeddings. Two passes over one graph: the L2 gradient for the language side, then the text
-    loss (CE, and the pointer's loss where boxes are written) for everything."""
+    loss (CE, and the pointer's loss where boxes are written) for everything.
+
+    `one_pass` (under DistributedDataParallel): the L2 gradients join the text loss's backward as more roots of
+    it rather than being added to `.grad` afterwards, because DDP all-reduces a gradient as autograd accumulates
+    it, and one added by hand afterwards would stay this process's own. The L2 loss itself is a root too, with a
+    zero gradient: DDP waits for a gradient of every parameter the forward reached, and where no labelled word
+    follows a picture the text loss reaches no part of the visual stack."""
     if "l2" not in out:
         (out["text"] * scale).backward()
         return
     params = language_side(model)
     grads = torch.autograd.grad(out["l2"] * out["l2_weight"] * scale, params, retain_graph=True, allow_unused=True)
+    if one_pass:
+        reached = [(param, grad) for param, grad in zip(params, grads) if grad is not None]
+        roots = [out["text"] * scale, out["l2"], *(p for p, _ in reached)]
+        torch.autograd.backward(roots, [None, torch.zeros_like(out["l2"]), *(g for _, g in reached)])
+        return
     (out["text"] * scale).backward()
     for param, grad in zip(params, grads):
         if grad is not None:

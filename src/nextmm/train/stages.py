@@ -9,6 +9,9 @@ Output layout of `nextmm train --out RUN`:
   RUN/model/     the exported model (`nextmm.load(RUN/model)`)
 With `resume=True` a finished stage is loaded rather than re-run and an unfinished one continues from
 its last checkpoint; a stage built on one that trains in that run starts afresh (BUILT_ON).
+
+Under torchrun (train/parallel.py) stage 1 trains on every rank, each on its part of every global batch; rank 0
+alone makes the tokenizer, trains stages 0 and 2 and writes the run's files while the others wait.
 """
 
 from __future__ import annotations
@@ -32,12 +35,12 @@ from nextmm.data.transforms import to_pixels
 from nextmm.device import pick_device
 from nextmm.heads.location import location_token_loss
 from nextmm.models.clip import CLIP, text_batch
-from nextmm.models.emu import Emu
+from nextmm.models.emu import IGNORE, Emu
 from nextmm.tokenizer import LOC_SPAN, NextTokenizer
 from nextmm.models.decoder import VisualDecoder
 from nextmm.train.checkpoint import finished_stage, load_module, mark_stage_done, set_aside, stage_trains
 from nextmm.train.decoder_stage import autoencoder_stage, build_decoder, diffusion_stage
-from nextmm.train import regression
+from nextmm.train import parallel, regression
 from nextmm.train.loop import Trainer, param_groups
 from nextmm.train.targets import VisualTarget, make_target
 
@@ -145,13 +148,34 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
         target_visual = target(batch["pixels"]) if target is not None and batch["pixels"].numel() else None
         extras = {"named_boxes": batch.get("named_boxes") if p.point_at_named else None, "claims": batch.get("claims"), "valid": batch.get("valid"),
                   "regions": (batch["region_ids"], batch["region_image"], batch["region_boxes"]) if p.point_at_objects and "region_ids" in batch else None}
-        return model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual, text_loss, p.pointer_weight, extras)
+        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual, text_loss, p.pointer_weight, extras)
+        return out if parallel.world() == 1 else global_terms(out, batch)
+
+    def global_terms(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's terms scaled so that DDP's average of their gradients over the ranks is the gradient of the
+        global batch's loss, and their mean over the ranks its value. Emu's CE is a mean over the batch's labelled
+        tokens and its L2 a mean over its regressed embeddings, so each rank's mean weighs by the rank's share of
+        the global count, times the world size that DDP's average divides away. The heads' own terms (means over
+        the boxes, regions or claims a head reads) are averaged over the ranks as they are: exact when the ranks
+        hold equally many."""
+        labelled = int((batch["labels"] != IGNORE).sum())
+        regressed = len(model.regression_rows(batch["input_ids"])[0]) if "l2" in out else 0
+        all_labelled, all_regressed = parallel.sum_over_ranks([labelled, regressed])
+        ce_share = parallel.world() * labelled / all_labelled if all_labelled else 0.0
+        out = {**out, "ce": out["ce"] * ce_share, "text": out["text"] + (ce_share - 1) * out["ce"]}
+        out["loss"] = out["text"]
+        if all_regressed:
+            out["l2_weight"] = torch.tensor(p.regression_weight if all_labelled else 1.0)  # Emu.loss's rule, over the global batch
+            if "l2" in out:
+                out["l2"] = out["l2"] * (parallel.world() * regressed / all_regressed)
+                out["loss"] = out["text"] + out["l2_weight"] * out["l2"]
+        return out
 
     def backward(out: dict[str, torch.Tensor], scale: float) -> None:
         if p.regression_reaches_visual:
             (out["loss"] * scale).backward()
         else:
-            regression.backward(model, out, scale)
+            regression.backward(model, out, scale, one_pass=parallel.world() > 1)
 
     return target, loss_fn, backward
 
@@ -184,10 +208,11 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
     if finished_stage(model, stage_dir, resume, cfg.pretrain) is not None:
         return model
     p = cfg.pretrain
+    parallel.local_batch(p.batch_size, "pretrain.batch_size")
     builder = SequenceBuilder.for_config(tok, cfg)
     stream = MixedStream(
         sources, p.mix, lambda s: builder.encode(s.segments, named=s.named_box(), regions=s.regions() if p.point_at_objects else (), claim=s.claim()), builder.collate, p.batch_size, cfg.seed,
-        join_at=p.join_at, views=text_to_image_view(sources),
+        join_at=p.join_at, views=text_to_image_view(sources), part=parallel.part(),
     )
     target, loss_fn, backward = pretrain_objective(model, p)
     trainer = Trainer(
@@ -200,7 +225,9 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
         # clipped together, they would shrink the LLM's steps, and its captions worsen.
         clip_apart=("heads.location.pointer.",),
     )
-    mark_stage_done(stage_dir, trainer.run(Prefetcher(stream), resume))
+    result = trainer.run(Prefetcher(stream), resume)
+    if parallel.is_main():
+        mark_stage_done(stage_dir, result)
     return model
 
 
@@ -250,27 +277,46 @@ def run_decoder(cfg: Config, init: Path | None) -> VisualDecoder | None:
 
 
 def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False, device: str = "auto",
-          init: str | Path | None = None) -> dict[str, Any]:
+          init: str | Path | None = None, timeout_s: float = parallel.DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """Every stage on `device` (`auto`: the best one present, device.pick_device). With `init`, a model
     directory (`nextmm init`, an earlier run's model/), stage 1 starts from its weights, its
-    tokenizer is the run's, and stage 0 runs only when clip.steps asks for it."""
-    where = pick_device(device)
-    init = Path(init) if init is not None else None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    tokenizer is the run's, and stage 0 runs only when clip.steps asks for it. Under torchrun, stage 1 on
+    every rank (parallel.py; a rank waits at most `timeout_s` for the others), the rest on rank 0."""
+    with parallel.session(device, timeout_s) as where:
+        return _train(cfg, data_dir, Path(out_dir), resume, where, Path(init) if init is not None else None)
+
+
+def _train(cfg: Config, data_dir: str | Path, out: Path, resume: bool, where: torch.device, init: Path | None) -> dict[str, Any]:
+    main = parallel.is_main()
     sources = discover_sources(data_dir)
-    tok = run_tokenizer(cfg, sources, out, resume, init)
+
+    def prepare() -> NextTokenizer:
+        out.mkdir(parents=True, exist_ok=True)
+        return run_tokenizer(cfg, sources, out, resume, init)
+
+    tok = parallel.on_main(prepare)
+    if tok is None:  # the other ranks read the one rank 0 saved
+        tok = NextTokenizer.load(out / "tokenizer.json")
     cfg.llm.vocab_size = tok.vocab_size
-    (out / "config.json").write_text(cfg.to_json())
-    decoder = run_decoder(cfg, init)
+    decoder = run_decoder(cfg, init) if main else None  # stage 2 trains on rank 0 alone
     if decoder is not None:
         decoder.to(where)
-    stages = (["clip"] if cfg.clip.steps > 0 else []) + ["pretrain"] + (["autoencoder", "diffusion"] if decoder is not None else [])
-    plan = resume_plan(cfg, out, resume, stages)
-    clip = clip_stage(cfg, sources, out, tok, plan["clip"], where, init) if "clip" in plan else None
+    if main:
+        (out / "config.json").write_text(cfg.to_json())
+    stages = (["clip"] if cfg.clip.steps > 0 else []) + ["pretrain"] + (["autoencoder", "diffusion"] if cfg.diffusion.steps > 0 else [])
+    plan = parallel.broadcast(resume_plan(cfg, out, resume, stages) if main else None)  # it moves folders: rank 0's alone
+    clip = None
+    if "clip" in plan:
+        clip = parallel.on_main(lambda: clip_stage(cfg, sources, out, tok, plan["clip"], where, init))
+        if not main:  # the tower rank 0 has just trained, from its checkpoint
+            clip = clip_stage(cfg, sources, out, tok, True, where, init)
     model = pretrain_stage(cfg, sources, out, tok, clip, plan["pretrain"], where, init)
-    if decoder is not None:
-        autoencoder_stage(cfg, sources, out, decoder, plan["autoencoder"])
-        diffusion_stage(cfg, sources, out, decoder, model, clip, tok, plan["diffusion"])
-    model_dir = NextMM(model, tok, cfg, decoder=decoder, clip=clip).save(out / "model")
-    return {"model": str(model_dir), "run": str(out), "sources": {k: str(v) for k, v in sources.items()}}
+
+    def finish() -> Path:
+        if decoder is not None:
+            autoencoder_stage(cfg, sources, out, decoder, plan["autoencoder"])
+            diffusion_stage(cfg, sources, out, decoder, model, clip, tok, plan["diffusion"])
+        return NextMM(model, tok, cfg, decoder=decoder, clip=clip).save(out / "model")
+
+    parallel.on_main(finish)
+    return {"model": str(out / "model"), "run": str(out), "sources": {k: str(v) for k, v in sources.items()}}
