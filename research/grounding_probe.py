@@ -26,6 +26,7 @@ import nextmm
 from nextmm.data.sample import Image, Text, grounding_question
 from nextmm.eval.metrics import grounding_accuracy
 from nextmm.generate import Stepper
+from nextmm.heads.location import Pointing
 from nextmm.worlds.shapes import generator as shapes
 
 TRAIN, TEST = 1200, 300
@@ -64,7 +65,8 @@ def features(m, prompts: list) -> tuple[dict[str, np.ndarray], np.ndarray | None
         visual.append(m.model.encode_images(batch["pixels"]).float())
         hidden.append(state)
         if pointer is not None:
-            looks.append(pointer.attention(state, stepper.patches, stepper.sight.image_index, stepper.sight.words))
+            sight = next(s for s in stepper.states if isinstance(s, Pointing)).sight
+            looks.append(pointer.attention(state, sight.patches, sight.image_index, sight.words))
     visual = torch.cat(visual)
     deviation = (visual - visual.mean(0, keepdim=True)).norm(dim=-1)
     own = visual[torch.arange(len(visual)), deviation.argmax(1)]

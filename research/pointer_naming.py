@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import nextmm
+from nextmm.heads.location import Pointing
 from nextmm.worlds.shapes.generator import COLOURS, SHAPES
 from grounding_probe import prefilled, questions
 
@@ -33,8 +34,9 @@ def hidden_and_patches(m, prompts: list) -> tuple[torch.Tensor, torch.Tensor, to
     hidden, patches, words = [], [], []
     for _, stepper, state in prefilled(m, prompts):
         hidden.append(state)
-        patches.append(stepper.patches.float())
-        words.append(stepper.sight.words)
+        sight = next(s for s in stepper.states if isinstance(s, Pointing)).sight
+        patches.append(sight.patches.float())
+        words.append(sight.words)
     return torch.cat(hidden), torch.cat(patches), (torch.cat(words) if words[0] is not None else None)
 
 
