@@ -164,3 +164,14 @@ def test_parse_prompt_interleaves_text_images_and_videos(tmp_path, image_file):
     assert parts == [Path(image_file), "this is a dax", [frames / "a.png", frames / "b.png"], "it moves"]
     with pytest.raises(UserError, match="empty"):
         parse_prompt("   ", [], [])
+
+
+def test_python_m_nextmm_train_is_nextmm_train(tmp_path):
+    """`torchrun ... -m nextmm.train ...` needs the module to run as `nextmm train`."""
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "nextmm.train", "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: nextmm train")
+    missing = subprocess.run([sys.executable, "-m", "nextmm.train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "none" in missing.stderr and "Traceback" not in missing.stderr

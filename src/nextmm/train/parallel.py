@@ -2,7 +2,7 @@
 rule): the stages ask this module who they are, how many they are and how to reduce, and a world of one is the
 plain path, in which nothing is started, wrapped or reduced.
 
-Under torchrun (`nextmm train --nproc N`, or `torchrun --nproc_per_node N -m nextmm.cli train ...`) every process
+Under torchrun (`nextmm train --nproc N`, or `torchrun --nproc_per_node N -m nextmm.train ...`) every process
 is a rank: it joins a process group (gloo on the CPU; NCCL on CUDA, each rank on the GPU of its LOCAL_RANK), trains
 stage 1 as a DistributedDataParallel wrapper of the same model on its own part of every global batch, and only
 rank 0 writes files and prints. Stages 0 and 2 run on rank 0 alone while the others wait (`on_main`).
