@@ -287,6 +287,11 @@ class PretrainConfig(TrainConfig):
     # through a read around its attention's peak: on tests/test_model.py's toy task it then never found the object.
     # The other heads' own loss terms (the presence probe's, the agreement judge's) take the same weight.
     pointer_weight: float = 1.0
+    # The text loss goes through the LM head this many labelled rows at a time, each chunk's logits recomputed in
+    # the backward pass (models/chunked_ce.py), so a large vocabulary's fp32 logits never all sit in memory: about
+    # a third more LM-head compute for a fraction of its memory. 0: all rows at once. Used where no head changes
+    # the scores and the location tokens take no soft targets (location_sigma 0 or no bins).
+    ce_chunk: int = 0
     # With pointer_weight > 0: a VQA question about one object, and a one-object caption, also tell the pointer
     # that object's patches at their last token (worlds/shapes/generator.py, named_object), so it learns which object
     # words name from the many reading batches, not only from the few grounding ones. They train the pointer
@@ -540,6 +545,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config key 'decoder.semantic_grid' is {grid}; set it to 0 (the whole picture alone) or a divisor of the vision tower's {side} patches a side, such as 2")
     if not 0 <= config.decoder.regressed_condition <= 1:
         raise ConfigError(f"config key 'decoder.regressed_condition' is {config.decoder.regressed_condition}; set it to a share from 0 (Emu's rule) to 1")
+    if config.pretrain.ce_chunk < 0:
+        raise ConfigError(f"config key 'pretrain.ce_chunk' is {config.pretrain.ce_chunk}; set it to 0 (all rows at once) or a row count such as 4096")
     if config.pretrain.location_sigma < 0:
         raise ConfigError(f"config key 'pretrain.location_sigma' is {config.pretrain.location_sigma}; set it to 0 (one-hot) or a width in bins such as 1.5")
 

@@ -123,6 +123,11 @@ class Heads(nn.ModuleDict):
         # what the copy head never copies: markers and image slots (boxes come from the location head)
         self.register_buffer("uncopyable", torch.tensor([image_id, *location_ids, *special_ids], dtype=torch.long), persistent=False)
 
+    @property
+    def change_scores(self) -> bool:
+        """Whether any head changes the next-token scores (overrides `Head.logits`)."""
+        return any(type(head).logits is not Head.logits for head in self.values())
+
     def read(self, model: nn.Module, input_ids: torch.Tensor, visual: torch.Tensor | None, patches: torch.Tensor | None,
              valid: torch.Tensor | None = None) -> Reading:
         return Reading(model, self, input_ids, visual, patches, valid)

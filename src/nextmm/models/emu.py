@@ -20,6 +20,7 @@ from torch import nn
 from nextmm.config import Config
 from nextmm.heads import heads_for, renamed
 from nextmm.heads.base import Reading
+from nextmm.models.chunked_ce import chunked_cross_entropy
 from nextmm.models.llm import KVCache, LLaMA
 from nextmm.models.resampler_t5 import resampler_for
 from nextmm.models.vision import VisionTransformer
@@ -128,11 +129,14 @@ class Emu(nn.Module):
         text_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         head_weight: float = 0.0,
         extras: dict | None = None,
+        ce_chunk: int = 0,
     ) -> dict[str, torch.Tensor]:
         """Text CE on labelled positions + regression_weight x L2 to the next visual embedding (weight 1 in a
         batch with no labelled text). `text_loss` (logits, labels) -> loss replaces the mean cross-entropy
         ("ce" in the result). With `head_weight` > 0 the heads' own loss terms, from what the data adds
-        (`extras`: named_boxes, regions, claims, valid), join the text loss at that weight ("text").
+        (`extras`: named_boxes, regions, claims, valid), join the text loss at that weight ("text"). With
+        `ce_chunk` > 0 and neither a `text_loss` nor a head that changes the scores, the cross-entropy goes
+        through the LM head that many rows at a time (models/chunked_ce.py), never holding every row's logits.
 
         Targets are detached, as in Emu; `target_visual` lets training supply them from a slowly moving
         copy of the visual stack (train/targets.py)."""
@@ -140,8 +144,13 @@ class Emu(nn.Module):
         reading = self.read(input_ids, visual, patches)
         hidden = self(input_ids, visual, reading=reading)
         picked = labels != IGNORE
-        logits = self.logits(hidden, reading, picked)
-        ce = (text_loss or F.cross_entropy)(logits, labels[picked]) if picked.any() else hidden.sum() * 0
+        if not picked.any():
+            self.logits(hidden, reading, picked)  # a head may keep running statistics as it scores
+            ce = hidden.sum() * 0
+        elif ce_chunk > 0 and text_loss is None and not self.heads.change_scores:
+            ce = chunked_cross_entropy(self.llm.lm_head, hidden[picked], labels[picked], ce_chunk)
+        else:
+            ce = (text_loss or F.cross_entropy)(self.logits(hidden, reading, picked), labels[picked])
         out = {"ce": ce, "text": ce}
         if head_weight > 0:
             terms = self.heads.losses(reading, hidden, labels, extras or {})

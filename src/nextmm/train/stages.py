@@ -142,13 +142,15 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
     """Stage 1's (EMA target or None, loss over a batch, backward of that loss) for these settings."""
     target = make_target(model, p.target_ema)
 
-    text_loss = location_token_loss(model.heads.location_ids, p.location_sigma)
+    soft_locations = len(model.heads.location_ids) > 0 and p.location_sigma > 0
+    text_loss = location_token_loss(model.heads.location_ids, p.location_sigma) if soft_locations else None
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         target_visual = target(batch["pixels"]) if target is not None and batch["pixels"].numel() else None
         extras = {"named_boxes": batch.get("named_boxes") if p.point_at_named else None, "claims": batch.get("claims"), "valid": batch.get("valid"),
                   "regions": (batch["region_ids"], batch["region_image"], batch["region_boxes"]) if p.point_at_objects and "region_ids" in batch else None}
-        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual, text_loss, p.pointer_weight, extras)
+        out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual, text_loss, p.pointer_weight, extras,
+                         p.ce_chunk)
         return out if parallel.world() == 1 else global_terms(out, batch)
 
     def global_terms(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
