@@ -17,6 +17,7 @@ from nextmm.constrained import Constraint
 from nextmm.data.sample import Segment
 from nextmm.data.sequence import SequenceBuilder, SequenceTooLong
 from nextmm.device import device_of, to_device
+from nextmm.heads.base import summed
 from nextmm.models.emu import Emu
 from nextmm.models.llm import KVCache
 from nextmm.precision import autocast, resolve
@@ -71,10 +72,9 @@ class Stepper:
             else:
                 mask = _attention_mask(self.keys_valid[:, :total], total)
                 hidden = self.model.llm(self.embeds, self.positions, mask)
-            for state in self.states:
-                top = state.top(hidden.shape[1])
-                if top is not None:
-                    hidden = hidden + top.to(hidden.dtype)
+            top = summed([state.top(hidden.shape[1]) for state in self.states])  # as Emu.forward adds the heads' tops
+            if top is not None:
+                hidden = hidden + top.to(hidden.dtype)
             for state in self.states:
                 state.seen(hidden)
         return hidden
@@ -102,9 +102,9 @@ class Stepper:
     def append_token(self, token: torch.Tensor) -> torch.Tensor:
         """Append one token per row (B,), with what the heads add to its input embedding; as `append`."""
         embeds = self.model.llm.embed_tokens(token)
-        added = [a for a in (state.token(self.last_token, token) for state in self.states) if a is not None]
-        if added:
-            embeds = embeds + sum(added[1:], added[0]).to(embeds.dtype)
+        added = summed([state.token(self.last_token, token) for state in self.states])
+        if added is not None:
+            embeds = embeds + added.to(embeds.dtype)
         self.last_token = token
         return self._append(embeds)
 

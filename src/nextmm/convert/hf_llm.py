@@ -19,7 +19,7 @@ from nextmm.config import LLMConfig
 from nextmm.convert.common import ConvertError, copy_into, read_json, read_state_dict
 from nextmm.models.llm import ROPE_SCALING_KEYS, ROPE_TYPES, LLaMA, rope_type
 from nextmm.tokenizer import NextTokenizer
-from nextmm.train.checkpoint import write_atomically
+from nextmm.train.checkpoint import own_storage, write_atomically
 
 MODEL_TYPES = {
     "LlamaForCausalLM": "llama",
@@ -182,11 +182,11 @@ def hf_config_from_llm(cfg: LLMConfig, architecture: str, tokenizer: NextTokeniz
 def hf_state_from_llm(llm: LLaMA) -> dict[str, torch.Tensor]:
     """The LLaMA's tensors under Hugging Face's names; a tied LM head is left to the embeddings, as
     transformers saves it."""
-    return {
-        name if name == "lm_head.weight" else f"model.{name}": tensor.detach().contiguous().clone()
+    return own_storage({
+        name if name == "lm_head.weight" else f"model.{name}": tensor.detach().contiguous()
         for name, tensor in llm.state_dict().items()
         if not (name == "lm_head.weight" and llm.cfg.tie_embeddings)
-    }
+    })
 
 
 def export_hf_llm(llm: LLaMA, cfg: LLMConfig, tokenizer: NextTokenizer, out_dir: str | Path, architecture: str) -> Path:

@@ -18,6 +18,12 @@ from torch import nn
 from nextmm.heads.words import Words
 
 
+def summed(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """What several heads add to one tensor, summed in their order; None when none adds anything."""
+    parts = [p for p in parts if p is not None]
+    return sum(parts[1:], parts[0]) if parts else None
+
+
 class Reading:
     """One batch of sequences as the heads read it: the token ids (B, T), the batch's visual embeddings (M, N,
     visual width) and the tower's patch grids (M, P, vision width), both None without pictures, and which
@@ -152,15 +158,11 @@ class Heads(nn.ModuleDict):
             return None
         return Words(embed, pointer.word_weight, self.image_id, self.location_ids)
 
-    def _summed(self, parts: list[torch.Tensor | None]) -> torch.Tensor | None:
-        parts = [p for p in parts if p is not None]
-        return sum(parts[1:], parts[0]) if parts else None
-
     def input(self, reading: Reading) -> torch.Tensor | None:
-        return self._summed([head.input(reading) for head in self.values()])
+        return summed([head.input(reading) for head in self.values()])
 
     def top(self, reading: Reading) -> torch.Tensor | None:
-        return self._summed([head.top(reading) for head in self.values()])
+        return summed([head.top(reading) for head in self.values()])
 
     def logits(self, reading: Reading, hidden: torch.Tensor, which: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         for head in self.values():

@@ -28,10 +28,10 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_module(module: nn.Module, path: Path) -> None:
-    save_file(_own_storage(_contiguous(module.state_dict())), str(path))
+    save_file(own_storage(_contiguous(module.state_dict())), str(path))
 
 
-def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors, each name on a storage of its own: safetensors refuses tied or shared weights, so a name
     whose storage an earlier name holds gets a copy (cloning them all would hold the model twice in memory)."""
     seen, out = set(), {}
