@@ -306,6 +306,10 @@ class PretrainConfig(TrainConfig):
     # The stage-0 tower is fine-tuned gently: at the full rate the first steps' gradients, sent back
     # through an LLM that cannot read yet, wipe out shape it has learned; at x0.1 it keeps as much as frozen.
     vision_lr_scale: float = 0.1
+    # With the tower frozen (vision_lr_scale 0), its outputs for pictures seen before come from a cache of this many
+    # GiB of CPU memory instead of its forward pass (train/tower_cache.py): from the second epoch on, most of a
+    # large frozen tower's cost. 0: no cache.
+    tower_cache_gb: float = 0.0
     # The causal transformer (with the projection) and the LLM at their own rates too: a pretrained LLM is
     # usually fine-tuned gently while the fresh causal transformer learns at the full rate. 0 freezes a part.
     resampler_lr_scale: float = 1.0
@@ -547,6 +551,9 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config key 'decoder.regressed_condition' is {config.decoder.regressed_condition}; set it to a share from 0 (Emu's rule) to 1")
     if config.pretrain.ce_chunk < 0:
         raise ConfigError(f"config key 'pretrain.ce_chunk' is {config.pretrain.ce_chunk}; set it to 0 (all rows at once) or a row count such as 4096")
+    if config.pretrain.tower_cache_gb < 0 or (config.pretrain.tower_cache_gb > 0 and config.pretrain.vision_lr_scale != 0):
+        raise ConfigError(f"config key 'pretrain.tower_cache_gb' is {config.pretrain.tower_cache_gb}; the cache keeps a frozen tower's outputs, so set it "
+                          "to 0 (no cache), or to a size in GiB such as 4 together with pretrain.vision_lr_scale=0")
     if config.pretrain.location_sigma < 0:
         raise ConfigError(f"config key 'pretrain.location_sigma' is {config.pretrain.location_sigma}; set it to 0 (one-hot) or a width in bins such as 1.5")
 

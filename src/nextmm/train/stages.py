@@ -43,6 +43,7 @@ from nextmm.train.decoder_stage import autoencoder_stage, build_decoder, diffusi
 from nextmm.train import parallel, regression
 from nextmm.train.loop import Trainer, param_groups
 from nextmm.train.targets import VisualTarget, make_target
+from nextmm.train.tower_cache import tower_cache
 
 TOKENIZER_SAMPLES_PER_SOURCE = 20000
 
@@ -227,7 +228,8 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
         # clipped together, they would shrink the LLM's steps, and its captions worsen.
         clip_apart=("heads.location.pointer.",),
     )
-    result = trainer.run(Prefetcher(stream), resume)
+    with tower_cache(model.vision, p.tower_cache_gb):
+        result = trainer.run(Prefetcher(stream), resume)
     if parallel.is_main():
         mark_stage_done(stage_dir, result)
     return model
