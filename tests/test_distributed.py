@@ -50,11 +50,11 @@ def losses(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
 
 
-def two_processes(data_dir: Path, out: Path, steps: int, *extra: str) -> None:
+def two_processes(data_dir: Path, out: Path, steps: int, *extra: str, settings: tuple[str, ...] = ()) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(nextmm.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "nextmm.cli", "train", "--nproc", "2", "--data", str(data_dir), "--out", str(out),
                "--preset", "micro", "--timeout", "60", *extra]
-    for setting in SETTINGS + [f"pretrain.steps={steps}"]:
+    for setting in SETTINGS + [f"pretrain.steps={steps}", *settings]:
         command += ["--set", setting]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -127,6 +127,9 @@ def _rank(rank: int, port: int, data_dir: str, tokenizer: str, out: str) -> None
         terms, grads = gradient(data_dir, Path(tokenizer), parallel.part())
         Path(out, f"terms{rank}.json").write_text(json.dumps(terms))
         save_file(grads, str(Path(out, f"grads{rank}.safetensors")))
+        torch.manual_seed(5)
+        parallel.own_randomness()
+        Path(out, f"noise{rank}.json").write_text(json.dumps(torch.rand(4).tolist()))
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +172,36 @@ def test_the_gradient_of_two_processes_is_that_of_one_over_the_same_global_batch
             torch.testing.assert_close(theirs[name], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max()), msg=name)
 
 
+def test_the_ranks_draw_their_own_noise_from_one_seed(two_ranks):
+    noise = [json.loads((two_ranks / f"noise{rank}.json").read_text()) for rank in range(2)]
+    assert noise[0] != noise[1]
+    torch.manual_seed(5)
+    parallel.own_randomness()  # one process keeps its stream
+    assert torch.rand(4).tolist() == pytest.approx(torch.manual_seed(5) and torch.rand(4).tolist())
+
+
+def test_two_processes_train_the_visual_decoder_each_on_its_part(data_dir, tmp_path):
+    decoder = ("diffusion.steps=3", "autoencoder.steps=3", "autoencoder.batch_size=4", "diffusion.batch_size=4",
+               "autoencoder.time_budget_s=0", "diffusion.time_budget_s=0", "autoencoder.log_every=1", "diffusion.log_every=1",
+               "decoder.semantic_token=false")
+    two_processes(data_dir, tmp_path, 1, settings=decoder)
+    for stage in ("autoencoder", "diffusion"):
+        records = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)
+        assert json.loads((tmp_path / stage / "done.json").read_text())["samples"] == 3 * 4  # each rank 2 of every 4
+    scale = json.loads((tmp_path / "autoencoder" / "done.json").read_text())["latent_scale"]
+    model = nextmm.load(tmp_path / "model")
+    assert model.decoder.vae.config.scaling_factor == pytest.approx(scale)
+
+
 def test_a_world_size_that_does_not_divide_the_batch_is_one_sentence(data_dir, tmp_path, capsys):
     code = main(["train", "--data", str(data_dir), "--out", str(tmp_path), "--preset", "micro", "--nproc", "3", "--set", "pretrain.batch_size=8"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and not (tmp_path / "pretrain").exists()
     assert err == "nextmm: error: pretrain.batch_size=8 does not split evenly among 3 processes; set it to a multiple of 3"
+    code = main(["train", "--data", str(data_dir), "--out", str(tmp_path), "--preset", "micro", "--nproc", "2", "--set", "pretrain.batch_size=8",
+                 "--set", "diffusion.batch_size=5"])
+    assert code == 2 and capsys.readouterr().err.strip().endswith("diffusion.batch_size=5 does not split evenly among 2 processes; set it to a multiple of 2")
     with pytest.raises(DataError, match=r"^a batch of 8 samples does not split evenly among 3 processes; make it a multiple of 3$"):
         MixedStream(discover_sources(data_dir), {}, str, list, 8, part=(0, 3))
 

@@ -42,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from nextmm.config import apply_overrides, make_config
     from nextmm.data.loader import discover_sources
     from nextmm.train import parallel
-    from nextmm.train.stages import train
+    from nextmm.train.stages import split_batches, train
 
     if args.init:
         from nextmm.api import saved_config
@@ -57,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise UserError(f"--nproc {args.nproc} must be at least 1")
     if args.nproc > 1 and not parallel.launched():
         # the mistakes every process would make, said once before any starts
-        parallel.local_batch(cfg.pretrain.batch_size, "pretrain.batch_size", args.nproc)
+        split_batches(cfg, args.nproc)
         discover_sources(args.data)
         sys.exit(parallel.launch(args.nproc, args.argv))
     if parallel.launched() and args.nproc > 1 and args.nproc != parallel.local_processes():

@@ -1,4 +1,5 @@
-"""Stage 2, the visual decoder: its autoencoder on pixels, then its UNet on the frozen visual embeddings.
+"""Stage 2, the visual decoder: its autoencoder on pixels, then its UNet on the frozen visual embeddings; under
+torchrun each rank trains on its part of every batch (train/parallel.py).
 
   RUN/autoencoder/  metrics.jsonl, checkpoints/, done.json   (skipped when decoder.pretrained gives a VAE)
   RUN/diffusion/    metrics.jsonl, checkpoints/, done.json
@@ -28,6 +29,7 @@ from nextmm.models.clip import CLIP
 from nextmm.models.decoder import VisualDecoder
 from nextmm.models.emu import Emu
 from nextmm.tokenizer import NextTokenizer
+from nextmm.train import parallel
 from nextmm.train.checkpoint import finished_stage, mark_stage_done
 from nextmm.train.loop import Trainer, param_groups
 
@@ -61,7 +63,9 @@ def picture_and_caption(sample: Sample) -> tuple:
     return sample.captioned_image() or (first_picture(sample), None)
 
 
-def picture_stream(cfg: Config, sources: dict[str, Path], batch_size: int, seed: int) -> Prefetcher:
+def picture_stream(cfg: Config, sources: dict[str, Path], batch_size: int, seed: int, part: tuple[int, int] = (0, 1)) -> Prefetcher:
+    """Batches of pictures (and their captions, where they have one); `part` = (rank, world) keeps one rank's part of
+    each."""
     vision_size, decoder_size = cfg.vision.image_size, cfg.decoder.image_size
 
     def collate(items: list[tuple]) -> dict:
@@ -73,7 +77,7 @@ def picture_stream(cfg: Config, sources: dict[str, Path], batch_size: int, seed:
 
     # Captions are Shapes World's plain scenes; a user's data directory may hold any kinds.
     picked = {k: v for k, v in sources.items() if k == "caption"} or sources
-    return Prefetcher(MixedStream(picked, {}, picture_and_caption, collate, batch_size, seed, unusable=(DataError,)))
+    return Prefetcher(MixedStream(picked, {}, picture_and_caption, collate, batch_size, seed, unusable=(DataError,), part=part))
 
 
 def autoencoder_stage(cfg: Config, sources: dict[str, Path], out: Path, decoder: VisualDecoder, resume: bool) -> None:
@@ -83,14 +87,16 @@ def autoencoder_stage(cfg: Config, sources: dict[str, Path], out: Path, decoder:
     if (done := finished_stage(decoder.vae, stage_dir, resume, cfg.autoencoder)) is not None:
         decoder.vae.register_to_config(scaling_factor=done["latent_scale"])
         return
-    stream = picture_stream(cfg, sources, cfg.autoencoder.batch_size, cfg.seed + 2)
+    stream = picture_stream(cfg, sources, cfg.autoencoder.batch_size, cfg.seed + 2, parallel.part())
     trainer = Trainer("autoencoder", decoder.vae, lambda b: decoder.autoencoder_loss(b["target"]), cfg.autoencoder, stage_dir)
     result = trainer.run(stream, resume)
     # A VAE trained from scratch has latents of no particular scale; diffusion assumes about unit variance.
     calibration = torch.cat([stream.next_batch()["target"] for _ in range(CALIBRATION_BATCHES)]).to(device_of(decoder.vae))
-    scale = decoder.calibrate_latent_scale(calibration)
+    scale = parallel.broadcast(decoder.calibrate_latent_scale(calibration))  # rank 0's pictures set it for all
+    decoder.vae.register_to_config(scaling_factor=scale)
     tqdm.write(f"[autoencoder] latent scaling factor {scale:.4f}")
-    mark_stage_done(stage_dir, result, latent_scale=scale)
+    if parallel.is_main():
+        mark_stage_done(stage_dir, result, latent_scale=scale)
 
 
 def regress_captions(model: Emu, builder: SequenceBuilder, captions: list[str], precision: str) -> torch.Tensor:
@@ -171,6 +177,8 @@ def diffusion_stage(
         return decoder.diffusion_loss(batch["target"], condition, seen)
 
     d = cfg.diffusion
-    stream = picture_stream(cfg, sources, d.batch_size, cfg.seed + 3)
+    stream = picture_stream(cfg, sources, d.batch_size, cfg.seed + 3, parallel.part())
     trainer = Trainer("diffusion", decoder, loss_fn, d, stage_dir, groups=param_groups(decoder, d.lr, d.weight_decay))
-    mark_stage_done(stage_dir, trainer.run(stream, resume))
+    result = trainer.run(stream, resume)
+    if parallel.is_main():
+        mark_stage_done(stage_dir, result)

@@ -156,6 +156,7 @@ class Trainer:
             step, samples, elapsed_before = state["step"], state["samples"], state["elapsed_s"]
             stream.load_state_dict(state["data"])
             tqdm.write(f"[{self.name}] resumed from {path} at step {step}")
+        parallel.own_randomness()
         device = device_of(self.model)
         # `auto` times matmuls in each process, and ranks could choose differently: rank 0's choice holds for all.
         precision = parallel.broadcast(resolve(self.cfg.precision, device.type))

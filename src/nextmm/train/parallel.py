@@ -4,8 +4,8 @@ plain path, in which nothing is started, wrapped or reduced.
 
 Under torchrun (`nextmm train --nproc N`, or `torchrun --nproc_per_node N -m nextmm.train ...`) every process
 is a rank: it joins a process group (gloo on the CPU; NCCL on CUDA, each rank on the GPU of its LOCAL_RANK), trains
-stage 1 as a DistributedDataParallel wrapper of the same model on its own part of every global batch, and only
-rank 0 writes files and prints. Stages 0 and 2 run on rank 0 alone while the others wait (`on_main`).
+stages 1 and 2 as a DistributedDataParallel wrapper of the same model on its own part of every global batch, and
+only rank 0 writes files and prints. Stage 0 runs on rank 0 alone while the others wait (`on_main`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from nextmm.errors import UserError
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 1800.0
-# The other ranks' wait while rank 0 trains stage 0 or 2 alone may last hours, so it has no practical limit; a rank
+# The other ranks' wait while rank 0 trains stage 0 alone may last hours, so it has no practical limit; a rank
 # that dies still ends it at once, since the dead process's connections close.
 SOLO_WAIT = timedelta(days=7)
 
@@ -184,6 +184,14 @@ def syncing(objective: Callable, last: bool) -> contextlib.AbstractContextManage
     if last or not isinstance(objective, DistributedDataParallel):
         return contextlib.nullcontext()
     return objective.no_sync()
+
+
+def own_randomness() -> None:
+    """Each rank its own torch random stream, drawn from the state the ranks share (one seed, or rank 0's
+    checkpoint): the noise, timesteps and dropped conditions of their parts of a batch then differ, as they do
+    between a batch's rows in one process, rather than repeating on every rank."""
+    if world() > 1:
+        torch.manual_seed(int(torch.randint(0, 2**62, ())) + rank())
 
 
 def _reduce(values: list[float], op: dist.ReduceOp.RedOpType) -> list[float]:

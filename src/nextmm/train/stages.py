@@ -10,8 +10,8 @@ Output layout of `nextmm train --out RUN`:
 With `resume=True` a finished stage is loaded rather than re-run and an unfinished one continues from
 its last checkpoint; a stage built on one that trains in that run starts afresh (BUILT_ON).
 
-Under torchrun (train/parallel.py) stage 1 trains on every rank, each on its part of every global batch; rank 0
-alone makes the tokenizer, trains stages 0 and 2 and writes the run's files while the others wait.
+Under torchrun (train/parallel.py) stages 1 and 2 train on every rank, each on its part of every global batch;
+rank 0 alone makes the tokenizer, trains stage 0 and writes the run's files while the others wait.
 """
 
 from __future__ import annotations
@@ -211,7 +211,6 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
     if finished_stage(model, stage_dir, resume, cfg.pretrain) is not None:
         return model
     p = cfg.pretrain
-    parallel.local_batch(p.batch_size, "pretrain.batch_size")
     builder = SequenceBuilder.for_config(tok, cfg)
     stream = MixedStream(
         sources, p.mix, lambda s: builder.encode(s.segments, named=s.named_box(), regions=s.regions() if p.point_at_objects else (), claim=s.claim()), builder.collate, p.batch_size, cfg.seed,
@@ -280,18 +279,28 @@ def run_decoder(cfg: Config, init: Path | None) -> VisualDecoder | None:
     return build_decoder(cfg)
 
 
+def split_batches(cfg: Config, processes: int | None = None) -> None:
+    """Check that every batch the processes share splits evenly among them (stage 0 runs on one process)."""
+    parallel.local_batch(cfg.pretrain.batch_size, "pretrain.batch_size", processes)
+    if cfg.diffusion.steps > 0:
+        if not cfg.decoder.pretrained:
+            parallel.local_batch(cfg.autoencoder.batch_size, "autoencoder.batch_size", processes)
+        parallel.local_batch(cfg.diffusion.batch_size, "diffusion.batch_size", processes)
+
+
 def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False, device: str = "auto",
           init: str | Path | None = None, timeout_s: float = parallel.DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """Every stage on `device` (`auto`: the best one present, device.pick_device). With `init`, a model
     directory (`nextmm init`, an earlier run's model/), stage 1 starts from its weights, its
-    tokenizer is the run's, and stage 0 runs only when clip.steps asks for it. Under torchrun, stage 1 on
-    every rank (parallel.py; a rank waits at most `timeout_s` for the others), the rest on rank 0."""
+    tokenizer is the run's, and stage 0 runs only when clip.steps asks for it. Under torchrun, stages 1 and 2
+    on every rank (parallel.py; a rank waits at most `timeout_s` for the others), the rest on rank 0."""
     with parallel.session(device, timeout_s) as where:
         return _train(cfg, data_dir, Path(out_dir), resume, where, Path(init) if init is not None else None)
 
 
 def _train(cfg: Config, data_dir: str | Path, out: Path, resume: bool, where: torch.device, init: Path | None) -> dict[str, Any]:
     main = parallel.is_main()
+    split_batches(cfg)
     sources = discover_sources(data_dir)
 
     def prepare() -> NextTokenizer:
@@ -302,7 +311,7 @@ def _train(cfg: Config, data_dir: str | Path, out: Path, resume: bool, where: to
     if tok is None:  # the other ranks read the one rank 0 saved
         tok = NextTokenizer.load(out / "tokenizer.json")
     cfg.llm.vocab_size = tok.vocab_size
-    decoder = run_decoder(cfg, init) if main else None  # stage 2 trains on rank 0 alone
+    decoder = run_decoder(cfg, init)
     if decoder is not None:
         decoder.to(where)
     if main:
@@ -315,12 +324,8 @@ def _train(cfg: Config, data_dir: str | Path, out: Path, resume: bool, where: to
         if not main:  # the tower rank 0 has just trained, from its checkpoint
             clip = clip_stage(cfg, sources, out, tok, True, where, init)
     model = pretrain_stage(cfg, sources, out, tok, clip, plan["pretrain"], where, init)
-
-    def finish() -> Path:
-        if decoder is not None:
-            autoencoder_stage(cfg, sources, out, decoder, plan["autoencoder"])
-            diffusion_stage(cfg, sources, out, decoder, model, clip, tok, plan["diffusion"])
-        return NextMM(model, tok, cfg, decoder=decoder, clip=clip).save(out / "model")
-
-    parallel.on_main(finish)
+    if decoder is not None:
+        autoencoder_stage(cfg, sources, out, decoder, plan["autoencoder"])
+        diffusion_stage(cfg, sources, out, decoder, model, clip, tok, plan["diffusion"])
+    parallel.on_main(lambda: NextMM(model, tok, cfg, decoder=decoder, clip=clip).save(out / "model"))
     return {"model": str(out / "model"), "run": str(out), "sources": {k: str(v) for k, v in sources.items()}}
