@@ -78,3 +78,21 @@ def test_the_text_to_image_view_reads_caption_pairs_caption_first(tmp_path):
                            views={"text_to_image": ("vqa", text_to_image_view(sources)["text_to_image"][1])})
     with pytest.raises(DataError, match="only image-caption pairs are read text-first"):
         only_vqa.next_batch()
+
+
+def test_the_prefetcher_pins_batches_for_a_gpu_in_its_own_thread(tmp_path, monkeypatch):
+    import threading
+
+    import torch
+
+    from nextmm.data.loader import Prefetcher
+
+    write_shapes(tmp_path, {"caption": 8}, seed=0, shard_size=8)
+    pinned = []  # (key, thread) of every tensor pinned; CPU-only torch cannot pin, so pinning is recorded instead
+    collate = lambda items: {"ids": torch.tensor([len(s.key) for s in items]), "keys": [s.key for s in items]}  # noqa: E731
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(threading.current_thread()) or t)
+    for pin in (False, True):
+        batch = Prefetcher(MixedStream({"caption": tmp_path / "caption"}, {}, lambda s: s, collate, 4), pin=pin).next_batch()
+        assert len(batch["keys"]) == 4 and batch["ids"].shape == (4,)
+        assert len(pinned) == int(pin)
+    assert pinned[0] is not threading.current_thread()

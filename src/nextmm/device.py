@@ -44,6 +44,11 @@ def device_of(module: nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
+def on_gpu(module: nn.Module) -> bool:
+    """Whether `module` computes on a CUDA GPU, for which batches are worth pinning (data/loader.Prefetcher)."""
+    return device_of(module).type == "cuda"
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A batch's tensors on `device` (copied without blocking from pinned memory); other values as they are."""
     non_blocking = device.type == "cuda"

@@ -23,7 +23,7 @@ from nextmm.data.sample import Image, Sample, Text, Video
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError
 from nextmm.data.transforms import to_pixels
-from nextmm.device import device_of
+from nextmm.device import device_of, on_gpu
 from nextmm.generate import generate_visual
 from nextmm.models.clip import CLIP
 from nextmm.models.decoder import VisualDecoder
@@ -63,9 +63,10 @@ def picture_and_caption(sample: Sample) -> tuple:
     return sample.captioned_image() or (first_picture(sample), None)
 
 
-def picture_stream(cfg: Config, sources: dict[str, Path], batch_size: int, seed: int, part: tuple[int, int] = (0, 1)) -> Prefetcher:
+def picture_stream(cfg: Config, sources: dict[str, Path], batch_size: int, seed: int, part: tuple[int, int] = (0, 1),
+                   pin: bool = False) -> Prefetcher:
     """Batches of pictures (and their captions, where they have one); `part` = (rank, world) keeps one rank's part of
-    each."""
+    each; `pin` for a GPU (Prefetcher)."""
     vision_size, decoder_size = cfg.vision.image_size, cfg.decoder.image_size
 
     def collate(items: list[tuple]) -> dict:
@@ -77,7 +78,8 @@ def picture_stream(cfg: Config, sources: dict[str, Path], batch_size: int, seed:
 
     # Captions are Shapes World's plain scenes; a user's data directory may hold any kinds.
     picked = {k: v for k, v in sources.items() if k == "caption"} or sources
-    return Prefetcher(MixedStream(picked, {}, picture_and_caption, collate, batch_size, seed, unusable=(DataError,), part=part))
+    stream = MixedStream(picked, {}, picture_and_caption, collate, batch_size, seed, unusable=(DataError,), part=part)
+    return Prefetcher(stream, pin=pin)
 
 
 def autoencoder_stage(cfg: Config, sources: dict[str, Path], out: Path, decoder: VisualDecoder, resume: bool) -> None:
@@ -87,7 +89,7 @@ def autoencoder_stage(cfg: Config, sources: dict[str, Path], out: Path, decoder:
     if (done := finished_stage(decoder.vae, stage_dir, resume, cfg.autoencoder)) is not None:
         decoder.vae.register_to_config(scaling_factor=done["latent_scale"])
         return
-    stream = picture_stream(cfg, sources, cfg.autoencoder.batch_size, cfg.seed + 2, parallel.part())
+    stream = picture_stream(cfg, sources, cfg.autoencoder.batch_size, cfg.seed + 2, parallel.part(), on_gpu(decoder))
     trainer = Trainer("autoencoder", decoder.vae, lambda b: decoder.autoencoder_loss(b["target"]), cfg.autoencoder, stage_dir)
     result = trainer.run(stream, resume)
     # A VAE trained from scratch has latents of no particular scale; diffusion assumes about unit variance.
@@ -177,7 +179,7 @@ def diffusion_stage(
         return decoder.diffusion_loss(batch["target"], condition, seen)
 
     d = cfg.diffusion
-    stream = picture_stream(cfg, sources, d.batch_size, cfg.seed + 3, parallel.part())
+    stream = picture_stream(cfg, sources, d.batch_size, cfg.seed + 3, parallel.part(), on_gpu(decoder))
     trainer = Trainer("diffusion", decoder, loss_fn, d, stage_dir, groups=param_groups(decoder, d.lr, d.weight_decay))
     result = trainer.run(stream, resume)
     if parallel.is_main():

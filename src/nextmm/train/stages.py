@@ -32,7 +32,7 @@ from nextmm.data.sample import Image, Sample, Text
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError, read_shards
 from nextmm.data.transforms import to_pixels
-from nextmm.device import pick_device
+from nextmm.device import on_gpu, pick_device
 from nextmm.heads.location import location_token_loss
 from nextmm.models.clip import CLIP, text_batch
 from nextmm.models.emu import IGNORE, Emu
@@ -117,7 +117,7 @@ def clip_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokeni
     # A source of mixed kinds may hold samples with no caption pair: those are skipped and counted.
     stream = MixedStream(pair_sources, {}, batches.item, batches.collate, cfg.clip.batch_size, cfg.seed, unusable=(DataError,))
     trainer = Trainer("clip", clip, lambda b: clip.loss(b["pixels"], b["input_ids"], b["lengths"]), cfg.clip, stage_dir)
-    mark_stage_done(stage_dir, trainer.run(Prefetcher(stream), resume))
+    mark_stage_done(stage_dir, trainer.run(Prefetcher(stream, pin=on_gpu(clip)), resume))
     return clip
 
 
@@ -228,7 +228,7 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
         clip_apart=("heads.location.pointer.",),
     )
     with tower_cache(model.vision, p.tower_cache_gb):
-        result = trainer.run(Prefetcher(stream), resume)
+        result = trainer.run(Prefetcher(stream, pin=on_gpu(model)), resume)
     if parallel.is_main():
         mark_stage_done(stage_dir, result)
     return model
