@@ -8,9 +8,10 @@ left-padded text prompts (batch 1 and 8, prompts of different lengths), in the s
 default, as `NextMM` decodes; bf16 = autocast on both sides) and thread count; the clock includes the prompt's
 prefill and, for transformers, its generation setup. Neither stops early: transformers is given no EOS, and
 nextmm a copy of its tokenizer whose EOS and `[IMG]` ids match no token, so both write exactly N (an untrained
-model may pick any token). Greedy parity: how many of the first tokens of every row agree.
+model may pick any token). Each side runs --repeats times, the two taking turns, and its best run counts.
+Greedy parity: how many of the first tokens of every row agree.
 
-    python benchmarks/decoding.py                                # small, N = 64, batch 1 and 8, best of 3
+    python benchmarks/decoding.py                                # small, N = 64, batch 1 and 8, best of 5
     python benchmarks/decoding.py --preset tiny --new-tokens 32 --batches 1 8 16 --precision bf16
 
 Prints one JSON object.
@@ -41,14 +42,18 @@ PROMPTS = [
 ]
 
 
-def best_of(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
-    best, out = float("inf"), None
+def interleaved_best(fns: dict, repeats: int) -> dict:
+    """name -> (best seconds, last output) of each function, after one warm-up call each; the repeats take turns,
+    so that a busy spell on a shared machine falls on both sides rather than on one."""
+    for fn in fns.values():
+        fn()
+    best = {name: (float("inf"), None) for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            out = fn()
+            best[name] = (min(best[name][0], time.perf_counter() - start), out)
+    return best
 
 
 def agreeing_prefix(a: list[list[int]], b: list[list[int]]) -> int:
@@ -65,7 +70,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side, taking turns; the best counts")
     parser.add_argument("--threads", type=int, default=0, help="compute threads (0: PyTorch's default, one per core)")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. llm.layers=12")
     args = parser.parse_args()
@@ -107,8 +112,8 @@ def main() -> None:
                                   eos_token_id=None, pad_token_id=tok.pad_id)
             return out[:, batch["input_ids"].shape[1]:].tolist()
 
-        ours_s, ours_ids = best_of(ours, args.repeats)
-        theirs_s, theirs_ids = best_of(theirs, args.repeats)
+        timed = interleaved_best({"nextmm": ours, "transformers": theirs}, args.repeats)
+        (ours_s, ours_ids), (theirs_s, theirs_ids) = timed["nextmm"], timed["transformers"]
         if any(len(row) != n for row in ours_ids + theirs_ids):
             raise SystemExit(f"a side wrote other than {n} tokens: {[len(r) for r in ours_ids]} vs {[len(r) for r in theirs_ids]}")
         results.append({

@@ -21,7 +21,9 @@ reference's weights into nextmm's model (through nextmm's converters) and compar
 first batches in fp32: the compositions compute the same function.
 
     python benchmarks/reference_emu.py                                # small, 4 steps after 1 of warm-up
-    python benchmarks/reference_emu.py --shape 1b --steps 2 --warmup 1 --batch-size 1   # ~1.5B parameters; needs ~30 GB
+    python benchmarks/reference_emu.py --shape 1b --steps 2 --warmup 1 --batch-size 1   # ~1.5B parameters: ~25 GB of
+                                                                  # weights, gradients and AdamW state, per side
+    python benchmarks/reference_emu.py --shape 1b --set llm.layers=2 vision.layers=2 resampler.layers=2 --steps 1 --batch-size 1
     python benchmarks/reference_emu.py --set llm.layers=4             # any config override, applied to both sides
 
 On a CPU that other busy processes share, give `--threads 1`: with more threads than free cores each op's
