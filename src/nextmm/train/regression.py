@@ -22,8 +22,10 @@ def language_side(model: Emu) -> list[torch.nn.Parameter]:
 
 def backward(model: Emu, out: dict[str, torch.Tensor], scale: float = 1.0, one_pass: bool = False) -> None:
     """Accumulate gradients of scale x (text + weight x L2), the weight Emu.loss chose, the L2 part stopping at
-    the visual embeddings. Two passes over one graph: the L2 gradient for the language side, then the text
-    loss (CE, and the pointer's loss where boxes are written) for everything.
+    the visual embeddings. Two passes over one graph, each filling one side's parameters: the whole loss for the
+    language side, then the text loss (CE, and the heads' terms) for the visual stack alone. The second pass
+    computes no gradient of the LLM's weights, only of its activations on the way down to the pictures: about
+    half of what a second full backward through the LLM would cost.
 
     `one_pass` (under DistributedDataParallel): the L2 gradients join the text loss's backward as more roots of
     it rather than being added to `.grad` afterwards, because DDP all-reduces a gradient as autograd accumulates
@@ -34,13 +36,14 @@ def backward(model: Emu, out: dict[str, torch.Tensor], scale: float = 1.0, one_p
         (out["text"] * scale).backward()
         return
     params = language_side(model)
-    grads = torch.autograd.grad(out["l2"] * out["l2_weight"] * scale, params, retain_graph=True, allow_unused=True)
     if one_pass:
+        grads = torch.autograd.grad(out["l2"] * out["l2_weight"] * scale, params, retain_graph=True, allow_unused=True)
         reached = [(param, grad) for param, grad in zip(params, grads) if grad is not None]
         roots = [out["text"] * scale, out["l2"], *(p for p, _ in reached)]
         torch.autograd.backward(roots, [None, torch.zeros_like(out["l2"]), *(g for _, g in reached)])
         return
-    (out["text"] * scale).backward()
-    for param, grad in zip(params, grads):
-        if grad is not None:
-            param.grad = grad if param.grad is None else param.grad + grad
+    visual = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(VISUAL_STACK)]
+    if params:
+        (out["loss"] * scale).backward(inputs=params, retain_graph=bool(visual))
+    if visual:
+        (out["text"] * scale).backward(inputs=visual)
