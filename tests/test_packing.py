@@ -12,7 +12,7 @@ from nextmm.data.packing import LongerThanPack, Packer, first_fit_decreasing
 from nextmm.data.sequence import Encoded, SequenceBuilder
 from nextmm.models.emu import IGNORE
 from nextmm.models.llm import document_layout
-from nextmm.train.stages import pretrain_stage
+from nextmm.train.stages import pretrain_objective, pretrain_stage
 from nextmm.worlds.shapes import generator as shapes
 
 KINDS = ("caption", "itm", "story", "ground", "vqa", "binding", "video_qa")
@@ -20,11 +20,15 @@ KINDS = ("caption", "itm", "story", "ground", "vqa", "binding", "video_qa")
 
 def shaken(model):
     """The model with every weight moved at random, so that the heads' zero-initialised parts (what the presence
-    probe and the agreement judge tell the LLM, the copy gate's proposal) carry what they read too."""
+    probe and the agreement judge tell the LLM, the copy gate's proposal) carry what they read too, and the
+    probe's and the judge's calibrations steepened, so that their losses tell one sample's reads from another's."""
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+        for name in ("presence.calibrate.weight", "agreement.judge.weight"):
+            if name.split(".")[0] in model.heads:
+                model.heads.get_parameter(name).fill_(30.0)
     return model.eval()
 
 
@@ -45,11 +49,6 @@ def encoded(micro_config, tokenizer):
     builder = SequenceBuilder.for_config(tokenizer, micro_config)
     samples = [s for kind in KINDS for s in shapes.make_samples(kind, 1, 2)][:16]
     return builder, [builder.encode(s.segments, named=s.named_box(), regions=s.regions(), claim=s.claim()) for s in samples]
-
-
-def extras(batch):
-    return {"named_boxes": batch["named_boxes"], "claims": batch["claims"], "valid": batch["valid"],
-            "regions": (batch["region_ids"], batch["region_image"], batch["region_boxes"])}
 
 
 def per_document(model, batch):
@@ -93,12 +92,11 @@ def test_a_packed_sample_computes_what_it_computes_alone(model, encoded):
             torch.testing.assert_close(l2, l2_alone, rtol=1e-5, atol=1e-5)
 
 
-def test_a_packed_batch_has_the_losses_of_the_padded_batch_heads_terms_included(model, encoded):
+def test_stage1s_loss_of_a_packed_batch_is_that_of_the_padded_batch_heads_terms_included(model, encoded, micro_config):
     builder, samples = encoded
-    packed, padded = Packer(builder, 128).collate(samples), builder.collate(samples)
+    loss_fn = pretrain_objective(model, micro_config.pretrain)[1]
     with torch.no_grad():
-        a = model.loss(packed["input_ids"], packed["labels"], packed["pixels"], 0.1, head_weight=1.0, extras=extras(packed), documents=packed["documents"])
-        b = model.loss(padded["input_ids"], padded["labels"], padded["pixels"], 0.1, head_weight=1.0, extras=extras(padded))
+        a, b = loss_fn(Packer(builder, 128).collate(samples)), loss_fn(builder.collate(samples))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
