@@ -294,7 +294,7 @@ class PretrainConfig(TrainConfig):
     ce_chunk: int = 0
     # Lays each batch's samples end to end in rows of this many tokens, attention kept within each sample
     # (data/packing.py), instead of one right-padded row per sample; samples longer are skipped and counted.
-    # 0 (off) by default: rows of one sample need no mask, which keeps the causal attention kernels' fast path.
+    # 0 (off) by default: rows of one sample need no mask, which keeps GPUs on the flash kernel (it takes no mask).
     pack_len: int = 0
     # With pointer_weight > 0: a VQA question about one object, and a one-object caption, also tell the pointer
     # that object's patches at their last token (worlds/shapes/generator.py, named_object), so it learns which object
