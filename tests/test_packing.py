@@ -171,7 +171,7 @@ def test_a_sample_longer_than_pack_len_is_refused_in_one_sentence_and_pack_len_m
 def test_stage1_trains_on_packed_batches(tmp_path, micro_config, tokenizer):
     write_shapes(tmp_path / "data", {"caption": 8}, seed=0, shard_size=8)
     p = micro_config.pretrain
-    p.pack_len, p.batch_size, p.steps, p.time_budget_s, p.log_every, p.ckpt_every, p.warmup_steps, p.lr = 96, 8, 12, 0, 1, 0, 2, 3e-3
+    p.pack_len, p.batch_size, p.steps, p.time_budget_s, p.log_every, p.ckpt_every, p.warmup_steps, p.lr, p.precision = 96, 8, 12, 0, 1, 0, 2, 3e-3, "fp32"
     pretrain_stage(micro_config, discover_sources(tmp_path / "data"), tmp_path / "run", tokenizer, None, False, torch.device("cpu"))
     records = [json.loads(line) for line in (tmp_path / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records]
