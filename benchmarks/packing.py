@@ -4,10 +4,11 @@ attention: per preset (tiny, small) and row length (256, 512), rows of documents
 matmul-softmax path with the block-diagonal bool mask (models/attention.py) against flex_attention with a block
 mask, forward + backward in fp32; and, where flex_attention has no CPU backward, forward alone, compiled.
 training: Shapes World shards written to a temporary directory, stage 1 at the `tiny` preset for --steps steps
-without packing and with pack_len = the preset's context: the share of token slots that is padding (what one
-right-padded row per sample wastes, and what the packed rows waste) and non-pad tokens per second over the
-logging windows after the first (the warm-up).
-Usage: python benchmarks/packing.py [--steps 30] [--skip-attention] [--skip-training]
+without packing and with each of --pack-lens (the preset's context is 256): the share of token slots that is
+padding (what one right-padded row per sample wastes, and what the packed rows waste) and non-pad tokens per
+second over the logging windows after the first (the warm-up). --paper switches the extra heads off (the paper's
+model), several of which compute over every pair of a row's positions.
+Usage: python benchmarks/packing.py [--steps 30] [--pack-lens 128 256] [--paper] [--skip-attention] [--skip-training]
 """
 
 import argparse
@@ -73,14 +74,17 @@ def attention(rows: int = 4) -> dict:
     return results
 
 
-def stage1(steps: int, pack_len: int, data: Path, out: Path) -> dict:
+PAPER = [f"heads.{switch}=false" for switch in ("location", "pointer", "pointer_words", "pointer_roles", "copy", "presence", "agreement")]
+
+
+def stage1(steps: int, pack_len: int, data: Path, out: Path, paper: bool) -> dict:
     from nextmm.config import make_config
     from nextmm.train.stages import train
 
     log_every = max(1, steps // 5)
     cfg = make_config("tiny", overrides=["clip.steps=0", "diffusion.steps=0", f"pretrain.steps={steps}", "pretrain.time_budget_s=0",
                                          f"pretrain.log_every={log_every}", f"pretrain.ckpt_every={steps * 10}", "pretrain.join_at={}",
-                                         f"pretrain.pack_len={pack_len}"])
+                                         f"pretrain.pack_len={pack_len}", *(PAPER if paper else [])])
     train(cfg, data, out)
     warmup, *records = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     mean = lambda key: round(sum(r[key] for r in records) / len(records), 4) if key in records[0] else None  # noqa: E731
@@ -91,11 +95,12 @@ def stage1(steps: int, pack_len: int, data: Path, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--pack-lens", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--paper", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-attention", action="store_true")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from nextmm.config import make_config
     from nextmm.data.make import write_shapes
 
     torch.manual_seed(0)
@@ -106,10 +111,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "data"
             write_shapes(data, COUNTS, seed=0, shard_size=200)
-            context = make_config("tiny").llm.max_seq_len
-            runs = [stage1(args.steps, pack_len, data, Path(tmp) / f"run{pack_len}") for pack_len in (0, context)]
-        runs[1]["speedup"] = round(runs[1]["non_pad_tokens_per_s"] / runs[0]["non_pad_tokens_per_s"], 2)
-        report["training_tiny"] = runs
+            runs = [stage1(args.steps, pack_len, data, Path(tmp) / f"run{pack_len}", args.paper) for pack_len in (0, *args.pack_lens)]
+        for run in runs[1:]:
+            run["speedup"] = round(run["non_pad_tokens_per_s"] / runs[0]["non_pad_tokens_per_s"], 2)
+        report["training_tiny" + (", heads off" if args.paper else "")] = runs
     print(json.dumps(report, indent=2))
 
 

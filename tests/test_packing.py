@@ -136,6 +136,8 @@ def test_the_padding_report_counts_slots_with_and_without_packing(encoded):
     assert int(batch["valid"].sum()) == sum(lengths)
     assert batch["documents"].tolist() == [[0] * 7 + [-1], [1] * 5 + [2] * 3, [3] * 2 + [-1] * 6]
     assert batch["input_ids"].shape == (3, 8)
+    one_a_row = Packer(builder, 8).collate([Encoded(ids=[builder.tok.eos_id] * n, targets=[True] * n) for n in (5, 4)])
+    assert one_a_row["input_ids"].shape == (2, 5) and one_a_row["slots"].tolist() == [10, 10]  # as wide as the fullest row
 
 
 def test_under_data_parallel_each_rank_packs_its_own_disjoint_samples(tmp_path, encoded):

@@ -292,7 +292,7 @@ class PretrainConfig(TrainConfig):
     # a third more LM-head compute for a fraction of its memory. 0: all rows at once. Used where no head changes
     # the scores and the location tokens take no soft targets (location_sigma 0 or no bins).
     ce_chunk: int = 0
-    # Lays each batch's samples end to end in rows of this many tokens, attention kept within each sample
+    # Lays each batch's samples end to end in rows of at most this many tokens, attention kept within each sample
     # (data/packing.py), instead of one right-padded row per sample; samples longer are skipped and counted.
     # 0 (off) by default: rows of one sample need no mask, which keeps GPUs on the flash kernel (it takes no mask).
     pack_len: int = 0

@@ -1,9 +1,10 @@
-"""Sequence packing for stage 1 (`pretrain.pack_len`): a batch's samples laid end to end in rows of `pack_len`
-tokens, instead of one right-padded row each, so that the model computes on words and pictures rather than on
-padding (a caption is ~25 tokens, an 8-frame video ~95, and one padded row is as wide as the batch's longest).
+"""Sequence packing for stage 1 (`pretrain.pack_len`): a batch's samples laid end to end in rows of at most
+`pack_len` tokens, instead of one right-padded row each, so that the model computes on words and pictures rather
+than on padding (a caption is ~25 tokens, an 8-frame video ~95, and one padded row is as wide as the batch's longest).
 
-A batch keeps its `batch_size` samples and takes as few rows as first-fit-decreasing finds for them: the
-samples a step trains on are the same as without packing, and the tokens computed fall by the padding saved.
+A batch keeps its `batch_size` samples and takes as few rows as first-fit-decreasing finds for them, as wide as
+the fullest (samples that fit only one to a row then waste no more than right padding): the samples a step
+trains on are the same as without packing, and the tokens computed fall by the padding saved.
 `documents` (B, T) tells which sample each position holds; Emu.loss keeps attention and the heads' reading
 within each and restarts its rotary positions (models/llm.py, document_layout), so a packed sample's losses
 are those it has alone. Samples longer than `pack_len` are skipped and counted, as those longer than the
@@ -38,7 +39,7 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 class Packer:
-    """Packs a batch of encoded samples (SequenceBuilder.encode) into rows of `pack_len` tokens. `fit` checks
+    """Packs a batch of encoded samples (SequenceBuilder.encode) into rows of at most `pack_len` tokens. `fit` checks
     one sample as it is encoded, so the loader skips and counts one too long; `collate` makes the batch."""
 
     def __init__(self, builder: SequenceBuilder, pack_len: int):
@@ -57,6 +58,7 @@ class Packer:
         right-padded row per sample would take, and those the packed rows take."""
         lengths = [len(self.fit(e).ids) for e in batch]
         bins = first_fit_decreasing(lengths, self.pack_len)
-        out = self.builder.lay_out([[batch[i] for i in b] for b in bins], self.pack_len)
-        out["slots"] = torch.tensor([len(batch) * max(lengths), len(bins) * self.pack_len])
+        width = max(sum(lengths[i] for i in b) for b in bins)
+        out = self.builder.lay_out([[batch[i] for i in b] for b in bins], width)
+        out["slots"] = torch.tensor([len(batch) * max(lengths), len(bins) * width])
         return out
