@@ -292,6 +292,10 @@ class PretrainConfig(TrainConfig):
     # a third more LM-head compute for a fraction of its memory. 0: all rows at once. Used where no head changes
     # the scores and the location tokens take no soft targets (location_sigma 0 or no bins).
     ce_chunk: int = 0
+    # Lays each batch's samples end to end in rows of at most this many tokens, attention kept within each sample
+    # (data/packing.py), instead of one right-padded row per sample; samples longer are skipped and counted.
+    # 0 (off) by default: rows of one sample need no mask, which keeps GPUs on the flash kernel (it takes no mask).
+    pack_len: int = 0
     # With pointer_weight > 0: a VQA question about one object, and a one-object caption, also tell the pointer
     # that object's patches at their last token (worlds/shapes/generator.py, named_object), so it learns which object
     # words name from the many reading batches, not only from the few grounding ones. They train the pointer
@@ -554,6 +558,8 @@ def _check(config: Config) -> None:
     if config.pretrain.tower_cache_gb < 0 or (config.pretrain.tower_cache_gb > 0 and config.pretrain.vision_lr_scale != 0):
         raise ConfigError(f"config key 'pretrain.tower_cache_gb' is {config.pretrain.tower_cache_gb}; the cache keeps a frozen tower's outputs, so set it "
                           "to 0 (no cache), or to a size in GiB such as 4 together with pretrain.vision_lr_scale=0")
+    if not 0 <= config.pretrain.pack_len <= config.llm.max_seq_len:
+        raise ConfigError(f"config key 'pretrain.pack_len' is {config.pretrain.pack_len}; set it to 0 (off) or a row length up to the model's context, llm.max_seq_len={config.llm.max_seq_len}")
     if config.pretrain.location_sigma < 0:
         raise ConfigError(f"config key 'pretrain.location_sigma' is {config.pretrain.location_sigma}; set it to 0 (one-hot) or a width in bins such as 1.5")
 

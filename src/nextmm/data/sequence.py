@@ -119,21 +119,36 @@ class SequenceBuilder:
     def collate(self, batch: list[Encoded], left_pad: bool = False) -> dict[str, torch.Tensor]:
         """Right padding for training (causal attention never looks ahead at the pads); left padding for
         generation, so every row's next token lands in the same column."""
-        width = max(len(e.ids) for e in batch)
-        ids = torch.full((len(batch), width), self.tok.pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        valid = torch.zeros((len(batch), width), dtype=torch.bool)
-        named = torch.full((len(batch), width, 4), float("nan"))
-        for row, e in enumerate(batch):
-            shift = width - len(e.ids) if left_pad else 0
-            ids[row, shift : shift + len(e.ids)] = torch.tensor(e.ids)
-            labels[row, shift : shift + len(e.ids)] = torch.tensor(e.labels)
-            valid[row, shift : shift + len(e.ids)] = True
-            for position, box in e.named:
-                named[row, shift + position] = torch.tensor(box)
-        pixels = to_pixels([img for e in batch for img in e.images], self.image_size)
-        claims = torch.tensor([e.claim for e in batch], dtype=torch.long)
-        return {"input_ids": ids, "labels": labels, "valid": valid, "pixels": pixels, "named_boxes": named, "claims": claims, **self.collate_regions(batch)}
+        out = self.lay_out([[e] for e in batch], max(len(e.ids) for e in batch), left_pad)
+        del out["documents"]  # one sample a row: the row is the sample
+        return out
+
+    def lay_out(self, rows: list[list[Encoded]], width: int, left_pad: bool = False) -> dict[str, torch.Tensor]:
+        """Rows of `width` tokens, each holding its samples end to end, padded after them (before, with
+        `left_pad`). `documents` (B, T) numbers the samples in reading order (-1: padding); the pictures,
+        regions and claims (one per sample) follow that order."""
+        ids = torch.full((len(rows), width), self.tok.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        valid = torch.zeros((len(rows), width), dtype=torch.bool)
+        documents = torch.full((len(rows), width), -1, dtype=torch.long)
+        named = torch.full((len(rows), width, 4), float("nan"))
+        order = [e for row in rows for e in row]
+        number = iter(range(len(order)))
+        for r, row in enumerate(rows):
+            start = width - sum(len(e.ids) for e in row) if left_pad else 0
+            for e in row:
+                end = start + len(e.ids)
+                ids[r, start:end] = torch.tensor(e.ids)
+                labels[r, start:end] = torch.tensor(e.labels)
+                valid[r, start:end] = True
+                documents[r, start:end] = next(number)
+                for position, box in e.named:
+                    named[r, start + position] = torch.tensor(box)
+                start = end
+        pixels = to_pixels([img for e in order for img in e.images], self.image_size)
+        claims = torch.tensor([e.claim for e in order], dtype=torch.long)
+        return {"input_ids": ids, "labels": labels, "valid": valid, "documents": documents, "pixels": pixels, "named_boxes": named,
+                "claims": claims, **self.collate_regions(order)}
 
     @staticmethod
     def collate_regions(batch: list[Encoded]) -> dict[str, torch.Tensor]:

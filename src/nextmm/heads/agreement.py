@@ -70,7 +70,7 @@ class AgreementJudge(Head):
         seen, reads = reading.notes["presence"]
         ids = reading.input_ids
         with torch.no_grad():  # the gate trains by agreement_loss alone
-            sums = self.sums(ids, self.terms(reading.model.llm.embed_tokens(ids), reads, seen), reading.heads.image_id)
+            sums = self.sums(ids, self.terms(reading.model.llm.embed_tokens(ids), reads, seen), reading.heads.image_id, reading.starts)
         reading.notes["agreed"] = sums
         return self.told(sums)
 
@@ -79,11 +79,13 @@ class AgreementJudge(Head):
         return self.told(sums, at_top=True) if sums is not None else None
 
     @staticmethod
-    def sums(input_ids: torch.Tensor, terms: torch.Tensor, image_id: int) -> torch.Tensor:
+    def sums(input_ids: torch.Tensor, terms: torch.Tensor, image_id: int, starts: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids and the judge's terms (B, T, 2) -> its log-sums at every position (B, T, 2), over the
-        positions since the latest picture (a picture's slots restart them)."""
+        positions since the latest picture (a picture's slots restart them, as does, in a packed row, each
+        sample's start `starts` (B, T))."""
         steps = torch.arange(input_ids.shape[1], device=input_ids.device)
-        start = torch.where(input_ids == image_id, steps, 0).cummax(1).values
+        restart = input_ids == image_id if starts is None else (input_ids == image_id) | starts
+        start = torch.where(restart, steps, 0).cummax(1).values
         since = (steps[None, None, :] <= steps[None, :, None]) & (steps[None, None, :] >= start[:, :, None])  # (B, T, T)
         return torch.logsumexp(terms[:, None].masked_fill(~since[..., None], float("-inf")), 2)
 
@@ -94,28 +96,35 @@ class AgreementJudge(Head):
         return {"agreement": self.agreement_loss(reading, torch.ones_like(reading.input_ids, dtype=torch.bool) if valid is None else valid, extras["claims"])}
 
     def agreement_loss(self, reading: Reading, valid: torch.Tensor, claims: torch.Tensor) -> torch.Tensor | None:
-        """Binary cross-entropy of the verdict at the end of every row that makes a claim about its last picture
-        (`claims` (B,): 1 the text after it holds, 0 it does not, -1 no claim), on that picture and, as not
+        """Binary cross-entropy of the verdict at the end of every sample that makes a claim about its last picture
+        (`claims` (D,): 1 the text after it holds, 0 it does not, -1 no claim), on that picture and, as not
         holding, on every other picture of the batch; positives and negatives weigh half each. The text is what
-        follows the row's last picture; `valid` (B, T) the rows' real tokens. None when no row claims anything."""
+        follows the sample's last picture. The samples are the rows' real tokens (`valid` (B, T)), or a packed
+        batch's `documents`. None when no sample claims anything."""
         if reading.visual is None or not bool((claims >= 0).any()):
             return None
-        rows = (claims >= 0).nonzero().squeeze(1)
+        documents = reading.documents
+        if documents is None:
+            documents = torch.where(valid, torch.arange(len(valid), device=valid.device)[:, None], -1)
+        claiming = (claims >= 0).nonzero().squeeze(1)
+        placed = documents[None] == claiming[:, None, None]  # (R, B, T)
+        rows = placed.any(2).long().argmax(1)
+        inside = placed[torch.arange(len(rows)), rows]  # (R, T): each claiming sample's positions in its row
         image_index = reading.latest_image[rows]
-        ids, valid = reading.input_ids[rows], valid[rows]
-        last = valid.long().cumsum(1).argmax(1)
+        ids = reading.input_ids[rows]
+        last = inside.long().cumsum(1).argmax(1)
         own = image_index[torch.arange(len(rows)), last]
-        said = reading.heads.is_word(ids) & valid & (image_index == own[:, None]) & (own[:, None] >= 0)
-        claimed = said.any(1)  # a row with no words after its picture has no verdict (nor a gradient through one)
+        said = reading.heads.is_word(ids) & inside & (image_index == own[:, None]) & (own[:, None] >= 0)
+        claimed = said.any(1)  # a sample with no words after its picture has no verdict (nor a gradient through one)
         if not bool(claimed.any()):
             return None
-        rows, ids, own, said = rows[claimed], ids[claimed], own[claimed], said[claimed]
-        reads = reading.heads["presence"].phrase_logits(Words.mean(reading.words.phrase_bags(ids)[said]), reading.visual)  # (P, pictures)
+        claiming, rows, ids, own, said = claiming[claimed], rows[claimed], ids[claimed], own[claimed], said[claimed]
+        reads = reading.heads["presence"].phrase_logits(Words.mean(reading.phrase_bags(rows)[said]), reading.visual)  # (P, pictures)
         terms = self.terms(reading.model.llm.embed_tokens(ids[said])[:, None], reads, torch.ones_like(reads, dtype=torch.bool))
         member = said.nonzero()[:, 0][None, :] == torch.arange(len(rows), device=ids.device)[:, None]  # (R, P)
         sums = torch.logsumexp(terms[None].masked_fill(~member[..., None, None], float("-inf")), 1)  # (R, pictures, 2)
         holds = torch.zeros(sums.shape[:2], dtype=torch.bool, device=ids.device)
-        holds[torch.arange(len(rows)), own] = claims[rows] == 1
+        holds[torch.arange(len(rows)), own] = claims[claiming] == 1
         return balanced_bce(self.verdict(sums), holds)
 
     def decoding(self, reading: Reading) -> Decoding | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nextmm.heads.words import Words
@@ -27,19 +28,34 @@ def summed(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
 class Reading:
     """One batch of sequences as the heads read it: the token ids (B, T), the batch's visual embeddings (M, N,
     visual width) and the tower's patch grids (M, P, vision width), both None without pictures, and which
-    tokens are real (B, T; None: all, else a left-padded batch). Heads leave what later heads read in `notes`
-    (the presence probe's reads, which the agreement judge weighs)."""
+    tokens are real (B, T; None: all, else a left-padded batch). In a packed batch (data/packing.py)
+    `documents` (B, T) says which sample each position belongs to, and whatever a head reads back along a row
+    stops at its sample's start. Heads leave what later heads read in `notes` (the presence probe's reads,
+    which the agreement judge weighs)."""
 
     def __init__(self, model: nn.Module, heads: "Heads", input_ids: torch.Tensor, visual: torch.Tensor | None, patches: torch.Tensor | None,
-                 valid: torch.Tensor | None = None):
+                 valid: torch.Tensor | None = None, documents: torch.Tensor | None = None):
         self.model, self.heads, self.input_ids, self.visual, self.patches, self.valid = model, heads, input_ids, visual, patches, valid
+        self.documents = documents
         self.notes: dict[str, object] = {}
+
+    @cached_property
+    def starts(self) -> torch.Tensor | None:
+        """(B, T): where a packed batch's samples start; None for one sample a row."""
+        if self.documents is None:
+            return None
+        return self.documents != F.pad(self.documents[:, :-1], (1, 0), value=-2)
+
+    @cached_property
+    def same_document(self) -> torch.Tensor | None:
+        """(B, T, T): which pairs of positions belong to one sample; None for one sample a row."""
+        return None if self.documents is None else self.documents[:, :, None] == self.documents[:, None, :]
 
     @cached_property
     def latest_image(self) -> torch.Tensor:
         """(B, T): the index (among the batch's images, in reading order) of the last image each position
-        follows, or -1 when its row has none before it."""
-        return self.heads.latest_image(self.input_ids, self.model.num_queries)
+        follows in its sample, or -1 when there is none before it."""
+        return self.heads.latest_image(self.input_ids, self.model.num_queries, self.documents)
 
     @cached_property
     def is_word(self) -> torch.Tensor:
@@ -53,7 +69,14 @@ class Reading:
     @cached_property
     def word_bags(self) -> torch.Tensor | None:
         """(B, T, width): the words since the latest image or box at each position (Words.bags)."""
-        return self.words.bags(self.input_ids) if self.words is not None else None
+        return self.words.bags(self.input_ids, self.starts) if self.words is not None else None
+
+    def phrase_bags(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, width + 1) Words.phrase_bags of the batch's rows, or (R, T, width + 1) of some of them (`rows` (R,))."""
+        ids, starts = self.input_ids, self.starts
+        if rows is not None:
+            ids, starts = ids[rows], starts if starts is None else starts[rows]
+        return self.words.phrase_bags(ids, starts)
 
 
 class Decoding:
@@ -135,8 +158,8 @@ class Heads(nn.ModuleDict):
         return any(type(head).logits is not Head.logits for head in self.values())
 
     def read(self, model: nn.Module, input_ids: torch.Tensor, visual: torch.Tensor | None, patches: torch.Tensor | None,
-             valid: torch.Tensor | None = None) -> Reading:
-        return Reading(model, self, input_ids, visual, patches, valid)
+             valid: torch.Tensor | None = None, documents: torch.Tensor | None = None) -> Reading:
+        return Reading(model, self, input_ids, visual, patches, valid, documents)
 
     def is_location(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.isin(ids, self.location_ids)
@@ -145,12 +168,16 @@ class Heads(nn.ModuleDict):
         """Which tokens are words: neither an image slot nor a location token."""
         return ~((ids == self.image_id) | self.is_location(ids))
 
-    def latest_image(self, input_ids: torch.Tensor, per_image: int) -> torch.Tensor:
-        slots = (input_ids == self.image_id).long()
+    def latest_image(self, input_ids: torch.Tensor, per_image: int, documents: torch.Tensor | None = None) -> torch.Tensor:
+        is_slot = input_ids == self.image_id
+        slots = is_slot.long()
         in_row = slots.cumsum(1)
         earlier_rows = slots.sum(1).cumsum(0) - slots.sum(1)
-        index = torch.div(earlier_rows[:, None] + in_row - 1, per_image, rounding_mode="floor")
-        return torch.where(in_row > 0, index, -1)
+        index = torch.where(in_row > 0, torch.div(earlier_rows[:, None] + in_row - 1, per_image, rounding_mode="floor"), -1)
+        if documents is None or not is_slot.any():
+            return index
+        image_documents = documents[is_slot][::per_image]  # each image's sample, read at its first slot
+        return torch.where((index >= 0) & (image_documents[index.clamp_min(0)] == documents), index, -1)
 
     def words(self, embed: nn.Embedding) -> Words | None:
         pointer = getattr(self["location"], "pointer", None) if "location" in self else None

@@ -45,10 +45,12 @@ class CopyHead(Head):
 
     def copying(self, reading: Reading, hidden: torch.Tensor, which: torch.Tensor) -> "Copying":
         """What the head may copy at the positions `which` (a (B, T) mask) of the batch's hidden states (B, T,
-        width): it looks at every earlier position and may copy the token that followed it."""
+        width): it looks at every earlier position of its sample and may copy the token that followed it."""
         ids = reading.input_ids
         steps = torch.arange(ids.shape[1], device=ids.device)
         allowed = (steps[None, :] < steps[:, None]).expand(len(ids), -1, -1)  # j < t: ids[j + 1] is known at t
+        if reading.same_document is not None:
+            allowed = allowed & reading.same_document
         same = ids[:, :, None] == ids[:, None, :]
         pictures = self.pictures_at(reading, reading.patches)
         weights = self.attend(hidden, self.key(hidden), allowed, same, pictures @ pictures.transpose(1, 2))

@@ -62,7 +62,7 @@ class PresenceProbe(Head):
     def input(self, reading: Reading) -> torch.Tensor | None:
         if reading.visual is None:
             return None
-        seen, reads = self.reads(reading.words.phrase_bags(reading.input_ids), reading.is_word, reading.latest_image, reading.visual)
+        seen, reads = self.reads(reading.phrase_bags(), reading.is_word, reading.latest_image, reading.visual)
         reading.notes["presence"] = seen, reads
         return self.told(seen, reads)
 

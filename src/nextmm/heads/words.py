@@ -2,7 +2,7 @@
 presence probe and words-to-visual read (heads/location.py, presence.py, words_to_visual.py).
 
 A run of words starts after an image's slots and after a box (the first word after a location token); inside
-a box the bag stays that of the words before it. So a grounding question's box reads its question, and each
+a box the bag stays that of the words before it. In a packed row a run also starts with each sample (`starts`). So a grounding question's box reads its question, and each
 box of a detection answer its own object's phrase. Each word counts by a learned gate on its embedding (the
 location pointer's `word_weight`).
 """
@@ -26,10 +26,12 @@ class Words:
         is_image = ids == self.image_id
         return is_image, ~(is_image | torch.isin(ids, self.location_ids))
 
-    def _starts(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T): where each position's run of words starts."""
+    def _starts(self, input_ids: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T): where each position's run of words starts; `starts` (B, T) where a packed row's samples do."""
         is_image, is_word = self._kinds(input_ids)
         restart = is_image | (is_word & F.pad(torch.isin(input_ids, self.location_ids)[:, :-1], (1, 0)))
+        if starts is not None:
+            restart = restart | starts
         steps = torch.arange(input_ids.shape[1], device=input_ids.device)
         return torch.where(restart, steps, 0).cummax(1).values
 
@@ -41,9 +43,9 @@ class Words:
         """(..., width) embeddings -> each word's gated embedding, fp32 (zeros for other tokens)."""
         return (self.weight(embeds) * embeds.float()) * is_word[..., None]
 
-    def bags(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def bags(self, input_ids: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) -> (B, T, width) fp32: at each position, the gated sum of the embeddings of the words in its run."""
-        start = self._starts(input_ids)
+        start = self._starts(input_ids, starts)
         total = self.weighed(self.embed(input_ids), self._kinds(input_ids)[1]).cumsum(1)
         before = total.gather(1, (start - 1).clamp_min(0)[..., None].expand_as(total))
         return total - torch.where((start > 0)[..., None], before, 0.0)
@@ -62,12 +64,12 @@ class Words:
         weight = self.weight(embeds) * is_word[..., None]
         return torch.cat([weight * embeds, weight], -1)
 
-    def phrase_bags(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def phrase_bags(self, input_ids: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) -> (B, T, width + 1): at each position, the words of its run summed with weights PHRASE_DECAY **
         (how many tokens back), their gates summed last. Its mean (`mean`) is mostly the phrase that just
         ended: "a large red circle above a small blue square" at "square" is mostly "small blue square".
         Detached: what reads it trains nothing else through it."""
-        start = self._starts(input_ids)
+        start = self._starts(input_ids, starts)
         steps = torch.arange(input_ids.shape[1], device=input_ids.device)
         back = (steps[:, None] - steps[None, :]).clamp_min(0).float()  # (T, T): how far j is behind t
         decay = torch.where((steps[None, :, None] >= steps[None, None, :]) & (steps[None, None, :] >= start[:, :, None]), PHRASE_DECAY**back, 0.0)

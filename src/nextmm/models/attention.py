@@ -3,6 +3,11 @@
 On accelerators this is PyTorch's SDPA (flash / memory-efficient kernels). On CPU the plain
 matmul-softmax path is used instead: for nextmm's short sequences and small heads it is 3-5x faster
 than SDPA's CPU flash kernel for forward + backward in bf16 (benchmarks/attention.py).
+
+Packed rows (data/packing.py) come with a block-diagonal bool mask (models/llm.py, document_layout). On CPU it
+takes the same masked path: flex_attention, whose block masks skip the blocks between documents, has no CPU
+backward (benchmarks/packing.py). On accelerators SDPA takes the bool mask, the fallback, as its flash kernel
+takes no mask.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from nextmm.config import Config
 from nextmm.heads import heads_for, renamed
 from nextmm.heads.base import Reading
 from nextmm.models.chunked_ce import chunked_cross_entropy
-from nextmm.models.llm import KVCache, LLaMA
+from nextmm.models.llm import KVCache, LLaMA, document_layout
 from nextmm.models.resampler_t5 import resampler_for
 from nextmm.models.vision import VisionTransformer
 
@@ -86,9 +86,9 @@ class Emu(nn.Module):
         return embeds.masked_scatter(slots, filled)
 
     def read(self, input_ids: torch.Tensor, visual: torch.Tensor | None, patches: torch.Tensor | None = None,
-             valid: torch.Tensor | None = None) -> Reading:
+             valid: torch.Tensor | None = None, documents: torch.Tensor | None = None) -> Reading:
         """The batch as the heads read it (heads/base.py)."""
-        return self.heads.read(self, input_ids, visual, patches, valid)
+        return self.heads.read(self, input_ids, visual, patches, valid, documents)
 
     def forward(
         self,
@@ -130,6 +130,7 @@ class Emu(nn.Module):
         head_weight: float = 0.0,
         extras: dict | None = None,
         ce_chunk: int = 0,
+        documents: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Text CE on labelled positions + regression_weight x L2 to the next visual embedding (weight 1 in a
         batch with no labelled text). `text_loss` (logits, labels) -> loss replaces the mean cross-entropy
@@ -137,12 +138,15 @@ class Emu(nn.Module):
         (`extras`: named_boxes, regions, claims, valid), join the text loss at that weight ("text"). With
         `ce_chunk` > 0 and neither a `text_loss` nor a head that changes the scores, the cross-entropy goes
         through the LM head that many rows at a time (models/chunked_ce.py), never holding every row's logits.
+        `documents` (B, T), for rows that pack several samples (data/packing.py): which each position belongs to
+        (-1: padding); no position attends or reads across them, and each one's rotary positions start at 0.
 
         Targets are detached, as in Emu; `target_visual` lets training supply them from a slowly moving
         copy of the visual stack (train/targets.py)."""
         visual, patches = self.see(pixels)
-        reading = self.read(input_ids, visual, patches)
-        hidden = self(input_ids, visual, reading=reading)
+        positions, mask = document_layout(documents) if documents is not None else (None, None)
+        reading = self.read(input_ids, visual, patches, documents=documents)
+        hidden = self(input_ids, visual, positions, mask, reading=reading)
         picked = labels != IGNORE
         if not picked.any():
             self.logits(hidden, reading, picked)  # a head may keep running statistics as it scores

@@ -32,7 +32,9 @@ from nextmm.train.checkpoint import latest_checkpoint, load_checkpoint, save_che
 
 
 class BatchStream(Protocol):
-    def next_batch(self) -> dict[str, torch.Tensor]: ...  # with "valid" (B, T) and "pixels" (M, 3, H, W)
+    # A batch holds "valid" (B, T) and "pixels" (M, 3, H, W); a packed one (data/packing.py) also "documents" (B, T)
+    # and "slots" (2,), the token slots one right-padded row per sample would take and those its rows take.
+    def next_batch(self) -> dict[str, torch.Tensor]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def report(self) -> dict[str, Any]: ...
@@ -163,7 +165,7 @@ class Trainer:
         objective = parallel.wrap(self.model, self.loss_fn)
         tqdm.write(f"[{self.name}] computing in {precision} on {device} (precision={self.cfg.precision})")
         start = time.perf_counter()
-        window = {"t": start, "tokens": 0, "images": 0, "samples": 0}
+        window = {"t": start, "tokens": 0, "images": 0, "samples": 0, "padded": 0, "packed": 0}
         last: dict[str, float] = {}
         checkpoint = None
         bar = ProgressBar(self.name, self.cfg, step, elapsed_before, show=main)
@@ -185,10 +187,13 @@ class Trainer:
                     self.backward(out, 1.0 / self.cfg.grad_accum)
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.cfg.grad_accum
+                in_batch = int(batch["documents"].max()) + 1 if "documents" in batch else int(batch["valid"].shape[0])
                 window["tokens"] += int(batch["valid"].sum())
                 window["images"] += int(batch["pixels"].shape[0])
-                window["samples"] += int(batch["valid"].shape[0])
-                samples += int(batch["valid"].shape[0]) * parallel.world()  # every rank's part is as large
+                window["samples"] += in_batch
+                if "slots" in batch:
+                    window["padded"], window["packed"] = window["padded"] + int(batch["slots"][0]), window["packed"] + int(batch["slots"][1])
+                samples += in_batch * parallel.world()  # every rank's part is as large
             sums = parallel.mean_over_ranks(sums)
             if not math.isfinite(sums["loss"]):
                 raise FloatingPointError(f"[{self.name}] loss became {sums['loss']} at step {step}; lower the learning rate")
@@ -205,15 +210,18 @@ class Trainer:
             if step % self.cfg.log_every == 0 or step == self.cfg.steps:
                 now = time.perf_counter()
                 span = max(now - window["t"], 1e-9)
-                window["samples"], window["tokens"], window["images"] = parallel.sum_over_ranks([window["samples"], window["tokens"], window["images"]])
+                counted = ("samples", "tokens", "images", "padded", "packed")
+                window.update(zip(counted, parallel.sum_over_ranks([window[k] for k in counted])))
+                # Packed batches: the share of token slots that is padding, as packed and as one right-padded row a sample would have it.
+                padding = {"pad_before": round(1 - window["tokens"] / window["padded"], 4), "pad_after": round(1 - window["tokens"] / window["packed"], 4)} if window["packed"] else {}
                 if main:
                     self._log({
                         "stage": self.name, "step": step, "lr": lr, **last, "grad_norm": round(float(grad_norm), 4),
                         "samples_per_s": round(window["samples"] / span, 2), "tokens_per_s": round(window["tokens"] / span, 1),
-                        "images_per_s": round(window["images"] / span, 2),
+                        "images_per_s": round(window["images"] / span, 2), **padding,
                         "elapsed_s": round(elapsed_before + now - start, 2), "skipped": stream.report()["skipped"],
                     })
-                window = {"t": now, "tokens": 0, "images": 0, "samples": 0}
+                window = {"t": now, "tokens": 0, "images": 0, "samples": 0, "padded": 0, "packed": 0}
             if main and self.cfg.ckpt_every and step % self.cfg.ckpt_every == 0:
                 checkpoint = self._checkpoint(step, samples, elapsed_before + time.perf_counter() - start, stream)
         bar.close()

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from nextmm.api import NextMM, build_model
 from nextmm.config import Config, PretrainConfig
 from nextmm.data.loader import LeftOut, MixedStream, Prefetcher, discover_sources
+from nextmm.data.packing import Packer
 from nextmm.data.sample import Image, Sample, Text
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError, read_shards
@@ -151,7 +152,7 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
         extras = {"named_boxes": batch.get("named_boxes") if p.point_at_named else None, "claims": batch.get("claims"), "valid": batch.get("valid"),
                   "regions": (batch["region_ids"], batch["region_image"], batch["region_boxes"]) if p.point_at_objects and "region_ids" in batch else None}
         out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual, text_loss, p.pointer_weight, extras,
-                         p.ce_chunk)
+                         p.ce_chunk, batch.get("documents"))
         return out if parallel.world() == 1 else global_terms(out, batch)
 
     def global_terms(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -212,8 +213,14 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
         return model
     p = cfg.pretrain
     builder = SequenceBuilder.for_config(tok, cfg)
+    packer = Packer(builder, p.pack_len) if p.pack_len else None
+
+    def encode(s: Sample):
+        encoded = builder.encode(s.segments, named=s.named_box(), regions=s.regions() if p.point_at_objects else (), claim=s.claim())
+        return packer.fit(encoded) if packer else encoded
+
     stream = MixedStream(
-        sources, p.mix, lambda s: builder.encode(s.segments, named=s.named_box(), regions=s.regions() if p.point_at_objects else (), claim=s.claim()), builder.collate, p.batch_size, cfg.seed,
+        sources, p.mix, encode, packer.collate if packer else builder.collate, p.batch_size, cfg.seed,
         join_at=p.join_at, views=text_to_image_view(sources), part=parallel.part(),
     )
     target, loss_fn, backward = pretrain_objective(model, p)
