@@ -6,7 +6,9 @@ training step takes at each preset (the preset as it trains, on batches drawn be
 
 The stream is the preset's own (its batch size, mix, image size and queries); every source is in the mix
 from the first batch (no join_at curriculum), as in the steady state of stage 1. Loading is timed after
-`--warmup-batches` batches (the shards opened, the shuffle buffers filled).
+`--warmup-batches` batches (the shards opened, the shuffle buffers filled). With `--ranks`, the loading of one
+rank among that many is timed too: it reads and tokenises every global batch but decodes only its own part's
+pictures, and its samples/s counts its own part (what its training step consumes).
 
     python benchmarks/data_loading.py                    # tiny and small
     python benchmarks/data_loading.py --presets tiny --batches 40 --steps 6
@@ -27,11 +29,11 @@ import torch
 import _common
 
 
-def loading(cfg, tok, data, batches: int, warmup: int, prefetch: bool) -> dict:
-    """Samples/s (and batches/s, tokens/s) of the stage-1 stream alone."""
+def loading(cfg, tok, data, batches: int, warmup: int, prefetch: bool, ranks: int = 1) -> dict:
+    """Samples/s (and batches/s, tokens/s) of the stage-1 stream alone, as rank 0 of `ranks` reads it."""
     from nextmm.data.loader import Prefetcher
 
-    stream = _common.stage1_stream(cfg, tok, data)
+    stream = _common.stage1_stream(cfg, tok, data, batch_size=cfg.pretrain.batch_size * ranks, part=(0, ranks))
     source = Prefetcher(stream) if prefetch else stream
     for _ in range(warmup):
         source.next_batch()
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--no-prefetch", action="store_true", help="time the MixedStream itself, without the Prefetcher thread")
     parser.add_argument("--steps", type=int, default=4, help="training steps timed per preset, after one of warm-up")
     parser.add_argument("--threads", type=int, default=0, help="compute threads (0: PyTorch's default, one per core)")
+    parser.add_argument("--ranks", type=int, nargs="*", default=[8], help="also time one rank's loading among this many, each with the preset's batch")
     args = parser.parse_args()
     threads = _common.set_threads(args.threads)
 
@@ -80,8 +83,10 @@ def main() -> None:
             cfg.llm.vocab_size = tok.vocab_size
             load = loading(cfg, tok, tmp, args.batches, args.warmup_batches, not args.no_prefetch)
             train = training(cfg, tok, tmp, args.steps, 1)
+            per_rank = {n: loading(cfg, tok, tmp, args.batches, args.warmup_batches, not args.no_prefetch, n)["samples_per_s"] for n in args.ranks}
             results.append({"preset": preset, "batch_size": cfg.pretrain.batch_size, "precision": resolve(cfg.pretrain.precision, "cpu"),
-                            "loading": load, "training": train, "ratio": round(load["samples_per_s"] / train["samples_per_s"], 2)})
+                            "loading": load, "training": train, "ratio": round(load["samples_per_s"] / train["samples_per_s"], 2),
+                            "one_rank_of": {n: {"samples_per_s": v, "ratio": round(v / train["samples_per_s"], 2)} for n, v in per_rank.items()}})
     print(json.dumps({"benchmark": "data_loading", "threads": threads, "prefetcher": not args.no_prefetch, "results": results}, indent=2))
 
 

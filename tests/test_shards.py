@@ -1,16 +1,20 @@
 import io
 import json
 import tarfile
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image as PILImage
 
 from nextmm.data.sample import Image, Sample, Text, Video, caption_sample, video_qa_sample, vqa_sample
+from nextmm.data import loader
+from nextmm.data.loader import MixedStream
 from nextmm.data.shards import (
     DataError,
     ReadStats,
     ShardWriter,
+    load_pictures,
     read_shards,
     record_to_sample,
     sample_to_record,
@@ -202,3 +206,40 @@ def test_killed_writer_leaves_only_a_tmp_name_that_readers_ignore(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.tar", "shard-00001.tar.tmp"]
     assert keys(read_shards(tmp_path)) == ["s0", "s1"]
     writer.abort()
+
+
+def undecodable_png(image: PILImage.Image) -> bytes:
+    """A PNG whose chunks all carry the right checksums (verify() passes) but whose pixel data is not zlib data."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    at = data.index(b"IDAT")
+    length = int.from_bytes(data[at - 4 : at], "big")
+    garbage = bytes(length)
+    data[at + 4 : at + 4 + length] = garbage
+    data[at + 4 + length : at + 8 + length] = zlib.crc32(b"IDAT" + garbage).to_bytes(4, "big")
+    return bytes(data)
+
+
+def test_pixels_that_pass_verify_but_do_not_decode_skip_their_sample_where_it_is_decoded(tmp_path):
+    (path,) = write(tmp_path, captions(6))
+    rewrite_member(path, "s2.000.png", undecodable_png(picture(2)))
+    stats = ReadStats()
+    assert keys(read_shards(path, stats=stats)) == ["s0", "s1", "s3", "s4", "s5"] and stats.skipped == 1
+    lazy = list(read_shards(path, pixels=False))  # opened, not decoded: the failure waits for load_pictures
+    assert keys(lazy) == [f"s{i}" for i in range(6)]
+    load_pictures(lazy[0])
+    with pytest.raises(OSError):
+        load_pictures(lazy[2])
+    stream = MixedStream({"c": tmp_path}, {}, lambda s: s.key, list, 6, shuffle_buffer=0)
+    assert stream.next_batch() == ["s0", "s1", "s3", "s4", "s5"]
+    assert stream.report()["skipped"] == 1 and "'s2' skipped while decoding" in stream.report()["errors"][0]
+
+
+def test_a_rank_decodes_the_pictures_of_its_own_part_of_a_batch_alone(tmp_path, monkeypatch):
+    write(tmp_path, captions(8))
+    decoded = []
+    monkeypatch.setattr(loader, "load_pictures", lambda sample: decoded.append(sample.key) or load_pictures(sample))
+    batch = MixedStream({"c": tmp_path}, {}, lambda s: s, list, 8, shuffle_buffer=0, part=(1, 2)).next_batch()
+    assert decoded == keys(batch) == ["s4", "s5", "s6", "s7"]
+    assert batch[0].segments[0].image.getpixel((0, 0)) == picture(4).getpixel((0, 0))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from nextmm.data.sample import Sample
-from nextmm.data.shards import DataError, ReadStats, read_shards
+from nextmm.data.shards import DataError, ReadStats, load_pictures, read_shards
 from nextmm.data.sequence import SequenceTooLong
 
 
@@ -89,7 +89,7 @@ class MixedStream:
     def _open(self, name: str) -> Iterator[Sample]:
         seed = self.seed + 7919 * self.epoch[name] + zlib.crc32(name.encode())
         # skip= drops what a resumed run already consumed, after shuffling, so the order matches the first run.
-        return read_shards(self.sources[name], shuffle_buffer=self.shuffle_buffer, seed=seed, skip=self.consumed[name], stats=self.stats)
+        return read_shards(self.sources[name], shuffle_buffer=self.shuffle_buffer, seed=seed, skip=self.consumed[name], stats=self.stats, pixels=False)
 
     def _next_sample(self, name: str) -> Sample:
         for _ in range(2):
@@ -110,7 +110,7 @@ class MixedStream:
         raise AssertionError("unreachable: a non-empty source re-opened empty")
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        items = []
+        items, drawn = [], []
         joined = [i for i, n in enumerate(self.names) if self.join_at[n] <= self.batches] or range(len(self.names))
         name = self.names[self.rng.choices(joined, [self.weights[i] for i in joined])[0]]
         self.batches += 1
@@ -120,6 +120,7 @@ class MixedStream:
                 if name in self.change:
                     sample = self.change[name](sample)
                 items.append(self.make_item(sample))
+                drawn.append(sample)
                 self.used[name] += 1
             except LeftOut as err:
                 self.left_out += 1
@@ -131,11 +132,23 @@ class MixedStream:
                     self.stats.errors.append(str(err))
         # Every rank draws the same global batch from the same seed and keeps its own contiguous slice: no sample
         # is seen twice or skipped, the slices joined are the one-process batch, and the stream's position is the
-        # same on every rank, so rank 0's checkpoint resumes them all. The price: each rank reads and encodes the
-        # whole batch (in the prefetch thread, beside the model's step).
+        # same on every rank, so rank 0's checkpoint resumes them all. Each rank reads and tokenises the whole batch
+        # but decodes the pictures of its own slice alone, the costly part, which then costs no more with more ranks.
         rank, world = self.part
         share = len(items) // world
-        return self.collate(items[rank * share : (rank + 1) * share])
+        mine = [items[i] for i in range(rank * share, (rank + 1) * share) if self._decoded(drawn[i])]
+        if not mine:
+            raise DataError(f"no picture of a batch's {share} samples from source '{name}' could be decoded ({self.stats.summary()}); check the data")
+        return self.collate(mine)
+
+    def _decoded(self, sample: Sample) -> bool:
+        """Whether the sample's pictures decode; one that does not leaves its batch a sample short, skipped and counted."""
+        try:
+            load_pictures(sample)
+            return True
+        except Exception as err:  # pixels that passed verify() but do not decode (a truncated JPEG)
+            self.stats.skip(f"sample '{sample.key}' skipped while decoding ({type(err).__name__}: {err})")
+            return False
 
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self.rng.getstate()

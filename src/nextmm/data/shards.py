@@ -337,12 +337,23 @@ def _parse(key: str, group: dict[str, bytes]) -> dict[str, Any]:
     return record
 
 
-def _decode(record: dict[str, Any]) -> Sample:
+def _decode(record: dict[str, Any], pixels: bool = True) -> Sample:
     images = []
     for data in record["images"]:
+        if not pixels:  # opened, its size and mode read from the header; the pixels wait for load_pictures
+            images.append(PILImage.open(io.BytesIO(data)))
+            continue
         with PILImage.open(io.BytesIO(data)) as im:
             images.append(im.convert("RGB"))
     return record_to_sample(dict(record, images=images))
+
+
+def load_pictures(sample: Sample) -> None:
+    """Decode the pixels of a sample read with `read_shards(..., pixels=False)`, in place; raises what the image
+    decoder raises for pixels that passed verify() but do not decode (a truncated JPEG)."""
+    for seg in sample.segments:
+        for picture in [seg.image] if isinstance(seg, Image) else seg.frames if isinstance(seg, Video) else []:
+            picture.load()
 
 
 def read_shards(
@@ -352,15 +363,18 @@ def read_shards(
     seed: int = 0,
     skip: int = 0,
     stats: ReadStats | None = None,
+    pixels: bool = True,
 ) -> Iterator[Sample]:
     """Stream the samples of one or more shards (pictures as RGB PIL images); never raises on bad data.
+    `pixels=False` leaves each picture's pixels undecoded until `load_pictures`, for a reader that keeps only some
+    of the samples it reads (a rank of data-parallel training keeps its part of each batch).
 
     Bad paths raise DataError here, at call time. `shuffle_buffer` > 0 shuffles within a buffer of that
     many samples with `random.Random(seed)`. `skip` drops the first N good samples of that (shuffled)
     order without decoding their pictures, so a resumed run with the same seed continues where it stopped.
     """
     paths = list_shards(paths_or_dir)
-    return _read(paths, shuffle_buffer, seed, skip, stats if stats is not None else ReadStats())
+    return _read(paths, shuffle_buffer, seed, skip, stats if stats is not None else ReadStats(), pixels)
 
 
 def _records(paths: list[Path], stats: ReadStats) -> Iterator[dict[str, Any]]:
@@ -385,7 +399,7 @@ def _shuffled(records: Iterator[dict[str, Any]], size: int, rng: random.Random) 
     yield from buffer
 
 
-def _read(paths: list[Path], shuffle_buffer: int, seed: int, skip: int, stats: ReadStats) -> Iterator[Sample]:
+def _read(paths: list[Path], shuffle_buffer: int, seed: int, skip: int, stats: ReadStats, pixels: bool) -> Iterator[Sample]:
     records = _records(paths, stats)
     if shuffle_buffer > 0:
         records = _shuffled(records, shuffle_buffer, random.Random(seed))
@@ -393,7 +407,7 @@ def _read(paths: list[Path], shuffle_buffer: int, seed: int, skip: int, stats: R
         if n < skip:
             continue
         try:
-            sample = _decode(record)
+            sample = _decode(record, pixels)
         except Exception as err:  # pixels that passed verify() but fail to decode
             stats.skip(f"sample '{record.get('key')}' skipped while decoding ({type(err).__name__}: {err})")
             continue
