@@ -1,6 +1,9 @@
-"""Data-parallel training (train/parallel.py) on the CPU with gloo and 2 processes: the same losses as one process
-over the same global batch, each rank its own part of every batch, and the settings two processes cannot run
-with said in one sentence."""
+"""Data-parallel training (train/parallel.py), whole in each process (DDP) or sharded (FSDP2, train/parallelize.py),
+on the CPU with gloo and 2 processes: the same losses and gradients as one process over the same global batch, each
+rank its own part of every batch, sharded checkpoints that resume on 2 processes and on 1, and the settings two
+processes cannot run with said in one sentence."""
+
+import shutil
 
 import json
 import os
@@ -25,8 +28,9 @@ from nextmm.data.make import write_shapes
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.data.shards import DataError
 from nextmm.tokenizer import NextTokenizer
-from nextmm.train import parallel
-from nextmm.train.stages import pretrain_objective, train, train_tokenizer
+from nextmm.train import parallel, parallelize
+from nextmm.train.checkpoint import load_checkpoint, save_checkpoint
+from nextmm.train.stages import freeze_parts, pretrain_groups, pretrain_objective, train, train_tokenizer
 
 # With seed 0 the mix below draws text-to-image, VQA, binding, binding: L2 alone, then CE and L2.
 DATA = {"caption": 40, "vqa": 6, "binding": 6}
@@ -60,29 +64,62 @@ def two_processes(data_dir: Path, out: Path, steps: int, *extra: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def one_process(data_dir: Path, out: Path, steps: int, resume: bool = False) -> None:
+    train(make_config("micro", overrides=SETTINGS + [f"pretrain.steps={steps}"]), data_dir, out, resume=resume)
+
+
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
     """3 steps in one process and in two, then each resumed for 2 more."""
     root = tmp_path_factory.mktemp("runs")
     one, two = root / "one", root / "two"
-    train(make_config("micro", overrides=SETTINGS + ["pretrain.steps=3"]), data_dir, one)
+    one_process(data_dir, one, 3)
     two_processes(data_dir, two, 3)
-    train(make_config("micro", overrides=SETTINGS + ["pretrain.steps=5"]), data_dir, one, resume=True)
+    one_process(data_dir, one, 5, resume=True)
     two_processes(data_dir, two, 5, "--resume")
     return losses(one), losses(two)
 
 
-def test_two_processes_train_with_the_losses_of_one_over_the_same_global_batch(runs):
-    one, two = runs
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5]
-    assert {"ce", "l2"} <= one[0].keys()
-    assert any(r["ce"] == 0 for r in one) and any(r["ce"] > 0 for r in one)  # text-to-image batches (L2 alone) and others
-    for a, b in zip(one, two):
+@pytest.fixture(scope="module")
+def sharded_runs(data_dir, tmp_path_factory):
+    """3 steps in two processes with FSDP, then resumed for 2 more in two processes with FSDP and in one."""
+    root = tmp_path_factory.mktemp("sharded")
+    two_processes(data_dir, root / "three", 3, "--fsdp")
+    shutil.copytree(root / "three", root / "two")
+    two_processes(data_dir, root / "two", 5, "--fsdp", "--resume")
+    shutil.copytree(root / "three", root / "one")
+    one_process(data_dir, root / "one", 5, resume=True)
+    return root
+
+
+def assert_same_losses(one: list[dict], other: list[dict]) -> None:
+    assert [r["step"] for r in one] == [r["step"] for r in other]
+    for a, b in zip(one, other):
         for key in ("loss", "ce", "l2"):  # metrics.jsonl rounds them to 5 decimals: 1e-5 apart, and its rounding
             assert b[key] == pytest.approx(a[key], abs=2e-5), (a["step"], key)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], abs=2e-4)  # rounded to 4
+
+
+def test_two_processes_train_with_the_losses_of_one_over_the_same_global_batch(runs):
+    one, two = runs
+    assert [r["step"] for r in one] == [1, 2, 3, 4, 5]
+    assert {"ce", "l2"} <= one[0].keys()
+    assert any(r["ce"] == 0 for r in one) and any(r["ce"] > 0 for r in one)  # text-to-image batches (L2 alone) and others
+    assert_same_losses(one, two)
     # steps 4 and 5 come after a resume: they match only if every rank took up the data where it stopped (step 4)
     # and the optimizer's moments (step 5); the weights rank 0 loaded DDP would give the others anyway
+
+
+def test_sharded_processes_train_and_resume_on_two_or_one_with_the_losses_of_one(runs, sharded_runs):
+    one, _ = runs
+    assert_same_losses(one[:3], losses(sharded_runs / "three"))
+    assert [p.name for p in (sharded_runs / "three" / "pretrain" / "checkpoints" / "step-0000003" / "shards").iterdir() if p.suffix == ".distcp"]
+    # steps 4 and 5: the shards read back (on two processes) or resharded into one whole model (on one), the
+    # optimizer's moments with them
+    assert_same_losses(one, losses(sharded_runs / "two"))
+    assert_same_losses(one, losses(sharded_runs / "one"))
+    exported = load_file(str(sharded_runs / "two" / "model" / "model.safetensors"))  # gathered whole from the shards
+    assert exported.keys() == load_file(str(sharded_runs / "one" / "model" / "model.safetensors")).keys()
 
 
 def reading(data_dir, part, batches: int = 3) -> list[list[str]]:
@@ -99,23 +136,48 @@ def reading(data_dir, part, batches: int = 3) -> list[list[str]]:
     return [stream.next_batch()["keys"] for _ in range(batches)]
 
 
-def gradient(data_dir, tokenizer: Path, part) -> tuple[dict, dict]:
-    """Stage 1's loss terms and gradients over a batch of binding episodes (4 to 6 pictures each: with seed 1 the
-    ranks' parts hold 20 and 21, and differ in labelled words too), through parallel.wrap as the Trainer does."""
-    cfg = make_config("micro", overrides=SETTINGS)
+def micro(tokenizer: Path, sharding: str = "ddp") -> tuple:
+    cfg = make_config("micro", overrides=SETTINGS + [f"pretrain.sharding={sharding}"])
     tok = NextTokenizer.load(tokenizer)
     cfg.llm.vocab_size = tok.vocab_size
     torch.manual_seed(0)
-    model = build_model(cfg, tok)
+    return cfg, tok, build_model(cfg, tok)
+
+
+def gradient(data_dir, tokenizer: Path, part, sharding: str = "ddp") -> tuple[dict, dict]:
+    """Stage 1's loss terms and gradients over a batch of binding episodes (4 to 6 pictures each: with seed 1 the
+    ranks' parts hold 20 and 21, and differ in labelled words too), through parallel.wrap or the sharded root as
+    the Trainer runs them (CE and L2 both: the sharded backward takes two passes)."""
+    cfg, tok, model = micro(tokenizer, sharding)
     builder = SequenceBuilder.for_config(tok, cfg)
     sources = {"binding": discover_sources(data_dir)["binding"]}
     batch = MixedStream(sources, {}, lambda s: builder.encode(s.segments), builder.collate, 8, seed=1, part=part).next_batch()
     _, loss_fn, backward = pretrain_objective(model, cfg.pretrain)
-    objective = parallel.wrap(model, loss_fn)  # kept: its backward needs the DDP wrapper alive
+    objective = parallelize.prepare(model, loss_fn, cfg.pretrain, "fp32")
+    if objective is None:
+        objective = parallel.wrap(model, loss_fn)  # kept: its backward needs the DDP wrapper alive
     out = objective(batch)
     backward(out, 1.0)
     terms = parallel.mean_over_ranks({k: float(v.detach()) for k, v in out.items()})
-    return terms, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return terms, {name: parallel.whole(p.grad).clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def sharded_optimizer(tokenizer: Path, sharding: str) -> tuple:
+    """A micro model, sharded or not, with stage 1's optimizer over its (sharded) parameters."""
+    cfg, _, model = micro(tokenizer, sharding)
+    freeze_parts(model, cfg.pretrain)
+    parallelize.prepare(model, lambda batch: batch, cfg.pretrain, "fp32")
+    return model, torch.optim.AdamW(pretrain_groups(model, cfg.pretrain))
+
+
+def whole_checkpoint(tokenizer: Path, out: Path) -> dict:
+    """A one-process checkpoint of a micro model after one optimizer step, and its tensors and moments by name."""
+    model, optimizer = sharded_optimizer(tokenizer, "ddp")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    save_checkpoint(out, 1, {"model": model}, optimizer, {"step": 1})
+    return {**{n: p.detach() for n, p in model.named_parameters()}, **{f"{n}.exp_avg": optimizer.state[p]["exp_avg"] for n, p in model.named_parameters()}}
 
 
 def _rank(rank: int, port: int, data_dir: str, tokenizer: str, out: str) -> None:
@@ -127,6 +189,17 @@ def _rank(rank: int, port: int, data_dir: str, tokenizer: str, out: str) -> None
         terms, grads = gradient(data_dir, Path(tokenizer), parallel.part())
         Path(out, f"terms{rank}.json").write_text(json.dumps(terms))
         save_file(grads, str(Path(out, f"grads{rank}.safetensors")))
+        terms, grads = gradient(data_dir, Path(tokenizer), parallel.part(), "fsdp")
+        Path(out, f"sharded_terms{rank}.json").write_text(json.dumps(terms))
+        save_file(grads, str(Path(out, f"sharded_grads{rank}.safetensors")))
+        # a one-process checkpoint read into a sharded model: each rank keeps its part of the weights and moments
+        model, optimizer = sharded_optimizer(Path(tokenizer), "fsdp")
+        load_checkpoint(Path(out, "whole", "step-0000001"), {"model": model}, optimizer)
+        held = {n: p.to_local().numel() for n, p in model.named_parameters()}
+        loaded = {**{n: p.full_tensor() for n, p in model.named_parameters()},
+                  **{f"{n}.exp_avg": optimizer.state[p]["exp_avg"].full_tensor() for n, p in model.named_parameters()}}
+        Path(out, f"held{rank}.json").write_text(json.dumps(held))
+        save_file(loaded, str(Path(out, f"loaded{rank}.safetensors")))
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +207,7 @@ def two_ranks(data_dir, tmp_path_factory):
     """What each of two processes spawned here read, and the loss and gradients they computed."""
     out = tmp_path_factory.mktemp("ranks")
     train_tokenizer(discover_sources(data_dir), make_config("micro")).save(out / "tokenizer.json")
+    save_file(whole_checkpoint(out / "tokenizer.json", out / "whole"), str(out / "whole.safetensors"))
     mp.spawn(_rank, args=(free_port(), str(data_dir), str(out / "tokenizer.json"), str(out)), nprocs=2)
     return out
 
@@ -161,12 +235,34 @@ def test_the_gradient_of_two_processes_is_that_of_one_over_the_same_global_batch
         terms, grads = gradient(data_dir, two_ranks / "tokenizer.json", (0, 1))
     finally:
         torch.set_num_threads(threads)
+    for kind in ("", "sharded_"):  # DDP's, and FSDP's gathered whole
+        for rank in range(2):
+            assert json.loads((two_ranks / f"{kind}terms{rank}.json").read_text()) == pytest.approx(terms, abs=1e-6)
+            theirs = load_file(str(two_ranks / f"{kind}grads{rank}.safetensors"))
+            assert theirs.keys() == grads.keys() and any(name.startswith("regression_head") for name in grads)
+            for name, grad in grads.items():
+                torch.testing.assert_close(theirs[name], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max()), msg=kind + name)
+
+
+def test_each_sharded_rank_holds_half_of_the_parameters(two_ranks):
+    held = [json.loads((two_ranks / f"held{rank}.json").read_text()) for rank in range(2)]
+    _, _, model = micro(two_ranks / "tokenizer.json")
+    total = {n: p.numel() for n, p in model.named_parameters()}
+    assert held[0].keys() == total.keys()
+    for name, numel in total.items():  # dim 0 split in two, the first part the larger where it is odd
+        assert held[0][name] + held[1][name] == numel and held[0][name] >= held[1][name], name
+    assert 0.49 < sum(held[1].values()) / sum(total.values()) <= 0.5
+
+
+def test_a_whole_checkpoint_resumes_sharded(two_ranks):
+    """What one process saved, read into a model sharded between two (1 process -> 2): the weights and AdamW's
+    moments of every rank's parts, gathered back, are the saved ones."""
+    saved = load_file(str(two_ranks / "whole.safetensors"))
     for rank in range(2):
-        assert json.loads((two_ranks / f"terms{rank}.json").read_text()) == pytest.approx(terms, abs=1e-6)
-        theirs = load_file(str(two_ranks / f"grads{rank}.safetensors"))
-        assert theirs.keys() == grads.keys() and any(name.startswith("regression_head") for name in grads)
-        for name, grad in grads.items():
-            torch.testing.assert_close(theirs[name], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max()), msg=name)
+        loaded = load_file(str(two_ranks / f"loaded{rank}.safetensors"))
+        assert loaded.keys() == saved.keys()
+        for name, tensor in saved.items():
+            torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
 
 
 def test_a_world_size_that_does_not_divide_the_batch_is_one_sentence(data_dir, tmp_path, capsys):
