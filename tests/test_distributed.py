@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from safetensors.torch import load_file, save_file
 
@@ -145,21 +146,28 @@ def micro(tokenizer: Path, sharding: str = "ddp") -> tuple:
 
 
 def gradient(data_dir, tokenizer: Path, part, sharding: str = "ddp") -> tuple[dict, dict]:
-    """Stage 1's loss terms and gradients over a batch of binding episodes (4 to 6 pictures each: with seed 1 the
-    ranks' parts hold 20 and 21, and differ in labelled words too), through parallel.wrap or the sharded root as
-    the Trainer runs them (CE and L2 both: the sharded backward takes two passes)."""
+    """Stage 1's loss terms (the last micro-batch's) and gradients over two micro-batches of binding episodes (4 to
+    6 pictures each: with seed 1 the ranks' parts of the first hold 20 and 21, and differ in labelled words too),
+    through parallel.wrap or the sharded root as the Trainer runs them (CE and L2 both: the sharded backward takes
+    two passes)."""
     cfg, tok, model = micro(tokenizer, sharding)
     builder = SequenceBuilder.for_config(tok, cfg)
     sources = {"binding": discover_sources(data_dir)["binding"]}
-    batch = MixedStream(sources, {}, lambda s: builder.encode(s.segments), builder.collate, 8, seed=1, part=part).next_batch()
+    stream = MixedStream(sources, {}, lambda s: builder.encode(s.segments), builder.collate, 8, seed=1, part=part)
     _, loss_fn, backward = pretrain_objective(model, cfg.pretrain)
     objective = parallelize.prepare(model, loss_fn, cfg.pretrain, "fp32")
     if objective is None:
         objective = parallel.wrap(model, loss_fn)  # kept: its backward needs the DDP wrapper alive
-    out = objective(batch)
-    backward(out, 1.0)
+    for step in range(2):  # two micro-batches accumulated as the Trainer does, reduced over the ranks with the last
+        with parallel.syncing(objective, last=step == 1):
+            out = objective(stream.next_batch())
+            backward(out, 0.5)
     terms = parallel.mean_over_ranks({k: float(v.detach()) for k, v in out.items()})
-    return terms, {name: parallel.whole(p.grad).clone() for name, p in model.named_parameters() if p.grad is not None}
+    return terms, {name: whole(p.grad).clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def sharded_optimizer(tokenizer: Path, sharding: str) -> tuple:

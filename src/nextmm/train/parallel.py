@@ -204,11 +204,6 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
-def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's full value (the gradient norm of sharded gradients), else the tensor itself."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
 def barrier() -> None:
     if world() > 1:
         dist.barrier()
