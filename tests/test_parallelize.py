@@ -1,0 +1,75 @@
+"""Activation checkpointing and regional compile (train/parallelize.py) in one process: the same losses and
+gradients as the plain model, the same state-dict names, and a compiler that does not work said in one sentence."""
+
+import copy
+
+import pytest
+import torch
+
+from nextmm.train import parallelize
+from test_regression import grads, scene_batch
+
+
+def loss_and_grads(model, batch) -> tuple[float, dict]:
+    model.zero_grad()
+    out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], 0.5)
+    out["loss"].backward()
+    return float(out["loss"].detach()), grads(model)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_keeps_losses_gradients_and_names(micro_model, tokenizer, every):
+    batch = scene_batch(micro_model, tokenizer, 4)
+    plain = copy.deepcopy(micro_model)
+    names = list(micro_model.state_dict())
+    parallelize.checkpoint_blocks(micro_model, every)
+    assert list(micro_model.state_dict()) == names
+    blocks = parallelize.blocks(micro_model)
+    covered = [i for i, block in enumerate(blocks) if "forward" in vars(block)]
+    assert covered == list(range(0, len(blocks), every)) and len(blocks) == 3  # the micro LLM's 2 blocks, the tower's 1
+    runs = []  # each block's feed-forward, counted as it starts: a checkpointed block starts it again in the backward pass
+    for block in blocks:
+        mlp = getattr(block, "mlp")
+        mlp.register_forward_pre_hook(lambda *_, i=len(runs): runs.__setitem__(i, runs[i] + 1))
+        runs.append(0)
+    loss, theirs = loss_and_grads(micro_model, batch)
+    assert runs == [2 if i in covered else 1 for i in range(len(blocks))]
+    expected_loss, expected = loss_and_grads(plain, batch)
+    assert loss == expected_loss
+    for name, grad in expected.items():
+        torch.testing.assert_close(theirs[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert parallelize.release(micro_model, lambda: None) is micro_model
+    assert not any("forward" in vars(block) for block in blocks)
+
+
+def test_a_compiler_that_fails_is_one_sentence(monkeypatch):
+    def broken(fn):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx\nmore lines")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(parallelize.CompileError, match=r"^torch.compile cannot build kernels on this machine \(InvalidCxxCompiler: No working C\+\+ "
+                                                         r"compiler found in torch._inductor.config.cpp.cxx\); train without --compile \(pretrain.compile=false\)$"):
+        parallelize.check_compiler(torch.device("cpu"))
+
+
+def test_compiled_blocks_train_with_the_losses_of_eager_ones(micro_model, tokenizer):
+    """Two optimizer steps on two batches of different lengths (the second compiles for dynamic shapes); tens of
+    seconds the first time on a slow CPU, about one once inductor's cache holds the kernels."""
+    eager = copy.deepcopy(micro_model)
+    try:
+        parallelize.compile_blocks(micro_model)
+    except parallelize.CompileError as err:
+        pytest.skip(str(err))
+    losses = {}
+    for name, model in (("compiled", micro_model), ("eager", eager)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[name] = []
+        for n in (4, 6):
+            loss, _ = loss_and_grads(model, scene_batch(model, tokenizer, n))
+            optimizer.step()
+            losses[name].append(loss)
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
+    parallelize.release(micro_model, lambda: None)
+    assert not any("forward" in vars(block) for block in micro_model.llm.layers)
