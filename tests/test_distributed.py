@@ -137,20 +137,21 @@ def reading(data_dir, part, batches: int = 3) -> list[list[str]]:
     return [stream.next_batch()["keys"] for _ in range(batches)]
 
 
-def micro(tokenizer: Path, sharding: str = "ddp") -> tuple:
-    cfg = make_config("micro", overrides=SETTINGS + [f"pretrain.sharding={sharding}"])
+def micro(tokenizer: Path, sharding: str = "ddp", heads: bool = False) -> tuple:
+    settings = SETTINGS if not heads else [s for s in SETTINGS if s not in HEADS_OFF]
+    cfg = make_config("micro", overrides=settings + [f"pretrain.sharding={sharding}"])
     tok = NextTokenizer.load(tokenizer)
     cfg.llm.vocab_size = tok.vocab_size
     torch.manual_seed(0)
     return cfg, tok, build_model(cfg, tok)
 
 
-def gradient(data_dir, tokenizer: Path, part, sharding: str = "ddp") -> tuple[dict, dict]:
+def gradient(data_dir, tokenizer: Path, part, sharding: str = "ddp", heads: bool = False) -> tuple[dict, dict]:
     """Stage 1's loss terms (the last micro-batch's) and gradients over two micro-batches of binding episodes (4 to
     6 pictures each: with seed 1 the ranks' parts of the first hold 20 and 21, and differ in labelled words too),
     through parallel.wrap or the sharded root as the Trainer runs them (CE and L2 both: the sharded backward takes
     two passes)."""
-    cfg, tok, model = micro(tokenizer, sharding)
+    cfg, tok, model = micro(tokenizer, sharding, heads)
     builder = SequenceBuilder.for_config(tok, cfg)
     sources = {"binding": discover_sources(data_dir)["binding"]}
     stream = MixedStream(sources, {}, lambda s: builder.encode(s.segments), builder.collate, 8, seed=1, part=part)
@@ -162,6 +163,7 @@ def gradient(data_dir, tokenizer: Path, part, sharding: str = "ddp") -> tuple[di
         with parallel.syncing(objective, last=step == 1):
             out = objective(stream.next_batch())
             backward(out, 0.5)
+    parallel.reduce_unsharded(objective)
     terms = parallel.mean_over_ranks({k: float(v.detach()) for k, v in out.items()})
     return terms, {name: whole(p.grad).clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -200,6 +202,10 @@ def _rank(rank: int, port: int, data_dir: str, tokenizer: str, out: str) -> None
         terms, grads = gradient(data_dir, Path(tokenizer), parallel.part(), "fsdp")
         Path(out, f"sharded_terms{rank}.json").write_text(json.dumps(terms))
         save_file(grads, str(Path(out, f"sharded_grads{rank}.safetensors")))
+        for sharding in ("ddp", "fsdp"):  # with the heads: their 0-dim parameters, parameters one rank's part does not reach
+            terms, grads = gradient(data_dir, Path(tokenizer), parallel.part(), sharding, heads=True)
+            Path(out, f"{sharding}_heads_terms{rank}.json").write_text(json.dumps(terms))
+            save_file(grads, str(Path(out, f"{sharding}_heads_grads{rank}.safetensors")))
         # a one-process checkpoint read into a sharded model: each rank keeps its part of the weights and moments
         model, optimizer = sharded_optimizer(Path(tokenizer), "fsdp")
         load_checkpoint(Path(out, "whole", "step-0000001"), {"model": model}, optimizer)
@@ -250,6 +256,20 @@ def test_the_gradient_of_two_processes_is_that_of_one_over_the_same_global_batch
             assert theirs.keys() == grads.keys() and any(name.startswith("regression_head") for name in grads)
             for name, grad in grads.items():
                 torch.testing.assert_close(theirs[name], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max()), msg=kind + name)
+
+
+def test_with_the_heads_sharded_processes_compute_the_gradient_of_ddp(two_ranks):
+    """The heads' terms are not exactly one process's (above); FSDP's must be DDP's."""
+    for rank in range(2):
+        ddp, fsdp = (json.loads((two_ranks / f"{kind}_heads_terms{rank}.json").read_text()) for kind in ("ddp", "fsdp"))
+        assert fsdp == pytest.approx(ddp, abs=1e-6)
+        ddp, fsdp = (load_file(str(two_ranks / f"{kind}_heads_grads{rank}.safetensors")) for kind in ("ddp", "fsdp"))
+        # FSDP reduces a zero gradient for a parameter the batch did not reach, where DDP leaves none
+        assert ddp.keys() <= fsdp.keys() and {"heads.copy.same_token", "heads.location.log_sharpness"} <= ddp.keys()
+        for name, grad in fsdp.items():
+            expected = ddp.get(name, torch.zeros_like(grad))
+            # the heads' gradients sum in other orders under the two: a few 1e-5 of the largest apart
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=3e-5 * float(expected.abs().max()), msg=name)
 
 
 def test_each_sharded_rank_holds_half_of_the_parameters(two_ranks):

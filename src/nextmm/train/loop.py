@@ -194,6 +194,7 @@ class Trainer:
                 window["images"] += int(batch["pixels"].shape[0])
                 window["samples"] += int(batch["valid"].shape[0])
                 samples += int(batch["valid"].shape[0]) * parallel.world()  # every rank's part is as large
+            parallel.reduce_unsharded(objective)
             sums = parallel.mean_over_ranks(sums)
             if not math.isfinite(sums["loss"]):
                 raise FloatingPointError(f"[{self.name}] loss became {sums['loss']} at step {step}; lower the learning rate")

@@ -157,10 +157,12 @@ class Objective(nn.Module):
     """DDP and FSDP synchronise gradients through their module's forward; a stage's loss is a function of a batch, so it is
     this module's forward."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[dict], dict]):
+    def __init__(self, model: nn.Module, loss_fn: Callable[[dict], dict], unsharded: list[nn.Parameter] = ()):
+        """`unsharded`: parameters FSDP leaves whole, whose gradients reduce_unsharded averages."""
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.unsharded = list(unsharded)
 
     def forward(self, batch: dict) -> dict:
         return self.loss_fn(batch)
@@ -197,6 +199,18 @@ def syncing(objective: Callable, last: bool) -> Iterator[None]:
             objective.set_requires_gradient_sync(True)
     else:
         yield
+
+
+def reduce_unsharded(objective: Callable) -> None:
+    """After a step's last backward: the gradients of the parameters a sharded objective leaves whole averaged over
+    the ranks, as FSDP averages the others' (a rank that did not reach one counts a zero gradient)."""
+    params = [p for p in getattr(objective, "unsharded", ()) if p.requires_grad]
+    if not params:
+        return
+    grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+    dist.all_reduce(grads)
+    for p, grad in zip(params, grads / world()):
+        p.grad = grad
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -79,7 +79,10 @@ def shard(model: Emu, loss_fn: Callable[[dict], dict], precision: str) -> parall
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
     for block in model.llm.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    root = fully_shard(parallel.Objective(model, loss_fn), mesh=mesh, mp_policy=policy)
+    # FSDP cannot shard a 0-dim parameter (a head's learned temperature): those stay whole in every rank, and the
+    # Trainer averages their gradients itself (parallel.reduce_unsharded).
+    scalars = [p for p in model.parameters() if p.ndim == 0]
+    root = fully_shard(parallel.Objective(model, loss_fn, unsharded=scalars), mesh=mesh, mp_policy=policy, ignored_params=set(scalars))
     # A batch need not reach every parameter (a text-to-image batch computes no word logits, a head waits for its
     # kind of data), and one rank's may reach what another's does not: the unreached ones count as zero gradients,
     # so that every rank reduces the same tensors.
