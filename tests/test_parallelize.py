@@ -116,6 +116,10 @@ def test_a_sharded_checkpoint_reads_back_or_says_it_is_another_models(micro_mode
     for (name, p), q in zip(micro_model.named_parameters(), again.parameters()):
         assert torch.equal(p, q), name
         assert torch.equal(optimizer.state[p]["exp_avg"], fresh.state[q]["exp_avg"]), name
+    torch.manual_seed(2)
+    weights = build_model(micro_config, tokenizer)
+    resume_weights(weights, checkpoint)  # a finished stage's weights alone, as `--resume` loads them
+    assert all(torch.equal(p, q) for p, q in zip(micro_model.parameters(), weights.parameters()))
 
     micro_config.llm.layers = 3
     other = build_model(micro_config, tokenizer)

@@ -178,7 +178,8 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.
     if (path / shards.DIR).is_dir():
         differs = shards.load(path / shards.DIR, modules, optimizer)
     else:
-        optimizer_state = optimizer_from_files(load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text()))
+        plain = json.loads((path / "optimizer.json").read_text())
+        optimizer_state = optimizer_from_files(load_file(str(path / "optimizer.safetensors")), plain)
         if parallel.is_sharded(modules["model"]):
             tensors = {name: load_file(str(path / f"{name}.safetensors")) for name in modules}
             differs = shards.load_whole(modules, optimizer, tensors, optimizer_state)

@@ -198,7 +198,7 @@ class Trainer:
             sums = parallel.mean_over_ranks(sums)
             if not math.isfinite(sums["loss"]):
                 raise FloatingPointError(f"[{self.name}] loss became {sums['loss']} at step {step}; lower the learning rate")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped, self.cfg.grad_clip)  # of sharded gradients too: a whole DTensor
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped, self.cfg.grad_clip)  # sharded ones give a whole (replicated) DTensor
             if self.apart:
                 torch.nn.utils.clip_grad_norm_(self.apart, self.cfg.grad_clip)
             self.optimizer.step()

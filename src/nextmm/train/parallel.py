@@ -5,7 +5,8 @@ plain path, in which nothing is started, wrapped or reduced.
 Under torchrun (`nextmm train --nproc N`, or `torchrun --nproc_per_node N -m nextmm.train ...`) every process
 is a rank: it joins a process group (gloo on the CPU; NCCL on CUDA, each rank on the GPU of its LOCAL_RANK), trains
 stage 1 on its own part of every global batch, the model either whole in each (DistributedDataParallel) or sharded
-among them (FSDP2, train/parallelize.py), and only rank 0 prints and writes files other than its checkpoints' shards. Stages 0 and 2 run on rank 0 alone while the others wait (`on_main`).
+among them (FSDP2, train/parallelize.py), and only rank 0 prints and writes files, but for each rank's part of a
+sharded checkpoint. Stages 0 and 2 run on rank 0 alone while the others wait (`on_main`).
 """
 
 from __future__ import annotations
@@ -154,8 +155,8 @@ def part() -> tuple[int, int]:
 
 
 class Objective(nn.Module):
-    """DDP and FSDP synchronise gradients through their module's forward; a stage's loss is a function of a batch, so it is
-    this module's forward."""
+    """DDP and FSDP synchronise gradients through their module's forward; a stage's loss is a function of a batch,
+    so it is this module's forward."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[dict], dict], unsharded: list[nn.Parameter] = ()):
         """`unsharded`: parameters FSDP leaves whole, whose gradients reduce_unsharded averages."""
