@@ -53,6 +53,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = apply_overrides(saved_config(args.init), args.set or [])
     else:
         cfg = make_config(args.preset, args.config, args.set or [])
+    if args.fsdp:
+        cfg.pretrain.sharding = "fsdp"
+    if args.compile:
+        cfg.pretrain.compile = True
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc} must be at least 1")
     if args.nproc > 1 and not parallel.launched():
@@ -444,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the stages built on it start afresh (their earlier runs moved to <stage>.old)")
     t.add_argument("--nproc", type=int, default=1,
                    help="train stage 1 data-parallel in this many processes on this machine (through torchrun); under torchrun, leave it out")
+    t.add_argument("--fsdp", action="store_true",
+                   help="with --nproc: shard stage 1's parameters, gradients and optimizer state among the processes (FSDP2) "
+                        "rather than keep a whole copy in each (pretrain.sharding=fsdp)")
+    t.add_argument("--compile", action="store_true", help="compile stage 1's LLM blocks with torch.compile (pretrain.compile=true)")
     t.add_argument("--timeout", type=float, default=1800.0,
                    help="with several processes: seconds one waits for the others at a step before it stops with an error")
     add_device_flag(t)

@@ -18,6 +18,7 @@ from nextmm.errors import UserError
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+SHARDINGS = ("ddp", "fsdp")
 RESAMPLER_SEEDS = ("regions", "none")
 RESAMPLER_KINDS = ("causal", "t5")
 VISION_KINDS = ("vit", "clip", "siglip", "eva")
@@ -355,6 +356,16 @@ class PretrainConfig(TrainConfig):
         "vqa": 120, "story": 120, "edit": 120, "binding": 120, "video_caption": 170, "video_qa": 170, "text_to_image": 120,
         "ground": 120, "itm": 120, "region_caption": 120, "detect": 120,
     })
+    # How several processes hold the model (one process ignores it): ddp keeps a whole copy in each; fsdp shards the
+    # LLM blocks' and the rest's parameters, gradients and optimizer state among them (FSDP2), for a model too large
+    # for one device's memory.
+    sharding: str = "ddp"
+    # Recompute the activations of every k-th transformer block (LLM and vision tower) in the backward pass rather
+    # than keep them: 1 every block, 0 none. Less memory for about a third more compute in the blocks it covers.
+    activation_checkpointing: int = 0
+    # Compile each LLM block with torch.compile (inductor): faster steps after a first step that spends its time
+    # compiling.
+    compile: bool = False
 
 
 @dataclass
@@ -526,7 +537,7 @@ def _into_mapping(config: Config, text: str) -> dict[str, Any]:
 
 CHOICES = {
     "vision.kind": VISION_KINDS, "vision.act": VISION_ACTIVATIONS, "resampler.seed": RESAMPLER_SEEDS, "resampler.kind": RESAMPLER_KINDS, "emu.regress_in": REGRESSION_SPACES, "decoder.sampler": SAMPLERS, "decoder.negative": NEGATIVES,
-    "decoder.prediction_type": PREDICTION_TYPES, **{f"{stage}.precision": PRECISIONS for stage in ("clip", "pretrain", "autoencoder", "diffusion")},
+    "decoder.prediction_type": PREDICTION_TYPES, "pretrain.sharding": SHARDINGS, **{f"{stage}.precision": PRECISIONS for stage in ("clip", "pretrain", "autoencoder", "diffusion")},
 }
 
 
@@ -562,6 +573,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config key 'pretrain.pack_len' is {config.pretrain.pack_len}; set it to 0 (off) or a row length up to the model's context, llm.max_seq_len={config.llm.max_seq_len}")
     if config.pretrain.location_sigma < 0:
         raise ConfigError(f"config key 'pretrain.location_sigma' is {config.pretrain.location_sigma}; set it to 0 (one-hot) or a width in bins such as 1.5")
+    if config.pretrain.activation_checkpointing < 0:
+        raise ConfigError(f"config key 'pretrain.activation_checkpointing' is {config.pretrain.activation_checkpointing}; set it to 0 (off), 1 (every block) or k (every k-th block)")
 
 
 # Model parts added after models were first saved, on by default: a config.json without the key has no such part.

@@ -2,8 +2,10 @@
 
 A checkpoint is a directory `checkpoints/step-NNNNNNN/` holding one `{name}.safetensors` per module,
 `optimizer.safetensors` + `optimizer.json` (AdamW's tensors and its plain-number settings), and
-`state.json` (step, data position, RNG). It is written under a temporary name and renamed when
-complete, then `checkpoints/latest` is replaced; a run killed mid-write resumes from the previous one.
+`state.json` (step, data position, RNG). A sharded model's (FSDP2) holds `shards/` instead of the modules' and the
+optimizer's files, every rank's part of them (train/shards.py). Either kind resumes a run of either kind. It is
+written under a temporary name and renamed when complete, then `checkpoints/latest` is replaced; a run killed
+mid-write resumes from the previous one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nextmm.errors import UserError
+from nextmm.train import parallel, shards
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,16 +53,28 @@ def load_module(module: nn.Module, path: Path, strict: bool = True) -> None:
     module.load_state_dict(load_file(str(path)), strict=strict)
 
 
+def mismatch(path: Path, first: str) -> CheckpointMismatch:
+    return CheckpointMismatch(
+        f"checkpoint '{path}' was trained with another config ({first}); resume with the settings it was "
+        "trained with, or train into a fresh --out"
+    )
+
+
 def resume_module(module: nn.Module, path: Path) -> None:
     """`load_module` for a run being resumed, whose config may not be the one it was trained with."""
     try:
         load_module(module, path)
     except RuntimeError as err:  # torch lists every mismatch; the first says which setting differs
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise CheckpointMismatch(
-            f"checkpoint '{path}' was trained with another config ({first}); resume with the settings it was "
-            "trained with, or train into a fresh --out"
-        ) from err
+        raise mismatch(path, next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))) from err
+
+
+def resume_weights(module: nn.Module, checkpoint: Path, name: str = "model") -> None:
+    """`resume_module` for the module `name` of a checkpoint of either kind, into a whole module."""
+    if (checkpoint / shards.DIR).is_dir():
+        if (differs := shards.load_module(module, checkpoint / shards.DIR, name)) is not None:
+            raise mismatch(checkpoint, differs)
+    else:
+        resume_module(module, checkpoint / f"{name}.safetensors")
 
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -84,11 +99,19 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], plain: dict[str, Any]
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def write_atomically(final: Path, fill: Callable[[Path], None]) -> Path:
-    """Build a directory under a temporary name beside `final`, then rename it into place."""
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def write_atomically(final: Path, fill: Callable[[Path], None], every_rank: Callable[[Path], None] | None = None) -> Path:
+    """Build a directory under a temporary name beside `final`, then rename it into place. With `every_rank`
+    (called by every rank: a sharded model's checkpoint), each rank first writes its part into the one temporary
+    directory, then rank 0 alone fills in the rest and renames it."""
+    tmp = final.with_name(f".tmp-{final.name}-{'ranks' if every_rank is not None else os.getpid()}")
+    if every_rank is None or parallel.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if every_rank is not None:
+        parallel.barrier()  # the others write once rank 0 has made the directory afresh
+        every_rank(tmp)
+        if not parallel.is_main():
+            return final
     fill(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -116,18 +139,24 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
+    """Called by rank 0 alone, or by every rank when the model is sharded."""
+    sharded = parallel.is_sharded(modules["model"])
     root.mkdir(parents=True, exist_ok=True)
 
     def fill(tmp: Path) -> None:
-        for name, module in modules.items():
-            save_module(module, tmp / f"{name}.safetensors")
-        tensors, plain = optimizer_to_files(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(plain))
+        if not sharded:
+            for name, module in modules.items():
+                save_module(module, tmp / f"{name}.safetensors")
+            tensors, plain = optimizer_to_files(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(plain))
         save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state))
 
-    path = write_atomically(root / f"step-{step:07d}", fill)
+    every_rank = (lambda tmp: shards.save(tmp / shards.DIR, modules, optimizer)) if sharded else None
+    path = write_atomically(root / f"step-{step:07d}", fill, every_rank)
+    if not parallel.is_main():
+        return path
     pointer = root / ".latest.tmp"
     pointer.write_text(path.name)
     os.replace(pointer, root / "latest")
@@ -145,10 +174,22 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    for name, module in modules.items():
-        resume_module(module, path / f"{name}.safetensors")
-    plain = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(optimizer_from_files(load_file(str(path / "optimizer.safetensors")), plain))
+    """A checkpoint of either kind into whole or sharded modules (every rank calls it)."""
+    if (path / shards.DIR).is_dir():
+        differs = shards.load(path / shards.DIR, modules, optimizer)
+    else:
+        plain = json.loads((path / "optimizer.json").read_text())
+        optimizer_state = optimizer_from_files(load_file(str(path / "optimizer.safetensors")), plain)
+        if parallel.is_sharded(modules["model"]):
+            tensors = {name: load_file(str(path / f"{name}.safetensors")) for name in modules}
+            differs = shards.load_whole(modules, optimizer, tensors, optimizer_state)
+        else:
+            for name, module in modules.items():
+                resume_module(module, path / f"{name}.safetensors")
+            optimizer.load_state_dict(optimizer_state)
+            differs = None
+    if differs is not None:
+        raise mismatch(path, differs)
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
     return json.loads((path / "state.json").read_text())
 
@@ -202,7 +243,7 @@ def finished_stage(module: nn.Module, stage_dir: Path, resume: bool, limits: Any
             f"steps={limits.steps}, time_budget_s={limits.time_budget_s:g}"
         )
         return None
-    resume_module(module, latest_checkpoint(stage_dir / "checkpoints") / "model.safetensors")
+    resume_weights(module, latest_checkpoint(stage_dir / "checkpoints"))
     tqdm.write(f"[{stage_dir.name}] already finished in {stage_dir}; loaded it")
     return record
 

@@ -6,9 +6,10 @@ A stage supplies its modules, a loss function over a batch, and a batch stream t
 restore its position, so a resumed run sees exactly the batches it would have seen.
 
 Under torchrun (train/parallel.py) every rank runs this loop on its part of each global batch, the model wrapped
-in DistributedDataParallel: the loss function's terms must then come scaled so that DDP's average over ranks is
-the global batch's loss (stage 1's objective does). Only rank 0 writes metrics and checkpoints and shows a bar;
-every rank loads a checkpoint when resuming.
+in DistributedDataParallel or sharded by FSDP2 (train/parallelize.py): the loss function's terms must then come
+scaled so that the average over ranks is the global batch's loss (stage 1's objective does). Only rank 0 writes
+metrics and shows a bar, and checkpoints unless the model is sharded (then every rank writes its shards); every
+rank loads a checkpoint when resuming.
 """
 
 from __future__ import annotations
@@ -107,9 +108,12 @@ class Trainer:
         after_step: Callable[[], None] | None = None,
         backward: Callable[[dict[str, torch.Tensor], float], None] | None = None,
         clip_apart: tuple[str, ...] = (),
+        objective: nn.Module | None = None,
     ):
         """`clip_apart`: prefixes of parameter names whose gradients are clipped to grad_clip on their own,
-        so that a large gradient there does not shrink everyone else's step (the reported norm is the rest's)."""
+        so that a large gradient there does not shrink everyone else's step (the reported norm is the rest's).
+        `objective`: the loss as the sharded root runs it (parallelize.prepare) when `model` is sharded; otherwise
+        the loop wraps `loss_fn` itself (parallel.wrap)."""
         self.name = name
         self.model = model
         self.loss_fn = loss_fn
@@ -117,6 +121,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.modules = {"model": model, **(extra_modules or {})}
         self.after_step = after_step
+        self.objective = objective
         self.optimizer = torch.optim.AdamW(
             groups or param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
         )
@@ -162,7 +167,8 @@ class Trainer:
         device = device_of(self.model)
         # `auto` times matmuls in each process, and ranks could choose differently: rank 0's choice holds for all.
         precision = parallel.broadcast(resolve(self.cfg.precision, device.type))
-        objective = parallel.wrap(self.model, self.loss_fn)
+        objective = self.objective if self.objective is not None else parallel.wrap(self.model, self.loss_fn)
+        saves = main or parallel.is_sharded(self.model)  # a sharded model's checkpoint takes every rank's shards
         tqdm.write(f"[{self.name}] computing in {precision} on {device} (precision={self.cfg.precision})")
         start = time.perf_counter()
         window = {"t": start, "tokens": 0, "images": 0, "samples": 0, "padded": 0, "packed": 0}
@@ -194,10 +200,11 @@ class Trainer:
                 if "slots" in batch:
                     window["padded"], window["packed"] = window["padded"] + int(batch["slots"][0]), window["packed"] + int(batch["slots"][1])
                 samples += in_batch * parallel.world()  # every rank's part is as large
+            parallel.reduce_unsharded(objective)
             sums = parallel.mean_over_ranks(sums)
             if not math.isfinite(sums["loss"]):
                 raise FloatingPointError(f"[{self.name}] loss became {sums['loss']} at step {step}; lower the learning rate")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped, self.cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped, self.cfg.grad_clip)  # sharded ones give a whole (replicated) DTensor
             if self.apart:
                 torch.nn.utils.clip_grad_norm_(self.apart, self.cfg.grad_clip)
             self.optimizer.step()
@@ -222,11 +229,11 @@ class Trainer:
                         "elapsed_s": round(elapsed_before + now - start, 2), "skipped": stream.report()["skipped"],
                     })
                 window = {"t": now, "tokens": 0, "images": 0, "samples": 0, "padded": 0, "packed": 0}
-            if main and self.cfg.ckpt_every and step % self.cfg.ckpt_every == 0:
+            if saves and self.cfg.ckpt_every and step % self.cfg.ckpt_every == 0:
                 checkpoint = self._checkpoint(step, samples, elapsed_before + time.perf_counter() - start, stream)
         bar.close()
         elapsed = elapsed_before + time.perf_counter() - start
-        if main and step > 0:
+        if saves and step > 0:
             checkpoint = self._checkpoint(step, samples, elapsed, stream)
         report = stream.report()
         if report.get("skipped"):

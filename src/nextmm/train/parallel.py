@@ -4,8 +4,9 @@ plain path, in which nothing is started, wrapped or reduced.
 
 Under torchrun (`nextmm train --nproc N`, or `torchrun --nproc_per_node N -m nextmm.train ...`) every process
 is a rank: it joins a process group (gloo on the CPU; NCCL on CUDA, each rank on the GPU of its LOCAL_RANK), trains
-stages 1 and 2 as a DistributedDataParallel wrapper of the same model on its own part of every global batch, and
-only rank 0 writes files and prints. Stage 0 runs on rank 0 alone while the others wait (`on_main`).
+stages 1 and 2 on its own part of every global batch, stage 1's model either whole in each (DistributedDataParallel)
+or sharded among them (FSDP2, train/parallelize.py), and only rank 0 prints and writes files, but for each rank's part
+of a sharded checkpoint. Stage 0 runs on rank 0 alone while the others wait (`on_main`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from nextmm.device import pick_device
@@ -151,14 +154,16 @@ def part() -> tuple[int, int]:
     return rank(), world()
 
 
-class _Objective(nn.Module):
-    """DDP synchronises gradients through its module's forward; a stage's loss is a function of a batch, so it is
-    this module's forward."""
+class Objective(nn.Module):
+    """DDP and FSDP synchronise gradients through their module's forward; a stage's loss is a function of a batch,
+    so it is this module's forward."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[dict], dict]):
+    def __init__(self, model: nn.Module, loss_fn: Callable[[dict], dict], unsharded: list[nn.Parameter] = ()):
+        """`unsharded`: parameters FSDP leaves whole, whose gradients reduce_unsharded averages."""
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.unsharded = list(unsharded)
 
     def forward(self, batch: dict) -> dict:
         return self.loss_fn(batch)
@@ -175,15 +180,48 @@ def wrap(model: nn.Module, loss_fn: Callable[[dict], dict]) -> Callable[[dict], 
     # logits; a head's parameters wait for its kind of data), and DDP must not wait for their gradients. Buffers
     # are rank 0's at every forward (DDP's broadcast), so that a running statistic (the copy head's mean picture)
     # stays one model's.
-    return DistributedDataParallel(_Objective(model, loss_fn), device_ids=ids, find_unused_parameters=True)
+    return DistributedDataParallel(Objective(model, loss_fn), device_ids=ids, find_unused_parameters=True)
 
 
-def syncing(objective: Callable, last: bool) -> contextlib.AbstractContextManager:
-    """Around a micro-batch's forward and backward: only the step's last one all-reduces gradients (the sum the
-    others accumulated locally goes with it: DDP's no_sync)."""
-    if last or not isinstance(objective, DistributedDataParallel):
-        return contextlib.nullcontext()
-    return objective.no_sync()
+@contextlib.contextmanager
+def syncing(objective: Callable, last: bool) -> Iterator[None]:
+    """Around a micro-batch's forward and backward: only the step's last one reduces gradients over the ranks (the
+    sum the others accumulated locally goes with it: DDP's no_sync, FSDP's gradient sync switched off)."""
+    if last:
+        yield
+    elif isinstance(objective, DistributedDataParallel):
+        with objective.no_sync():
+            yield
+    elif isinstance(objective, FSDPModule):
+        objective.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            objective.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def reduce_unsharded(objective: Callable) -> None:
+    """After a step's last backward: the gradients of the parameters a sharded objective leaves whole averaged over
+    the ranks, as FSDP averages the others' (a rank that did not reach one counts a zero gradient)."""
+    params = [p for p in getattr(objective, "unsharded", ()) if p.requires_grad]
+    if not params:
+        return
+    grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+    dist.all_reduce(grads)
+    for p, grad in zip(params, grads / world()):
+        p.grad = grad
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP has sharded the module's parameters (each rank holds a DTensor's part of each)."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
 
 
 def own_randomness() -> None:

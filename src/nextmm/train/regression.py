@@ -47,3 +47,35 @@ def backward(model: Emu, out: dict[str, torch.Tensor], scale: float = 1.0, one_p
         (out["loss"] * scale).backward(inputs=params, retain_graph=bool(visual))
     if visual:
         (out["text"] * scale).backward(inputs=visual)
+
+
+class VisualGate:
+    """Where the visual stack's outputs leave it (the tower's tokens, the causal transformer's embeddings), a gate
+    that passes no gradient while it is shut: the rule above for a sharded model (FSDP), whose parameters in the
+    graph are gathered copies that `language_side` cannot name. Shut, it stops the L2 gradient before any of the
+    stack, the layer norm between tower and causal transformer (emu.visual_norm) included, which `backward` leaves to
+    the L2 gradient."""
+
+    def __init__(self, model: Emu):
+        self.shut = False
+        for part in (model.vision, model.resampler):
+            part.register_forward_hook(self._gate)
+
+    def _gate(self, module, inputs, output: torch.Tensor) -> None:
+        if output.requires_grad:
+            output.register_hook(lambda grad: torch.zeros_like(grad) if self.shut else None)
+
+
+def backward_in_passes(gate: VisualGate, out: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+    """`backward`'s gradients in two backward passes over the graph, each reducing gradients like a micro-batch's
+    (FSDP accumulates the second onto the first): the L2 loss with the gate shut, then the text loss. Every rank takes
+    both passes whenever any rank regresses (global_terms then sets "l2_weight" on all), a rank without an L2 term
+    passing zero, since each pass gathers and reduces every block in step with the other ranks."""
+    if "l2_weight" in out:
+        gate.shut = True
+        try:
+            l2 = out["l2"] * out["l2_weight"] * scale if "l2" in out else out["text"] * 0
+            l2.backward(retain_graph=True)
+        finally:
+            gate.shut = False
+    (out["text"] * scale).backward()

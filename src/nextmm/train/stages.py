@@ -39,9 +39,10 @@ from nextmm.models.clip import CLIP, text_batch
 from nextmm.models.emu import IGNORE, Emu
 from nextmm.tokenizer import LOC_SPAN, NextTokenizer
 from nextmm.models.decoder import VisualDecoder
+from nextmm.precision import resolve
 from nextmm.train.checkpoint import finished_stage, load_module, mark_stage_done, set_aside, stage_trains
 from nextmm.train.decoder_stage import autoencoder_stage, build_decoder, diffusion_stage
-from nextmm.train import parallel, regression
+from nextmm.train import parallel, parallelize, regression
 from nextmm.train.loop import Trainer, param_groups
 from nextmm.train.targets import VisualTarget, make_target
 from nextmm.train.tower_cache import tower_cache
@@ -142,7 +143,10 @@ def text_to_image_view(sources: dict[str, Path]) -> dict[str, tuple[str, Callabl
 
 def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | None, Callable, Callable]:
     """Stage 1's (EMA target or None, loss over a batch, backward of that loss) for these settings."""
+    if p.target_ema > 0 and parallelize.sharded(p):
+        raise parallel.ParallelError("pretrain.target_ema keeps a whole copy of the visual stack beside its shards; set it to 0 with pretrain.sharding=fsdp, or train with ddp")
     target = make_target(model, p.target_ema)
+    gate = regression.VisualGate(model) if parallelize.sharded(p) and not p.regression_reaches_visual else None
 
     soft_locations = len(model.heads.location_ids) > 0 and p.location_sigma > 0
     text_loss = location_token_loss(model.heads.location_ids, p.location_sigma) if soft_locations else None
@@ -178,23 +182,33 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
     def backward(out: dict[str, torch.Tensor], scale: float) -> None:
         if p.regression_reaches_visual:
             (out["loss"] * scale).backward()
+        elif gate is not None:
+            regression.backward_in_passes(gate, out, scale)
         else:
             regression.backward(model, out, scale, one_pass=parallel.world() > 1)
 
     return target, loss_fn, backward
 
 
-def pretrain_groups(model: Emu, p: PretrainConfig) -> list[dict]:
-    """Stage 1's optimizer groups: the vision tower slower, each part at its own rate, and the heads' parts at the
-    rates they ask for (Head.rate_scales)."""
-    parts = {"vision.": p.vision_lr_scale, "ln_visual.": p.resampler_lr_scale, "resampler.": p.resampler_lr_scale,
-             "visual_proj.": p.resampler_lr_scale, "llm.": p.llm_lr_scale}
-    for prefix, scale in parts.items():  # a part at rate 0 is frozen: no gradient is computed for it
+def part_rates(p: PretrainConfig) -> dict[str, float]:
+    return {"vision.": p.vision_lr_scale, "ln_visual.": p.resampler_lr_scale, "resampler.": p.resampler_lr_scale,
+            "visual_proj.": p.resampler_lr_scale, "llm.": p.llm_lr_scale}
+
+
+def freeze_parts(model: Emu, p: PretrainConfig) -> None:
+    """A part at rate 0 is frozen: no gradient is computed for it."""
+    for prefix, scale in part_rates(p).items():
         if scale == 0:
             for name, param in model.named_parameters():
                 if name.startswith(prefix):
                     param.requires_grad_(False)
-    return param_groups(model, p.lr, p.weight_decay, {**model.heads.rate_scales(p, "heads."), **parts})
+
+
+def pretrain_groups(model: Emu, p: PretrainConfig) -> list[dict]:
+    """Stage 1's optimizer groups: the vision tower slower, each part at its own rate, and the heads' parts at the
+    rates they ask for (Head.rate_scales); the parts at rate 0 frozen."""
+    freeze_parts(model, p)
+    return param_groups(model, p.lr, p.weight_decay, {**model.heads.rate_scales(p, "heads."), **part_rates(p)})
 
 
 def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, clip: CLIP | None, resume: bool,
@@ -224,9 +238,14 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
         join_at=p.join_at, views=text_to_image_view(sources), part=parallel.part(),
     )
     target, loss_fn, backward = pretrain_objective(model, p)
+    # Frozen before sharding, whose shards take their parameters' requires_grad; the optimizer groups after it, so
+    # that they hold the shards.
+    freeze_parts(model, p)
+    objective = parallelize.prepare(model, loss_fn, p, parallel.broadcast(resolve(p.precision, device.type)))
     trainer = Trainer(
         "pretrain", model, loss_fn, p, stage_dir,
         groups=pretrain_groups(model, p),
+        objective=objective,
         extra_modules={"target": target} if target is not None else None,
         after_step=(lambda: target.update(model)) if target is not None else None,
         backward=backward,
@@ -238,7 +257,7 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
         result = trainer.run(Prefetcher(stream, pin=on_gpu(model)), resume)
     if parallel.is_main():
         mark_stage_done(stage_dir, result)
-    return model
+    return parallelize.release(model, lambda: build_model(cfg, tok))
 
 
 # The stages each stage is trained on top of. A stage that trains in a resumed run (it had not finished, or
