@@ -12,6 +12,7 @@ Usage: python benchmarks/packing.py [--steps 30] [--pack-lens 128 256] [--paper]
 """
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -85,7 +86,8 @@ def stage1(steps: int, pack_len: int, data: Path, out: Path, paper: bool) -> dic
     cfg = make_config("tiny", overrides=["clip.steps=0", "diffusion.steps=0", f"pretrain.steps={steps}", "pretrain.time_budget_s=0",
                                          f"pretrain.log_every={log_every}", f"pretrain.ckpt_every={steps * 10}", "pretrain.join_at={}",
                                          f"pretrain.pack_len={pack_len}", *(PAPER if paper else [])])
-    train(cfg, data, out)
+    with contextlib.redirect_stdout(sys.stderr):  # the stage's progress lines: stdout is the benchmark's JSON
+        train(cfg, data, out)
     warmup, *records = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     mean = lambda key: round(sum(r[key] for r in records) / len(records), 4) if key in records[0] else None  # noqa: E731
     return {"pack_len": pack_len, "non_pad_tokens_per_s": mean("tokens_per_s"), "samples_per_s": mean("samples_per_s"),

@@ -11,7 +11,9 @@ nextmm: the same shapes (`_common.PAPER`: CLIP-layout tower, T5 causal transform
 width, heads off) built by nextmm, its stage-1 objective (`pretrain_objective`, `pretrain_groups`,
 `Emu.loss`; by default the L2 gradient stops at the visual stack, `train/regression.py`, in a second pass
 over the graph) — and, as `nextmm_one_pass`, with `pretrain.regression_reaches_visual=true`, whose one
-backward of CE + lambda * L2 is the reference's arithmetic exactly.
+backward of CE + lambda * L2 is the reference's arithmetic exactly, and as `nextmm_compiled` that one with its
+LLM blocks compiled (`pretrain.compile=true`, train/parallelize.py; asked for with --sides, and given a warm-up of
+several steps, since each new sequence length compiles again until the blocks compile for any length).
 
 Both sides run through nextmm's own `Trainer` (AdamW betas 0.9/0.95, clipping, the schedule) in the precision
 `auto` picks on this CPU (bf16 autocast with native bf16, else fp32), on the same batches drawn beforehand
@@ -46,7 +48,9 @@ from torch import nn
 
 import _common
 
-SIDES = ("reference", "nextmm", "nextmm_one_pass")
+SIDES = ("reference", "nextmm", "nextmm_one_pass", "nextmm_compiled")
+ONE_PASS = {"nextmm_one_pass": ["pretrain.regression_reaches_visual=true"],
+            "nextmm_compiled": ["pretrain.regression_reaches_visual=true", "pretrain.compile=true"]}
 ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 
@@ -114,7 +118,7 @@ class ReferenceEmu(nn.Module):
 
 def setup(args, side: str):
     """(config, tokenizer, batches) for one process: the same in each, drawn from the same stream."""
-    cfg = _common.shape_config(args.shape, overrides=[*args.set, *(["pretrain.regression_reaches_visual=true"] if side == "nextmm_one_pass" else [])])
+    cfg = _common.shape_config(args.shape, overrides=[*args.set, *ONE_PASS.get(side, [])])
     if args.batch_size:
         cfg.pretrain.batch_size = args.batch_size
     tok = _common.tokenizer_for(args.data, cfg, Path(args.data) / "tokenizer.json")
@@ -135,6 +139,10 @@ def nextmm_side(cfg, tok, batches, warmup: int) -> dict:
     torch.manual_seed(1)
     model = _common.build(cfg, tok)
     _, loss_fn, backward = pretrain_objective(model, cfg.pretrain)
+    if cfg.pretrain.compile:
+        from nextmm.train.parallelize import compile_blocks
+
+        compile_blocks(model)
     result = _common.run_trainer(model, loss_fn, cfg, batches, warmup, groups=pretrain_groups(model, cfg.pretrain), backward=backward)
     return {"parameters": parameters(model), **result}
 
@@ -195,7 +203,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per side, after the warm-up")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=0, help="0: the preset's (32; 2 at 1b)")
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES[:3]))
     parser.add_argument("--parity-batches", type=int, default=2, help="batches the parity check compares (0: none)")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides for both sides, e.g. llm.layers=4")
     parser.add_argument("--seed", type=int, default=0)

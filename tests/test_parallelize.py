@@ -14,15 +14,20 @@ from torch._dynamo.utils import counters
 from nextmm.api import build_model
 from nextmm.cli import main
 from nextmm.config import ConfigError, make_config
-from nextmm.train import parallelize, shards
+from nextmm.train import parallelize, regression, shards
 from nextmm.train.checkpoint import CheckpointMismatch, load_checkpoint, resume_weights
 from test_regression import grads, scene_batch
 
 
-def loss_and_grads(model, batch) -> tuple[float, dict]:
+def loss_and_grads(model, batch, one_pass: bool = False) -> tuple[float, dict]:
+    """Through stage 1's default backward, two passes over one graph (train/regression.py), or in one pass
+    (pretrain.regression_reaches_visual=true)."""
     model.zero_grad()
     out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], 0.5)
-    out["loss"].backward()
+    if one_pass:
+        out["loss"].backward()
+    else:
+        regression.backward(model, out)
     return float(out["loss"].detach()), grads(model)
 
 
@@ -42,7 +47,9 @@ def test_activation_checkpointing_keeps_losses_gradients_and_names(micro_model, 
         mlp.register_forward_pre_hook(lambda *_, i=len(runs): runs.__setitem__(i, runs[i] + 1))
         runs.append(0)
     loss, theirs = loss_and_grads(micro_model, batch)
-    assert runs == [2 if i in covered else 1 for i in range(len(blocks))]
+    # stage 1's backward takes two passes through the LLM (the second down to the pictures) and one through the tower
+    passes = [2, 2, 1]
+    assert runs == [1 + passes[i] if i in covered else 1 for i in range(len(blocks))]
     expected_loss, expected = loss_and_grads(plain, batch)
     assert loss == expected_loss
     for name, grad in expected.items():
@@ -77,7 +84,7 @@ def test_compiled_blocks_train_with_the_losses_of_eager_ones(micro_model, tokeni
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         losses[name] = []
         for n in (4, 6):
-            loss, _ = loss_and_grads(model, scene_batch(model, tokenizer, n))
+            loss, _ = loss_and_grads(model, scene_batch(model, tokenizer, n), one_pass=True)  # as compile requires
             optimizer.step()
             losses[name].append(loss)
     assert counters["stats"]["unique_graphs"] > graphs  # the blocks did run compiled
@@ -91,6 +98,8 @@ def test_the_settings_say_what_they_take(capsys):
         make_config("micro", overrides=["pretrain.sharding=zero3"])
     with pytest.raises(ConfigError, match=r"^config key 'pretrain.activation_checkpointing' is -1; set it to 0 \(off\), 1 \(every block\) or k \(every k-th block\)$"):
         make_config("micro", overrides=["pretrain.activation_checkpointing=-1"])
+    with pytest.raises(ConfigError, match=r"^config key 'pretrain.compile' needs pretrain.regression_reaches_visual=true"):
+        make_config("micro", overrides=["pretrain.compile=true"])
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--fsdp" in capsys.readouterr().out

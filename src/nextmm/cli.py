@@ -44,19 +44,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     from nextmm.train import parallel
     from nextmm.train.stages import split_batches, train
 
+    # the flags are settings too, checked with the others
+    settings = [*(args.set or []), *(["pretrain.sharding=fsdp"] if args.fsdp else []), *(["pretrain.compile=true"] if args.compile else [])]
     if args.init:
         from nextmm.api import saved_config
 
         if args.config or args.preset != "tiny":
             raise UserError("--init trains the model directory's own architecture; drop --config and --preset, and change settings with --set")
-
-        cfg = apply_overrides(saved_config(args.init), args.set or [])
+        cfg = apply_overrides(saved_config(args.init), settings)
     else:
-        cfg = make_config(args.preset, args.config, args.set or [])
-    if args.fsdp:
-        cfg.pretrain.sharding = "fsdp"
-    if args.compile:
-        cfg.pretrain.compile = True
+        cfg = make_config(args.preset, args.config, settings)
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc} must be at least 1")
     if args.nproc > 1 and not parallel.launched():

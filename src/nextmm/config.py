@@ -364,7 +364,7 @@ class PretrainConfig(TrainConfig):
     # than keep them: 1 every block, 0 none. Less memory for about a third more compute in the blocks it covers.
     activation_checkpointing: int = 0
     # Compile each LLM block with torch.compile (inductor): faster steps after a first step that spends its time
-    # compiling.
+    # compiling. Only with regression_reaches_visual (one backward pass; see _check).
     compile: bool = False
 
 
@@ -573,6 +573,9 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config key 'pretrain.pack_len' is {config.pretrain.pack_len}; set it to 0 (off) or a row length up to the model's context, llm.max_seq_len={config.llm.max_seq_len}")
     if config.pretrain.location_sigma < 0:
         raise ConfigError(f"config key 'pretrain.location_sigma' is {config.pretrain.location_sigma}; set it to 0 (one-hot) or a width in bins such as 1.5")
+    if config.pretrain.compile and not config.pretrain.regression_reaches_visual:
+        raise ConfigError("config key 'pretrain.compile' needs pretrain.regression_reaches_visual=true: the default backward takes two passes "
+                          "over one graph, and compiled blocks give wrong gradients in the second; set one of them accordingly")
     if config.pretrain.activation_checkpointing < 0:
         raise ConfigError(f"config key 'pretrain.activation_checkpointing' is {config.pretrain.activation_checkpointing}; set it to 0 (off), 1 (every block) or k (every k-th block)")
 
