@@ -123,6 +123,24 @@ def test_sharded_processes_train_and_resume_on_two_or_one_with_the_losses_of_one
     assert exported.keys() == load_file(str(sharded_runs / "one" / "model" / "model.safetensors")).keys()
 
 
+def test_a_stage_one_checkpoint_exports_as_a_model_directory(sharded_runs, tmp_path, capsys):
+    """A sharded checkpoint (read whole in one process) and a one-file one; the run's model after the same 3 steps."""
+    run = sharded_runs / "three"
+    expected = load_file(str(run / "model" / "model.safetensors"))
+    for checkpoint in (run / "pretrain" / "checkpoints" / "step-0000003", sharded_runs / "one" / "pretrain" / "checkpoints"):
+        out = tmp_path / checkpoint.parent.parent.parent.name
+        assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) in (0, None)
+        exported = load_file(str(out / "model.safetensors"))
+        assert exported.keys() == expected.keys()
+        if checkpoint.name == "step-0000003":
+            assert all(torch.equal(exported[k], expected[k]) for k in expected)
+        else:  # the latest of the run resumed to step 5
+            assert not all(torch.equal(exported[k], expected[k]) for k in expected)
+        assert len(nextmm.load(out).complete([["a red"]], max_new_tokens=2)) == 1  # the folder loads and writes
+    assert main(["export", "--checkpoint", str(run / "pretrain"), "--out", str(tmp_path / "x")]) == 2
+    assert "is not a training checkpoint of a nextmm run" in capsys.readouterr().err
+
+
 def reading(data_dir, part, batches: int = 3) -> list[list[str]]:
     """The sample keys of each batch a rank trains on, from within one epoch of two sources; the stage leaves
     about a third of the samples out."""

@@ -29,7 +29,7 @@ from nextmm.models.clip import CLIP, text_batch
 from nextmm.models.decoder import VisualDecoder
 from nextmm.models.emu import Emu
 from nextmm.tokenizer import NextTokenizer
-from nextmm.train.checkpoint import load_module, save_module, write_atomically
+from nextmm.train.checkpoint import latest_checkpoint, load_module, resume_weights, save_module, write_atomically
 
 Picture = Union[PILImage.Image, str, Path]
 Visual = Union[Picture, Sequence[Picture]]  # a sequence of pictures is a video
@@ -380,6 +380,30 @@ def load(model_dir: str | Path, device: str = "auto", **kwargs) -> NextMM:
     if (root / "clip.safetensors").is_file():
         clip = _weights(CLIP(config.vision, config.clip_text, tokenizer.vocab_size), root / "clip.safetensors")
     return NextMM(model, tokenizer, config, decoder=_load_decoder(root, config), clip=clip, **kwargs).to(where)
+
+
+def from_checkpoint(checkpoint: str | Path, device: str = "auto") -> NextMM:
+    """Stage 1's model as one of its training checkpoints holds it (`RUN/pretrain/checkpoints/step-N`, or the
+    checkpoints folder for its latest), one file or the shards of a sharded run, with the run's config and tokenizer;
+    without a decoder or CLIP tower. What a run stopped before its end leaves, as a model directory (`save`)."""
+    path = Path(checkpoint)
+    if (path / "latest").is_file():
+        path = latest_checkpoint(path) or path
+    run = path.parents[2] if len(path.parents) > 2 else path
+    state = path / "state.json"
+    if not state.is_file() or not (run / "config.json").is_file() or not (run / "tokenizer.json").is_file():
+        raise ModelDirError(
+            f"'{checkpoint}' is not a training checkpoint of a nextmm run; give RUN/pretrain/checkpoints/step-N (or "
+            "RUN/pretrain/checkpoints) of a run folder that holds config.json and tokenizer.json"
+        )
+    stage = json.loads(state.read_text()).get("stage")
+    if stage != "pretrain":
+        raise ModelDirError(f"'{path}' is a checkpoint of stage '{stage}'; give one of stage 1's, in RUN/pretrain/checkpoints")
+    config = config_from_dict(json.loads((run / "config.json").read_text()))
+    tokenizer = NextTokenizer.load(run / "tokenizer.json")
+    model = build_model(config, tokenizer)
+    resume_weights(model, path)
+    return NextMM(model, tokenizer, config).to(pick_device(device))
 
 
 def _weights(module: torch.nn.Module, path: Path) -> torch.nn.Module:

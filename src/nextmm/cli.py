@@ -88,7 +88,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     if not (args.llm_out or args.out):
         raise UserError("nothing to export; give --llm-out DIR (the LLM as a Hugging Face model) and/or --out DIR (the whole model)")
-    m = api.load(args.model, device="cpu")
+    if bool(args.model) == bool(args.checkpoint):
+        raise UserError("export takes one of --model MODEL (a model directory) and --checkpoint CKPT (a stage-1 training checkpoint)")
+    m = api.load(args.model, device="cpu") if args.model else api.from_checkpoint(args.checkpoint, device="cpu")
     if args.llm_out:
         llm = m.model.llm
         written = export_hf_llm(llm, llm.cfg, m.tokenizer, args.llm_out, args.architecture or llm_architecture(llm.cfg))
@@ -477,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_convert)
 
     x = sub.add_parser("export", help="export a model: its LLM as a Hugging Face model directory, or the whole model again")
-    x.add_argument("--model", required=True)
+    x.add_argument("--model", help="a model directory")
+    x.add_argument("--checkpoint", help="instead, a stage-1 training checkpoint (RUN/pretrain/checkpoints/step-N, one file or "
+                                        "sharded; or the checkpoints folder for its latest): its model without a decoder")
     x.add_argument("--llm-out", help="write the LLM (with Emu's added tokens) here as a Hugging Face model directory")
     x.add_argument("--architecture", choices=("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"),
                    help="the Hugging Face class to write (default: the one the LLM's options need)")
