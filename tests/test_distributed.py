@@ -354,3 +354,29 @@ def test_one_process_is_the_plain_path():
     loss_fn = lambda batch: batch  # noqa: E731
     assert parallel.wrap(torch.nn.Linear(1, 1), loss_fn) is loss_fn
     assert parallel.mean_over_ranks({"loss": 1.5}) == {"loss": 1.5} and parallel.max_over_ranks(2.0) == 2.0
+
+
+def _dying(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        with parallel.session("cpu", timeout_s=20):
+            parallel.sum_over_ranks([1.0])  # both alive
+            if rank == 1:
+                os._exit(1)  # dies mid-step, as a killed process does
+            parallel.sum_over_ranks([2.0])
+    except parallel.ParallelError as err:
+        Path(out, "said.txt").write_text(str(err))
+
+
+def test_a_rank_that_dies_stops_the_others_with_one_sentence(tmp_path):
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    ranks = [ctx.Process(target=_dying, args=(rank, port, str(tmp_path))) for rank in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=90)
+    assert [p.exitcode for p in ranks] == [0, 1]  # rank 0 ended by itself, with its sentence, long before the timeout
+    said = (tmp_path / "said.txt").read_text()
+    assert said.startswith("process 0 of 2 stops because another one died or did not answer within 20 s (--timeout): ")
+    assert "\n" not in said
