@@ -1,5 +1,6 @@
-"""Model FLOPs utilisation of stage-1 training on this CPU: the FLOP/s a training step achieves over the FLOP/s
-of one large square matmul in the same dtype, measured in the same process.
+"""Model FLOPs utilisation of stage-1 training on this machine's CPU or GPU (`--device`): the FLOP/s a training
+step achieves over the FLOP/s of one large square matmul in the same dtype on the same device, measured in the same
+process.
 
 FLOPs are counted, not estimated: `torch.utils.flop_counter.FlopCounterMode` records every matmul,
 convolution and attention of one forward + backward on each measured batch (the ops that run, at the
@@ -13,10 +14,14 @@ the LLM's padded tokens, the tower's image tokens, the causal transformer's quer
 beside the count as `analytic_flops`.
 Achieved FLOP/s = model_flops of the measured batches / the seconds the real `Trainer` took for them
 (AdamW and clipping included, batches drawn beforehand). Peak = 2 * n^3 / the best of several n x n matmuls
-(default 2048) in the precision the stage computes in (`auto`: bf16 where this CPU has native bf16).
+(default 2048) in the precision the stage computes in (`auto`: bf16 where the device has fast bf16).
+`pretrain.activation_checkpointing` and `pretrain.compile` (`--set`) apply as stage 1 applies them
+(train/parallelize.py); on a GPU the peak memory the steps allocated is printed too.
 
     python benchmarks/mfu.py                       # small as it trains (its heads on), 4 steps after 1 of warm-up
     python benchmarks/mfu.py --paper --threads 1   # the paper's composition; one thread (a shared CPU)
+    python benchmarks/mfu.py --preset 1b --device cuda --batch-size 8 --matmul 8192   # a ~1B shape on a GPU
+    python benchmarks/mfu.py --preset 1b --device cuda --batch-size 8 --matmul 8192 --set pretrain.activation_checkpointing=1
 
 Prints one JSON object.
 """
@@ -35,24 +40,33 @@ from torch.utils.flop_counter import FlopCounterMode
 import _common
 
 
-def matmul_peak(n: int, dtype: torch.dtype, repeats: int) -> float:
-    """FLOP/s of the best of `repeats` n x n x n matmuls."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(n: int, dtype: torch.dtype, repeats: int, device: torch.device) -> float:
+    """FLOP/s of the best of `repeats` n x n x n matmuls on `device`."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
 
-def counted(model, loss_fn, backward, batch, precision: str) -> int:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def counted(model, loss_fn, backward, batch, precision: str, device: torch.device) -> int:
     """Matmul/attention FLOPs of one forward and `backward` on a batch; the gradients are thrown away."""
+    from nextmm.device import to_device
     from nextmm.precision import autocast
 
+    batch = to_device(batch, device)
     with FlopCounterMode(display=False) as counter:
-        with autocast(precision):
+        with autocast(precision, device.type):
             out = loss_fn(batch)
         backward(out)
     model.zero_grad(set_to_none=True)
@@ -95,16 +109,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="compute threads (0: PyTorch's default, one per core)")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. pretrain.precision=fp32")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = parser.parse_args()
     threads = _common.set_threads(args.threads)
 
+    from nextmm.device import pick_device
     from nextmm.precision import resolve
+    from nextmm.train import parallelize
     from nextmm.train.stages import pretrain_groups, pretrain_objective
+
+    device = pick_device(args.device)
 
     cfg = _common.shape_config(args.preset, paper=args.paper, overrides=args.set)
     if args.batch_size:
         cfg.pretrain.batch_size = args.batch_size
-    precision = resolve(cfg.pretrain.precision, "cpu")
+    precision = resolve(cfg.pretrain.precision, device.type)
     with tempfile.TemporaryDirectory() as tmp:
         _common.write_data(tmp)
         tok = _common.tokenizer_for(tmp, cfg, Path(tmp) / "tokenizer.json")
@@ -112,21 +131,30 @@ def main() -> None:
         stream = _common.stage1_stream(cfg, tok, tmp)
         batches = [stream.next_batch() for _ in range(args.warmup + args.steps)]
     torch.manual_seed(1)
-    model = _common.build(cfg, tok)
+    model = _common.build(cfg, tok).to(device)
     _, loss_fn, backward = pretrain_objective(model, cfg.pretrain)
     measured = batches[args.warmup:]
-    model_flops = sum(counted(model, loss_fn, lambda out: out["loss"].backward(), b, precision) for b in measured)
-    executed_flops = sum(counted(model, loss_fn, lambda out: backward(out, 1.0), b, precision) for b in measured)
+    model_flops = sum(counted(model, loss_fn, lambda out: out["loss"].backward(), b, precision, device) for b in measured)
+    executed_flops = sum(counted(model, loss_fn, lambda out: backward(out, 1.0), b, precision, device) for b in measured)
     estimate = sum(analytic(model, cfg, b) for b in measured)
-    peak = matmul_peak(args.matmul, torch.bfloat16 if precision == "bf16" else torch.float32, args.repeats)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peak = matmul_peak(args.matmul, dtype, args.repeats, device)
+    parallelize.checkpoint_blocks(model, cfg.pretrain.activation_checkpointing)  # counted above without: the model's FLOPs
+    if cfg.pretrain.compile:
+        parallelize.compile_blocks(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     run = _common.run_trainer(model, loss_fn, cfg, batches, args.warmup, groups=pretrain_groups(model, cfg.pretrain), backward=backward,
                               clip_apart=("heads.location.pointer.",))
     seconds = run["step_s"] * run["steps"]
-    peak_after = matmul_peak(args.matmul, torch.bfloat16 if precision == "bf16" else torch.float32, args.repeats)
+    memory = {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)} if device.type == "cuda" else {}
+    peak_after = matmul_peak(args.matmul, dtype, args.repeats, device)
     peak = max(peak, peak_after)  # timed before and after the steps: the better of the two is the machine's
     achieved = model_flops / seconds
     print(json.dumps({
-        "benchmark": "mfu", "preset": args.preset, "composition": "paper" if args.paper else "preset", "precision": precision, "threads": threads,
+        "benchmark": "mfu", "preset": args.preset, "composition": "paper" if args.paper else "preset", "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "precision": precision, "threads": threads,
+        "activation_checkpointing": cfg.pretrain.activation_checkpointing, "compile": cfg.pretrain.compile, **memory,
         "batch_size": cfg.pretrain.batch_size, "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         **{k: run[k] for k in ("steps", "step_s", "step_s_median", "tokens_per_s")}, "measured_batches": _common.batch_counts(measured),
         "model_gflop_per_step": round(model_flops / run["steps"] / 1e9, 2), "executed_gflop_per_step": round(executed_flops / run["steps"] / 1e9, 2),
