@@ -4,8 +4,10 @@ embeddings of different images stay apart even under pure regression."""
 import copy
 
 import numpy as np
+import pytest
 import torch
 
+from nextmm.api import build_model
 from nextmm.data.sample import caption_sample
 from nextmm.data.sequence import SequenceBuilder
 from nextmm.models.emu import IGNORE
@@ -29,7 +31,17 @@ def grads(model):
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
 
 
-def test_l2_trains_the_language_side_and_ce_trains_everything(micro_model, tokenizer):
+@pytest.fixture(params=["micro", "micro with the paper's layer norm after the tower"])
+def model(request, micro_model, micro_config, tokenizer):
+    if request.param == "micro":
+        return micro_model
+    micro_config.emu.visual_norm = True
+    torch.manual_seed(0)
+    return build_model(micro_config, tokenizer)
+
+
+def test_l2_trains_the_language_side_and_ce_trains_everything(model, tokenizer):
+    micro_model = model
     batch = scene_batch(micro_model, tokenizer, 6)
     loss = lambda: micro_model.loss(batch["input_ids"], batch["labels"], batch["pixels"], 2.0)  # noqa: E731
     out = loss()
@@ -42,9 +54,11 @@ def test_l2_trains_the_language_side_and_ce_trains_everything(micro_model, token
     regression.backward(micro_model, loss())
     ours = grads(micro_model)
     for name in both:
-        expected = ce_only[name] if name.startswith(regression.VISUAL_STACK) else both[name]
+        expected = ce_only[name] if name.startswith(("vision.", "ln_visual.", "resampler.")) else both[name]  # the visual stack
         torch.testing.assert_close(ours[name], expected, atol=1e-6, rtol=1e-4, msg=name)
     assert any(not torch.equal(both[n], ce_only[n]) for n in both if n.startswith(regression.VISUAL_STACK))
+    if micro_model.ln_visual is not None:  # the L2 gradient would reach it through the causal transformer
+        assert not torch.equal(both["ln_visual.weight"], ce_only["ln_visual.weight"])
 
 
 def train_regression_only(model, tokenizer, guarded: bool, steps=80) -> float:

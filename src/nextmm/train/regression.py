@@ -3,8 +3,8 @@
 Emu regresses visual embeddings made by the encoder it trains. If the L2 gradient reaches that encoder
 (through the LLM's visual inputs), the cheapest way to lower the loss is to make every image's
 embeddings alike. Stopping the L2 gradient at the visual embeddings rules that out: the regression
-trains the LLM, the projection and the regression head; the vision tower and the causal resampler learn
-from text cross-entropy (and stage 0) alone. `pretrain.regression_reaches_visual=true` lifts the rule.
+trains the LLM, the projection and the regression head; the vision tower, the layer norm after it (emu.visual_norm)
+and the causal resampler learn from text cross-entropy (and stage 0) alone. `pretrain.regression_reaches_visual=true` lifts the rule.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from nextmm.models.emu import Emu
 
-VISUAL_STACK = ("vision.", "resampler.")
+VISUAL_STACK = ("vision.", "ln_visual.", "resampler.")
 
 
 def language_side(model: Emu) -> list[torch.nn.Parameter]:
@@ -53,8 +53,7 @@ class VisualGate:
     """Where the visual stack's outputs leave it (the tower's tokens, the causal transformer's embeddings), a gate
     that passes no gradient while it is shut: the rule above for a sharded model (FSDP), whose parameters in the
     graph are gathered copies that `language_side` cannot name. Shut, it stops the L2 gradient before any of the
-    stack, the layer norm between tower and causal transformer (emu.visual_norm) included, which `backward` leaves to
-    the L2 gradient."""
+    stack, as `backward` does."""
 
     def __init__(self, model: Emu):
         self.shut = False
