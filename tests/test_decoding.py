@@ -58,7 +58,7 @@ def decode(model, builder, prompts, use_cache: bool, precision: str = "fp32", to
     batch = builder.collate([builder.encode(p, close=False) for p in prompts], left_pad=True)
     stepper = Stepper(model, batch, STEPS - 1, use_cache, precision)
     probs, chosen = [], []
-    with torch.no_grad():
+    with torch.no_grad(), stepper.casting():  # as generate_ids decodes
         hidden = stepper.prefill()
         for step in range(STEPS):
             probs.append(stepper.logits(hidden).float().softmax(-1))
@@ -106,6 +106,16 @@ def test_a_bf16_cache_stays_within_bf16_rounding_of_fp32_recompute(varied, promp
     # bf16 keeps 8 significant bits; through this deliberately sensitive model its probabilities move by
     # up to about 0.05, while a cache entry read at the wrong place moves them by 0.5 or more
     torch.testing.assert_close(cached, probs, atol=0.15, rtol=0)
+
+
+def test_bf16_decoding_casts_each_weight_once_not_at_every_step(varied, prompts):
+    model, builder = varied
+    gate = model.llm.layers[0].mlp.gate_proj.weight  # gate and up projections: the only weights of their shape
+    with torch.profiler.profile(record_shapes=True) as prof:
+        decode(model, builder, prompts, use_cache=True, precision="bf16")
+    casts = sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                if e.key == "aten::_to_copy" and e.input_shapes and e.input_shapes[0] == list(gate.shape))
+    assert casts == 2 * len(model.llm.layers)
 
 
 def test_each_row_of_a_left_padded_batch_decodes_as_its_prompt_alone(varied, prompts, reference):

@@ -9,6 +9,7 @@ input, which generic `generate()` helpers don't support.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -79,6 +80,16 @@ class Stepper:
                 state.seen(hidden)
         return hidden
 
+    def casting(self) -> contextlib.AbstractContextManager:
+        """One autocast region around a whole decode: autocast keeps the bf16 copies of the weights it makes until its
+        outermost region ends, so they are made once rather than at every step."""
+        return autocast(self.precision, self.device.type)
+
+    def _uncast(self) -> contextlib.AbstractContextManager:
+        """What runs between the LLM's steps (scores, regressions, the next input) in the weights' own precision, as
+        outside `casting`."""
+        return torch.autocast(self.device.type, enabled=False)
+
     def prefill(self) -> torch.Tensor:
         """The last prompt position's hidden state (B, width)."""
         return self._run(self.embeds, self.positions)[:, -1]
@@ -101,8 +112,9 @@ class Stepper:
 
     def append_token(self, token: torch.Tensor) -> torch.Tensor:
         """Append one token per row (B,), with what the heads add to its input embedding; as `append`."""
-        embeds = self.model.llm.embed_tokens(token)
-        added = summed([state.token(self.last_token, token) for state in self.states])
+        with self._uncast():
+            embeds = self.model.llm.embed_tokens(token)
+            added = summed([state.token(self.last_token, token) for state in self.states])
         if added is not None:
             embeds = embeds + added.to(embeds.dtype)
         self.last_token = token
@@ -110,17 +122,19 @@ class Stepper:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The next token's logits (or, with a copy head, log-probabilities) at the last position's hidden state (B, width)."""
-        hidden = hidden.to(self.model.llm.lm_head.weight.dtype)
-        logits = self.model.logits(hidden)
-        for state in self.states:
-            logits = state.logits(hidden, logits)
+        with self._uncast():
+            hidden = hidden.to(self.model.llm.lm_head.weight.dtype)
+            logits = self.model.logits(hidden)
+            for state in self.states:
+                logits = state.logits(hidden, logits)
         return logits
 
     def regress(self, hidden: torch.Tensor, slot: int) -> torch.Tensor:
         """The `slot`-th visual embedding of the picture being drawn, regressed at the hidden state (B, width)."""
-        predicted = self.model.regress(hidden)
-        for state in self.states:
-            predicted = state.regress(slot, predicted)
+        with self._uncast():
+            predicted = self.model.regress(hidden)
+            for state in self.states:
+                predicted = state.regress(slot, predicted)
         return predicted
 
 
@@ -150,20 +164,21 @@ def generate_ids(
     max_new_tokens = min(max_new_tokens, builder.max_len - longest)
     eos = builder.tok.eos_id
     stepper = Stepper(model, batch, max_new_tokens, use_cache, precision)
-    hidden = stepper.prefill()
     generated = torch.zeros(len(prompts), 0, dtype=torch.long, device=stepper.device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=stepper.device)
-    for i in range(max_new_tokens):
-        logits = stepper.logits(hidden)
-        if answers is not None:
-            logits = answers.restrict(logits, generated)
-        token = logits.argmax(-1)
-        token = torch.where(done, torch.full_like(token, eos), token)
-        generated = torch.cat([generated, token.unsqueeze(1)], dim=1)
-        done |= (token == eos) | (token == builder.tok.img_id)
-        if bool(done.all()) or i == max_new_tokens - 1:
-            break
-        hidden = stepper.append_token(token)
+    with stepper.casting():
+        hidden = stepper.prefill()
+        for i in range(max_new_tokens):
+            logits = stepper.logits(hidden)
+            if answers is not None:
+                logits = answers.restrict(logits, generated)
+            token = logits.argmax(-1)
+            token = torch.where(done, torch.full_like(token, eos), token)
+            generated = torch.cat([generated, token.unsqueeze(1)], dim=1)
+            done |= (token == eos) | (token == builder.tok.img_id)
+            if bool(done.all()) or i == max_new_tokens - 1:
+                break
+            hidden = stepper.append_token(token)
     return [row[: row.index(eos)] if eos in row else row for row in generated.tolist()]
 
 
@@ -175,10 +190,11 @@ def next_token_logits(model: Emu, builder: SequenceBuilder, prompts: list[list[S
     model.eval()
     batch = builder.collate([builder.encode(p, close=False) for p in prompts], left_pad=True)
     stepper = Stepper(model, batch, 1 + len(then), True, precision)
-    hidden = stepper.prefill()
-    for token in then:
-        hidden = stepper.append_token(torch.full((len(prompts),), token, dtype=torch.long, device=stepper.device))
-    return stepper.logits(hidden)
+    with stepper.casting():
+        hidden = stepper.prefill()
+        for token in then:
+            hidden = stepper.append_token(torch.full((len(prompts),), token, dtype=torch.long, device=stepper.device))
+        return stepper.logits(hidden)
 
 
 def generate_text(model: Emu, builder: SequenceBuilder, prompts: list[list[Segment]], **kwargs) -> list[str]:
@@ -210,12 +226,12 @@ def generate_visual(
         encoded.append(e)
     batch = builder.collate(encoded, left_pad=True)
     stepper = Stepper(model, batch, model.num_queries - 1, use_cache, precision)
-    hidden = stepper.prefill()
     regressed = []
-    for k in range(model.num_queries):
-        embedding = stepper.regress(hidden, k)
-        regressed.append(embedding)
-        if k < model.num_queries - 1:
-            with autocast(stepper.precision, stepper.device.type):
-                hidden = stepper.append(model.to_llm(embedding))
+    with stepper.casting():
+        hidden = stepper.prefill()
+        for k in range(model.num_queries):
+            embedding = stepper.regress(hidden, k)
+            regressed.append(embedding)
+            if k < model.num_queries - 1:
+                hidden = stepper.append(model.to_llm(embedding))  # the projection under autocast, as an encoded image's
     return torch.stack(regressed, dim=1)
