@@ -13,10 +13,10 @@ from __future__ import annotations
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nextmm.heads.words import Words
+from nextmm.models.llm import document_starts, same_document
 
 
 def summed(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -42,14 +42,12 @@ class Reading:
     @cached_property
     def starts(self) -> torch.Tensor | None:
         """(B, T): where a packed batch's samples start; None for one sample a row."""
-        if self.documents is None:
-            return None
-        return self.documents != F.pad(self.documents[:, :-1], (1, 0), value=-2)
+        return None if self.documents is None else document_starts(self.documents)
 
     @cached_property
     def same_document(self) -> torch.Tensor | None:
         """(B, T, T): which pairs of positions belong to one sample; None for one sample a row."""
-        return None if self.documents is None else self.documents[:, :, None] == self.documents[:, None, :]
+        return None if self.documents is None else same_document(self.documents)
 
     @cached_property
     def latest_image(self) -> torch.Tensor:

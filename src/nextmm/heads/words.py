@@ -2,9 +2,9 @@
 presence probe and words-to-visual read (heads/location.py, presence.py, words_to_visual.py).
 
 A run of words starts after an image's slots and after a box (the first word after a location token); inside
-a box the bag stays that of the words before it. In a packed row a run also starts with each sample (`starts`). So a grounding question's box reads its question, and each
-box of a detection answer its own object's phrase. Each word counts by a learned gate on its embedding (the
-location pointer's `word_weight`).
+a box the bag stays that of the words before it. In a packed row a run also starts with each sample (`starts`). So
+a grounding question's box reads its question, and each box of a detection answer its own object's phrase. Each
+word counts by a learned gate on its embedding (the location pointer's `word_weight`).
 """
 
 from __future__ import annotations

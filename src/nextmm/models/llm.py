@@ -68,16 +68,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
+def document_starts(documents: torch.Tensor) -> torch.Tensor:
+    """Packed rows (B, T) of document indices -> where each document starts (B, T)."""
+    return documents != F.pad(documents[:, :-1], (1, 0), value=-2)
+
+
+def same_document(documents: torch.Tensor) -> torch.Tensor:
+    """Packed rows (B, T) of document indices -> which pairs of positions belong to one document (B, T, T)."""
+    return documents[:, :, None] == documents[:, None, :]
+
+
 def document_layout(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed rows (B, T) of document indices (-1: padding, which sits at a row's end) -> the rotary positions
     (B, T), restarting at 0 with each document, and the attention mask (B, 1, T, T) that keeps each query
     causally within its own document: a packed batch computes what each document alone would. The padding
     attends within itself, since a query that may attend nowhere gives NaNs that would reach every gradient."""
     steps = torch.arange(documents.shape[1], device=documents.device)
-    starts = documents != F.pad(documents[:, :-1], (1, 0), value=-2)
-    positions = steps - torch.where(starts, steps, 0).cummax(1).values
-    same = documents[:, :, None] == documents[:, None, :]
-    return positions, (same & (steps[None, :] <= steps[:, None])).unsqueeze(1)
+    positions = steps - torch.where(document_starts(documents), steps, 0).cummax(1).values
+    return positions, (same_document(documents) & (steps[None, :] <= steps[:, None])).unsqueeze(1)
 
 
 def sliding_window(mask: torch.Tensor | None, queries: int, offset: int, window: int, device: torch.device) -> torch.Tensor:
