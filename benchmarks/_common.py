@@ -88,22 +88,15 @@ def build(cfg: Config, tok):
 
 
 def stage1_stream(cfg: Config, tok, data: str | Path, batch_size: int | None = None, curriculum: bool = False, part: tuple[int, int] = (0, 1)):
-    """The stage-1 MixedStream exactly as `pretrain_stage` makes it (its item function, collate, mix and views);
-    without `curriculum` every source is in the mix from the first batch (join_at cleared), so that a few
-    batches show the steady state of stage 1 rather than its caption-only start. `part` = (rank, world): one
-    rank's part of every batch."""
-    from nextmm.data.loader import MixedStream, discover_sources
-    from nextmm.data.sequence import SequenceBuilder
-    from nextmm.train.stages import text_to_image_view
+    """The stage-1 MixedStream exactly as `pretrain_stage` makes it (train/stages.pretrain_stream); without
+    `curriculum` every source is in the mix from the first batch (join_at cleared), so that a few batches show the
+    steady state of stage 1 rather than its caption-only start. `part` = (rank, world): one rank's part of every
+    batch."""
+    from nextmm.data.loader import discover_sources
+    from nextmm.train.stages import pretrain_stream
 
     p = cfg.pretrain
-    sources = discover_sources(data)
-    builder = SequenceBuilder.for_config(tok, cfg)
-    return MixedStream(
-        sources, p.mix,
-        lambda s: builder.encode(s.segments, named=s.named_box(), regions=s.regions() if p.point_at_objects else (), claim=s.claim()),
-        builder.collate, batch_size or p.batch_size, cfg.seed, join_at=p.join_at if curriculum else {}, views=text_to_image_view(sources), part=part,
-    )
+    return pretrain_stream(cfg, tok, discover_sources(data), batch_size or p.batch_size, p.join_at if curriculum else {}, part)
 
 
 class Drawn:

@@ -211,6 +211,22 @@ def pretrain_groups(model: Emu, p: PretrainConfig) -> list[dict]:
     return param_groups(model, p.lr, p.weight_decay, {**model.heads.rate_scales(p, "heads."), **part_rates(p)})
 
 
+def pretrain_stream(cfg: Config, tok: NextTokenizer, sources: dict[str, Path], batch_size: int, join_at: dict[str, int],
+                    part: tuple[int, int] = (0, 1)) -> MixedStream:
+    """Stage 1's batches: each sample encoded with what the heads learn from (its named box, regions, claim), packed
+    into rows with `pretrain.pack_len`; `part` = (rank, world) keeps one rank's part of each."""
+    p = cfg.pretrain
+    builder = SequenceBuilder.for_config(tok, cfg)
+    packer = Packer(builder, p.pack_len) if p.pack_len else None
+
+    def encode(s: Sample):
+        encoded = builder.encode(s.segments, named=s.named_box(), regions=s.regions() if p.point_at_objects else (), claim=s.claim())
+        return packer.fit(encoded) if packer else encoded
+
+    return MixedStream(sources, p.mix, encode, packer.collate if packer else builder.collate, batch_size, cfg.seed, join_at=join_at,
+                       views=text_to_image_view(sources), part=part)
+
+
 def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTokenizer, clip: CLIP | None, resume: bool,
                    device: torch.device, init: Path | None = None) -> Emu:
     """Stage 1 from `init`'s weights (a model directory) or from scratch, the stage-0 CLIP tower taking the
@@ -226,17 +242,7 @@ def pretrain_stage(cfg: Config, sources: dict[str, Path], out: Path, tok: NextTo
     if finished_stage(model, stage_dir, resume, cfg.pretrain) is not None:
         return model
     p = cfg.pretrain
-    builder = SequenceBuilder.for_config(tok, cfg)
-    packer = Packer(builder, p.pack_len) if p.pack_len else None
-
-    def encode(s: Sample):
-        encoded = builder.encode(s.segments, named=s.named_box(), regions=s.regions() if p.point_at_objects else (), claim=s.claim())
-        return packer.fit(encoded) if packer else encoded
-
-    stream = MixedStream(
-        sources, p.mix, encode, packer.collate if packer else builder.collate, p.batch_size, cfg.seed,
-        join_at=p.join_at, views=text_to_image_view(sources), part=parallel.part(),
-    )
+    stream = pretrain_stream(cfg, tok, sources, p.batch_size, p.join_at, parallel.part())
     target, loss_fn, backward = pretrain_objective(model, p)
     # Frozen before sharding, whose shards take their parameters' requires_grad; the optimizer groups after it, so
     # that they hold the shards.
