@@ -4,6 +4,11 @@ A sample is an interleaved document: an ordered list of segments, each a piece o
 video (a list of frames). Shapes World, COCO, VQAv2, MMC4 and frame folders all become `Sample`s, are
 written to the same WebDataset shards, and are turned into token sequences by `data/sequence.py`.
 
+A conversation (instruction tuning, chat) is a sample whose segments are split into turns by `Turn` markers:
+`Turn("user")`, what the user says and shows, `Turn("assistant")`, its answer (target text, or a picture it draws).
+Text before the first turn is the system message. Only the assistant's turns are learned: their text, the end of
+each turn, and the pictures they hold, which are regressed as in pretraining; the user's pictures are only read.
+
 `Text.target` says whether the model is trained to predict that text (cross-entropy). Prompts that the
 user supplies at inference time (a VQA question) are not targets; what the model must produce is.
 The prompt wording of each task lives here so that training and inference can never disagree.
@@ -33,7 +38,21 @@ class Video:
     frames: list[PILImage.Image]
 
 
-Segment = Union[Text, Image, Video]
+ROLES = ("user", "assistant")
+
+
+@dataclass
+class Turn:
+    """Where a turn of a conversation starts, and whose it is ("user" or "assistant")."""
+
+    role: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"a turn's role is '{self.role}'; use one of {', '.join(ROLES)}")
+
+
+Segment = Union[Text, Image, Video, Turn]
 
 
 @dataclass
@@ -116,3 +135,18 @@ def video_caption_sample(key: str, frames: list[PILImage.Image], caption: str, *
 def video_qa_sample(key: str, frames: list[PILImage.Image], question: str, answer: str, **meta: Any) -> Sample:
     segments = [Video(list(frames)), Text(vqa_prompt(question), target=False), Text(answer)]
     return Sample(key, "video_qa", segments, dict(meta, question=question, answer=answer))
+
+
+def conversation_segments(turns: list[tuple[str, list[Segment]]], system: str = "") -> list[Segment]:
+    """A conversation's segments from (role, content) turns: the user's text is context, the assistant's is the
+    target; pictures keep their place (an assistant's is one it draws). `system` opens it when given."""
+    segments: list[Segment] = [Text(system, target=False)] if system.strip() else []
+    for role, content in turns:
+        segments.append(Turn(role))
+        for seg in content:
+            segments.append(Text(seg.text, target=role == "assistant") if isinstance(seg, Text) else seg)
+    return segments
+
+
+def conversation_sample(key: str, turns: list[tuple[str, list[Segment]]], system: str = "", **meta: Any) -> Sample:
+    return Sample(key, "conversation", conversation_segments(turns, system), dict(meta))

@@ -5,6 +5,11 @@ frame, or `vision.video_frames` of them evenly spaced, in training and inference
 `labels[t]` is the token the model must predict at position t (the next one), or IGNORE: the words of
 target text segments, the closing `[EOS]`, and an `[IMG]` that directly follows target text (so that a
 continuation can decide to draw: `complete()` then regresses the image); never `[PAD]`, `<image>`, `[/IMG]`.
+
+A conversation's turns (data/sample.py, `Turn`) open with `[USER]:` or `[ASSISTANT]:` (Emu-I's template,
+`{system} [USER]: {content} [ASSISTANT]:`), and each assistant turn closes with `[EOS]`, which it learns, so that
+a reply ends where decoding stops. An assistant's `[IMG]` is learned (it decides to draw) and its picture is
+regressed; a user's picture is only read (`Encoded.drawn`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from PIL import Image as PILImage
 
 from nextmm.config import Config
-from nextmm.data.sample import Image, Segment, Text, Video
+from nextmm.data.sample import Image, Segment, Text, Turn, Video
 from nextmm.data.transforms import to_pixels
 from nextmm.errors import UserError
 from nextmm.models.emu import IGNORE
@@ -31,6 +36,7 @@ class Encoded:
     ids: list[int] = field(default_factory=list)
     targets: list[bool] = field(default_factory=list)
     images: list[PILImage.Image] = field(default_factory=list)
+    drawn: list[bool] = field(default_factory=list)  # per picture: whether its embeddings are regressed (see the module's doc)
     named: list[tuple[int, tuple[float, ...]]] = field(default_factory=list)  # (position, box) pairs, see encode
     regions: list[tuple[int, list[int], tuple[float, ...]]] = field(default_factory=list)  # (image, phrase ids, box), see encode
     claim: int = -1  # 1: the text after the last picture holds in it, 0: it does not, -1: no claim (see encode)
@@ -89,26 +95,35 @@ class SequenceBuilder:
                 raise ValueError(f"a region names segment {segment}, which is not an image")
             out.regions.append((pictures.index(segment), self.tok.encode(phrase), tuple(box)))
         out.add(self.tok.start_ids)
+        in_turns = any(isinstance(seg, Turn) for seg in segments)
+        role = None  # the open turn's
         for i, seg in enumerate(segments):
-            if isinstance(seg, Text):
+            if isinstance(seg, Turn):
+                if role == "assistant":
+                    out.add([self.tok.eos_id], True)
+                role = seg.role
+                out.add([self.tok.user_id if role == "user" else self.tok.assistant_id] + self.tok.encode(":"))
+            elif isinstance(seg, Text):
                 out.add(self.tok.encode(seg.text), seg.target)
                 if named is not None and named[0] == i:
                     out.named.append((len(out.ids) - 1, tuple(named[1])))
             elif isinstance(seg, Image):
                 after_target_text = i > 0 and isinstance(segments[i - 1], Text) and segments[i - 1].target
                 block = self.image_block()
-                out.add(block[:1], after_target_text)
+                out.add(block[:1], after_target_text or role == "assistant")
                 out.add(block[1:])
                 out.images.append(seg.image)
+                out.drawn.append(not in_turns or role == "assistant")
             elif isinstance(seg, Video):
                 for frame in self.frames_of(seg):
                     out.add(self.image_block())
                     out.images.append(frame)
+                    out.drawn.append(not in_turns or role == "assistant")
             else:
-                raise TypeError(f"a prompt may hold text, images and videos, not {type(seg).__name__}")
+                raise TypeError(f"a prompt may hold text, images, videos and turns, not {type(seg).__name__}")
         if close:
             ends_in_target = bool(segments) and isinstance(segments[-1], Text) and segments[-1].target
-            out.add([self.tok.eos_id], ends_in_target)
+            out.add([self.tok.eos_id], ends_in_target or role == "assistant")
         if len(out.ids) > self.max_len:
             raise SequenceTooLong(
                 f"the sequence is {len(out.ids)} tokens but the model's context is {self.max_len}; "
@@ -147,8 +162,9 @@ class SequenceBuilder:
                 start = end
         pixels = to_pixels([img for e in order for img in e.images], self.image_size)
         claims = torch.tensor([e.claim for e in order], dtype=torch.long)
+        drawn = torch.tensor([d for e in order for d in e.drawn], dtype=torch.bool)
         return {"input_ids": ids, "labels": labels, "valid": valid, "documents": documents, "pixels": pixels, "named_boxes": named,
-                "claims": claims, **self.collate_regions(order)}
+                "claims": claims, "drawn": drawn, **self.collate_regions(order)}
 
     @staticmethod
     def collate_regions(batch: list[Encoded]) -> dict[str, torch.Tensor]:

@@ -6,8 +6,8 @@ A shard is a plain tar file. One sample is the group of consecutive members that
     {key}.000.png   the sample's pictures in reading order (video frames included), lossless PNG
     {key}.001.png   ...
 
-A segment is `{"text": str, "target": bool}`, `{"image": i}` or `{"video": [i, j, ...]}`, where the
-numbers index the pictures. WebDataset splits a member name at the first dot of its basename, so the
+A segment is `{"text": str, "target": bool}`, `{"image": i}`, `{"video": [i, j, ...]}` or `{"turn": role}`
+(a conversation's turn, data/sample.py), where the numbers index the pictures. WebDataset splits a member name at the first dot of its basename, so the
 key written to the tar is the sample key with every character other than letters, digits, `_` and `-`
 replaced by `_`; the original key travels inside the JSON so a round trip gives it back unchanged.
 
@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator
 from PIL import Image as PILImage
 from webdataset import TarWriter
 
-from nextmm.data.sample import Image, Sample, Text, Video
+from nextmm.data.sample import ROLES, Image, Sample, Text, Turn, Video
 from nextmm.errors import UserError
 
 PathLike = str | os.PathLike
@@ -91,8 +91,10 @@ def sample_to_record(sample: Sample) -> dict[str, Any]:
         elif isinstance(seg, Video):
             segments.append({"video": list(range(len(images), len(images) + len(seg.frames)))})
             images.extend(seg.frames)
+        elif isinstance(seg, Turn):
+            segments.append({"turn": seg.role})
         else:
-            raise DataError(f"sample '{sample.key}' has a segment of type {type(seg).__name__}; use Text, Image or Video")
+            raise DataError(f"sample '{sample.key}' has a segment of type {type(seg).__name__}; use Text, Image, Video or Turn")
     return {"key": sample.key, "kind": sample.kind, "segments": segments, "meta": dict(sample.meta), "images": images}
 
 
@@ -124,8 +126,11 @@ def _check_record(record: Any, n_images: int) -> None:
             frames = seg["video"]
             if not isinstance(frames, list) or not frames or not all(index_ok(i) for i in frames):
                 raise ValueError(f"video segment {seg!r} needs frame indices within the sample's {n_images} pictures")
+        elif "turn" in seg:
+            if seg["turn"] not in ROLES:
+                raise ValueError(f"turn segment {seg!r} names no role of {', '.join(ROLES)}")
         else:
-            raise ValueError(f"segment {seg!r} is none of text, image, video")
+            raise ValueError(f"segment {seg!r} is none of text, image, video, turn")
 
 
 def record_to_sample(record: dict[str, Any]) -> Sample:
@@ -138,6 +143,8 @@ def record_to_sample(record: dict[str, Any]) -> Sample:
             segments.append(Text(seg["text"], seg.get("target", True)))
         elif "image" in seg:
             segments.append(Image(images[seg["image"]]))
+        elif "turn" in seg:
+            segments.append(Turn(seg["turn"]))
         else:
             segments.append(Video([images[i] for i in seg["video"]]))
     return Sample(str(record.get("key", "")), record["kind"], segments, dict(record.get("meta", {})))

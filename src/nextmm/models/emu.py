@@ -131,6 +131,7 @@ class Emu(nn.Module):
         extras: dict | None = None,
         ce_chunk: int = 0,
         documents: torch.Tensor | None = None,
+        drawn: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Text CE on labelled positions + regression_weight x L2 to the next visual embedding (weight 1 in a
         batch with no labelled text). `text_loss` (logits, labels) -> loss replaces the mean cross-entropy
@@ -140,6 +141,8 @@ class Emu(nn.Module):
         through the LM head that many rows at a time (models/chunked_ce.py), never holding every row's logits.
         `documents` (B, T), for rows that pack several samples (data/packing.py): which each position belongs to
         (-1: padding); no position attends or reads across them, and each one's rotary positions start at 0.
+        `drawn` (M,) bool, one per picture in reading order: the pictures whose embeddings are regressed (a
+        conversation's assistant draws some, its user only shows others); all of them when not given.
 
         Targets are detached, as in Emu; `target_visual` lets training supply them from a slowly moving
         copy of the visual stack (train/targets.py)."""
@@ -162,10 +165,11 @@ class Emu(nn.Module):
             if terms:
                 out["text"] = ce + head_weight * sum(terms.values())
         loss = out["text"]
-        if visual is not None:
-            at, slots = self.regression_rows(input_ids)
+        if visual is not None and (drawn is None or drawn.any()):
+            at, slots = self.regression_rows(input_ids, drawn)
             predicted = self.heads.regress(reading, at, slots, self.regress(hidden[tuple(at.T)]))
             target = (visual if target_visual is None else target_visual).detach()
+            target = target if drawn is None else target[drawn.to(target.device)]
             l2 = F.mse_loss(predicted.float(), target.reshape(predicted.shape).float())
             # regression_weight trades L2 against CE. A batch with no text target (text-to-image pairs) has no
             # CE to trade against, and at 0.1 its lone L2 teaches the LLM next to nothing.
@@ -179,11 +183,13 @@ class Emu(nn.Module):
         """(R, width) hidden states where a visual embedding is regressed -> (R, visual width), fp32."""
         return self.regression_head(hidden.to(self.regression_head.weight.dtype)).float()
 
-    def regression_rows(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def regression_rows(self, input_ids: torch.Tensor, drawn: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) -> where the next visual embedding is regressed (R, 2: row, position) and which of the N
-        each is (R,)."""
+        each is (R,); with `drawn` (M,) bool per picture, only the drawn pictures'."""
         predicts = F.pad(input_ids[:, 1:] == self.image_token_id, (0, 1))
         steps = torch.arange(input_ids.shape[1], device=input_ids.device)
         slots_before = steps - torch.where(input_ids != self.image_token_id, steps, -1).cummax(1).values  # 0 at [IMG]
         at = predicts.nonzero()
+        if drawn is not None:  # the rows come picture by picture, N to each, in reading order
+            at = at.view(len(drawn), self.num_queries, 2)[drawn.to(at.device)].reshape(-1, 2)
         return at, slots_before[tuple(at.T)]

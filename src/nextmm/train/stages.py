@@ -156,7 +156,7 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
         extras = {"named_boxes": batch.get("named_boxes") if p.point_at_named else None, "claims": batch.get("claims"), "valid": batch.get("valid"),
                   "regions": (batch["region_ids"], batch["region_image"], batch["region_boxes"]) if p.point_at_objects and "region_ids" in batch else None}
         out = model.loss(batch["input_ids"], batch["labels"], batch["pixels"], p.regression_weight, target_visual, text_loss, p.pointer_weight, extras,
-                         p.ce_chunk, batch.get("documents"))
+                         p.ce_chunk, batch.get("documents"), batch.get("drawn"))
         return out if parallel.world() == 1 else global_terms(out, batch)
 
     def global_terms(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -167,7 +167,7 @@ def pretrain_objective(model: Emu, p: PretrainConfig) -> tuple[VisualTarget | No
         the boxes, regions or claims a head reads) are averaged over the ranks as they are: exact when the ranks
         hold equally many."""
         labelled = int((batch["labels"] != IGNORE).sum())
-        regressed = len(model.regression_rows(batch["input_ids"])[0]) if "l2" in out else 0
+        regressed = len(model.regression_rows(batch["input_ids"], batch.get("drawn"))[0]) if "l2" in out else 0
         all_labelled, all_regressed = parallel.sum_over_ranks([labelled, regressed])
         ce_share = parallel.world() * labelled / all_labelled if all_labelled else 0.0
         out = {**out, "ce": out["ce"] * ce_share, "text": out["text"] + (ce_share - 1) * out["ce"]}
