@@ -1,4 +1,4 @@
-"""The Python API: `m = nextmm.load(model_dir)`, then `m.caption`, `m.ask`, `m.complete`, `m.draw`.
+"""The Python API: `m = nextmm.load(model_dir)`, then `m.caption`, `m.ask`, `m.complete`, `m.draw`, `m.chat`.
 
 The model runs on its device (`load(..., device=)`, `m.to(device)`); what the API returns (features,
 embeddings, margins) comes back on the CPU.
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Iterator, MutableSet, Sequence, Union
 
 import torch
 from PIL import Image as PILImage
 
+from nextmm import chat as chatting
 from nextmm.config import NEGATIVES, Config, config_from_dict
 from nextmm.constrained import AnswerError, AnswerTrie, BoxConstraint, Constraint, DetectionGrammar, RowAnswers
 from nextmm.data.formats import load_image
@@ -206,6 +207,36 @@ class NextMM:
             for i, image in zip(drawing, images):
                 out[i] = [out[i], image]
         return out
+
+    def chat(self, messages: Sequence[chatting.Message], max_new_tokens: int = 64, stream: bool = False,
+             **draw_options) -> chatting.Reply | Iterator[chatting.Event]:
+        """The model's reply to a conversation: messages `{"role": "system" | "user" | "assistant", "content": text or
+        a list of text, pictures and videos}` (nextmm/chat.py), the last the user's. The reply is text, or a picture
+        when the model draws one (rendered as `draw` would, with `draw_options`). With `stream`, an iterator of
+        events as the reply is decoded: pieces of its text, its picture, and its end (the whole `Reply`)."""
+        return self.replies([messages], max_new_tokens, stream=stream, **draw_options) if stream else \
+            self.replies([messages], max_new_tokens, **draw_options)[0]
+
+    def replies(self, conversations: Sequence[Sequence[chatting.Message]], max_new_tokens: int | Sequence[int] = 64, stream: bool = False,
+                stop: MutableSet[int] | None = None, **draw_options) -> list[chatting.Reply] | Iterator[chatting.Event]:
+        """Replies to many conversations, decoded together in batches; `max_new_tokens` one for all or one per
+        conversation. With `stream`, the events of every reply as they happen (each names its conversation's
+        `row`); rows that the caller adds to `stop` meanwhile end at once."""
+        events = chatting.stream_replies(self, conversations, max_new_tokens, stop, **draw_options)
+        if stream:
+            return events
+        replies: list = [None] * len(conversations)
+        for event in events:
+            if event.kind == "end":
+                replies[event.row] = event.reply
+        return replies
+
+    def prompt_tokens(self, messages: Sequence[chatting.Message], max_new_tokens: int = 64) -> int:
+        """The length of a conversation's prompt, checked: `chat.ContextFull` when the context leaves its reply no
+        room; what a server checks before it batches a request."""
+        length = chatting.prompt_length(self, chatting.to_conversation(messages))
+        chatting.room(self, length, max_new_tokens)
+        return length
 
     def draw(self, prompts: Sequence[str | Sequence[PromptPart]], guidance: float | None = None, steps: int | None = None,
              seed: int = 0, negative: str | None = None, candidates: int = 1) -> list[PILImage.Image]:

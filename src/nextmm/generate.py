@@ -10,7 +10,7 @@ input, which generic `generate()` helpers don't support.
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Container, Iterator, Sequence
 
 import torch
 
@@ -138,7 +138,6 @@ class Stepper:
         return predicted
 
 
-@torch.no_grad()
 def generate_ids(
     model: Emu,
     builder: SequenceBuilder,
@@ -151,35 +150,72 @@ def generate_ids(
     """Greedy decoding; returns the new token ids of each prompt, up to (not including) [EOS], or up to
     and including `[IMG]` when the model decides to draw (the caller regresses the image). With `answers`
     every row writes an answer the constraint allows (constrained.py), however long it is."""
+    rows: list[list[int]] = [[] for _ in prompts]
+    for step in stream_ids(model, builder, prompts, max_new_tokens, use_cache, precision, answers):
+        for row, token in step:
+            rows[row].append(token)
+    eos = builder.tok.eos_id
+    return [row[: row.index(eos)] if eos in row else row for row in rows]
+
+
+@torch.no_grad()
+def stream_ids(
+    model: Emu,
+    builder: SequenceBuilder,
+    prompts: list[list[Segment]],
+    max_new_tokens: int | Sequence[int] = 32,
+    use_cache: bool = True,
+    precision: str = "fp32",
+    answers: Constraint | None = None,
+    stop: Container[int] = (),
+) -> Iterator[list[tuple[int, int]]]:
+    """Greedy decoding of a batch, step by step: each step yields (row, token) for every row still writing. A row
+    ends with the token that ends it ([EOS], or `[IMG]` when it decides to draw), after its own number of new tokens
+    (`max_new_tokens`, one for all or one per prompt, cut to what the context leaves it), or at once when `stop` holds
+    it (a caller that may add rows to it while this runs: a client that went away)."""
     model.eval()
     batch = builder.collate([builder.encode(p, close=False) for p in prompts], left_pad=True)
-    longest = int(batch["valid"].sum(1).max())
+    lengths = batch["valid"].sum(1).tolist()
     if answers is not None:
-        max_new_tokens = answers.depth
-        if longest + max_new_tokens > builder.max_len:
+        longest = max(lengths)
+        if longest + answers.depth > builder.max_len:
             raise SequenceTooLong(
                 f"a prompt of {longest} tokens leaves no room in the model's context of {builder.max_len} "
                 f"for the longest allowed answer ({answers.depth} tokens); shorten the prompt or the answers"
             )
-    max_new_tokens = min(max_new_tokens, builder.max_len - longest)
+        max_new_tokens = answers.depth
+    wanted = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    limits = [min(n, builder.max_len - length) for n, length in zip(wanted, lengths)]
+    steps = max(limits)
+    if steps <= 0:
+        return
     eos = builder.tok.eos_id
-    stepper = Stepper(model, batch, max_new_tokens, use_cache, precision)
+    stepper = Stepper(model, batch, steps, use_cache, precision)
     generated = torch.zeros(len(prompts), 0, dtype=torch.long, device=stepper.device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=stepper.device)
+    done = torch.tensor([n <= 0 for n in limits], device=stepper.device)
     with stepper.casting():
         hidden = stepper.prefill()
-        for i in range(max_new_tokens):
+        for i in range(steps):
+            for row in list(stop):
+                if 0 <= row < len(prompts):
+                    done[row] = True
+            if bool(done.all()):
+                break
             logits = stepper.logits(hidden)
             if answers is not None:
                 logits = answers.restrict(logits, generated)
             token = logits.argmax(-1)
             token = torch.where(done, torch.full_like(token, eos), token)
             generated = torch.cat([generated, token.unsqueeze(1)], dim=1)
+            writing = (~done).nonzero().flatten().tolist()
             done |= (token == eos) | (token == builder.tok.img_id)
-            if bool(done.all()) or i == max_new_tokens - 1:
+            for row in writing:
+                if i + 1 >= limits[row]:
+                    done[row] = True
+            yield [(row, t) for row, t in zip(writing, token[writing].tolist())]
+            if bool(done.all()) or i == steps - 1:
                 break
             hidden = stepper.append_token(token)
-    return [row[: row.index(eos)] if eos in row else row for row in generated.tolist()]
 
 
 @torch.no_grad()
