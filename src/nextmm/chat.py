@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator, MutableSet, Sequence
 from PIL import Image as PILImage
 
 from nextmm.data.sample import Segment, Text, Turn
+from nextmm.data.sequence import SequenceTooLong
 from nextmm.errors import UserError
 from nextmm.generate import stream_ids
 
@@ -92,7 +93,10 @@ def to_conversation(messages: Sequence[Message]) -> list[Segment]:
 
 
 def prompt_length(m: "NextMM", segments: list[Segment]) -> int:
-    return len(m.builder.encode(segments, close=False).ids)
+    try:
+        return len(m.builder.encode(segments, close=False).ids)
+    except SequenceTooLong as err:
+        return err.length  # room() says it in the conversation's words
 
 
 def room(m: "NextMM", length: int, max_new_tokens: int) -> int:

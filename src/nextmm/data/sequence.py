@@ -28,7 +28,9 @@ from nextmm.tokenizer import NextTokenizer
 
 
 class SequenceTooLong(UserError):
-    pass
+    def __init__(self, message: str, length: int = 0):
+        super().__init__(message)
+        self.length = length
 
 
 @dataclass
@@ -127,7 +129,7 @@ class SequenceBuilder:
         if len(out.ids) > self.max_len:
             raise SequenceTooLong(
                 f"the sequence is {len(out.ids)} tokens but the model's context is {self.max_len}; "
-                "use fewer images or shorter text"
+                "use fewer images or shorter text", len(out.ids)
             )
         return out
 

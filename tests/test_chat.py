@@ -1,0 +1,132 @@
+"""Chat: replies to conversations, streamed or not, one at a time or many in one batch, and their limits.
+
+The model's LLM is moved by N(0, 0.3) so that its greedy replies change from token to token: a model that writes
+one token over and over would hide a batch whose rows read each other's tokens."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from nextmm.api import NextMM, build_model
+from nextmm.chat import ChatError, ContextFull, to_conversation
+from nextmm.config import make_config
+from nextmm.data.sample import Turn
+from nextmm.models.decoder import VisualDecoder
+from nextmm.worlds.shapes import generator as shapes
+
+
+@pytest.fixture(scope="module")
+def chatty(tokenizer) -> NextMM:
+    cfg = make_config("micro")
+    cfg.llm.vocab_size = tokenizer.vocab_size
+    cfg.decoder.sample_steps = 2
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("llm."):
+                param.add_(torch.randn_like(param) * 0.3)
+    decoder = VisualDecoder(cfg.decoder, cfg.resampler.width, cfg.resampler.num_queries, semantic_width=cfg.clip_text.embed_dim)
+    return NextMM(model, tokenizer, cfg, decoder=decoder)
+
+
+def picture(i: int) -> PILImage.Image:
+    return shapes.sample_scene(np.random.default_rng([5, i])).image()
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": [picture(0), "describe the picture."]}],
+    [{"role": "system", "content": "you answer briefly"}, {"role": "user", "content": "what shape is the red object?"}],
+    [{"role": "user", "content": [picture(1), "describe the picture."]}, {"role": "assistant", "content": "a large red circle"},
+     {"role": "user", "content": [[picture(2), picture(3)], "what happens in the video?"]}],
+]
+
+
+def test_a_conversation_is_emu_i_turns_ending_in_an_open_assistant_turn():
+    segments = to_conversation(CONVERSATIONS[2])
+    assert [s.role for s in segments if isinstance(s, Turn)] == ["user", "assistant", "user", "assistant"]
+    assert isinstance(segments[-1], Turn)
+
+
+def test_the_streamed_reply_is_the_reply_piece_by_piece(chatty):
+    reply = chatty.chat(CONVERSATIONS[0], max_new_tokens=12)
+    events = list(chatty.chat(CONVERSATIONS[0], max_new_tokens=12, stream=True))
+    pieces = [e.text for e in events if e.kind == "text"]
+    assert len(pieces) > 3 and len(set(pieces)) > 2  # it streams, and the reply is not one token repeated
+    assert "".join(pieces).strip() == reply.text and events[-1].kind == "end" and events[-1].reply == reply
+    assert reply.completion_tokens == 12 and reply.finish_reason == "length"
+    assert reply.prompt_tokens == chatty.prompt_tokens(CONVERSATIONS[0])
+
+
+def test_replies_decoded_together_are_each_what_it_is_alone(chatty):
+    limits = [5, 9, 7]
+    together = chatty.replies(CONVERSATIONS, max_new_tokens=limits)
+    alone = [chatty.chat(c, max_new_tokens=n) for c, n in zip(CONVERSATIONS, limits)]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert [r.completion_tokens for r in together] == limits
+    assert len({r.text for r in together}) == 3
+
+
+def test_a_stopped_row_ends_at_once_and_the_others_go_on(chatty):
+    stop: set[int] = set()
+    ends, texts = {}, {0: "", 1: "", 2: ""}
+    for event in chatty.replies(CONVERSATIONS, max_new_tokens=10, stream=True, stop=stop):
+        if event.kind == "text":
+            texts[event.row] += event.text
+            if event.row == 1 and len(texts[1]) > 0:
+                stop.add(1)  # the client of row 1 went away
+        elif event.kind == "end":
+            ends[event.row] = event.reply
+    assert sorted(ends) == [0, 1, 2]
+    assert ends[1].completion_tokens <= 2
+    alone = [chatty.chat(CONVERSATIONS[i], max_new_tokens=10) for i in (0, 2)]
+    assert [ends[0].text, ends[2].text] == [r.text for r in alone]
+
+
+def test_a_reply_that_opens_a_picture_is_drawn(chatty, monkeypatch):
+    img = chatty.tokenizer.img_id
+    real = chatty.model.logits
+
+    def drawing_logits(hidden, *rest):  # the untrained model rarely opens a picture: make it open one at once
+        logits = real(hidden, *rest)
+        logits[..., img] = logits.max() + 1
+        return logits
+
+    monkeypatch.setattr(chatty.model, "logits", drawing_logits)
+    reply = chatty.chat([{"role": "user", "content": "draw a large red circle."}], stream=False)
+    assert reply.finish_reason == "image" and len(reply.images) == 1 and reply.images[0].size == (64, 64)
+    events = [e.kind for e in chatty.chat([{"role": "user", "content": "draw a large red circle."}], stream=True)]
+    assert events == ["image", "end"]
+    chatty_without = NextMM(chatty.model, chatty.tokenizer, chatty.config)
+    plain = chatty_without.chat([{"role": "user", "content": "draw a small blue square."}])
+    assert plain.finish_reason == "image" and plain.images == []
+
+
+def test_a_full_context_is_one_sentence_and_a_reply_gets_what_is_left(chatty):
+    context = chatty.builder.max_len
+    long = [{"role": "user", "content": "a " * (context + 5)}]
+    with pytest.raises(ContextFull, match=rf"context is {context}.*start a new conversation"):
+        chatty.chat(long)
+    nearly = [{"role": "user", "content": "a " * (context - 10)}]
+    left = context - chatty.prompt_tokens(nearly, 1)
+    assert 0 < left < 10
+    assert chatty.chat(nearly, max_new_tokens=50).completion_tokens <= left
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([], "no messages"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "last message must be the user's"),
+    ([{"role": "user", "content": "hi"}, {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], "may only come first"),
+    ([{"role": "robot", "content": "hi"}], "role 'robot'"),
+    ([{"role": "user", "content": 5}], "content is a int"),
+    ([{"role": "user", "content": ["hi", 5]}], "holds a int"),
+])
+def test_bad_conversations_are_one_sentence(chatty, messages, message):
+    with pytest.raises(ChatError, match=message):
+        chatty.chat(messages)
+
+
+def test_a_bad_token_limit_is_one_sentence(chatty):
+    with pytest.raises(ChatError, match="max_new_tokens is 0"):
+        chatty.chat(CONVERSATIONS[0], max_new_tokens=0)
