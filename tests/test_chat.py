@@ -130,3 +130,66 @@ def test_bad_conversations_are_one_sentence(chatty, messages, message):
 def test_a_bad_token_limit_is_one_sentence(chatty):
     with pytest.raises(ChatError, match="max_new_tokens is 0"):
         chatty.chat(CONVERSATIONS[0], max_new_tokens=0)
+
+
+def test_the_terminal_chat_streams_keeps_the_history_saves_drawings_and_says_when_the_context_is_full(tmp_path, chatty, monkeypatch):
+    from nextmm.console import Console
+
+    picture(0).save(tmp_path / "scene.png")
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    for k in range(3):
+        picture(k).save(frames / f"{k}.png")
+    printed: list[str] = []
+    seen: list[list[dict]] = []
+    real_chat = chatty.chat
+    monkeypatch.setattr(chatty, "chat", lambda conversation, *a, **kw: seen.append(conversation) or real_chat(conversation, *a, **kw))
+    console = Console(chatty, tmp_path / "drawings", max_new_tokens=6, say=printed.append,
+                      video_frames=lambda spec: sorted(str(p) for p in __import__("pathlib").Path(spec).iterdir()))
+    console.run([f"/image {tmp_path / 'scene.png'}", "describe the picture.", f"/video {frames}", "what happens in the video?",
+                 "/image nowhere.png", "a " * 200, "/reset", "hello", "/quit", "never read"])
+    text = "".join(printed)
+    assert text.count("assistant: ") == 3  # the two turns and the one after /reset; the over-long one is refused
+    assert "the conversation is full" in text and "/reset" in text
+    assert "error: " in text and "nowhere.png" in text  # a picture that is not there is one line, and the chat goes on
+    first, second, after_reset = seen
+    assert isinstance(first[0]["content"][0], PILImage.Image) and first[0]["content"][1] == "describe the picture."
+    assert second[:2] == [first[0], {"role": "assistant", "content": second[1]["content"]}] and len(second) == 3
+    assert isinstance(second[2]["content"][0], list) and len(second[2]["content"][0]) == 3  # the video's frames
+    assert after_reset == [{"role": "user", "content": ["hello"]}]
+    reply = real_chat(first, 6)
+    assert reply.text in text  # what it streamed is the reply
+
+
+def test_the_cli_chat_reads_lines_from_standard_input(tmp_path, capsys, monkeypatch, micro_nextmm):
+    import io
+
+    from nextmm.cli import main
+
+    model = micro_nextmm.save(tmp_path / "model")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/help\n"))
+    assert main(["chat", "--model", str(model), "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "assistant: " in out and "/image PATH" in out
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["chat", "--model", str(tmp_path / "missing")]) == 2
+
+
+def test_the_terminal_chat_saves_what_the_model_draws(tmp_path, chatty, monkeypatch):
+    from nextmm.console import Console
+
+    img, real = chatty.tokenizer.img_id, chatty.model.logits
+
+    def drawing_logits(hidden, *rest):
+        logits = real(hidden, *rest)
+        logits[..., img] = logits.max() + 1
+        return logits
+
+    monkeypatch.setattr(chatty.model, "logits", drawing_logits)
+    printed: list[str] = []
+    console = Console(chatty, tmp_path / "drawings", say=printed.append)
+    console.run(["draw a large red circle.", "draw it again."])
+    saved = sorted((tmp_path / "drawings").glob("*.png"))
+    assert [p.name for p in saved] == ["drawing-000.png", "drawing-001.png"]
+    assert str(saved[0]) in "".join(printed)
+    assert isinstance(console.history[1]["content"][0], PILImage.Image)  # the model sees its own drawing in the next turn

@@ -165,6 +165,19 @@ def cmd_complete(args: argparse.Namespace) -> None:
     print(m.complete([prompt], max_new_tokens=args.max_new_tokens, answers=answers)[0])
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from nextmm.console import Console
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    m = _load(args)
+    console = Console(m, Path(args.drawings), args.max_new_tokens, args.system or "", video_frames=video_frames)
+    tty = sys.stdin.isatty()
+    console.run(sys.stdin, prompt=(lambda: print("you: ", end="", flush=True)) if tty else (lambda: None))
+    if console.drawn:
+        print(f"drawings are in {args.drawings}")
+
+
 def draw_prompt(text: str | None, images: list[str]) -> list:
     """Placeholders put the --image files where they stand; without any, the images come first and the
     text after them (an edit: --image a.png "make the red circle blue"; a blend: two --image, no text)."""
@@ -512,6 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("prompt")
     add_device_flag(k)
     k.set_defaults(func=cmd_complete)
+
+    h = sub.add_parser("chat", help="chat with a model in the terminal: replies stream as they are decoded; /image and /video attach pictures")
+    h.add_argument("--model", required=True)
+    h.add_argument("--max-new-tokens", type=int, default=64, help="the longest reply, in tokens")
+    h.add_argument("--system", help="a system message that opens the conversation")
+    h.add_argument("--drawings", default="drawings", help="folder for the pictures the model draws")
+    add_device_flag(h)
+    h.set_defaults(func=cmd_chat)
 
     w = sub.add_parser("draw", help="draw images: from text, an interleaved prompt, two images to blend, or an image to edit")
     w.add_argument("--model", required=True)
