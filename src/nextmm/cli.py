@@ -13,7 +13,8 @@ from nextmm.errors import UserError
 
 PLACEHOLDER = re.compile(r"<image>|<video>")
 # CLI flag -> the argument name of the reader in nextmm.data.formats
-FORMAT_FLAGS = {"annotations": "annotations_json", "images": "image_dir", "questions": "questions_json", "jsonl": "jsonl_path", "root": "root"}
+FORMAT_FLAGS = {"annotations": "annotations_json", "images": "image_dir", "questions": "questions_json", "jsonl": "jsonl_path", "root": "root",
+                "json": "json_path", "max_frames": "max_frames"}
 
 
 def _print_json(payload: dict) -> None:
@@ -25,8 +26,10 @@ def cmd_data(args: argparse.Namespace) -> None:
         from nextmm.config import make_config, parse_override
         from nextmm.data.make import write_shapes
 
+        if args.only and not args.count:
+            raise UserError("--only writes the kinds --count names, and none is named; add e.g. --count conversation=2000")
         cfg = make_config(args.preset)
-        counts = dict(cfg.data.counts)
+        counts = {} if args.only else dict(cfg.data.counts)
         for item in args.count or []:
             counts.update(parse_override(item))
         written = write_shapes(args.out, counts, args.seed, cfg.data.shard_size, overwrite=args.overwrite)
@@ -436,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--preset", default="tiny", help="whose data.counts to use")
     d.add_argument("--count", action="append", metavar="KIND=N", help="override one kind's count, e.g. caption=5000")
+    d.add_argument("--only", action="store_true", help="write only the kinds --count names, e.g. --only --count conversation=2000 for nextmm tune")
     d.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     for name, needs in {
         "coco": ("annotations", "images"), "vqav2": ("questions", "annotations", "images"),
@@ -446,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument(f"--{flag}", required=True)
         d.add_argument("--out", required=True)
         d.add_argument("--max-side", type=int, default=None, help="shrink images so the longer side is at most this")
+    d = dsub.add_parser("llava", help="convert LLaVA-format conversations (a JSON list of {id, image, video, conversations}) to shards")
+    d.add_argument("--json", required=True, help="the LLaVA JSON file")
+    d.add_argument("--images", required=True, help="the folder its image paths and video folders (of frame images) are relative to")
+    d.add_argument("--out", required=True)
+    d.add_argument("--max-side", type=int, default=None, help="shrink images so the longer side is at most this")
+    d.add_argument("--max-frames", type=int, default=None, help="keep this many evenly spaced frames of each video (default: all)")
     data.set_defaults(func=cmd_data)
 
     t = sub.add_parser("train", help="train stage 0 (CLIP), stage 1 (Emu pretraining) and stage 2 (the visual decoder)")

@@ -339,11 +339,13 @@ class PretrainConfig(TrainConfig):
     # They come in lightly, for longer runs to raise: heavier, a demo still makes too few grounding batches
     # to write a box, and captions worse. binding at 0.5 rather than 0.3: more bound words are written and
     # the copy gate opens fully.
+    # conversation: instruction tuning's data (`nextmm data shapes --count conversation=N`), which a source not
+    # named here would join at weight 1; stage 1 leaves it out unless given a weight.
     mix: dict[str, float] = field(
         default_factory=lambda: {
             "caption": 3.0, "vqa": 3.0, "video_caption": 0.25, "video_qa": 0.5,
             "story": 0.3, "edit": 0.2, "binding": 0.5, "text_to_image": 1.5,
-            "ground": 0.25, "itm": 0.25, "region_caption": 0.25, "detect": 0.25,
+            "ground": 0.25, "itm": 0.25, "region_caption": 0.25, "detect": 0.25, "conversation": 0.0,
         }
     )
     # Sources held back until this many batches have been drawn: captions first, videos last. With VQA

@@ -1,4 +1,4 @@
-"""Users' data in standard formats (COCO captions, VQAv2, MMC4, frame folders) -> `Sample`s -> shards.
+"""Users' data in standard formats (COCO captions, VQAv2, MMC4, frame folders, LLaVA conversations) -> `Sample`s -> shards.
 
 Every reader checks the file's overall schema when called and raises `DataError` with one sentence if
 the file is not what it should be; individual bad records (a missing image, a corrupt image, a record
@@ -18,7 +18,9 @@ from typing import Any, Callable, Iterator
 from PIL import Image as PILImage
 from tqdm import tqdm
 
-from nextmm.data.sample import Image, Sample, Text, caption_sample, video_caption_sample, video_qa_sample, vqa_sample
+from nextmm.data.sample import (
+    Image, Sample, Segment, Text, Video, caption_sample, conversation_sample, video_caption_sample, video_qa_sample, vqa_sample,
+)
 from nextmm.data.shards import DataError, PathLike, ReadStats, ShardWriter
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -272,21 +274,35 @@ def read_video_folders(
     return _videos(folders, max_frames, stats if stats is not None else ReadStats(), max_side)
 
 
+def _frame_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_frames(folder: Path, max_frames: int | None, max_side: int | None) -> tuple[list[str], list[PILImage.Image]]:
+    """A video folder's frame images, sorted by name, `max_frames` of them evenly spaced (all when None): (their file
+    names, the pictures). DataError when the folder is missing, holds no frames, or one does not decode."""
+    if not folder.is_dir():
+        raise DataError(f"video folder '{folder}' does not exist; check the path")
+    frames = _frame_files(folder)
+    if not frames:
+        raise DataError(f"video folder '{folder}' holds no frame images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    chosen = [frames[i] for i in _uniform(len(frames), max_frames)]
+    return [p.name for p in chosen], [load_image(p, max_side) for p in chosen]
+
+
 def _videos(folders: list[Path], max_frames, stats: ReadStats, max_side) -> Iterator[Sample]:
     for folder in folders:
-        frames = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         caption_file = folder / "caption.txt"
         caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
-        if not frames or not caption:
+        if not _frame_files(folder) or not caption:
             stats.skip(f"video folder '{folder}' skipped: it needs frame images and a non-empty caption.txt")
             continue
-        chosen = [frames[i] for i in _uniform(len(frames), max_frames)]
         try:
-            images = [load_image(p, max_side) for p in chosen]
+            names, images = load_frames(folder, max_frames, max_side)
         except DataError as err:
             stats.skip(f"video folder '{folder}' skipped: {err}")
             continue
-        meta = {"folder": folder.name, "frame_files": [p.name for p in chosen]}
+        meta = {"folder": folder.name, "frame_files": names}
         stats.samples += 1
         yield video_caption_sample(f"video_{folder.name}", images, caption, **meta)
         yield from _video_qa(folder, images, meta, stats)
@@ -312,6 +328,106 @@ def _video_qa(folder: Path, images, meta, stats: ReadStats) -> Iterator[Sample]:
         yield video_qa_sample(f"video_{folder.name}_qa{j}", images, qa["question"], qa["answer"], **meta)
 
 
+# ----------------------------------------------------------------------------------------------- LLaVA
+
+LLAVA_ROLES = {"human": "user", "gpt": "assistant"}
+PLACEHOLDERS = re.compile(r"(<image>|<video>)")
+
+
+def read_llava(
+    json_path: PathLike, image_dir: PathLike, *, max_frames: int | None = None, stats: ReadStats | None = None, max_side: int | None = None
+) -> Iterator[Sample]:
+    """One conversation sample per record of a LLaVA instruction-tuning JSON, a list of {"id", "image": a path or a
+    list of paths, "video": a folder of frame images or a list of folders (paths relative to `image_dir`, both
+    optional), "conversations": [{"from": "human" | "gpt" | "system" (first only), "value": text}, ...]}.
+
+    Each `<image>` in the turns is the record's next image, each `<video>` its next video (its frames read as
+    `read_video_folders` reads them, `max_frames` of them); LLaVA writes "<image>\n" before the question. A
+    placeholder in a gpt turn is a picture the assistant draws. The turns alternate human, gpt, ... and end with
+    gpt's; only gpt's text is learned. A record that breaks this, places more or fewer pictures than it lists, or
+    names a file that is missing or does not decode is skipped and counted.
+    """
+    path = Path(json_path)
+    records = _load_json(path, "LLaVA")
+    if not isinstance(records, list):
+        raise DataError(f"'{path}' is not a LLaVA file: it is a JSON {type(records).__name__}, not a list of records; give the LLaVA JSON")
+    if max_frames is not None and max_frames < 1:
+        raise DataError(f"max_frames is {max_frames}; give a positive number of frames or None for all")
+    return _llava(records, path.name, _require_dir(image_dir, "LLaVA image directory"), max_frames, stats if stats is not None else ReadStats(), max_side)
+
+
+def _llava(records: list[Any], source: str, image_dir: Path, max_frames, stats: ReadStats, max_side) -> Iterator[Sample]:
+    for n, record in enumerate(records):
+        try:
+            sample = _llava_record(n, record, image_dir, max_frames, max_side)
+        except DataError as err:
+            ident = f" (id {record['id']!r})" if isinstance(record, dict) and "id" in record else ""
+            stats.skip(f"{source} record #{n}{ident} skipped: {err}")
+            continue
+        sample.meta["source"] = source
+        stats.samples += 1
+        yield sample
+
+
+def _paths(value: Any, field: str) -> list[str]:
+    """A record's "image" or "video": absent, one path, or a list of paths."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise DataError(f"its '{field}' is a {type(value).__name__}; give a path or a list of paths")
+
+
+def _llava_turns(conversations: Any) -> tuple[str, list[tuple[str, str]]]:
+    """(system message, [(role, text), ...]) of a record's "conversations", checked to alternate user, assistant."""
+    if not isinstance(conversations, list) or not conversations:
+        raise DataError("it has no non-empty 'conversations' list")
+    system, turns = "", []
+    for k, turn in enumerate(conversations):
+        role, value = (turn.get("from"), turn.get("value")) if isinstance(turn, dict) else (None, None)
+        if not isinstance(value, str):
+            raise DataError(f"turn {k} has no string 'value'")
+        if role == "system" and k == 0:
+            system = value
+            continue
+        if role not in LLAVA_ROLES:
+            raise DataError(f"turn {k} is from {role!r}; a turn is from 'human' or 'gpt', or 'system' when it comes first")
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
+        if LLAVA_ROLES[role] != expected:
+            raise DataError(f"turn {k} is from {role!r}, but the turns must alternate human, gpt, human, ...")
+        turns.append((LLAVA_ROLES[role], value))
+    if not turns or turns[-1][0] != "assistant":
+        raise DataError("its last turn is not from 'gpt'; end the conversation with the answer")
+    if PLACEHOLDERS.search(system):
+        raise DataError("its system message holds an <image> or <video>; place pictures in the human turns")
+    return system, turns
+
+
+def _llava_record(n: int, record: Any, image_dir: Path, max_frames, max_side) -> Sample:
+    if not isinstance(record, dict):
+        raise DataError(f"it is a JSON {type(record).__name__}, not an object")
+    system, turns = _llava_turns(record.get("conversations"))
+    images, videos = _paths(record.get("image"), "image"), _paths(record.get("video"), "video")
+    placed = [p for _, text in turns for p in PLACEHOLDERS.findall(text)]
+    if placed.count("<image>") != len(images) or placed.count("<video>") != len(videos):
+        raise DataError(f"its turns place {placed.count('<image>')} <image> and {placed.count('<video>')} <video>, "
+                        f"but it lists {len(images)} image(s) and {len(videos)} video(s)")
+    pictures = iter([Image(load_image(image_dir / name, max_side)) for name in images])
+    clips = iter([Video(load_frames(image_dir / name, max_frames, max_side)[1]) for name in videos])
+    content = []
+    for role, text in turns:
+        parts: list[Segment] = []
+        for piece in PLACEHOLDERS.split(text):
+            if piece in ("<image>", "<video>"):
+                parts.append(next(pictures if piece == "<image>" else clips))
+            elif piece.strip():
+                parts.append(Text(piece.strip()))
+        content.append((role, parts))
+    return conversation_sample(f"llava_{record.get('id', n)}", content, system, id=record.get("id"), images=images, videos=videos)
+
+
 # ----------------------------------------------------------------------------------------------- convert
 
 READERS: dict[str, Callable[..., Iterator[Sample]]] = {
@@ -319,6 +435,7 @@ READERS: dict[str, Callable[..., Iterator[Sample]]] = {
     "vqav2": read_vqav2,
     "mmc4": read_mmc4,
     "video": read_video_folders,
+    "llava": read_llava,
 }
 
 
@@ -333,7 +450,7 @@ def convert(
     progress: bool = True,
     **paths: Any,
 ) -> dict[str, Any]:
-    """Read `source` ("coco", "vqav2", "mmc4", "video") with its reader's arguments given as `paths`
+    """Read `source` ("coco", "vqav2", "mmc4", "video", "llava") with its reader's arguments given as `paths`
     (e.g. annotations_json=..., image_dir=...) and write it to shards in `out_dir`; return a summary."""
     if source not in READERS:
         raise DataError(f"unknown data source '{source}'; choose one of {', '.join(READERS)}")

@@ -22,7 +22,9 @@ from nextmm.data.sample import (
     Segment,
     DETECT_QUESTION,
     Text,
+    Video,
     caption_sample,
+    conversation_sample,
     grounding_question,
     matching_question,
     video_caption_sample,
@@ -543,10 +545,86 @@ def _instruction_sample(kind: str, rng: np.random.Generator, key: str) -> Sample
     return Sample(key, kind, [image, Text(DETECT_QUESTION, target=False), Text(detection_answer(scene))], {"objects": objects})
 
 
+# ----------------------------------------------------------------------------- conversations (instruction tuning)
+# The spec's user turns, word for word. A turn's "type" names the one-task kind it asks the same thing as, so a
+# conversation's turns are scored as those kinds are (worlds/shapes/conversations.py).
+
+DESCRIBE = "describe the picture."
+WHAT_HAPPENS = "what happens in the video?"
+MAX_TURNS = 4
+# A drawing costs a regressed picture in tuning and a decoder run in evaluation: one turn in five.
+DRAW_SHARE = 0.2
+
+
+def where_question(phrase: str) -> str:
+    # The spec's `where is the {object phrase}?` with the phrase's article dropped: "the a large red circle"
+    # reads as no one would write it.
+    return f"where is the {phrase.split(' ', 1)[1]}?"
+
+
+def draw_request(caption: str) -> str:
+    return f"draw {caption}."
+
+
+def _picture_turns(rng: np.random.Generator, scene: Scene) -> dict[str, list[dict[str, Any]]]:
+    """Every user turn the spec allows about this picture, by type, each {"question", "answer", ...}; the
+    draw turns are made apart (each draws a fresh scene)."""
+    return {
+        "caption": [{"question": DESCRIBE, "answer": scene.caption()}],
+        "vqa": [{"question": q, "answer": a, "template": t} for t, q, a in scene.questions(rng)],
+        "ground": [{"question": where_question(phrase), "answer": loc_text(box, CANVAS), "box": list(box)}
+                   for phrase, box in scene.grounding()],
+    }
+
+
+def _video_turns(clip: VideoClip) -> dict[str, list[dict[str, Any]]]:
+    return {
+        "video_caption": [{"question": WHAT_HAPPENS, "answer": clip.caption()}],
+        "video_qa": [{"question": q, "answer": a, "template": t} for t, q, a in clip.questions()],
+    }
+
+
+def conversation_doc(rng: np.random.Generator, key: str = "conversation") -> Sample:
+    """1 to 4 turns about one picture or one video (half each), which comes with the first user turn. A turn
+    asks for a drawing of a fresh scene (DRAW_SHARE of them), else a question not yet asked, its type drawn
+    evenly among those with one left; meta["turns"] records each turn's type, question and reference answer
+    for scoring, and "box" (ground) or "objects" (draw: the scene asked for) where they apply."""
+    if rng.random() < 0.5:
+        scene = sample_scene(rng)
+        visual: Segment = Image(scene.image())
+        unasked = _picture_turns(rng, scene)
+        meta: dict[str, Any] = {"picture": "image", "objects": _objects_meta(scene.objects)}
+    else:
+        clip = sample_video(rng)
+        visual = Video(clip.frames())
+        unasked = _video_turns(clip)
+        meta = {"picture": "video", "objects": _objects_meta(clip.objects), "mover": clip.mover,
+                "direction": clip.direction, "speed": clip.speed}
+    turns: list[tuple[str, list[Segment]]] = []
+    records: list[dict[str, Any]] = []
+    for k in range(int(rng.integers(1, MAX_TURNS + 1))):
+        types = [t for t, left in unasked.items() if left]
+        kind = "draw" if rng.random() < DRAW_SHARE or not types else types[int(rng.integers(len(types)))]
+        if kind == "draw":
+            drawn = sample_scene(rng)
+            record = {"type": kind, "question": draw_request(drawn.caption()), "answer": drawn.caption(),
+                      "objects": _objects_meta(drawn.objects)}
+            answer: list[Segment] = [Image(drawn.image())]
+        else:
+            record = {"type": kind, **unasked[kind].pop(int(rng.integers(len(unasked[kind]))))}
+            answer = [Text(record["answer"])]
+        turns += [("user", ([visual] if k == 0 else []) + [Text(record["question"])]), ("assistant", answer)]
+        records.append(record)
+    sample = conversation_sample(key, turns, **meta)
+    sample.meta["turns"] = records  # not as a keyword: conversation_sample's own `turns` are the segments
+    return sample
+
+
 # ----------------------------------------------------------------------------- sample factories
 
 # New kinds go at the end: a kind's stream depends on its place here (KIND_SALT).
-KINDS = ("caption", "vqa", "ground", "video_caption", "video_qa", "story", "edit", "binding", "region_caption", "itm", "detect")
+KINDS = ("caption", "vqa", "ground", "video_caption", "video_qa", "story", "edit", "binding", "region_caption", "itm", "detect",
+         "conversation")
 # Third seed word per kind: the kinds of one (seed, index) draw from unrelated streams.
 KIND_SALT = {kind: 1000 + i for i, kind in enumerate(KINDS)}
 
@@ -590,6 +668,8 @@ def _samples_at(kind: str, seed: int, index: int) -> Iterator[Sample]:
         yield edit_doc(rng, key)
     elif kind == "binding":
         yield binding_doc(rng, key)
+    elif kind == "conversation":
+        yield conversation_doc(rng, key)
     else:
         raise ValueError(f"unknown Shapes World kind {kind!r}; expected one of {KINDS}")
 
