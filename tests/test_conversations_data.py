@@ -133,6 +133,7 @@ def llava(tmp_path):
         {"id": "c", "video": "clip", "conversations": [
             {"from": human, "value": "<video>\nwhat happens?"}, {"from": gpt, "value": "it moves"}]},
         {"id": "text", "conversations": [{"from": human, "value": "hello"}, {"from": gpt, "value": "hi"}]},
+        {"id": "drawn", "image": "a.png", "conversations": [{"from": human, "value": "draw it"}, {"from": gpt, "value": "<image>"}]},
         {"id": "missing", "image": "nowhere.png", "conversations": [{"from": human, "value": "<image>\nwhat?"}, {"from": gpt, "value": "x"}]},
         {"id": "short", "image": "d1.png", "conversations": [{"from": human, "value": "<image> and <image>?"}, {"from": gpt, "value": "x"}]},
         {"id": "role", "conversations": [{"from": human, "value": "hi"}, {"from": "bot", "value": "x"}]},
@@ -147,9 +148,9 @@ def llava(tmp_path):
 def test_llava_records_become_conversations_in_shards_and_bad_ones_are_counted(llava, tmp_path):
     path, root, pix, frames = llava
     summary = convert("llava", tmp_path / "out", json_path=path, image_dir=root, progress=False)
-    assert (summary["samples"], summary["skipped"], summary["counts"]) == (4, 5, {"conversation": 4})
+    assert (summary["samples"], summary["skipped"], summary["counts"]) == (5, 5, {"conversation": 5})
     back = {s.meta["id"]: s for s in read_shards(tmp_path / "out")}
-    assert sorted(back) == ["a", "b", "c", "text"]
+    assert sorted(back) == ["a", "b", "c", "drawn", "text"]
 
     a = back["a"]
     assert isinstance(a.segments[0], Text) and a.segments[0].text == "you look at pictures" and not a.segments[0].target
@@ -165,6 +166,8 @@ def test_llava_records_become_conversations_in_shards_and_bad_ones_are_counted(l
 
     (_, user), _ = turns_of(back["c"])
     assert isinstance(user[0], Video) and [np.asarray(f).tobytes() for f in user[0].frames] == [f.tobytes() for f in (frames[1], frames[0], frames[2])]
+    (_, user), (_, answer) = turns_of(back["drawn"])  # a picture in a gpt turn is one the assistant draws
+    assert [s.text for s in user] == ["draw it"] and isinstance(answer[0], Image) and np.array_equal(np.asarray(answer[0].image), pix["a"])
     # across every conversation, the learned text is the gpt turns' and nothing else
     learned = [s.text for sample in back.values() for s in sample.segments if isinstance(s, Text) and s.target]
     assert sorted(learned) == sorted(["red", "a square", "the first is darker", "it moves", "hi"])
@@ -173,10 +176,10 @@ def test_llava_records_become_conversations_in_shards_and_bad_ones_are_counted(l
 def test_each_bad_llava_record_is_skipped_with_its_reason(llava):
     path, root, _, _ = llava
     stats = ReadStats()
-    assert [s.meta["id"] for s in read_llava(path, root, stats=stats)] == ["a", "b", "c", "text"]
-    assert (stats.samples, stats.skipped) == (4, 5)
+    assert [s.meta["id"] for s in read_llava(path, root, stats=stats)] == ["a", "b", "c", "text", "drawn"]
+    assert (stats.samples, stats.skipped) == (5, 5)
     reasons = "\n".join(stats.errors)
-    for why in ("'missing'", "nowhere.png", "place 2 <image>", "from 'bot'", "alternate", "#8", "not an object"):
+    for why in ("'missing'", "nowhere.png", "place 2 <image>", "from 'bot'", "alternate", "#9", "not an object"):
         assert why in reasons, why
 
 
@@ -191,6 +194,6 @@ def test_nextmm_data_llava_writes_shards(llava, tmp_path, capsys):
     path, root, _, _ = llava
     code = main(["data", "llava", "--json", str(path), "--images", str(root), "--out", str(tmp_path / "cli"), "--max-frames", "2"])
     summary = json.loads(capsys.readouterr().out)
-    assert code == 0 and (summary["samples"], summary["skipped"]) == (4, 5)
+    assert code == 0 and (summary["samples"], summary["skipped"]) == (5, 5)
     video = next(s for s in read_shards(tmp_path / "cli") if s.meta["id"] == "c").segments[1]
     assert isinstance(video, Video) and len(video.frames) == 2
