@@ -546,7 +546,7 @@ def _instruction_sample(kind: str, rng: np.random.Generator, key: str) -> Sample
 
 
 # ----------------------------------------------------------------------------- conversations (instruction tuning)
-# The spec's user turns, word for word. A turn's "type" names the one-task kind it asks the same thing as, so a
+# The spec's user turns, word for word but for where_question's article. A turn's "type" names the one-task kind it asks the same thing as, so a
 # conversation's turns are scored as those kinds are (worlds/shapes/conversations.py).
 
 DESCRIBE = "describe the picture."
