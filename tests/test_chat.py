@@ -193,3 +193,11 @@ def test_the_terminal_chat_saves_what_the_model_draws(tmp_path, chatty, monkeypa
     assert [p.name for p in saved] == ["drawing-000.png", "drawing-001.png"]
     assert str(saved[0]) in "".join(printed)
     assert isinstance(console.history[1]["content"][0], PILImage.Image)  # the model sees its own drawing in the next turn
+
+
+def test_a_reply_that_writes_a_box_says_it_as_a_loc_span_that_reads_back_to_the_same_tokens(chatty):
+    tok = chatty.tokenizer
+    ids = tok.encode("the circle is here <loc>0.1000 0.2000 0.5000 0.7000</loc> and") + tok.bin_ids[:2]  # an unfinished box
+    text = tok.decode_with_boxes(ids)
+    assert text.startswith("the circle is here <loc>") and text.endswith("</loc> and")
+    assert tok.encode(text) == ids[:-2]

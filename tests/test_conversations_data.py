@@ -67,7 +67,7 @@ def test_shapes_conversations_follow_the_spec_turn_by_turn():
                 assert record["question"] == "what happens in the video?" and record["answer"] == clip.caption()
                 assert [np.asarray(f).tobytes() for f in first.frames] == [np.asarray(f).tobytes() for f in clip.frames()]
             elif kind == "ground":
-                (named,) = [o for o in objects if record["question"] == f"where is the {o.size} {o.colour} {o.shape}?"]
+                (named,) = [o for o in objects if record["question"] == f"where is the a {o.size} {o.colour} {o.shape}?"]
                 assert record["box"] == list(named.box) and record["answer"] == loc_text(named.box, S.CANVAS)
             elif kind == "vqa" and record["template"] == "exists":
                 colour, shape = record["question"].rstrip("?").split()[-2:]

@@ -127,7 +127,7 @@ class _Row:
         if token in (tok.eos_id, tok.img_id):
             self.reply.finish_reason = "stop" if token == tok.eos_id else "image"
             return ""
-        text = tok.decode(self.ids)
+        text = tok.decode_with_boxes(self.ids)
         if text.endswith("\ufffd") or not text.startswith(self.given):
             return ""
         delta, self.given = text[len(self.given):], text

@@ -204,6 +204,22 @@ class NextTokenizer:
         token = self.tok.id_to_token(token_id) or ""
         return int(token[5:-1]) if token.startswith("<bin_") and token.endswith(">") else None
 
+    def decode_with_boxes(self, ids: Sequence[int]) -> str:
+        """Text in which each run of four location tokens is a `<loc>x0 y0 x1 y1</loc>` box in fractions of the image
+        (bin centres), the form `encode` reads back: what a reply that names places says (an unfinished box is left out)."""
+        pieces, words, bins = [], [], []
+        for token_id in ids:
+            k = self._bin_of(token_id)
+            if k is None:
+                words.append(token_id)
+                continue
+            bins.append(k)
+            if len(bins) == 4:
+                pieces += [self.decode(words), "<loc>" + " ".join(f"{b / (self.location_bins - 1):.4f}" for b in bins) + "</loc>"]
+                words, bins = [], []
+        pieces.append(self.decode(words))
+        return " ".join(piece for piece in pieces if piece)
+
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special).strip()
 

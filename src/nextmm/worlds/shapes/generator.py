@@ -546,7 +546,7 @@ def _instruction_sample(kind: str, rng: np.random.Generator, key: str) -> Sample
 
 
 # ----------------------------------------------------------------------------- conversations (instruction tuning)
-# The spec's user turns, word for word but for where_question's article. A turn's "type" names the one-task kind it asks the same thing as, so a
+# The spec's user turns, word for word. A turn's "type" names the one-task kind it asks the same thing as, so a
 # conversation's turns are scored as those kinds are (worlds/shapes/conversations.py).
 
 DESCRIBE = "describe the picture."
@@ -557,9 +557,9 @@ DRAW_SHARE = 0.2
 
 
 def where_question(phrase: str) -> str:
-    # The spec's `where is the {object phrase}?` with the phrase's article dropped: "the a large red circle"
-    # reads as no one would write it.
-    return f"where is the {phrase.split(' ', 1)[1]}?"
+    # The contract's `where is the {object phrase}?` exactly, article and all ("where is the a large red circle?"),
+    # so that held-out data from any program that follows it asks what training asked.
+    return f"where is the {phrase}?"
 
 
 def draw_request(caption: str) -> str:
