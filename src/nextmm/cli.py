@@ -350,6 +350,28 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"model:   {result['model']}\nmetrics: {result['metrics']}\nreport:  {result['report']}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from nextmm.serve.schema import Limits
+
+    for flag in ("max_batch", "max_images", "max_tokens"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
+    for flag in ("max_body_mb", "max_image_mb", "timeout"):
+        if not getattr(args, flag) > 0:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be more than 0")
+    if args.batch_wait_ms < 0:
+        raise UserError(f"--batch-wait-ms {args.batch_wait_ms} must be 0 or more")
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20), max_images=args.max_images,
+                    max_tokens=args.max_tokens, timeout_s=args.timeout, allow_local_files=args.allow_local_files)
+    from nextmm.serve.app import Settings, serve
+
+    settings = Settings(model_name=args.model_name or Path(args.model).resolve().name, api_key=args.api_key or os.environ.get("NEXTMM_API_KEY") or None,
+                        max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, limits=limits)
+    serve(_load(args), settings, args.host, args.port)
+
+
 ANSWERS_HELP = "closed set: the output is one of these (comma-separated, or a file with one per line)"
 
 
@@ -570,6 +592,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--resume", action="store_true", help="as for train: continue a killed demo, or extend a stage whose limits --set raised")
     add_device_flag(m)
     m.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("serve", help="serve a model over OpenAI's API (chat completions with images, image generations) and a web page")
+    s.add_argument("--model", required=True, help="a model directory")
+    s.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="the port to listen on (0: a free one)")
+    s.add_argument("--model-name", help="the name clients ask for (default: the model directory's name)")
+    s.add_argument("--api-key", help="require this key as 'Authorization: Bearer KEY' (default: the NEXTMM_API_KEY environment variable; none: open)")
+    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one batch at most (1: one at a time)")
+    s.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests to arrive before it starts")
+    s.add_argument("--max-tokens", type=int, default=512, help="tokens a reply may have at most (and its length when a request asks none)")
+    s.add_argument("--max-images", type=int, default=8, help="images a chat request may hold, and drawings an images request may ask for")
+    s.add_argument("--max-image-mb", type=float, default=8.0, help="size of one image in a request at most")
+    s.add_argument("--max-body-mb", type=float, default=32.0, help="size of a request body at most")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take; a reply still being written then ends there")
+    s.add_argument("--allow-local-files", action="store_true", help="let image_url parts name files on this machine (a path or file://)")
+    add_device_flag(s)
+    s.set_defaults(func=cmd_serve)
     return p
 
 
