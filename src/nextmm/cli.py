@@ -365,8 +365,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(f"--batch-wait-ms {args.batch_wait_ms} must be 0 or more")
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20), max_images=args.max_images,
                     max_tokens=args.max_tokens, timeout_s=args.timeout, allow_local_files=args.allow_local_files)
-    from nextmm.serve.app import Settings, serve
-
+    try:
+        from nextmm.serve.app import Settings, serve
+    except ModuleNotFoundError as err:
+        raise UserError(f"nextmm serve needs {err.name}, which is not installed; install the server's packages: pip install 'nextmm[serve]'") from None
     settings = Settings(model_name=args.model_name or Path(args.model).resolve().name, api_key=args.api_key or os.environ.get("NEXTMM_API_KEY") or None,
                         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, limits=limits)
     serve(_load(args), settings, args.host, args.port)

@@ -128,13 +128,12 @@ def create_app(m, settings: Settings) -> FastAPI:
             return ApiError(400, str(err), code="context_length_exceeded" if isinstance(err, ContextFull) else None)
         return ApiError(500, f"the model failed on this request ({type(err).__name__}: {err}); the server goes on serving others")
 
-    def chat_job(messages: list, wanted: int, loop: asyncio.AbstractEventLoop) -> tuple[Job, int]:
-        """The request's job, its prompt checked (and counted) against the model's context before it is queued."""
+    def prompt_tokens(messages: list, wanted: int) -> int:
+        """The prompt's length, checked against the model's context before the request is queued."""
         try:
-            prompt_tokens = m.prompt_tokens(messages, wanted)
+            return m.prompt_tokens(messages, wanted)
         except UserError as err:
             raise as_api_error(err) from None
-        return Job("chat", messages, deadline(), loop, wanted), prompt_tokens
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -145,16 +144,17 @@ def create_app(m, settings: Settings) -> FastAPI:
             raise ApiError(400, f"n is {req.n} but this server writes one choice per chat request; send n=1 or leave it out", param="n")
         wanted = max_new_tokens(req, limits)
         messages = await run_in_threadpool(to_messages, req.messages, limits)
-        job, prompt_tokens = await run_in_threadpool(chat_job, messages, wanted, asyncio.get_running_loop())
+        length = await run_in_threadpool(prompt_tokens, messages, wanted)
+        job = Job("chat", messages, deadline(), asyncio.get_running_loop(), wanted)
         batcher.submit(job)
         id_ = new_id()
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return JobStream(job, stream(job, id_, prompt_tokens, include_usage))
+            return JobStream(job, stream(job, id_, length, include_usage))
         reply = Gathered()
         async for kind, value in follow(job, request):
             reply.add(kind, value)
-        return completion(id_, name, reply.text + reply.note(m), reply.images, reply.reason, prompt_tokens, reply.tokens)
+        return completion(id_, name, reply.text + reply.note(m), reply.images, reply.reason, length, reply.tokens)
 
     async def stream(job: Job, id_: str, prompt_tokens: int, include_usage: bool):
         def sse(body: dict) -> str:
@@ -219,7 +219,7 @@ def create_app(m, settings: Settings) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, "batches": batcher.batches, "requests": batcher.requests,
-                "largest_batch": batcher.largest_batch, "queued": batcher.queued}
+                "largest_batch": batcher.largest_batch, "stopped": batcher.stopped, "queued": batcher.queued}
 
     @app.get("/")
     async def page():
@@ -289,15 +289,20 @@ class JobStream(StreamingResponse):
 
 
 async def read_json(request: Request, limit: int):
-    """The request body as JSON, refused (413) as soon as it is longer than `limit` bytes."""
+    """The request body as JSON, refused (413) when it is longer than `limit` bytes. A body up to twice the limit is
+    read to its end (and dropped), so that a client still sending it gets the 413 rather than a reset connection."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isdigit() and int(declared) > 2 * limit:
         raise _body_too_large(limit)
-    body = bytearray()
+    body, size = bytearray(), 0
     async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise _body_too_large(limit)
+        size += len(part)
+        if size <= limit:
+            body += part
+        elif size > 2 * limit:
+            break
+    if size > limit:
+        raise _body_too_large(limit)
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:

@@ -66,6 +66,7 @@ class Batcher:
         self._thread = threading.Thread(target=self._serve, name="nextmm-batcher", daemon=True)
         # what /health reports; the tests read largest_batch to see that concurrent requests were decoded together
         self.batches = self.requests = self.largest_batch = 0
+        self.stopped = 0  # replies stopped before their end (a client gone, the time limit)
 
     def start(self) -> None:
         self._thread.start()
@@ -145,8 +146,7 @@ class Batcher:
         for job in jobs:  # a stopped row may end without an "end" event
             job.close("stopped", "client")
 
-    @staticmethod
-    def _cut(jobs: list[Job], stop: set[int]) -> None:
+    def _cut(self, jobs: list[Job], stop: set[int]) -> None:
         """Stop the rows whose client went away or whose time ran out. The worker alone touches `stop`, between the
         events, so the decode never sees it change under it."""
         now = time.monotonic()
@@ -155,6 +155,7 @@ class Batcher:
                 continue
             if job.cancelled or now > job.deadline:
                 stop.add(row)
+                self.stopped += 1
                 job.close("stopped", "client" if job.cancelled else "time")
 
     def _draw(self, jobs: list[Job]) -> None:

@@ -133,6 +133,11 @@ def to_messages(messages: list[Message], limits: Limits) -> list[dict]:
         if message.content is None or isinstance(message.content, str):
             out.append({"role": role, "content": message.content or ""})
             continue
+        if role == "system":  # the model's system prompt is text alone (chat.py)
+            if not all(isinstance(part, TextPart) for part in message.content):
+                raise ApiError(400, f"messages[{m}] is a system message with an image; a system message holds text only", param=f"messages[{m}]")
+            out.append({"role": role, "content": "".join(part.text for part in message.content)})
+            continue
         parts: list = []
         for p, part in enumerate(message.content):
             if isinstance(part, TextPart):
