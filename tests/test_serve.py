@@ -211,6 +211,44 @@ def test_requests_that_arrive_together_are_decoded_in_one_batch_each_as_it_is_al
     assert [results[i] for i in range(4)] == alone
 
 
+def test_a_request_that_fails_in_the_model_fails_alone(server, monkeypatch, m):
+    good = ask("what shape is the red object?")
+    expected = chat(server.client(), good).choices[0].message.content
+    real = m.replies
+
+    def failing(conversations, *args, **kwargs):  # a model that breaks on one conversation breaks the batch holding it
+        if any("boom" in str(c[-1]["content"]) for c in conversations):
+            raise RuntimeError("boom")
+        return real(conversations, *args, **kwargs)
+
+    monkeypatch.setattr(m, "replies", failing)
+    before = server.health()
+    release = hold_the_worker(monkeypatch, m)
+    results: dict[str, object] = {}
+
+    def send(key: str, messages: list[dict]) -> None:
+        try:
+            results[key] = chat(server.client(), messages).choices[0].message.content
+        except openai.APIStatusError as err:
+            results[key] = err
+
+    blocker = threading.Thread(target=send, args=("blocker", good))
+    blocker.start()
+    wait_for(lambda: server.health()["batches"] == before["batches"] + 1)
+    together = [threading.Thread(target=send, args=(key, messages)) for key, messages in (("bad", ask("boom")), ("good", good))]
+    for t in together:
+        t.start()
+    wait_for(lambda: server.health()["queued"] == 2)
+    release.set()
+    for t in [blocker, *together]:
+        t.join(60)
+    assert results["blocker"] == results["good"] == expected
+    assert results["bad"].status_code == 500 and "failed on this request (RuntimeError: boom)" in results["bad"].body["message"]
+    after = server.health()
+    assert (after["batches"], after["requests"]) == (before["batches"] + 2, before["requests"] + 3)  # the two were one batch
+    assert chat(server.client(), good).choices[0].message.content == expected
+
+
 def slow_steps(monkeypatch, m: NextMM, seconds: float) -> None:
     real = m.model.logits
     monkeypatch.setattr(m.model, "logits", lambda hidden, *rest: time.sleep(seconds) or real(hidden, *rest))
@@ -222,21 +260,29 @@ def test_a_client_that_goes_away_mid_stream_is_stopped_and_the_others_finish(ser
     alone = [chat(server.client(), messages, n).choices[0].message.content for messages, n in others]
     before = server.health()
     slow_steps(monkeypatch, m, 0.01)
+    release = hold_the_worker(monkeypatch, m)
     results: dict[int, str] = {}
 
     def send(i: int) -> None:
         results[i] = chat(server.client(), *others[i]).choices[0].message.content
 
+    blocker = threading.Thread(target=send, args=(1,))
+    blocker.start()
+    wait_for(lambda: server.health()["batches"] == before["batches"] + 1)
+    stream = chat(server.client(), long, 100, stream=True)  # decoded in one batch with the two below
     threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
-    stream = chat(server.client(), long, 100, stream=True)
     for t in threads:
         t.start()
+    wait_for(lambda: server.health()["queued"] == 3)
+    release.set()
     next(c for c in stream if c.choices and c.choices[0].delta.content)
     stream.close()  # the client goes away
-    for t in threads:
+    for t in [blocker, *threads]:
         t.join(60)
     assert [results[0], results[1]] == alone
     wait_for(lambda: server.health()["stopped"] == before["stopped"] + 1)
+    after = server.health()
+    assert (after["batches"], after["requests"]) == (before["batches"] + 2, before["requests"] + 4)  # the three were one batch
     monkeypatch.undo()
     assert chat(server.client(), *others[0]).choices[0].message.content == alone[0]  # nothing of it is left behind
 

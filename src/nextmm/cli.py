@@ -353,8 +353,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
 
-    from nextmm.serve.schema import Limits
-
+    try:
+        from nextmm.serve.app import Settings, serve
+        from nextmm.serve.schema import Limits
+    except ModuleNotFoundError as err:
+        raise UserError(f"nextmm serve needs {err.name}, which is not installed; install the server's packages: pip install 'nextmm[serve]'") from None
     for flag in ("max_batch", "max_images", "max_tokens"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
@@ -365,10 +368,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UserError(f"--batch-wait-ms {args.batch_wait_ms} must be 0 or more")
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20), max_images=args.max_images,
                     max_tokens=args.max_tokens, timeout_s=args.timeout, allow_local_files=args.allow_local_files)
-    try:
-        from nextmm.serve.app import Settings, serve
-    except ModuleNotFoundError as err:
-        raise UserError(f"nextmm serve needs {err.name}, which is not installed; install the server's packages: pip install 'nextmm[serve]'") from None
     settings = Settings(model_name=args.model_name or Path(args.model).resolve().name, api_key=args.api_key or os.environ.get("NEXTMM_API_KEY") or None,
                         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, limits=limits)
     serve(_load(args), settings, args.host, args.port)
@@ -602,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", help="the name clients ask for (default: the model directory's name)")
     s.add_argument("--api-key", help="require this key as 'Authorization: Bearer KEY' (default: the NEXTMM_API_KEY environment variable; none: open)")
     s.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one batch at most (1: one at a time)")
-    s.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests to arrive before it starts")
+    s.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests to arrive before it starts")
     s.add_argument("--max-tokens", type=int, default=512, help="tokens a reply may have at most (and its length when a request asks none)")
     s.add_argument("--max-images", type=int, default=8, help="images a chat request may hold, and drawings an images request may ask for")
     s.add_argument("--max-image-mb", type=float, default=8.0, help="size of one image in a request at most")

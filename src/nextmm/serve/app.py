@@ -51,7 +51,7 @@ class Settings:
     model_name: str
     api_key: str | None = None
     max_batch: int = 16
-    batch_wait_ms: float = 10.0
+    batch_wait_ms: float = 5.0
     limits: Limits = field(default_factory=Limits)
 
 
