@@ -79,6 +79,10 @@ def create_app(m, settings: Settings) -> FastAPI:
         message = f"there is no {request.method} {request.url.path} on this server; the API is under /v1 (GET /v1/models lists the model)"
         return JSONResponse(ApiError(err.status_code, message).body(), status_code=err.status_code)
 
+    @app.exception_handler(Exception)
+    async def failed(_request, err: Exception):  # a bug, answered in OpenAI's shape too (uvicorn logs its traceback)
+        return JSONResponse(ApiError(500, f"the server failed on this request ({type(err).__name__}: {err})").body(), status_code=500)
+
     def authorize(request: Request) -> None:
         if settings.api_key is None:
             return
