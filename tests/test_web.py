@@ -143,11 +143,14 @@ def screenshots(tmp_path_factory):
 
 @pytest.fixture()
 def page(browser, server):
-    """The page, freshly loaded with no key remembered, its API key entered."""
+    """The page, freshly loaded with no key remembered; afterwards, its script must have logged no error."""
     browser.get(server + "/")
     browser.execute_script("sessionStorage.clear()")
     browser.refresh()
-    return browser
+    browser.get_log("browser")  # what is logged from here on is this test's
+    yield browser
+    script_errors = [e for e in browser.get_log("browser") if e["source"] in ("javascript", "console-api") and e["level"] == "SEVERE"]
+    assert not script_errors
 
 
 def wait(driver, condition, what: str):
@@ -174,14 +177,13 @@ def wait_for_reply(driver, count: int):
 
 
 def record_text(driver) -> None:
-    """Keeps every text the page shows in a reply as it changes: the page replaces a reply's text node at each
-    piece that arrives, and each mutation record keeps the node it added, so no piece is missed however fast
-    they come."""
+    """Keeps each piece of text the page adds to a reply, in order: the page adds a text node per piece that
+    arrives, and each mutation record keeps the node it added, so no piece is missed however fast they come."""
     driver.execute_script("""
         window.shownTexts = [];
         new MutationObserver((records) => {
             for (const r of records) for (const n of r.addedNodes)
-                if (n.nodeType === Node.TEXT_NODE && n.parentElement.closest('.message.assistant')) window.shownTexts.push(n.data);
+                if (n.nodeType === Node.TEXT_NODE && n.parentElement.matches('.message.assistant .text')) window.shownTexts.push(n.data);
         }).observe(document.getElementById('log'), {childList: true, subtree: true});""")
 
 
@@ -234,7 +236,7 @@ def test_the_page_chats_over_a_picture_streams_the_answer_and_shows_the_drawings
     assert answer.find_element(By.CSS_SELECTOR, ".text").text == "".join(pieces) == ANSWER
     assert int(answer.get_attribute("data-chunks")) == len(pieces) >= 3
     shown = page.execute_script("return window.shownTexts")
-    assert shown == ["".join(pieces[:k + 1]) for k in range(len(pieces))]
+    assert shown == pieces  # shown one by one as they came
     assert sent[1] == {"role": "assistant", "content": ANSWER}
     assert answer.find_element(By.CSS_SELECTOR, ".meta").text == "stopped at the token limit"
     assert not answer.find_elements(By.CSS_SELECTOR, "img")
@@ -316,8 +318,17 @@ def test_the_page_asks_for_the_key_shows_errors_as_a_line_and_takes_pasted_pictu
     by_id(page, "attach").send_keys(str(notes))
     wait(page, lambda d: by_id(d, "error").is_displayed(), "the refusal of a text file")
     assert by_id(page, "error").text == "notes.txt is not a picture (text/plain)."
+    # A picture too large to send whole is scaled down to 1024 pixels on its longer side.
+    large = tmp_path / "large.png"
+    PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (900, 1200, 3), dtype=np.uint8)).save(large)
+    assert large.stat().st_size > 2 << 20
+    by_id(page, "attach").send_keys(str(large))
+    wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#pending img")) == 2, "the large picture's thumbnail")
+    head, b64 = page.find_elements(By.CSS_SELECTOR, "#pending img")[1].get_attribute("src").split(",", 1)
+    assert head == "data:image/jpeg;base64" and PILImage.open(io.BytesIO(base64.b64decode(b64))).size == (1024, 768)
     screenshots(page, "7-pasted-picture-and-refused-file")
-    page.find_element(By.CSS_SELECTOR, "#pending button.remove").click()
+    for _ in range(2):
+        page.find_element(By.CSS_SELECTOR, "#pending button.remove").click()
     assert not page.find_elements(By.CSS_SELECTOR, "#pending img")
 
     # A wrong key: the server's sentence, as a line.
