@@ -87,6 +87,14 @@ def api(url: str, path: str, body: dict | None = None, key: str | None = KEY) ->
         return response.read()
 
 
+def refusal(url: str, key: str | None) -> str:
+    """The server's sentence when it refuses `key` (None: no key)."""
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        api(url, "/v1/models", key=key)
+    assert refused.value.code == 401
+    return json.loads(refused.value.read())["error"]["message"]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tokenizer):
     model = scripted_model(tokenizer, tmp_path_factory.mktemp("web") / "model")
@@ -285,12 +293,7 @@ def test_the_page_asks_for_the_key_shows_errors_as_a_line_and_takes_pasted_pictu
     wait(page, lambda d: by_id(d, "model-name").text == "model: API key needed", "the page to ask for a key")
     by_id(page, "prompt").send_keys("hello", Keys.ENTER)
     error = wait(page, lambda d: by_id(d, "error") if by_id(d, "error").is_displayed() else None, "the error line")
-    refusal = None
-    try:
-        api(server, "/v1/models", key=None)
-    except urllib.error.HTTPError as err:
-        refusal = json.loads(err.read())["error"]["message"]
-    assert refusal and error.text.startswith(refusal) and "API key" in error.text
+    assert error.text.startswith(refusal(server, None)) and "API key" in error.text
     assert by_id(page, "prompt").get_attribute("value") == "hello"
     assert not page.find_elements(By.CSS_SELECTOR, "#log .message")
     assert "needs-key" in by_id(page, "api-key").get_attribute("class")
@@ -335,10 +338,6 @@ def test_the_page_asks_for_the_key_shows_errors_as_a_line_and_takes_pasted_pictu
     enter_key(page, "wrong-key")
     by_id(page, "prompt").send_keys("hello again", Keys.ENTER)
     wait(page, lambda d: by_id(d, "error").is_displayed(), "the wrong key's error")
-    try:
-        api(server, "/v1/models", key="wrong-key")
-    except urllib.error.HTTPError as err:
-        refusal = json.loads(err.read())["error"]["message"]
-    assert by_id(page, "error").text.startswith(refusal)
+    assert by_id(page, "error").text.startswith(refusal(server, "wrong-key"))
     assert len(page.execute_script("return conversation")) == 2  # the refused message is not part of it
     screenshots(page, "8-wrong-key")
