@@ -409,9 +409,11 @@ def test_malformed_json_an_oversized_body_and_a_missing_key_are_refused(server):
 
 
 def test_the_web_page_is_served_at_the_root_when_there_is_one(server, tmp_path, monkeypatch):
+    shipped = httpx.get(server.url + "/", timeout=10)
+    assert shipped.status_code == 200 and "/v1/chat/completions" in shipped.text
+    monkeypatch.setattr(serve_app, "STATIC", tmp_path)
     assert httpx.get(server.url + "/", timeout=10).status_code == 404
     (tmp_path / "index.html").write_text("<title>nextmm</title>")
-    monkeypatch.setattr(serve_app, "STATIC", tmp_path)
     page = httpx.get(server.url + "/", timeout=10)
     assert page.status_code == 200 and "<title>nextmm</title>" in page.text
 
