@@ -98,6 +98,13 @@ def test_a_reply_that_opens_a_picture_is_drawn(chatty, monkeypatch):
     assert reply.finish_reason == "image" and len(reply.images) == 1 and reply.images[0].size == (64, 64)
     events = [e.kind for e in chatty.chat([{"role": "user", "content": "draw a large red circle."}], stream=True)]
     assert events == ["image", "end"]
+    asks = [[{"role": "user", "content": f"draw {what}."}] for what in ("a large red circle", "a small blue square")]
+    together = chatty.replies(asks)
+    alone = [chatty.chat(ask) for ask in asks]
+    # the same noise for each as alone: equal but for rounding (the batched regression's sums run in another order)
+    gap = lambda a, b: np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max()  # noqa: E731
+    assert all(gap(a.images[0], b.images[0]) <= 2 for a, b in zip(together, alone))
+    assert gap(chatty.chat(asks[0], seed=1).images[0], alone[0].images[0]) > 20  # another noise, another picture
     chatty_without = NextMM(chatty.model, chatty.tokenizer, chatty.config)
     plain = chatty_without.chat([{"role": "user", "content": "draw a small blue square."}])
     assert plain.finish_reason == "image" and plain.images == []

@@ -226,3 +226,15 @@ def test_data_without_captions_cannot_fit_the_semantic_token_and_says_what_to_do
     write_shapes(tmp_path, {"vqa": 40}, seed=0, shard_size=20)
     with pytest.raises(DataError, match=r"0 captioned pictures among the first 272 .*decoder.semantic_token=false"):
         fit_semantic_readouts(make_config("micro"), discover_sources(tmp_path), None, None, None, None)
+
+
+def test_noise_numbers_give_each_prompt_the_picture_it_gets_in_a_call_of_its_own(drawer):
+    from nextmm.api import noise_numbers
+
+    together = drawer.draw(["a large red circle", "a small blue square", "a small blue square"], noises=[0, 0, 1])
+    alone = drawer.draw(["a large red circle"]) + drawer.draw(["a small blue square", "a small blue square"])
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(together, alone))
+    assert not np.array_equal(np.asarray(together[1]), np.asarray(together[2]))
+    assert noise_numbers(2, 3) == [2_000_006, 2_000_007, 2_000_008]
+    with pytest.raises(DrawError, match="2 prompts were given 1 noise numbers"):
+        drawer.draw(["a", "b"], noises=[0])

@@ -239,7 +239,7 @@ class NextMM:
         return length
 
     def draw(self, prompts: Sequence[str | Sequence[PromptPart]], guidance: float | None = None, steps: int | None = None,
-             seed: int = 0, negative: str | None = None, candidates: int = 1) -> list[PILImage.Image]:
+             seed: int = 0, negative: str | None = None, candidates: int = 1, noises: Sequence[int] | None = None) -> list[PILImage.Image]:
         """One image per prompt. A prompt is text (`"a large red circle above a small blue square"`) or an
         interleaved list of text and pictures: in-context generation, blending (two images, no text), an
         edit (`[image, "make the red circle blue"]`). The LLM regresses the image's N embeddings and the
@@ -250,22 +250,26 @@ class NextMM:
         other prompts. With `candidates` K > 1 (text prompts only), each prompt is drawn from K noises, those
         `draw` would use with seeds `seed` to `seed + K - 1`, and the one the model itself judges to fit its
         text best is kept (its yes-minus-no margin, `match_margins`): on Shapes World, four candidates get
-        both objects of a two-object prompt right markedly more often than a single drawing."""
+        both objects of a two-object prompt right markedly more often than a single drawing. `noises`, one number per
+        prompt, gives each prompt the noise of that number instead (`noise_numbers`: image k of a call with `seed` has
+        number seed x 1000003 + k), so that prompts drawn together (a server's batch) each get what they would alone."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if noises is not None and len(noises) != len(prompts):
+            raise DrawError(f"{len(prompts)} prompts were given {len(noises)} noise numbers; give one per prompt")
         segments = []
         for k, prompt in enumerate(prompts):
             parts = to_segments(prompt)
             if not any(not isinstance(p, Text) or p.text.strip() for p in parts):
                 raise DrawError(f"prompt {k + 1} is empty; give it text or pictures to draw from")
             segments.append(parts)
-        return self._draw(segments, guidance, steps, seed, negative, candidates)
+        return self._draw(segments, guidance, steps, seed, negative, candidates, noises)
 
     def reconstruct(self, images: Sequence[Picture], guidance: float | None = None, steps: int | None = None, seed: int = 0) -> list[PILImage.Image]:
         """Image -> its N visual embeddings -> image: what the decoder makes of what the model sees."""
         decoder = self._decoder()
         guidance, steps = self._sampling(guidance, steps)
-        return self._render(decoder, self.embed_images(images), None, guidance, steps, seed, seen=True)
+        return self._render(decoder, self.embed_images(images), None, guidance, steps, noise_numbers(seed, len(images)), seen=True)
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Picture]) -> torch.Tensor:
@@ -315,7 +319,7 @@ class NextMM:
         return self.decoder
 
     def _draw(self, segments: list[list[Segment]], guidance=None, steps=None, seed: int = 0, negative: str | None = None,
-              candidates: int = 1) -> list[PILImage.Image]:
+              candidates: int = 1, noises: Sequence[int] | None = None) -> list[PILImage.Image]:
         decoder = self._decoder()
         guidance, steps = self._sampling(guidance, steps)
         texts = self._judged_texts(segments, candidates)
@@ -330,7 +334,8 @@ class NextMM:
                 regressed, negative_embeddings = regressed[:-1], regressed[-1:]
             conditions.append(regressed)
         condition = torch.cat(conditions)  # regressed once: the candidates differ only in their noise
-        drawn = [self._render(decoder, condition, negative_embeddings, guidance, steps, seed + k) for k in range(candidates)]
+        noises = noise_numbers(seed, len(segments)) if noises is None else list(noises)
+        drawn = [self._render(decoder, condition, negative_embeddings, guidance, steps, [n + k * NOISE_STRIDE for n in noises]) for k in range(candidates)]
         if candidates == 1:
             return drawn[0]
         margins = self.match_margins([image for row in drawn for image in row], texts * candidates).view(candidates, -1)
@@ -358,11 +363,12 @@ class NextMM:
             raise DrawError(f"steps {steps} is out of range; use a whole number of denoising steps from 1 to {MAX_STEPS}")
         return float(guidance), steps
 
-    def _render(self, decoder: VisualDecoder, condition, negative, guidance, steps, seed: int, seen: bool = False) -> list[PILImage.Image]:
+    def _render(self, decoder: VisualDecoder, condition, negative, guidance, steps, noises: Sequence[int], seen: bool = False) -> list[PILImage.Image]:
+        """One picture per condition, each from the noise its number in `noises` seeds (`noise_numbers`)."""
         images = []
         for start in range(0, len(condition), self.batch_size):
             part = condition[start : start + self.batch_size]
-            generators = [torch.Generator().manual_seed(seed * 1_000_003 + start + i) for i in range(len(part))]
+            generators = [torch.Generator().manual_seed(n) for n in noises[start : start + len(part)]]
             pixels = decoder.sample(part, negative=negative, guidance=guidance, steps=steps, generator=generators, seen=seen)
             images += to_pil(pixels)
         return images
@@ -455,6 +461,14 @@ def _load_decoder(root: Path, config: Config) -> VisualDecoder | None:
     if config.decoder.pretrained:
         return VisualDecoder.from_pretrained_dir(config.decoder.pretrained, config.decoder, width, n)
     return None
+
+
+NOISE_STRIDE = 1_000_003  # a call's images apart from the next seed's
+
+
+def noise_numbers(seed: int, count: int) -> list[int]:
+    """The numbers that seed the noise of a call's `count` pictures: picture k's is seed x NOISE_STRIDE + k."""
+    return [seed * NOISE_STRIDE + k for k in range(count)]
 
 
 def to_pil(pixels: torch.Tensor) -> list[PILImage.Image]:

@@ -172,10 +172,14 @@ def stream_replies(m: "NextMM", conversations: Sequence[Sequence[Message]], max_
 def _draw_rows(m: "NextMM", prompts: list[list[Segment]], rows: list[_Row], drawing: list[int], draw_options: dict) -> Iterator[Event]:
     """The pictures the rows in `drawing` opened, drawn together; without a decoder, or without room in the context
     for the picture, the reply ends as it stands."""
+    from nextmm.api import noise_numbers  # api imports this module
+
     fits = [i for i in drawing if rows[i].reply.prompt_tokens + len(rows[i].ids) + m.model.num_queries <= m.builder.max_len]
     if m.decoder is not None and fits:
         written = [prompts[i] + ([Text(rows[i].reply.text, target=False)] if rows[i].reply.text else []) for i in fits]
-        for i, image in zip(fits, m._draw(written, **draw_options)):
+        options = {"seed": 0, **draw_options}
+        alone = [noise_numbers(options.pop("seed"), 1)[0]] * len(fits)  # each reply's picture what it would be alone
+        for i, image in zip(fits, m._draw(written, noises=alone, **options)):
             rows[i].reply.images.append(image)
             yield Event(i, "image", image=image)
     for i in drawing:

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any, Literal
 
+from nextmm.api import noise_numbers
 from nextmm.errors import UserError
 
 log = logging.getLogger("nextmm.serve")
@@ -159,7 +160,9 @@ class Batcher:
                 job.close("stopped", "client" if job.cancelled else "time")
 
     def _draw(self, jobs: list[Job]) -> None:
-        images = self.model.draw([prompt for job in jobs for prompt in job.work])
+        # each job's pictures from the noises of a call of its own, whoever it shares the batch with
+        noises = [n for job in jobs for n in noise_numbers(0, len(job.work))]
+        images = self.model.draw([prompt for job in jobs for prompt in job.work], noises=noises)
         start = 0
         for job in jobs:
             job.close("images", images[start : start + len(job.work)])
