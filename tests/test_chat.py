@@ -208,3 +208,12 @@ def test_a_reply_that_writes_a_box_says_it_as_a_loc_span_that_reads_back_to_the_
     text = tok.decode_with_boxes(ids)
     assert text.startswith("the circle is here <loc>") and text.endswith("</loc> and")
     assert tok.encode(text) == ids[:-2]
+
+
+def test_a_reply_near_the_end_of_the_context_is_batched_with_a_long_one(chatty):
+    context = chatty.builder.max_len
+    nearly = [{"role": "user", "content": "a " * (context - 12)}]
+    left = context - chatty.prompt_tokens(nearly, 1)
+    short, long = chatty.replies([nearly, CONVERSATIONS[1]], max_new_tokens=[50, left + 10])
+    assert short.completion_tokens <= left and long.completion_tokens == left + 10
+    assert long.text == chatty.chat(CONVERSATIONS[1], max_new_tokens=left + 10).text

@@ -104,7 +104,8 @@ class Stepper:
     def _append(self, next_embeds: torch.Tensor) -> torch.Tensor:
         self.keys_valid[:, self.prompt_len + self.appended] = True
         self.appended += 1
-        next_pos = self.positions[:, -1:] + 1
+        # A row that has ended keeps taking the batch's steps, unread: its positions stop at the context's last.
+        next_pos = (self.positions[:, -1:] + 1).clamp(max=self.model.cfg.llm.max_seq_len - 1)
         next_embeds = next_embeds.unsqueeze(1).to(self.embeds.dtype)
         self.embeds = torch.cat([self.embeds, next_embeds], dim=1)
         self.positions = torch.cat([self.positions, next_pos], dim=1)
