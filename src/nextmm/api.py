@@ -373,7 +373,9 @@ class NextMM:
             images += to_pil(pixels)
         return images
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, keep: tuple[str, ...] = ()) -> Path:
+        """Write the model directory `path` whole (`keep`: entries of an existing one to carry over)."""
+
         def fill(tmp: Path) -> None:
             (tmp / "config.json").write_text(self.config.to_json())
             save_module(self.model, tmp / "model.safetensors")
@@ -385,7 +387,7 @@ class NextMM:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return write_atomically(path, fill)
+        return write_atomically(path, fill, keep=keep)
 
 
 def build_model(config: Config, tokenizer: NextTokenizer) -> Emu:
@@ -407,9 +409,14 @@ def saved_config(model_dir: str | Path) -> Config:
 
 
 def load(model_dir: str | Path, device: str = "auto", **kwargs) -> NextMM:
-    """A saved model directory, on `device` (`auto`: a GPU when there is one, else the CPU)."""
+    """A saved model directory, on `device` (`auto`: a GPU when there is one, else the CPU). An adapter folder
+    that `nextmm tune` wrote (tune.save=adapter) loads as the base model it names with the adapter folded in."""
     where = pick_device(device)  # checked before anything is read
     root = Path(model_dir)
+    if (root / ADAPTER_CONFIG).is_file():
+        m = load(adapter_base(root), device="cpu", **kwargs)
+        apply_adapter(m.model, root)
+        return m.to(where)
     config = saved_config(root)
     tokenizer = NextTokenizer.load(root / "tokenizer.json")
     model = _weights(build_model(config, tokenizer), root / "model.safetensors")
@@ -417,6 +424,36 @@ def load(model_dir: str | Path, device: str = "auto", **kwargs) -> NextMM:
     if (root / "clip.safetensors").is_file():
         clip = _weights(CLIP(config.vision, config.clip_text, tokenizer.vocab_size), root / "clip.safetensors")
     return NextMM(model, tokenizer, config, decoder=_load_decoder(root, config), clip=clip, **kwargs).to(where)
+
+
+# peft's adapter folder: adapter_config.json (naming the base model in base_model_name_or_path) and adapter_model.safetensors.
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(adapter: Path) -> Path:
+    """The model directory an adapter folder was tuned from (a relative base_model_name_or_path is read from the
+    adapter folder)."""
+    try:
+        named = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (json.JSONDecodeError, AttributeError):
+        raise ModelDirError(f"'{adapter / ADAPTER_CONFIG}' is not a JSON object as peft writes it; write the adapter again with `nextmm tune --adapter`") from None
+    if not named:
+        raise ModelDirError(f"the adapter in '{adapter}' names no base model (base_model_name_or_path in {ADAPTER_CONFIG}); set it to the model directory it was tuned from")
+    base = adapter / named  # an absolute path stays as it is
+    if not base.is_dir():
+        raise ModelDirError(f"the adapter in '{adapter}' was tuned from '{named}', which is not a directory; put that model back or set "
+                            f"base_model_name_or_path in {ADAPTER_CONFIG} to where it is")
+    return base
+
+
+def apply_adapter(model: Emu, adapter: Path) -> Emu:
+    """`model` (changed in place) with the peft adapter in the folder `adapter` folded into its weights."""
+    from peft import PeftModel  # only adapters need it, and it imports transformers
+
+    try:
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ModelDirError(f"the adapter in '{adapter}' does not fit its base model ({str(err).strip().splitlines()[-1]}); tune it again from that model") from None
 
 
 def from_checkpoint(checkpoint: str | Path, device: str = "auto") -> NextMM:

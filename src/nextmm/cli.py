@@ -70,6 +70,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"model written to {result['model']} (each stage's metrics.jsonl in {args.out}/<stage>/)")
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from nextmm.train.tune import tune
+
+    # the flags are settings too, checked with the others
+    flags = [*(["tune.full=true"] if args.full else []), *(["tune.save=adapter"] if args.adapter else []),
+             *([f"tune.steps={args.steps}"] if args.steps is not None else [])]
+    result = tune(args.model, args.data, args.out, [*(args.set or []), *flags], resume=args.resume, device=args.device)
+    kind = "adapter" if (Path(result["model"]) / "adapter_config.json").is_file() else "model"
+    print(f"{kind} written to {result['model']} (metrics.jsonl and checkpoints in {result['run']}); load it with nextmm.load('{result['model']}')")
+
+
 def cmd_init(args: argparse.Namespace) -> None:
     from nextmm.convert.parts import init_model
 
@@ -501,6 +512,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with several processes: seconds one waits for the others at a step before it stops with an error")
     add_device_flag(t)
     t.set_defaults(func=cmd_train)
+
+    u = sub.add_parser("tune", help="instruction-tune a model on conversations: LoRA on its LLM (Emu-I's recipe) or full fine-tuning")
+    u.add_argument("--model", required=True, help="the model directory to tune (or an adapter folder that `nextmm tune --adapter` wrote)")
+    u.add_argument("--data", required=True, help="conversation shards: a shard folder, or a folder of shard folders")
+    u.add_argument("--out", required=True, help="where the tuned model goes (its run, metrics and checkpoints, in OUT/tune/)")
+    u.add_argument("--full", action="store_true", help="fine-tune every weight of the LLM rather than LoRA adapters (tune.full=true)")
+    u.add_argument("--adapter", action="store_true",
+                   help="save peft's adapter folder, which nextmm.load applies to --model, rather than a merged model (tune.save=adapter)")
+    u.add_argument("--steps", type=int, help="training steps (tune.steps)")
+    u.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override of the model's tune section, e.g. tune.lora_rank=8")
+    u.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/tune/, or from a finished run whose limits --set raised")
+    add_device_flag(u)
+    u.set_defaults(func=cmd_tune)
 
     n = sub.add_parser("init", help="build a model from pretrained parts in local folders: an LLM, a vision tower, a decoder")
     n.add_argument("--llm", required=True, help="a Hugging Face causal LM directory (Llama, Qwen2, Qwen3, Mistral) with its tokenizer.json")

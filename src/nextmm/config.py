@@ -27,6 +27,7 @@ REGRESSION_SPACES = ("resampler", "llm")
 SAMPLERS = ("ddim", "dpm")
 NEGATIVES = ("null", "empty")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TUNE_SAVES = ("merged", "adapter")
 
 
 class ConfigError(UserError):
@@ -371,6 +372,27 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclass
+class TuneConfig(TrainConfig):
+    """Instruction tuning (`nextmm tune`, train/tune.py) on conversations, with stage 1's loss learned on the
+    assistant's turns alone: LoRA on the LLM's linear layers through peft, as Emu-I (r=16, alpha=16 on q, k, v and
+    o), or full fine-tuning of the LLM."""
+
+    lora_rank: int = 16
+    lora_alpha: int = 16  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.05
+    # Names of linear layers in the LLM's blocks (models/llm.py); peft adapts each block's layers of these names.
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Every weight of the LLM and its regression head learns, rather than LoRA adapters beside the frozen weights.
+    full: bool = False
+    # The causal transformer (with the layer norm before it and its projection to the LLM) learns too, all of its weights.
+    train_resampler: bool = False
+    # One of TUNE_SAVES. merged: the adapters folded into the weights, an ordinary model directory; adapter: peft's
+    # adapter folder (adapter_config.json naming the base model's directory, adapter_model.safetensors), which
+    # `nextmm.load` applies to that base model.
+    save: str = "merged"
+
+
+@dataclass
 class DataConfig:
     """How much Shapes World `nextmm demo` and `nextmm data shapes` generate (per kind)."""
 
@@ -405,6 +427,8 @@ class Config:
     # rebuilds held-out one- and two-object scenes right more often than 1e-3; 3e-3 is no better and fails worse.
     autoencoder: TrainConfig = field(default_factory=lambda: TrainConfig(steps=5000, batch_size=8, lr=2e-3, time_budget_s=60))
     diffusion: TrainConfig = field(default_factory=lambda: TrainConfig(steps=6000, batch_size=32, lr=2e-3, time_budget_s=150))
+    # Instruction tuning, on top of a trained model (`nextmm tune`); no weight decay, as LLaVA fine-tunes.
+    tune: TuneConfig = field(default_factory=lambda: TuneConfig(steps=1000, batch_size=16, lr=2e-4, warmup_steps=30, weight_decay=0.0, ckpt_every=100))
     seed: int = 0
 
     @property
@@ -539,7 +563,8 @@ def _into_mapping(config: Config, text: str) -> dict[str, Any]:
 
 CHOICES = {
     "vision.kind": VISION_KINDS, "vision.act": VISION_ACTIVATIONS, "resampler.seed": RESAMPLER_SEEDS, "resampler.kind": RESAMPLER_KINDS, "emu.regress_in": REGRESSION_SPACES, "decoder.sampler": SAMPLERS, "decoder.negative": NEGATIVES,
-    "decoder.prediction_type": PREDICTION_TYPES, "pretrain.sharding": SHARDINGS, **{f"{stage}.precision": PRECISIONS for stage in ("clip", "pretrain", "autoencoder", "diffusion")},
+    "decoder.prediction_type": PREDICTION_TYPES, "pretrain.sharding": SHARDINGS, "tune.save": TUNE_SAVES,
+    **{f"{stage}.precision": PRECISIONS for stage in ("clip", "pretrain", "autoencoder", "diffusion", "tune")},
 }
 
 
@@ -580,6 +605,20 @@ def _check(config: Config) -> None:
                           "over one graph, and compiled blocks give wrong gradients in the second; set one of them accordingly")
     if config.pretrain.activation_checkpointing < 0:
         raise ConfigError(f"config key 'pretrain.activation_checkpointing' is {config.pretrain.activation_checkpointing}; set it to 0 (off), 1 (every block) or k (every k-th block)")
+    _check_tune(config.tune)
+
+
+def _check_tune(t: TuneConfig) -> None:
+    if t.lora_rank < 1:
+        raise ConfigError(f"config key 'tune.lora_rank' is {t.lora_rank}; set it to a whole number of at least 1, such as 16")
+    if t.lora_alpha <= 0:
+        raise ConfigError(f"config key 'tune.lora_alpha' is {t.lora_alpha}; set it to a positive scale such as 16 (the update is scaled by lora_alpha / lora_rank)")
+    if not 0 <= t.lora_dropout < 1:
+        raise ConfigError(f"config key 'tune.lora_dropout' is {t.lora_dropout}; set it to a probability from 0 up to (not including) 1, such as 0.05")
+    if not t.full and not t.lora_targets:
+        raise ConfigError("config key 'tune.lora_targets' is empty; name the LLM's linear layers to adapt, such as [q_proj, k_proj, v_proj, o_proj], or set tune.full=true")
+    if t.full and t.save == "adapter":
+        raise ConfigError("config key 'tune.save' is 'adapter', but tune.full=true changes every weight of the LLM, which no adapter holds; set tune.save=merged")
 
 
 # Model parts added after models were first saved, on by default: a config.json without the key has no such part.

@@ -99,10 +99,12 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], plain: dict[str, Any]
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def write_atomically(final: Path, fill: Callable[[Path], None], every_rank: Callable[[Path], None] | None = None) -> Path:
+def write_atomically(final: Path, fill: Callable[[Path], None], every_rank: Callable[[Path], None] | None = None,
+                     keep: tuple[str, ...] = ()) -> Path:
     """Build a directory under a temporary name beside `final`, then rename it into place. With `every_rank`
     (called by every rank: a sharded model's checkpoint), each rank first writes its part into the one temporary
-    directory, then rank 0 alone fills in the rest and renames it."""
+    directory, then rank 0 alone fills in the rest and renames it. `keep`: entries of an existing `final` that
+    the new directory takes over (a tuned model's tune/ run folder), moved in once the rest is written."""
     tmp = final.with_name(f".tmp-{final.name}-{'ranks' if every_rank is not None else os.getpid()}")
     if every_rank is None or parallel.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -113,6 +115,9 @@ def write_atomically(final: Path, fill: Callable[[Path], None], every_rank: Call
         if not parallel.is_main():
             return final
     fill(tmp)
+    for name in keep:
+        if (final / name).exists():
+            os.replace(final / name, tmp / name)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

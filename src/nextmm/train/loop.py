@@ -109,11 +109,14 @@ class Trainer:
         backward: Callable[[dict[str, torch.Tensor], float], None] | None = None,
         clip_apart: tuple[str, ...] = (),
         objective: nn.Module | None = None,
+        frozen_eval: bool = False,
     ):
         """`clip_apart`: prefixes of parameter names whose gradients are clipped to grad_clip on their own,
         so that a large gradient there does not shrink everyone else's step (the reported norm is the rest's).
         `objective`: the loss as the sharded root runs it (parallelize.prepare) when `model` is sharded; otherwise
-        the loop wraps `loss_fn` itself (parallel.wrap)."""
+        the loop wraps `loss_fn` itself (parallel.wrap). `frozen_eval`: the modules none of whose parameters train
+        stay in eval mode, so that their running statistics (the copy head's picture mean) stay the frozen model's,
+        as instruction tuning's adapters beside it expect."""
         self.name = name
         self.model = model
         self.loss_fn = loss_fn
@@ -122,6 +125,7 @@ class Trainer:
         self.modules = {"model": model, **(extra_modules or {})}
         self.after_step = after_step
         self.objective = objective
+        self.frozen_eval = frozen_eval
         self.optimizer = torch.optim.AdamW(
             groups or param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95)
         )
@@ -176,6 +180,11 @@ class Trainer:
         checkpoint = None
         bar = ProgressBar(self.name, self.cfg, step, elapsed_before, show=main)
         self.model.train()
+        if self.frozen_eval:
+            for module in self.model.modules():
+                params = list(module.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    module.eval()
         while step < self.cfg.steps:
             # Ranks' clocks differ: the slowest one's sets the schedule and the stop, so that every rank takes the
             # same learning rate and stops at the same step.
