@@ -4,7 +4,8 @@ The model runs on its device (`load(..., device=)`, `m.to(device)`); what the AP
 embeddings, margins) comes back on the CPU.
 
 A model directory holds `config.json`, `model.safetensors` and `tokenizer.json`, and `decoder/` (the
-visual decoder in diffusers' format, models/decoder.py) when it can draw.
+visual decoder in diffusers' format, models/decoder.py) when it can draw. `load` also takes an adapter folder
+that `nextmm tune --adapter` wrote (peft's adapter_config.json and adapter_model.safetensors, naming its base model).
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def adapt(model: Emu, cfg: Config, base: Path) -> PeftModel | None:
 def conversation(sample: Sample) -> Sample:
     if not any(isinstance(segment, Turn) for segment in sample.segments):
         raise LeftOut(f"sample '{sample.key}' holds no conversation turns, which instruction tuning learns from "
-                      "(write them with `nextmm data shapes --count conversation=N` or `nextmm data llava`)")
+                      "(write them with `nextmm data shapes --only --count conversation=N` or `nextmm data llava`)")
     return sample
 
 
