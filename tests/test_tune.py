@@ -110,6 +110,9 @@ def test_the_adapter_folder_is_pefts_and_loads_as_the_merged_model(model_dir, ch
     base = api.load(model_dir, device="cpu")
     PeftModel.from_pretrained(base.model, folder)
     assert torch.allclose(logits(base), logits(api.load(folder, device="cpu")), atol=1e-5)
+    # an adapter folder is a model to tune further, too
+    again = tuned(folder, chats, tmp_path, ["tune.steps=1"], "again")
+    assert not torch.allclose(logits(api.load(again["model"], device="cpu")), logits(base), atol=1e-4)
 
 
 def test_full_tuning_changes_the_llm_and_nothing_else(model_dir, chats, tmp_path):
@@ -164,3 +167,5 @@ def test_the_cli_tunes_a_model_into_a_loadable_directory_and_resumes(model_dir, 
     assert steps == [1, 2, 3, 4, 5]
     assert main(["tune", "--model", str(model_dir), "--data", str(chats), "--out", str(out), "--set", "llm.layers=3"]) == 2
     assert "llm.layers=3" in capsys.readouterr().err
+    assert main(["tune", "--model", str(model_dir), "--data", str(chats), "--out", str(model_dir)]) == 2
+    assert "is the model being tuned" in capsys.readouterr().err and api.load(model_dir, device="cpu")

@@ -155,6 +155,8 @@ def tune(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, overr
     """Tune the model in `model_dir` on the conversations in `data_dir` (a shard folder, or a folder of them) with its
     config's `tune` section and `overrides` (`tune.lr=1e-4`), into `out_dir` (the module's layout)."""
     base, out = Path(model_dir), Path(out_dir)
+    if out.resolve() == base.resolve():
+        raise TuneError(f"--out '{out}' is the model being tuned, which writing the tuned model would replace; give another folder")
     cfg = apply_overrides(base_config(base), tune_settings(overrides))
     if not cfg.tune.full:
         lora_config(cfg)  # a wrong target is told before the model loads
