@@ -520,8 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--full", action="store_true", help="fine-tune every weight of the LLM rather than LoRA adapters (tune.full=true)")
     u.add_argument("--adapter", action="store_true",
                    help="save peft's adapter folder, which nextmm.load applies to --model, rather than a merged model (tune.save=adapter)")
-    u.add_argument("--steps", type=int, help="training steps (tune.steps)")
-    u.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override of the model's tune section, e.g. tune.lora_rank=8")
+    u.add_argument("--steps", type=int, help="training steps (tune.steps; the preset's tune.time_budget_s may stop it sooner)")
+    u.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="dotted override of the model's tune settings, of the loss's (pretrain.*) or of seed, e.g. tune.lora_rank=8")
     u.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/tune/, or from a finished run whose limits --set raised")
     add_device_flag(u)
     u.set_defaults(func=cmd_tune)
