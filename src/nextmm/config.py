@@ -418,9 +418,9 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     clip: ClipTrainConfig = field(default_factory=lambda: ClipTrainConfig(steps=1500, batch_size=64, lr=2e-3, time_budget_s=100))
-    # Stage 1 has 430 s: runs of under ~500 steps often lose their reading, and 430 s makes ~570 or
-    # more even on a slower AVX2 EPYC, with the demo still within 15 minutes.
-    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=3000, batch_size=32, lr=1.5e-3, time_budget_s=430))
+    # Stage 1 has 400 s: runs of under ~500 steps often lose their reading, and 400 s makes ~530 or
+    # more even on a slower AVX2 EPYC, with the demo and its minute of instruction tuning within 15 minutes.
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=3000, batch_size=32, lr=1.5e-3, time_budget_s=400))
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     # Stage 2: the decoder's autoencoder on pixels, then its UNet on the frozen visual embeddings.
     # Small batches for the autoencoder: more steps in its minute, and its images are alike anyway. lr 2e-3

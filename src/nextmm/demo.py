@@ -31,8 +31,8 @@ DRAW_SIZES = {"micro": (4, 4, 4)}  # one-object prompts, two-object prompts, rec
 # a second, 100 rather than 160 leave a margin.
 FULL_DRAW = (40, 40, 20)
 CHAT_SIZES = {"micro": (32, 8)}  # conversations tuned on, held-out conversations scored before and after tuning
-# The tiny preset's minute of tuning sees about 1300 conversations at batch 16: 2000 written, few repeat.
-FULL_CHAT = (2000, 100)
+# The tiny preset's 45 s of tuning sees about 1000 conversations at batch 16: 1200 written, few repeat.
+FULL_CHAT = (1200, 100)
 
 
 def run_demo(out_dir: str | Path = "runs/demo", preset: str = "tiny", overrides: list[str] = (), resume: bool = False,
