@@ -233,8 +233,9 @@ def test_noise_numbers_give_each_prompt_the_picture_it_gets_in_a_call_of_its_own
 
     together = drawer.draw(["a large red circle", "a small blue square", "a small blue square"], noises=[0, 0, 1])
     alone = drawer.draw(["a large red circle"]) + drawer.draw(["a small blue square", "a small blue square"])
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(together, alone))
-    assert not np.array_equal(np.asarray(together[1]), np.asarray(together[2]))
+    # equal but for rounding: a batch's sums may run in another order
+    assert all(pixel_gap(a, b) <= 2 for a, b in zip(together, alone))
+    assert pixel_gap(together[1], together[2]) > 20  # another noise, another picture
     assert noise_numbers(2, 3) == [2_000_006, 2_000_007, 2_000_008]
     with pytest.raises(DrawError, match="2 prompts were given 1 noise numbers"):
         drawer.draw(["a", "b"], noises=[0])
