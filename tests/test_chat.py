@@ -1,34 +1,14 @@
-"""Chat: replies to conversations, streamed or not, one at a time or many in one batch, and their limits.
-
-The model's LLM is moved by N(0, 0.3) so that its greedy replies change from token to token: a model that writes
-one token over and over would hide a batch whose rows read each other's tokens."""
+"""Chat: replies to conversations, streamed or not, one at a time or many in one batch, and their limits (on the
+`chatty` model of conftest.py, whose replies change from token to token)."""
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image as PILImage
 
-from nextmm.api import NextMM, build_model
+from nextmm.api import NextMM
 from nextmm.chat import ChatError, ContextFull, to_conversation
-from nextmm.config import make_config
 from nextmm.data.sample import Turn
-from nextmm.models.decoder import VisualDecoder
 from nextmm.worlds.shapes import generator as shapes
-
-
-@pytest.fixture(scope="module")
-def chatty(tokenizer) -> NextMM:
-    cfg = make_config("micro")
-    cfg.llm.vocab_size = tokenizer.vocab_size
-    cfg.decoder.sample_steps = 2
-    torch.manual_seed(0)
-    model = build_model(cfg, tokenizer).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.startswith("llm."):
-                param.add_(torch.randn_like(param) * 0.3)
-    decoder = VisualDecoder(cfg.decoder, cfg.resampler.width, cfg.resampler.num_queries, semantic_width=cfg.clip_text.embed_dim)
-    return NextMM(model, tokenizer, cfg, decoder=decoder)
 
 
 def picture(i: int) -> PILImage.Image:

@@ -17,14 +17,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
 import uvicorn
 from PIL import Image as PILImage
 
 import nextmm
-from nextmm.api import NextMM, build_model
-from nextmm.config import make_config
-from nextmm.models.decoder import VisualDecoder
+from nextmm.api import NextMM
 from nextmm.serve import app as serve_app
 from nextmm.serve.app import Settings, address, create_app, listen
 from nextmm.serve.schema import ApiError, Limits, read_picture
@@ -36,18 +33,8 @@ LIMITS = dict(max_images=2, max_image_bytes=64 << 10, max_body_bytes=1 << 20, ma
 
 
 @pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory) -> Path:
-    cfg = make_config("micro")
-    cfg.llm.vocab_size = tokenizer.vocab_size
-    cfg.decoder.sample_steps = 2
-    torch.manual_seed(0)
-    model = build_model(cfg, tokenizer).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.startswith("llm."):
-                param.add_(torch.randn_like(param) * 0.3)
-    decoder = VisualDecoder(cfg.decoder, cfg.resampler.width, cfg.resampler.num_queries, semantic_width=cfg.clip_text.embed_dim)
-    return NextMM(model, tokenizer, cfg, decoder=decoder).save(tmp_path_factory.mktemp("models") / NAME)
+def model_dir(chatty, tmp_path_factory) -> Path:
+    return chatty.save(tmp_path_factory.mktemp("models") / NAME)
 
 
 @pytest.fixture(scope="module")
