@@ -425,6 +425,7 @@ def test_nextmm_serve_refuses_bad_flags_in_one_sentence(model_dir, tmp_path, cap
 
     assert_one_clear_line(*run(capsys, "serve", "--model", str(tmp_path / "missing"))[::2], "not a nextmm model directory")
     assert_one_clear_line(*run(capsys, "serve", "--model", str(model_dir), "--max-batch", "0")[::2], "--max-batch 0")
+    assert_one_clear_line(*run(capsys, "serve", "--model", str(model_dir), "--port", "99999")[::2], "--port 99999 is not a port")
     with listen("127.0.0.1", 0) as taken:
         port = str(taken.getsockname()[1])
         assert_one_clear_line(*run(capsys, "serve", "--model", str(model_dir), "--port", port)[::2], "cannot listen", "--port")

@@ -377,6 +377,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be more than 0")
     if args.batch_wait_ms < 0:
         raise UserError(f"--batch-wait-ms {args.batch_wait_ms} must be 0 or more")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is not a port; give one from 1 to 65535 (0: any free one)")
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_bytes=int(args.max_image_mb * 2**20), max_images=args.max_images,
                     max_tokens=args.max_tokens, timeout_s=args.timeout, allow_local_files=args.allow_local_files)
     settings = Settings(model_name=args.model_name or Path(args.model).resolve().name, api_key=args.api_key or os.environ.get("NEXTMM_API_KEY") or None,
