@@ -165,6 +165,14 @@ def test_the_cli_tunes_a_model_into_a_loadable_directory_and_resumes(model_dir, 
     assert main([*argv, "--resume", "--steps", "5"]) == 0
     steps = [json.loads(line)["step"] for line in (out / "tune" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+    # a checkpoint keeps the adapters it trains, not the frozen base that --model gives again
+    (kept,) = [p for p in (out / "tune" / "checkpoints").glob("step-*") if p.name.endswith("5")]
+    names = set(load_file(str(kept / "model.safetensors")))
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert len(names) == 2 * 4 * make_config("micro").llm.layers  # A and B of q, k, v, o in every block
+    tuned_again = api.load(out, device="cpu")
+    assert main([*argv, "--resume", "--steps", "5"]) == 0  # finished: its adapters loaded from the checkpoint, the same model written
+    assert torch.equal(logits(api.load(out, device="cpu")), logits(tuned_again))
     assert main(["tune", "--model", str(model_dir), "--data", str(chats), "--out", str(out), "--set", "llm.layers=3"]) == 2
     assert "llm.layers=3" in capsys.readouterr().err
     assert main(["tune", "--model", str(model_dir), "--data", str(chats), "--out", str(model_dir)]) == 2

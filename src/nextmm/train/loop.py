@@ -110,19 +110,21 @@ class Trainer:
         clip_apart: tuple[str, ...] = (),
         objective: nn.Module | None = None,
         frozen_eval: bool = False,
+        checkpointed: nn.Module | None = None,
     ):
         """`clip_apart`: prefixes of parameter names whose gradients are clipped to grad_clip on their own,
         so that a large gradient there does not shrink everyone else's step (the reported norm is the rest's).
         `objective`: the loss as the sharded root runs it (parallelize.prepare) when `model` is sharded; otherwise
         the loop wraps `loss_fn` itself (parallel.wrap). `frozen_eval`: the modules none of whose parameters train
         stay in eval mode, so that their running statistics (the copy head's picture mean) stay the frozen model's,
-        as instruction tuning's adapters beside it expect."""
+        as instruction tuning's adapters beside it expect. `checkpointed`: what a checkpoint keeps of the model, and
+        resuming loads back (the model itself by default; tuning keeps the weights it trains, not the frozen base)."""
         self.name = name
         self.model = model
         self.loss_fn = loss_fn
         self.cfg = cfg
         self.out_dir = Path(out_dir)
-        self.modules = {"model": model, **(extra_modules or {})}
+        self.modules = {"model": checkpointed if checkpointed is not None else model, **(extra_modules or {})}
         self.after_step = after_step
         self.objective = objective
         self.frozen_eval = frozen_eval

@@ -8,7 +8,8 @@ Output layout of `nextmm tune --model M --data D --out M2`:
              M's decoder/ and clip.safetensors carried over; with tune.save=adapter: peft's adapter folder,
              adapter_config.json (whose base_model_name_or_path names M) and adapter_model.safetensors, which
              `nextmm.load(M2)` folds into M
-  M2/tune/   metrics.jsonl, checkpoints/, done.json, as a `nextmm train` stage's (`--resume` continues from them)
+  M2/tune/   metrics.jsonl, checkpoints/ (the weights tuning trains, with the optimizer: `TrainedWeights`), done.json,
+             as a `nextmm train` stage's (`--resume` continues from them)
 """
 
 from __future__ import annotations
@@ -89,6 +90,33 @@ def adapt(model: Emu, cfg: Config, base: Path) -> PeftModel | None:
     return None
 
 
+class TrainedWeights(nn.Module):
+    """The weights tuning trains, as its checkpoints hold them: the adapters (or the LLM), not the frozen base that
+    `nextmm tune --model` reloads, which for a large model would make each checkpoint the whole model again."""
+
+    def __init__(self, model: Emu):
+        super().__init__()
+        self.of = [model]  # in a list, so that the model is not a submodule whose whole state_dict this would return
+
+    def trained(self) -> dict[str, nn.Parameter]:
+        return {name: param for name, param in self.of[0].named_parameters() if param.requires_grad}
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return {name: param.detach() for name, param in self.trained().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        trained = self.trained()
+        missing, unexpected = sorted(set(trained) - set(state)), sorted(set(state) - set(trained))
+        if missing or unexpected:  # worded as torch words it, which checkpoint.resume_module reads
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self.of[0]).__name__}:\n\t"
+                               + (f"Missing key(s) in state_dict: {', '.join(missing[:3])}" if missing else f"Unexpected key(s) in state_dict: {', '.join(unexpected[:3])}"))
+        with torch.no_grad():
+            for name, param in trained.items():
+                if param.shape != state[name].shape:
+                    raise RuntimeError(f"Error(s) in loading state_dict:\n\tsize mismatch for {name}: {tuple(state[name].shape)} in the checkpoint, {tuple(param.shape)} here")
+                param.copy_(state[name])
+
+
 def conversation(sample: Sample) -> Sample:
     if not any(isinstance(segment, Turn) for segment in sample.segments):
         raise LeftOut(f"sample '{sample.key}' holds no conversation turns, which instruction tuning learns from "
@@ -109,12 +137,13 @@ def fine_tune(m: api.NextMM, cfg: Config, sources: dict[str, Path], run_dir: Pat
     torch.manual_seed(cfg.seed + 3)  # the adapters' initialisation
     model = m.model
     adapted = adapt(model, cfg, base)
-    if finished_stage(model, run_dir, resume, cfg.tune) is not None:
+    weights = TrainedWeights(model)
+    if finished_stage(weights, run_dir, resume, cfg.tune) is not None:
         return adapted, None
     # Stage 1's loss and backward, without its EMA targets: tuning leaves the visual stack that makes the targets
     # frozen, or (tune.train_resampler) trains it by the text loss alone, as stage 1 does by default.
     _, loss_fn, backward = pretrain_objective(model, dataclasses.replace(cfg.pretrain, target_ema=0.0))
-    trainer = Trainer(RUN, model, loss_fn, cfg.tune, run_dir, backward=backward, frozen_eval=True)
+    trainer = Trainer(RUN, model, loss_fn, cfg.tune, run_dir, backward=backward, frozen_eval=True, checkpointed=weights)
     result = trainer.run(Prefetcher(tune_stream(cfg, m.tokenizer, sources), pin=on_gpu(model)), resume)
     mark_stage_done(run_dir, result)
     model.eval()
