@@ -86,7 +86,7 @@ def test_the_merged_model_gives_the_adapted_models_logits(model_dir, chats, tmp_
     cfg = tuning.apply_overrides(m.config, FEW_STEPS)
     adapted, _ = tuning.fine_tune(m, cfg, tuning.discover_sources(chats), tmp_path / "out" / "tune", model_dir)
     with_adapters = logits(m)
-    merged = api.load(tuning.save_tuned(m, adapted, cfg, tmp_path / "out"), device="cpu")
+    merged = api.load(tuning.save_tuned(m, adapted, cfg, tmp_path / "out", model_dir), device="cpu")
     assert not any(".lora_" in k or "base_layer" in k for k in merged.model.state_dict())
     assert torch.allclose(logits(merged), with_adapters, atol=1e-5)
     assert not torch.allclose(with_adapters, logits(api.load(model_dir, device="cpu")), atol=1e-3)  # it did learn
@@ -97,7 +97,7 @@ def test_the_adapter_folder_is_pefts_and_loads_as_the_merged_model(model_dir, ch
     merged = tuned(model_dir, chats, tmp_path, [], "merged")
     adapter = tuned(model_dir, chats, tmp_path, ["tune.save=adapter"], "adapter")
     folder = tmp_path / "adapter"
-    assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "nextmm_base.json"]
     settings = json.loads((folder / "adapter_config.json").read_text())
     assert settings["peft_type"] == "LORA" and settings["r"] == 4 and settings["base_model_name_or_path"] == str(model_dir.resolve())
     keys = load_file(str(folder / "adapter_model.safetensors"))
@@ -113,6 +113,13 @@ def test_the_adapter_folder_is_pefts_and_loads_as_the_merged_model(model_dir, ch
     # an adapter folder is a model to tune further, too
     again = tuned(folder, chats, tmp_path, ["tune.steps=1"], "again")
     assert not torch.allclose(logits(api.load(again["model"], device="cpu")), logits(base), atol=1e-4)
+    # the base model trained again in place: its adapter says so rather than folding into other weights
+    with torch.no_grad():
+        base = api.load(model_dir, device="cpu")
+        base.model.llm.layers[0].self_attn.q_proj.weight.add_(0.01)
+    base.save(model_dir)
+    with pytest.raises(api.ModelDirError, match="tuned on other weights than those now in"):
+        api.load(folder, device="cpu")
 
 
 def test_full_tuning_changes_the_llm_and_nothing_else(model_dir, chats, tmp_path):

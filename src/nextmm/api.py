@@ -10,6 +10,7 @@ that `nextmm tune --adapter` wrote (peft's adapter_config.json and adapter_model
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator, MutableSet, Sequence, Union
@@ -415,7 +416,9 @@ def load(model_dir: str | Path, device: str = "auto", **kwargs) -> NextMM:
     where = pick_device(device)  # checked before anything is read
     root = Path(model_dir)
     if (root / ADAPTER_CONFIG).is_file():
-        m = load(adapter_base(root), device="cpu", **kwargs)
+        base = adapter_base(root)
+        check_base(root, base)
+        m = load(base, device="cpu", **kwargs)
         apply_adapter(m.model, root)
         return m.to(where)
     config = saved_config(root)
@@ -445,6 +448,38 @@ def adapter_base(adapter: Path) -> Path:
         raise ModelDirError(f"the adapter in '{adapter}' was tuned from '{named}', which is not a directory; put that model back or set "
                             f"base_model_name_or_path in {ADAPTER_CONFIG} to where it is")
     return base
+
+
+BASE_FINGERPRINT = "nextmm_base.json"  # beside peft's files: the weights an adapter was tuned on
+PIECE, PIECES = 1 << 16, 16
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """A quick fingerprint of a model directory's weights (an adapter folder's own, in a chain of adapters): the file's
+    size and 16 evenly spaced 64 KiB pieces of it, so that checking a large model does not read it twice. Training
+    changes every tensor's bytes, so any retrained weights change it."""
+    path = model_dir / ("adapter_model.safetensors" if (model_dir / ADAPTER_CONFIG).is_file() else "model.safetensors")
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        for k in range(PIECES):
+            f.seek(k * max(size - PIECE, 0) // (PIECES - 1))
+            digest.update(f.read(PIECE))
+    return digest.hexdigest()
+
+
+def record_base(adapter: Path, base: Path) -> None:
+    """Write into the adapter folder which weights it was tuned on (`check_base` compares them when it is loaded)."""
+    (adapter / BASE_FINGERPRINT).write_text(json.dumps({"base": str(base.resolve()), "weights": weights_fingerprint(base)}, indent=2) + "\n")
+
+
+def check_base(adapter: Path, base: Path) -> None:
+    """A clear error when the base model's weights changed since the adapter was tuned on them (an adapter from
+    elsewhere, without the record, is taken as it is)."""
+    record = adapter / BASE_FINGERPRINT
+    if record.is_file() and json.loads(record.read_text()).get("weights") != weights_fingerprint(base):
+        raise ModelDirError(f"the adapter in '{adapter}' was tuned on other weights than those now in '{base}' (the model there was "
+                            "trained or replaced since); put that model back, or tune the adapter again from the model as it is now")
 
 
 def apply_adapter(model: Emu, adapter: Path) -> Emu:

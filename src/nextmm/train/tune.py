@@ -150,11 +150,16 @@ def fine_tune(m: api.NextMM, cfg: Config, sources: dict[str, Path], run_dir: Pat
     return adapted, result
 
 
-def save_tuned(m: api.NextMM, adapted: PeftModel | None, cfg: Config, out: Path) -> Path:
-    """The tuned model as tune.save asks, written whole into `out`, its run folder kept."""
+def save_tuned(m: api.NextMM, adapted: PeftModel | None, cfg: Config, out: Path, base: Path) -> Path:
+    """The tuned model as tune.save asks, written whole into `out`, its run folder kept; an adapter folder records
+    which weights of `base` it was tuned on (api.record_base)."""
     if cfg.tune.save == "adapter":
-        # No embedding rows are adapted, so peft need not look for a vocabulary change in the base model's files.
-        return write_atomically(out, lambda tmp: adapted.save_pretrained(tmp, save_embedding_layers=False), keep=(RUN,))
+        def fill(tmp: Path) -> None:
+            # No embedding rows are adapted, so peft need not look for a vocabulary change in the base model's files.
+            adapted.save_pretrained(tmp, save_embedding_layers=False)
+            api.record_base(tmp, base)
+
+        return write_atomically(out, fill, keep=(RUN,))
     model = adapted.merge_and_unload() if adapted is not None else m.model
     return api.NextMM(model, m.tokenizer, cfg, decoder=m.decoder, clip=m.clip).save(out, keep=(RUN,))
 
@@ -193,6 +198,6 @@ def tune(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, overr
     m = api.load(base, device=device)
     m.config = cfg
     adapted, result = fine_tune(m, cfg, sources, out / RUN, base, resume)
-    written = save_tuned(m, adapted, cfg, out)
+    written = save_tuned(m, adapted, cfg, out, base)
     return {"model": str(written), "run": str(out / RUN), "steps": result.step if result is not None else None,
             "loss": result.last.get("loss") if result is not None else None}
