@@ -178,16 +178,21 @@ class NextTokenizer:
     def phrases_with_boxes(self, ids: Sequence[int], image_size: int | tuple[int, int]) -> list[tuple[str, tuple[float, ...]]]:
         """Detection output, "a red circle <4 location tokens>, a blue square <4 location tokens>", as
         (phrase, pixel box) pairs; text with no complete box after it is dropped."""
-        found, words, bins = [], [], []
+        return [(self.decode(words).strip(" ,;"), self.box_from_ids(box, image_size)) for words, box in self._boxed_runs(ids) if box]
+
+    def _boxed_runs(self, ids: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+        """`ids` as (word ids, the four location ids of the box after them) runs; the last run's box is empty when no
+        complete box follows its words (the location ids of an unfinished box are dropped)."""
+        runs, words, bins = [], [], []
         for token_id in ids:
             if self._bin_of(token_id) is None:
                 words.append(token_id)
                 continue
             bins.append(token_id)
             if len(bins) == 4:
-                found.append((self.decode(words).strip(" ,;"), self.box_from_ids(bins, image_size)))
+                runs.append((words, bins))
                 words, bins = [], []
-        return found
+        return runs + [(words, [])]
 
     @property
     def special_ids(self) -> list[int]:
@@ -207,17 +212,11 @@ class NextTokenizer:
     def decode_with_boxes(self, ids: Sequence[int]) -> str:
         """Text in which each run of four location tokens is a `<loc>x0 y0 x1 y1</loc>` box in fractions of the image
         (bin centres), the form `encode` reads back: what a reply that names places says (an unfinished box is left out)."""
-        pieces, words, bins = [], [], []
-        for token_id in ids:
-            k = self._bin_of(token_id)
-            if k is None:
-                words.append(token_id)
-                continue
-            bins.append(k)
-            if len(bins) == 4:
-                pieces += [self.decode(words), "<loc>" + " ".join(f"{b / (self.location_bins - 1):.4f}" for b in bins) + "</loc>"]
-                words, bins = [], []
-        pieces.append(self.decode(words))
+        pieces = []
+        for words, box in self._boxed_runs(ids):
+            pieces.append(self.decode(words))
+            if box:
+                pieces.append("<loc>" + " ".join(f"{self._bin_of(b) / (self.location_bins - 1):.4f}" for b in box) + "</loc>")
         return " ".join(piece for piece in pieces if piece)
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
