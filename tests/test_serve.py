@@ -170,28 +170,35 @@ def wait_for(condition, seconds: float = 30) -> None:
         time.sleep(0.02)
 
 
+def queued_behind_one(server, monkeypatch, m: NextMM, first, rest) -> None:
+    """`first` (a callable sending a request) is decoded alone while the worker is held; the `rest` queue up behind it
+    meanwhile and are decoded together once it is let go. Returns when every one has its answer."""
+    batches = server.health()["batches"]
+    release = hold_the_worker(monkeypatch, m)
+    blocker = threading.Thread(target=first)
+    blocker.start()
+    wait_for(lambda: server.health()["batches"] == batches + 1)
+    together = [threading.Thread(target=send) for send in rest]
+    for t in together:
+        t.start()
+    wait_for(lambda: server.health()["queued"] == len(rest))
+    release.set()
+    for t in [blocker, *together]:
+        t.join(60)
+
+
 def test_requests_that_arrive_together_are_decoded_in_one_batch_each_as_it_is_alone(server, monkeypatch, m):
     requests = [(ask("describe the picture.", picture(2)), 9), (ask("what shape is the red object?"), 5),
                 (ask("what color is the circle?", picture(3)), 12), (ask("hello"), 7)]
     alone = [chat(server.client(), messages, n).choices[0].message.content for messages, n in requests]
     assert len(set(alone)) == 4
     before = server.health()
-    release = hold_the_worker(monkeypatch, m)
     results: dict[int, str] = {}
 
     def send(i: int) -> None:
         results[i] = chat(server.client(), *requests[i]).choices[0].message.content
 
-    blocker = threading.Thread(target=send, args=(0,))
-    blocker.start()  # decoded alone while the four below queue up behind it
-    wait_for(lambda: server.health()["batches"] == before["batches"] + 1)
-    clients = [threading.Thread(target=send, args=(i,)) for i in range(4)]
-    for c in clients:
-        c.start()
-    wait_for(lambda: server.health()["queued"] == 4)
-    release.set()
-    for t in [blocker, *clients]:
-        t.join(60)
+    queued_behind_one(server, monkeypatch, m, lambda: send(0), [lambda i=i: send(i) for i in range(4)])
     after = server.health()
     assert after["batches"] == before["batches"] + 2 and after["requests"] == before["requests"] + 5
     assert after["largest_batch"] == 4
@@ -210,7 +217,6 @@ def test_a_request_that_fails_in_the_model_fails_alone(server, monkeypatch, m):
 
     monkeypatch.setattr(m, "replies", failing)
     before = server.health()
-    release = hold_the_worker(monkeypatch, m)
     results: dict[str, object] = {}
 
     def send(key: str, messages: list[dict]) -> None:
@@ -219,16 +225,7 @@ def test_a_request_that_fails_in_the_model_fails_alone(server, monkeypatch, m):
         except openai.APIStatusError as err:
             results[key] = err
 
-    blocker = threading.Thread(target=send, args=("blocker", good))
-    blocker.start()
-    wait_for(lambda: server.health()["batches"] == before["batches"] + 1)
-    together = [threading.Thread(target=send, args=(key, messages)) for key, messages in (("bad", ask("boom")), ("good", good))]
-    for t in together:
-        t.start()
-    wait_for(lambda: server.health()["queued"] == 2)
-    release.set()
-    for t in [blocker, *together]:
-        t.join(60)
+    queued_behind_one(server, monkeypatch, m, lambda: send("blocker", good), [lambda: send("bad", ask("boom")), lambda: send("good", good)])
     assert results["blocker"] == results["good"] == expected
     assert results["bad"].status_code == 500 and "failed on this request (RuntimeError: boom)" in results["bad"].body["message"]
     after = server.health()
