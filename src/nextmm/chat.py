@@ -113,11 +113,15 @@ def room(m: "NextMM", length: int, max_new_tokens: int) -> int:
 
 
 class _Row:
-    """One reply being written: its tokens, and the text already given out."""
+    """One reply being written: its tokens, the text already given out, and whether it has ended (and why)."""
 
-    def __init__(self, m: "NextMM", prompt_tokens: int):
-        self.m, self.ids, self.given = m, [], ""
+    def __init__(self, m: "NextMM", prompt_tokens: int, limit: int):
+        self.m, self.limit, self.ids, self.given, self.ended = m, limit, [], "", False
         self.reply = Reply(prompt_tokens=prompt_tokens)
+
+    @property
+    def drew(self) -> bool:
+        return self.reply.finish_reason == "image"
 
     def add(self, token: int) -> str:
         """The text the token adds; held back while it ends in a partial character (a byte-level piece)."""
@@ -125,8 +129,10 @@ class _Row:
         self.ids.append(token)
         self.reply.completion_tokens = len(self.ids)
         if token in (tok.eos_id, tok.img_id):
-            self.reply.finish_reason = "stop" if token == tok.eos_id else "image"
+            self.reply.finish_reason, self.ended = "stop" if token == tok.eos_id else "image", True
             return ""
+        if len(self.ids) >= self.limit:
+            self.reply.finish_reason, self.ended = "length", True
         text = tok.decode_with_boxes(self.ids)
         if text.endswith("\ufffd") or not text.startswith(self.given):
             return ""
@@ -144,29 +150,23 @@ def stream_replies(m: "NextMM", conversations: Sequence[Sequence[Message]], max_
     if len(wanted) != len(prompts):
         raise ChatError(f"{len(prompts)} conversations were given {len(wanted)} token limits; give one, or one per conversation")
     lengths = [prompt_length(m, p) for p in prompts]
-    limits = [room(m, length, n) for length, n in zip(lengths, wanted)]
+    rows = [_Row(m, length, room(m, length, n)) for length, n in zip(lengths, wanted)]
     stop = set() if stop is None else stop
-    rows = [_Row(m, length) for length in lengths]
     for start in range(0, len(prompts), m.batch_size):
         part = range(start, min(start + m.batch_size, len(prompts)))
-        ended, drawing = set(), []
-        for step in stream_ids(m.model, m.builder, [prompts[i] for i in part], [limits[i] for i in part], precision=m.precision,
+        for step in stream_ids(m.model, m.builder, [prompts[i] for i in part], [rows[i].limit for i in part], precision=m.precision,
                                stop=_Shifted(stop, start)):
             for local, token in step:
-                i = start + local
-                delta = rows[i].add(token)
+                row = rows[start + local]
+                delta = row.add(token)
                 if delta:
-                    yield Event(i, "text", text=delta)
-                if rows[i].reply.finish_reason == "image":
-                    drawing.append(i)
-                elif token == m.tokenizer.eos_id or len(rows[i].ids) >= limits[i]:
-                    rows[i].reply.finish_reason = "stop" if token == m.tokenizer.eos_id else "length"
-                    ended.add(i)
-                    yield Event(i, "end", reply=rows[i].reply)
+                    yield Event(start + local, "text", text=delta)
+                if row.ended and not row.drew:
+                    yield Event(start + local, "end", reply=row.reply)
         for i in part:
-            if i not in ended and (i not in drawing or i in stop):  # stopped from outside
+            if not rows[i].ended or (rows[i].drew and i in stop):  # stopped from outside
                 yield Event(i, "end", reply=rows[i].reply)
-        yield from _draw_rows(m, prompts, rows, [i for i in drawing if i not in stop], draw_options)
+        yield from _draw_rows(m, prompts, rows, [i for i in part if rows[i].drew and i not in stop], draw_options)
 
 
 def _draw_rows(m: "NextMM", prompts: list[list[Segment]], rows: list[_Row], drawing: list[int], draw_options: dict) -> Iterator[Event]:
