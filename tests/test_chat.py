@@ -120,6 +120,7 @@ def test_a_bad_token_limit_is_one_sentence(chatty):
 
 
 def test_the_terminal_chat_streams_keeps_the_history_saves_drawings_and_says_when_the_context_is_full(tmp_path, chatty, monkeypatch):
+    from nextmm.cli import video_frames
     from nextmm.console import Console
 
     picture(0).save(tmp_path / "scene.png")
@@ -131,11 +132,11 @@ def test_the_terminal_chat_streams_keeps_the_history_saves_drawings_and_says_whe
     seen: list[list[dict]] = []
     real_chat = chatty.chat
     monkeypatch.setattr(chatty, "chat", lambda conversation, *a, **kw: seen.append(conversation) or real_chat(conversation, *a, **kw))
-    console = Console(chatty, tmp_path / "drawings", max_new_tokens=6, say=printed.append,
-                      video_frames=lambda spec: sorted(str(p) for p in __import__("pathlib").Path(spec).iterdir()))
+    console = Console(chatty, tmp_path / "drawings", max_new_tokens=6, say=printed.append, video_frames=video_frames)
     console.run([f"/image {tmp_path / 'scene.png'}", "describe the picture.", f"/video {frames}", "what happens in the video?",
-                 "/image nowhere.png", "a " * 200, "/reset", "hello", "/quit", "never read"])
+                 "/image nowhere.png", f"/video {tmp_path / 'no-clip'}", "a " * 200, "/reset", "hello", "/quit", "never read"])
     text = "".join(printed)
+    assert f"error: video '{tmp_path / 'no-clip'}' is neither a folder of frames nor a frame file" in text
     assert text.count("assistant: ") == 3  # the two turns and the one after /reset; the over-long one is refused
     assert "the conversation is full" in text and "/reset" in text
     assert "error: " in text and "nowhere.png" in text  # a picture that is not there is one line, and the chat goes on

@@ -147,6 +147,8 @@ def video_frames(spec: str) -> list[str]:
         if not frames:
             raise UserError(f"video folder '{spec}' holds no .png/.jpg frames; put the frames in it")
         return frames
+    if "," not in spec and not folder.exists():
+        raise UserError(f"video '{spec}' is neither a folder of frames nor a frame file; give a folder of .png/.jpg frames or frame files separated by commas")
     return [part for part in spec.split(",") if part]
 
 
